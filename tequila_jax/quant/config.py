@@ -1,0 +1,74 @@
+"""`QuantConfig`: the frozen, hashable description of how a layer is quantized."""
+
+from __future__ import annotations
+
+import dataclasses
+
+METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima")
+GRANULARITIES = ("per_group", "per_channel", "per_tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """How a `[in, out]` kernel is ternarized (DESIGN.md §1).
+
+  Attributes:
+    method: one of `METHODS` (§1.4).
+    granularity: `per_group` (groups of `group_size` consecutive inputs for each
+      output unit), `per_channel` (one group per output unit) or `per_tensor`.
+    group_size: G for `per_group`; ignored otherwise.
+    lam: Tequila's reactivation strength λ (`tequila`, `tequila_dynamic`).
+    eps: the constant of the `minima` reactivation term.
+  """
+
+  method: str = "tequila"
+  granularity: str = "per_group"
+  group_size: int = 128
+  lam: float = 1e-3
+  eps: float = 1e-3
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(
+          f"Unknown quant method {self.method!r}; choose one of {METHODS}.")
+    if self.granularity not in GRANULARITIES:
+      raise ValueError(f"Unknown granularity {self.granularity!r}; choose one "
+                       f"of {GRANULARITIES}.")
+    if self.granularity == "per_group" and self.group_size <= 0:
+      raise ValueError(
+          f"group_size must be positive, got {self.group_size}.")
+    if self.lam < 0:
+      raise ValueError(f"lam must be >= 0 (got {self.lam}); lam = 0 is the "
+                       "AbsMean-STE baseline.")
+    if self.eps < 0:
+      raise ValueError(f"eps must be >= 0, got {self.eps}.")
+
+  @property
+  def is_ternary(self) -> bool:
+    return self.method != "none"
+
+  @property
+  def bias_lam(self) -> float:
+    """λ of the input-independent bias c(W): non-zero only for `tequila`."""
+    return self.lam if self.method == "tequila" else 0.0
+
+  def num_groups(self, in_features: int) -> int:
+    """Groups along the input axis for one output unit."""
+    if self.granularity == "per_group":
+      return in_features // self.group_size
+    return 1
+
+  def check_kernel_shape(self, shape, name: str = "kernel") -> None:
+    """Raises a `ValueError` naming the problem and the fix for a bad kernel."""
+    if len(shape) != 2:
+      raise ValueError(f"{name}: expected a 2-D [in, out] kernel, got shape "
+                       f"{tuple(shape)}.")
+    d_in = shape[0]
+    if (self.is_ternary and self.granularity == "per_group"
+        and d_in % self.group_size):
+      divisors = [g for g in (256, 128, 64, 32, 16) if d_in % g == 0]
+      raise ValueError(
+          f"{name} of shape [in={d_in}, out={shape[1]}]: in_features {d_in} "
+          f"is not a multiple of group_size {self.group_size}. Use a "
+          f"group_size that divides {d_in} (e.g. {divisors or [d_in]}) or "
+          "granularity='per_channel'.")

@@ -1,0 +1,90 @@
+"""Ternary codes and scales of a `[in, out]` kernel (DESIGN.md §1.1), pure JAX.
+
+Scales `alpha` have shape `[num_groups, out]` for `per_group`, `[1, out]` for
+`per_channel` and `[1, 1]` for `per_tensor`; for every weight
+`Q[i, j] = codes[i, j] * alpha[i // (in // num_groups), j]`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tequila_jax.quant.config import QuantConfig
+
+
+class TernaryState(NamedTuple):
+  """A ternarized kernel: `Q = dequantize(codes, alpha)`, bias `c` per output.
+
+  codes: int8 `[in, out]` in {-1, 0, 1}; alpha: fp32 scales (module doc);
+  c: fp32 `[out]`, `lam * sum_{i in D} W[i, :]` (zero unless `tequila`).
+  """
+  codes: jax.Array
+  alpha: jax.Array
+  c: jax.Array
+
+
+def _grouped(w: jax.Array, cfg: QuantConfig) -> jax.Array:
+  """`[in, out]` -> `[groups, in // groups, out]`."""
+  d_in, d_out = w.shape
+  groups = cfg.num_groups(d_in)
+  return w.reshape(groups, d_in // groups, d_out)
+
+
+def stat_dtype(dtype) -> jnp.dtype:
+  """Quantizer statistics run in fp32 (or fp64 when the weights are fp64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _reduce_axes(cfg: QuantConfig) -> tuple[int, ...]:
+  return (1, 2) if cfg.granularity == "per_tensor" else (1,)
+
+
+def _codes(wg: jax.Array, delta: jax.Array) -> jax.Array:
+  """Ternary code with ties at exactly ±delta going to ±1."""
+  return jnp.where(wg >= delta, 1, jnp.where(wg <= -delta, -1, 0)).astype(
+      jnp.int8)
+
+
+def ternarize(w: jax.Array, cfg: QuantConfig) -> tuple[jax.Array, jax.Array]:
+  """Returns `(codes [in, out] int8, alpha in stat_dtype)`; no gradient."""
+  cfg.check_kernel_shape(w.shape)
+  wg = jax.lax.stop_gradient(_grouped(w, cfg)).astype(stat_dtype(w.dtype))
+  axes = _reduce_axes(cfg)
+  mean_abs = jnp.mean(jnp.abs(wg), axis=axes, keepdims=True)
+  if cfg.method == "twn":
+    delta = 0.75 * mean_abs
+    codes = _codes(wg, delta)
+    active = codes != 0
+    total = jnp.sum(jnp.where(active, jnp.abs(wg), 0), axis=axes, keepdims=True)
+    count = jnp.sum(active, axis=axes, keepdims=True)
+    alpha = total / jnp.maximum(count, 1)
+  else:  # absmean and every Tequila variant (§1.1)
+    codes = _codes(wg, mean_abs / 2)
+    alpha = mean_abs
+  return codes.reshape(w.shape), alpha[:, 0, :]
+
+
+def dequantize(codes: jax.Array, alpha: jax.Array,
+               dtype=jnp.float32) -> jax.Array:
+  """`Q = codes * alpha` broadcast over each group, as `[in, out]` in dtype."""
+  d_in, d_out = codes.shape
+  groups = alpha.shape[0]
+  q = codes.reshape(groups, d_in // groups, d_out).astype(dtype) * alpha[
+      :, None, :].astype(dtype)
+  return q.reshape(d_in, d_out)
+
+
+def dead_column_sum(w: jax.Array, codes: jax.Array) -> jax.Array:
+  """`sum_{i in D} W[i, j]` per output unit: a masked reduction, not a matmul."""
+  return jnp.sum(jnp.where(codes == 0, w, 0), axis=0)
+
+
+def ternary_state(w: jax.Array, cfg: QuantConfig) -> TernaryState:
+  """Codes, scales and the Tequila bias `c(W)` of a kernel (no gradient)."""
+  w = jax.lax.stop_gradient(w)
+  codes, alpha = ternarize(w, cfg)
+  c = cfg.bias_lam * dead_column_sum(w.astype(stat_dtype(w.dtype)), codes)
+  return TernaryState(codes, alpha, c)
