@@ -1,9 +1,11 @@
-"""Flax NNX layers: `TernaryDense`, a thin module over `tequila_jax.quant`."""
+"""Flax NNX layers: `TernaryDense` (a thin module over `tequila_jax.quant`),
+`RMSNorm` and rotary embeddings."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tequila_jax import quant
@@ -56,3 +58,52 @@ class TernaryDense(nnx.Module):
     if not self.quant_config.is_ternary:
       raise ValueError(f"{self.name} has quant method 'none': no ternary state.")
     return quant.ternary_state(self.kernel[...], self.quant_config)
+
+
+class RMSNorm(nnx.Module):
+  """LLaMA RMSNorm: statistics in fp32, output in the input dtype, then scaled."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    del rngs
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(
+        jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float,
+                     scaling: dict | None = None) -> jax.Array:
+  """Inverse frequencies `[head_dim // 2]`, with Llama-3 scaling when given.
+
+  `scaling` holds `factor`, `low_freq_factor`, `high_freq_factor` and
+  `original_max_position_embeddings` (Hugging Face's `rope_type: llama3`).
+  """
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  if scaling:
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv = np.where(medium, smoothed, scaled)
+  return jnp.asarray(inv, jnp.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array,
+               inv_freq: jax.Array) -> jax.Array:
+  """Rotates `x[B, T, heads, head_dim]` at `positions[B, T]` (half-split layout,
+  as Hugging Face LLaMA; GGUF's interleaved rows are undone at load time)."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)

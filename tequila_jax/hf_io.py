@@ -1,0 +1,291 @@
+"""Hugging Face LLaMA checkpoints: `config.json` + (sharded) safetensors.
+
+`load_hf(dir)` builds a `Llama` from a checkpoint directory; `save_hf(model,
+dir)` writes one back in the hub schema (a load/save round trip is bit-exact
+when saved in the dtype it was loaded from). Both `config.json` schemas are
+accepted: the hub's (`rope_theta`, `rope_scaling`, `torch_dtype`) and
+transformers 5.x's (`rope_parameters`, `dtype`). Every tensor is checked by
+name and shape before a model is returned, so nothing is ever half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from tequila_jax.model import Llama, ModelConfig, abstract_model
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
+          "float16": np.float16}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+# (our path inside one decoder block) -> Hugging Face name inside the layer.
+LAYER_NAMES = {
+    ("attn", "q_proj", "kernel"): "self_attn.q_proj.weight",
+    ("attn", "k_proj", "kernel"): "self_attn.k_proj.weight",
+    ("attn", "v_proj", "kernel"): "self_attn.v_proj.weight",
+    ("attn", "o_proj", "kernel"): "self_attn.o_proj.weight",
+    ("mlp", "gate_proj", "kernel"): "mlp.gate_proj.weight",
+    ("mlp", "up_proj", "kernel"): "mlp.up_proj.weight",
+    ("mlp", "down_proj", "kernel"): "mlp.down_proj.weight",
+    ("attn_norm", "scale"): "input_layernorm.weight",
+    ("mlp_norm", "scale"): "post_attention_layernorm.weight",
+}
+GLOBAL_NAMES = {
+    ("embed", "embedding"): "model.embed_tokens.weight",
+    ("final_norm", "scale"): "model.norm.weight",
+    ("lm_head",): "lm_head.weight",
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the model or cannot be read."""
+
+
+# --------------------------------------------------------------------------
+# config.json
+# --------------------------------------------------------------------------
+
+def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
+  """`ModelConfig` from a Hugging Face LLaMA `config.json` dict (either schema)."""
+  if hf.get("model_type", "llama") != "llama":
+    raise CheckpointError(f"model_type {hf.get('model_type')!r} is not "
+                          "supported; tequila_jax loads LLaMA checkpoints.")
+  for flag in ("attention_bias", "mlp_bias"):
+    if hf.get(flag):
+      raise CheckpointError(f"config.json sets {flag}=true; LLaMA-3 has no "
+                            "projection biases and tequila_jax loads none.")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported "
+                          "(LLaMA uses silu).")
+  rope = hf.get("rope_parameters")
+  if rope is None:  # hub schema
+    rope = dict(hf.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ("default", "llama3"):
+    raise CheckpointError(f"rope type {rope_type!r} is not supported; "
+                          "use 'default' or 'llama3'.")
+  scaling = None
+  if rope_type == "llama3":
+    keys = ("factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings")
+    missing = [k for k in keys if k not in rope]
+    if missing:
+      raise CheckpointError(f"llama3 rope scaling lacks {missing}.")
+    scaling = tuple(sorted((k, rope[k]) for k in keys))
+  heads = hf["num_attention_heads"]
+  fields = dict(
+      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      ffn_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      rms_eps=hf.get("rms_norm_eps", 1e-6),
+      rope_theta=float(rope["rope_theta"]), rope_scaling=scaling,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      max_seq_len=hf.get("max_position_embeddings", 8192))
+  fields.update(overrides)
+  return ModelConfig(**fields)
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
+  """The hub-schema `config.json` for `cfg`."""
+  out = {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.ffn_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+      "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
+      "rope_scaling": None, "tie_word_embeddings": cfg.tie_embeddings,
+      "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu",
+      "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype,
+  }
+  if cfg.rope_scaling:
+    out["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}
+  return out
+
+
+def _checkpoint_dtype(hf: Mapping) -> str:
+  return str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+
+
+# --------------------------------------------------------------------------
+# Tensors <-> model state
+# --------------------------------------------------------------------------
+
+def _expected_tensors(cfg: ModelConfig):
+  """Yields (our path, layer index or None, HF name, HF shape)."""
+  _, state = nnx.split(abstract_model(cfg))
+  for path, var in nnx.to_flat_state(state):
+    shape = var.get_value().shape
+    if path[0] == "layers":
+      name = LAYER_NAMES[path[1:]]
+      for i in range(cfg.num_layers):
+        yield path, i, f"model.layers.{i}.{name}", _hf_shape(shape[1:])
+    else:
+      yield path, None, GLOBAL_NAMES[path], _hf_shape(shape, path)
+
+
+def _hf_shape(shape, path=()):
+  """HF stores linear weights `[out, in]`; embeddings as we do."""
+  if len(shape) == 2 and path != ("embed", "embedding"):
+    return tuple(reversed(shape))
+  return tuple(shape)
+
+
+def model_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
+                       source: str = "checkpoint") -> Llama:
+  """Builds a `Llama` from Hugging Face-named tensors, validating all first."""
+  expected = list(_expected_tensors(cfg))
+  missing = [name for _, _, name, _ in expected if name not in tensors]
+  if missing:
+    raise CheckpointError(
+        f"{source} lacks {len(missing)} tensor(s) the config needs, e.g. "
+        f"{missing[:4]}. Does config.json (layers, tie_word_embeddings) "
+        "describe these weights?")
+  used = {name for _, _, name, _ in expected}
+  extra = sorted(n for n in tensors if n not in used
+                 and not n.endswith(_IGNORED_SUFFIXES))
+  if extra:
+    hint = (" (the config ties embeddings but the checkpoint has an lm_head; "
+            "set tie_word_embeddings=false)" if "lm_head.weight" in extra
+            else "")
+    raise CheckpointError(f"{source} has tensors the model does not use: "
+                          f"{extra[:6]}{hint}.")
+  for _, _, name, shape in expected:
+    got = tuple(tensors[name].shape)
+    if got != shape:
+      raise CheckpointError(f"{source}: tensor {name} has shape {got} but the "
+                            f"config implies {shape}.")
+  by_path: dict[tuple, list] = {}
+  for path, layer, name, _ in expected:
+    arr = np.asarray(tensors[name]).astype(np.float32)
+    if arr.ndim == 2 and path != ("embed", "embedding"):
+      arr = arr.T
+    by_path.setdefault(path, []).append(arr)
+  pure = {}
+  for path, arrs in by_path.items():
+    node = pure
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = np.stack(arrs) if path[0] == "layers" else arrs[0]
+  graphdef, state = nnx.split(abstract_model(cfg))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def model_to_tensors(model: Llama, dtype: str = "float32") -> dict:
+  """Hugging Face-named numpy tensors of `model` in `dtype`."""
+  np_dtype = DTYPES[dtype]
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  out = {}
+  for path, layer, name, _ in _expected_tensors(model.cfg):
+    arr = np.asarray(flat[path].get_value())
+    if layer is not None:
+      arr = arr[layer]
+    if arr.ndim == 2 and path != ("embed", "embedding"):
+      arr = arr.T
+    out[name] = np.ascontiguousarray(arr.astype(np_dtype))
+  return out
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+
+def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+  """All tensors of a single-file or sharded (index.json) checkpoint."""
+  single = directory / "model.safetensors"
+  index = directory / "model.safetensors.index.json"
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files = sorted(set(weight_map.values()))
+  elif single.exists():
+    files = [single.name]
+  else:
+    raise CheckpointError(f"{directory} has neither model.safetensors nor "
+                          "model.safetensors.index.json.")
+  tensors = {}
+  for fname in files:
+    path = directory / fname
+    if not path.exists():
+      raise CheckpointError(f"shard {path} named in the index is missing.")
+    with safe_open(path, framework="numpy") as f:
+      for name in f.keys():
+        dtype = f.get_slice(name).get_dtype()
+        if dtype not in ("F32", "BF16", "F16"):
+          raise CheckpointError(f"{path.name}: tensor {name} has dtype "
+                                f"{dtype}; supported are F32, BF16 and F16.")
+        tensors[name] = f.get_tensor(name)
+  return tensors
+
+
+def load_hf(directory, **overrides) -> Llama:
+  """Loads a Hugging Face LLaMA checkpoint directory into a `Llama`.
+
+  `overrides` replace `ModelConfig` fields (e.g. `quant=`, `dtype=`).
+  """
+  directory = pathlib.Path(directory)
+  config_path = directory / "config.json"
+  if not config_path.exists():
+    raise CheckpointError(f"{config_path} not found: a Hugging Face checkpoint "
+                          "directory holds config.json and safetensors.")
+  cfg = config_from_hf(json.loads(config_path.read_text()), **overrides)
+  return model_from_tensors(cfg, read_safetensors(directory), str(directory))
+
+
+def save_hf(model: Llama, directory, dtype: str = "float32",
+            max_shard_bytes: int | None = None) -> pathlib.Path:
+  """Writes `config.json` and safetensors (sharded above `max_shard_bytes`).
+
+  The directory appears atomically: files are written to a temporary sibling
+  that is renamed into place, so a failed save leaves nothing behind.
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
+  directory = pathlib.Path(directory)
+  if directory.exists():
+    raise FileExistsError(f"{directory} exists; save into a new directory.")
+  tensors = model_to_tensors(model, dtype)
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=directory.parent,
+                                      prefix=f".{directory.name}."))
+  try:
+    shards, size = [{}], 0
+    for name, arr in tensors.items():
+      if max_shard_bytes and shards[-1] and size + arr.nbytes > max_shard_bytes:
+        shards.append({})
+        size = 0
+      shards[-1][name] = arr
+      size += arr.nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+      save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
+    else:
+      weight_map = {}
+      for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / fname), metadata=meta)
+        weight_map.update({n: fname for n in shard})
+      total = sum(a.nbytes for a in tensors.values())
+      (tmp / "model.safetensors.index.json").write_text(json.dumps(
+          {"metadata": {"total_size": total}, "weight_map": weight_map},
+          indent=2))
+    (tmp / "config.json").write_text(
+        json.dumps(config_to_hf(model.cfg, dtype), indent=2))
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory

@@ -1,0 +1,246 @@
+"""A LLaMA-3 style decoder whose seven projections are `TernaryDense`.
+
+Embeddings, the (tied) output head and the RMSNorms stay in float (DESIGN.md
+§1.5). Decoder blocks are stored stacked along a leading layer axis and run
+with `lax.scan` (or a Python loop when `scan_layers=False`), optionally under
+`jax.checkpoint`. `Llama.__call__` is the training forward; `Llama.decode`
+runs prefill and one-token steps against a `KVCache`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tequila_jax.layers import RMSNorm, TernaryDense, apply_rope, rope_frequencies
+from tequila_jax.quant import QuantConfig
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialization
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a LLaMA-3 decoder (field names follow DESIGN.md §3).
+
+  `rope_scaling` is a tuple of `(key, value)` pairs (hashable) holding
+  `factor`, `low_freq_factor`, `high_freq_factor` and
+  `original_max_position_embeddings`, or None for plain RoPE.
+  """
+  vocab_size: int
+  hidden_size: int
+  ffn_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_eps: float = 1e-5
+  rope_theta: float = 500000.0
+  rope_scaling: tuple | None = None
+  tie_embeddings: bool = True
+  max_seq_len: int = 8192
+  quant: QuantConfig = QuantConfig()
+  dtype: str = "bfloat16"
+  scan_layers: bool = True
+  remat: str = "none"
+
+  def __post_init__(self):
+    if isinstance(self.quant, dict) or hasattr(self.quant, "to_dict"):
+      quant = dict(self.quant)
+      object.__setattr__(self, "quant", QuantConfig(**quant))
+    if isinstance(self.rope_scaling, dict) or hasattr(self.rope_scaling, "items"):
+      object.__setattr__(self, "rope_scaling",
+                         tuple(sorted(dict(self.rope_scaling).items())))
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads} (GQA).")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"Unknown remat policy {self.remat!r}; choose one of "
+                       f"{tuple(REMAT_POLICIES)}.")
+    jnp.dtype(self.dtype)  # fails clearly on a bad dtype name
+
+  @classmethod
+  def from_dict(cls, d) -> "ModelConfig":
+    """From a dict or ml_collections ConfigDict; unknown keys are an error."""
+    d = dict(d)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"Unknown model config keys {unknown}; valid keys are "
+                       f"{sorted(fields)}.")
+    return cls(**d)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+class KVCache(NamedTuple):
+  """Keys/values `[layers, batch, max_len, kv_heads, head_dim]`; `length` is the
+  number of positions already written (the same for every sequence)."""
+  k: jax.Array
+  v: jax.Array
+  length: jax.Array
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, max_len: int | None = None):
+    max_len = max_len or cfg.max_seq_len
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.compute_dtype)
+    return cls(zeros, zeros, jnp.zeros((), jnp.int32))
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    dense = dict(quant_config=cfg.quant, dtype=cfg.compute_dtype, rngs=rngs)
+    h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q_proj = TernaryDense(h, n * d, name="q_proj", **dense)
+    self.k_proj = TernaryDense(h, k * d, name="k_proj", **dense)
+    self.v_proj = TernaryDense(h, k * d, name="v_proj", **dense)
+    self.o_proj = TernaryDense(n * d, h, name="o_proj", **dense)
+    self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
+
+  def __call__(self, x, positions, inv_freq, kv=None, cache_length=None):
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if kv is None:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      new_kv = None
+    else:
+      k_all = jax.lax.dynamic_update_slice_in_dim(kv[0], k, cache_length, 1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(kv[1], v, cache_length, 1)
+      kv_pos = jnp.arange(k_all.shape[1])
+      mask = kv_pos[None, None, None, :] <= positions[:, None, :, None]
+      out = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask)
+      new_kv = (k_all, v_all)
+    return self.o_proj(out.reshape(b, t, -1)), new_kv
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    dense = dict(quant_config=cfg.quant, dtype=cfg.compute_dtype, rngs=rngs)
+    h, f = cfg.hidden_size, cfg.ffn_size
+    self.gate_proj = TernaryDense(h, f, name="gate_proj", **dense)
+    self.up_proj = TernaryDense(h, f, name="up_proj", **dense)
+    self.down_proj = TernaryDense(f, h, name="down_proj", **dense)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_eps)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_eps)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, inv_freq, kv=None, cache_length=None):
+    h, new_kv = self.attn(self.attn_norm(x), positions, inv_freq, kv,
+                          cache_length)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), new_kv
+
+
+class Llama(nnx.Module):
+  """LLaMA-3 decoder. `__call__(tokens) -> logits` (fp32, `[B, T, vocab]`)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    init = nnx.initializers.normal(0.02)
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
+                           embedding_init=init, rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.layers = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_eps)
+    self.lm_head = None if cfg.tie_embeddings else nnx.Param(
+        init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), jnp.float32))
+
+  def _inv_freq(self):
+    scaling = dict(self.cfg.rope_scaling) if self.cfg.rope_scaling else None
+    return rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, scaling)
+
+  def _run_layers(self, x, positions, cache: KVCache | None):
+    graphdef, state = nnx.split(self.layers)
+    inv_freq = self._inv_freq()
+    length = None if cache is None else cache.length
+
+    def body(x, xs):
+      layer_state, kv = xs
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, positions, inv_freq, kv, length)
+
+    policy = REMAT_POLICIES[self.cfg.remat]
+    if self.cfg.remat != "none":
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    kvs = None if cache is None else (cache.k, cache.v)
+    if self.cfg.scan_layers:
+      x, new_kv = jax.lax.scan(body, x, (state, kvs))
+    else:
+      outs = []
+      for i in range(self.cfg.num_layers):
+        x, kv = body(x, jax.tree.map(lambda a: a[i], (state, kvs)))
+        outs.append(kv)
+      new_kv = None if cache is None else jax.tree.map(
+          lambda *a: jnp.stack(a), *outs)
+    return x, new_kv
+
+  def _logits(self, x):
+    x = self.final_norm(x)
+    head = (self.embed.embedding[...].T if self.lm_head is None
+            else self.lm_head[...])
+    return jnp.matmul(x, head.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None):
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = self.embed(tokens).astype(self.cfg.compute_dtype)
+    x, _ = self._run_layers(x, positions, None)
+    return self._logits(x)
+
+  def decode(self, tokens: jax.Array, cache: KVCache):
+    """Appends `tokens[B, T]` at `cache.length`; returns (logits, new cache).
+
+    T > 1 is a prefill, T == 1 a decode step. The caller keeps the total
+    length within the cache's `max_len`.
+    """
+    t = tokens.shape[1]
+    positions = cache.length + jnp.broadcast_to(jnp.arange(t), tokens.shape)
+    x = self.embed(tokens).astype(self.cfg.compute_dtype)
+    x, (k, v) = self._run_layers(x, positions, cache)
+    return self._logits(x), KVCache(k, v, cache.length + t)
+
+  def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+    return KVCache.init(self.cfg, batch, max_len)
+
+
+def param_count(tree: Any) -> int:
+  """Number of parameters in a (possibly abstract) pytree or module state."""
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def abstract_model(cfg: ModelConfig) -> Llama:
+  """The model with `ShapeDtypeStruct` leaves: no memory is allocated."""
+  return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))

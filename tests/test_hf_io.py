@@ -1,0 +1,175 @@
+"""Hugging Face checkpoints: our LLaMA equals transformers' on the same weights."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tequila_jax import hf_io
+from tequila_jax.quant import QuantConfig
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        # small so that llama3 scaling changes frequencies inside the test length
+        "original_max_position_embeddings": 64}
+FLOAT = dict(quant=QuantConfig("none"), dtype="float32")
+
+
+def _make_hf(path, tie=True, torch_dtype=torch.float32, seed=0, **kw):
+  cfg = transformers.LlamaConfig(
+      vocab_size=512, hidden_size=128, intermediate_size=256,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      head_dim=32, rope_parameters=dict(ROPE), max_position_embeddings=256,
+      tie_word_embeddings=tie, rms_norm_eps=1e-5, **kw)
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():  # norms away from 1 so that their loading is tested
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(torch.randn_like(p) * 0.1)
+  model.to(torch_dtype).save_pretrained(path)
+  return model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("hf") / "tiny"
+  _make_hf(path)
+  return path
+
+
+def _torch_logits(path, tokens):
+  model = transformers.LlamaForCausalLM.from_pretrained(
+      path, dtype=torch.float32).eval()
+  with torch.no_grad():
+    return model(torch.as_tensor(np.array(tokens))).logits.numpy()
+
+
+def _tokens(batch=2, length=100, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, 512, (batch, length)))
+
+
+def test_logits_match_transformers(hf_dir):
+  model = hf_io.load_hf(hf_dir, **FLOAT)
+  assert model.cfg.rope_scaling and model.cfg.tie_embeddings
+  tokens = _tokens()
+  ours = np.asarray(model(tokens))
+  ref = _torch_logits(hf_dir, tokens)
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+  assert np.abs(ref).max() > 0.1  # not a vacuous comparison
+
+
+def test_kv_cache_decode_equals_full_forward(hf_dir):
+  model = hf_io.load_hf(hf_dir, **FLOAT)
+  tokens = _tokens(length=20)
+  full = np.asarray(model(tokens))
+  cache = model.init_cache(batch=2, max_len=32)
+  logits, cache = model.decode(tokens[:, :12], cache)
+  steps = [logits]
+  for t in range(12, 20):
+    logits, cache = model.decode(tokens[:, t:t + 1], cache)
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5,
+                             rtol=1e-5)
+  assert int(cache.length) == 20
+
+
+def test_scan_unrolled_and_remat_agree(hf_dir):
+  tokens = _tokens(length=16)
+  base = np.asarray(hf_io.load_hf(hf_dir, **FLOAT)(tokens))
+  for kw in (dict(scan_layers=False), dict(remat="full")):
+    np.testing.assert_allclose(hf_io.load_hf(hf_dir, **FLOAT, **kw)(tokens),
+                               base, atol=1e-6)
+
+
+def test_hub_schema_config(hf_dir, tmp_path):
+  hub = tmp_path / "hub"
+  shutil.copytree(hf_dir, hub)
+  cfg = json.loads((hub / "config.json").read_text())
+  rope = cfg.pop("rope_parameters")
+  cfg["rope_theta"] = rope.pop("rope_theta")
+  cfg["rope_scaling"] = rope
+  cfg["torch_dtype"] = cfg.pop("dtype")
+  (hub / "config.json").write_text(json.dumps(cfg))
+  a = hf_io.load_hf(hf_dir, **FLOAT)
+  b = hf_io.load_hf(hub, **FLOAT)
+  assert a.cfg == b.cfg
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_round_trip_bit_exact(tmp_path, dtype):
+  src = tmp_path / "src"
+  _make_hf(src, tie=False, torch_dtype=getattr(torch, dtype))
+  model = hf_io.load_hf(src, **FLOAT)
+  assert not model.cfg.tie_embeddings
+  out = hf_io.save_hf(model, tmp_path / "out", dtype=dtype)
+  a, b = hf_io.read_safetensors(src), hf_io.read_safetensors(out)
+  assert sorted(a) == sorted(b)
+  for name in a:
+    assert a[name].dtype == b[name].dtype
+    np.testing.assert_array_equal(a[name].view(np.uint8), b[name].view(np.uint8))
+  # transformers reads what we wrote and agrees with the source.
+  tokens = _tokens(length=10)
+  np.testing.assert_allclose(_torch_logits(out, tokens),
+                             _torch_logits(src, tokens), atol=1e-6)
+
+
+def test_sharded_checkpoint(hf_dir, tmp_path):
+  model = hf_io.load_hf(hf_dir, **FLOAT)
+  out = hf_io.save_hf(model, tmp_path / "sharded", max_shard_bytes=200_000)
+  index = json.loads((out / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 2
+  tokens = _tokens(length=8)
+  np.testing.assert_array_equal(hf_io.load_hf(out, **FLOAT)(tokens),
+                                model(tokens))
+  # transformers' sharded format reads too.
+  hf_sharded = tmp_path / "hf_sharded"
+  transformers.LlamaForCausalLM.from_pretrained(hf_dir).save_pretrained(
+      hf_sharded, max_shard_size="200KB")
+  assert (hf_sharded / "model.safetensors.index.json").exists()
+  np.testing.assert_array_equal(hf_io.load_hf(hf_sharded, **FLOAT)(tokens),
+                                model(tokens))
+
+
+def test_errors_name_the_problem(hf_dir, tmp_path):
+  with pytest.raises(hf_io.CheckpointError, match="config.json not found"):
+    hf_io.load_hf(tmp_path)
+  bad = tmp_path / "bad"
+  shutil.copytree(hf_dir, bad)
+  cfg = json.loads((bad / "config.json").read_text())
+  cfg["intermediate_size"] = 384
+  (bad / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(hf_io.CheckpointError, match=r"tensor model\.layers\.0\.mlp\."
+                     r"\w+_proj\.weight has shape \(\d+, \d+\) but the config "
+                     r"implies \(\d+, \d+\)"):
+    hf_io.load_hf(bad)
+  cfg["intermediate_size"], cfg["num_hidden_layers"] = 256, 3
+  (bad / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(hf_io.CheckpointError, match="lacks 9 tensor"):
+    hf_io.load_hf(bad)
+  cfg["num_hidden_layers"], cfg["tie_word_embeddings"] = 2, False
+  (bad / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(hf_io.CheckpointError, match="lm_head.weight"):
+    hf_io.load_hf(bad)
+  (bad / "model.safetensors").unlink()
+  with pytest.raises(hf_io.CheckpointError, match="neither model.safetensors"):
+    hf_io.load_hf(bad)
+  with pytest.raises(hf_io.CheckpointError, match="rope type 'yarn'"):
+    hf_io.config_from_hf({**cfg, "rope_parameters": {"rope_type": "yarn",
+                                                     "rope_theta": 1.0}})
+  with pytest.raises(FileExistsError):
+    hf_io.save_hf(hf_io.load_hf(hf_dir), hf_dir)
+  assert not list(tmp_path.glob(".*"))  # no half-written temporaries
+
+
+def test_ternary_model_loads_with_quant_config(hf_dir):
+  model = hf_io.load_hf(hf_dir, quant=QuantConfig("tequila", group_size=32))
+  st = model.layers.attn.q_proj.kernel[...]
+  assert st.shape == (2, 128, 128)
+  logits = model(_tokens(length=8))
+  assert logits.shape == (2, 8, 512) and np.isfinite(logits).all()
