@@ -1,0 +1,68 @@
+"""Helpers shared by the `configs/*.py` files and the code that reads them."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from tequila_jax.model import ModelConfig
+
+LLAMA3_ROPE_SCALING = {"factor": 32.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+
+
+def quant_config(method="tequila", granularity="per_group", group_size=128,
+                 lam=1e-3, eps=1e-3) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      method=method, granularity=granularity, group_size=group_size, lam=lam,
+      eps=eps))
+
+
+def model_config(**fields) -> ml_collections.ConfigDict:
+  """A `ConfigDict` of `ModelConfig` fields with their defaults filled in."""
+  defaults = dict(rms_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
+                  tie_embeddings=True, max_seq_len=8192, dtype="bfloat16",
+                  scan_layers=True, remat="none", quant=quant_config())
+  return ml_collections.ConfigDict({**defaults, **fields})
+
+
+def llama32(size: str) -> ml_collections.ConfigDict:
+  """Exact Llama-3.2 1B / 3B dimensions (DESIGN.md §3)."""
+  dims = {"1b": dict(hidden_size=2048, num_layers=16, num_heads=32,
+                     head_dim=64),
+          "3b": dict(hidden_size=3072, num_layers=28, num_heads=24,
+                     head_dim=128)}[size]
+  return model_config(vocab_size=128256, ffn_size=8192, num_kv_heads=8,
+                      rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE_SCALING),
+                      max_seq_len=131072, **dims)
+
+
+def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
+  return ModelConfig.from_dict(model.to_dict())
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"config file {path} not found.")
+  spec_ = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every config has; `model` is filled in by the config file."""
+  config = ml_collections.ConfigDict()
+  config.model = model_config(vocab_size=0, hidden_size=0, ffn_size=0,
+                              num_layers=0, num_heads=0, num_kv_heads=1,
+                              head_dim=0)
+  # Pretrained weights to start from: a Hugging Face directory, a .gguf file,
+  # or "asset:NAME" for a demo asset (tequila_jax.assets); None = random init.
+  config.init = ml_collections.ConfigDict({"checkpoint": ""})
+  return config

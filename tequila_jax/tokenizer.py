@@ -1,0 +1,166 @@
+"""One tokenizer interface over `tokenizers` (tokenizer.json), tiktoken
+(Llama-3's `tokenizer.model`) and the vocabulary embedded in a GGUF file."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pathlib
+from typing import Sequence
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+                  r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_NAMED_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+    "<|python_tag|>", "<|image|>"]
+LLAMA3_NUM_SPECIALS = 256
+
+
+class Tokenizer:
+  """encode/decode text; `bos_id`/`eos_id` may be None when unknown."""
+
+  bos_id: int | None = None
+  eos_id: int | None = None
+  vocab_size: int
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False
+             ) -> list[int]:
+    return self._wrap(self._encode_batch([text])[0], bos, eos)
+
+  def encode_batch(self, texts: Sequence[str], *, bos: bool = False,
+                   eos: bool = False) -> list[list[int]]:
+    return [self._wrap(ids, bos, eos) for ids in self._encode_batch(texts)]
+
+  def _wrap(self, ids, bos, eos):
+    for flag, tok, name in ((bos, self.bos_id, "bos"), (eos, self.eos_id, "eos")):
+      if flag and tok is None:
+        raise ValueError(f"this tokenizer defines no {name} token.")
+    return ([self.bos_id] if bos else []) + list(ids) + ([self.eos_id] if eos
+                                                         else [])
+
+  def _encode_batch(self, texts):
+    raise NotImplementedError
+
+  def decode(self, ids: Sequence[int]) -> str:
+    raise NotImplementedError
+
+
+class HFTokenizer(Tokenizer):
+  """A Hugging Face `tokenizers.Tokenizer` (special tokens are not split)."""
+
+  def __init__(self, tok, bos: str | None = None, eos: str | None = None):
+    self._tok = tok
+    self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    self.bos_id = tok.token_to_id(bos) if bos else None
+    self.eos_id = tok.token_to_id(eos) if eos else None
+
+  def _encode_batch(self, texts):
+    return [e.ids for e in self._tok.encode_batch(list(texts),
+                                                  add_special_tokens=False)]
+
+  def decode(self, ids):
+    return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+class TiktokenTokenizer(Tokenizer):
+  """Llama-3's tiktoken BPE: 128,000 ranks + 256 special tokens."""
+
+  def __init__(self, model_path):
+    import tiktoken  # pylint: disable=g-import-not-at-top
+    ranks = {}
+    for line in pathlib.Path(model_path).read_text().splitlines():
+      if line:
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    names = LLAMA3_NAMED_SPECIALS + [
+        f"<|reserved_special_token_{i}|>" for i in
+        range(2, 2 + LLAMA3_NUM_SPECIALS - len(LLAMA3_NAMED_SPECIALS))]
+    self.special_tokens = {n: len(ranks) + i for i, n in enumerate(names)}
+    self._enc = tiktoken.Encoding(pathlib.Path(model_path).name,
+                                  pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                  special_tokens=self.special_tokens)
+    self.vocab_size = len(ranks) + len(names)
+    self.bos_id = self.special_tokens["<|begin_of_text|>"]
+    self.eos_id = self.special_tokens["<|end_of_text|>"]
+
+  def _encode_batch(self, texts):
+    return self._enc.encode_ordinary_batch(list(texts))
+
+  def decode(self, ids):
+    return self._enc.decode(list(ids))
+
+
+def _gguf_pre_tokenizer(pre: str):
+  from tokenizers import Regex, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre == "gpt2":
+    return byte_level
+  if pre == "smollm":
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), byte_level])
+  if pre in ("llama-bpe", "llama3"):
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (gpt2, "
+                   "smollm, llama-bpe are); pass a tokenizer.json instead.")
+
+
+def from_gguf(reader) -> HFTokenizer:
+  """The BPE vocabulary embedded in a GGUF file (`tokenizer.ggml.*`)."""
+  from tokenizers import Tokenizer as RawTokenizer, decoders, models  # pylint: disable=g-import-not-at-top
+  from tequila_jax.gguf_io import gguf_array  # pylint: disable=g-import-not-at-top
+  model = gguf_array(reader, "tokenizer.ggml.model")
+  if model != "gpt2":
+    raise ValueError(f"GGUF tokenizer model {model!r} is not supported; only "
+                     "byte-level BPE ('gpt2') is.")
+  tokens = gguf_array(reader, "tokenizer.ggml.tokens")
+  merges = [tuple(m.split(" ", 1)) for m in
+            gguf_array(reader, "tokenizer.ggml.merges")]
+  types = gguf_array(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+  tok = RawTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
+                                fuse_unk=False, byte_fallback=False))
+  tok.pre_tokenizer = _gguf_pre_tokenizer(
+      gguf_array(reader, "tokenizer.ggml.pre") or "gpt2")
+  tok.decoder = decoders.ByteLevel()
+  control = 3  # llama.cpp token type CONTROL
+  from tokenizers import AddedToken  # pylint: disable=g-import-not-at-top
+  tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                          for i, t in enumerate(types) if t == control])
+  bos, eos = (gguf_array(reader, f"tokenizer.ggml.{k}_token_id")
+              for k in ("bos", "eos"))
+  return HFTokenizer(tok, tokens[bos] if bos is not None else None,
+                     tokens[eos] if eos is not None else None)
+
+
+def load_tokenizer(path) -> Tokenizer:
+  """A tokenizer from a `tokenizer.json`, a Llama-3 `tokenizer.model`, a GGUF
+  file, or a checkpoint directory holding one of the first two."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    for name in ("tokenizer.json", "tokenizer.model"):
+      if (path / name).exists():
+        return load_tokenizer(path / name)
+    raise FileNotFoundError(f"{path} holds neither tokenizer.json nor "
+                            "tokenizer.model.")
+  if not path.exists():
+    raise FileNotFoundError(f"tokenizer file {path} not found.")
+  if path.suffix == ".gguf":
+    from tequila_jax.gguf_io import open_gguf  # pylint: disable=g-import-not-at-top
+    return from_gguf(open_gguf(path))
+  if path.suffix == ".json":
+    from tokenizers import Tokenizer as RawTokenizer  # pylint: disable=g-import-not-at-top
+    special = {}
+    cfg_path = path.parent / "tokenizer_config.json"
+    if cfg_path.exists():
+      cfg = json.loads(cfg_path.read_text())
+      for key in ("bos_token", "eos_token"):
+        val = cfg.get(key)
+        special[key[:3]] = val.get("content") if isinstance(val, dict) else val
+    return HFTokenizer(RawTokenizer.from_file(str(path)), **special)
+  if path.suffix == ".model":
+    return TiktokenTokenizer(path)
+  raise ValueError(f"{path}: unknown tokenizer format; expected "
+                   "tokenizer.json, a tiktoken tokenizer.model or a .gguf.")

@@ -1,0 +1,41 @@
+"""Every shipped config loads; the Llama-3.2 configs have their published sizes."""
+
+import pathlib
+
+import pytest
+from flax import nnx
+
+from tequila_jax import config_lib, model
+
+CONFIG_DIR = pathlib.Path(__file__).parent.parent / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_and_builds_abstractly(path):
+  config = config_lib.load_config_file(str(path))
+  cfg = config_lib.to_model_config(config.model)
+  abstract = model.abstract_model(cfg)
+  assert model.param_count(nnx.state(abstract, nnx.Param)) > 0
+
+
+@pytest.mark.parametrize("name, billions", [("llama1b", 1.24), ("llama3b", 3.21)])
+def test_llama32_parameter_counts(name, billions):
+  config = config_lib.load_config_file(str(CONFIG_DIR / f"{name}.py"))
+  cfg = config_lib.to_model_config(config.model)
+  n = model.param_count(nnx.state(model.abstract_model(cfg), nnx.Param))
+  assert round(n / 1e9, 2) == billions, n
+  assert cfg.rope_scaling and cfg.tie_embeddings and cfg.quant.group_size == 128
+
+
+def test_variant_argument_selects_method():
+  config = config_lib.load_config_file(f"{CONFIG_DIR}/tiny.py:absmean")
+  assert config_lib.to_model_config(config.model).quant.method == "absmean"
+
+
+def test_unknown_model_key_is_an_error():
+  config = config_lib.load_config_file(str(CONFIG_DIR / "tiny.py"))
+  d = config.model.to_dict()
+  d["hiden_size"] = 3
+  with pytest.raises(ValueError, match="Unknown model config keys"):
+    model.ModelConfig.from_dict(d)
