@@ -92,6 +92,18 @@ class TiktokenTokenizer(Tokenizer):
     return self._enc.decode(list(ids))
 
 
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes as tokens 0..255, BOS 256, EOS 257: for tiny test models."""
+
+  bos_id, eos_id, vocab_size = 256, 257, 258
+
+  def _encode_batch(self, texts):
+    return [list(t.encode("utf-8")) for t in texts]
+
+  def decode(self, ids):
+    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
 def _gguf_pre_tokenizer(pre: str):
   from tokenizers import Regex, pre_tokenizers  # pylint: disable=g-import-not-at-top
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -137,7 +149,9 @@ def from_gguf(reader) -> HFTokenizer:
 
 def load_tokenizer(path) -> Tokenizer:
   """A tokenizer from a `tokenizer.json`, a Llama-3 `tokenizer.model`, a GGUF
-  file, or a checkpoint directory holding one of the first two."""
+  file, a checkpoint directory holding one of the first two, or "bytes"."""
+  if str(path) == "bytes":
+    return ByteTokenizer()
   path = pathlib.Path(path)
   if path.is_dir():
     for name in ("tokenizer.json", "tokenizer.model"):

@@ -40,3 +40,9 @@ def test_errors(tmp_path):
   (tmp_path / "vocab.txt").write_text("x")
   with pytest.raises(ValueError, match="unknown tokenizer format"):
     tokenizer.load_tokenizer(tmp_path / "vocab.txt")
+
+
+def test_byte_tokenizer():
+  tok = tokenizer.load_tokenizer("bytes")
+  assert tok.encode("hé", bos=True, eos=True) == [256, 104, 195, 169, 257]
+  assert tok.decode(tok.encode("hé", bos=True)) == "hé"

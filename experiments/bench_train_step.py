@@ -1,0 +1,117 @@
+"""Training-step time for `none` vs `absmean` vs `tequila`, side by side.
+
+    python experiments/bench_train_step.py --config configs/tiny.py
+    python experiments/bench_train_step.py --config configs/llama1b.py \
+        --batch 16 --seq 1024 --peak_tflops 989   # an H100, bf16 dense
+
+Every method runs the same jitted, donated `trainer.train_step` (AdamW) on the
+same random token batch in one process; reports the median of `--iters`
+steps after warm-up, tokens/s, the ratio to `none`, model FLOPs utilization
+when `--peak_tflops` is given (6·N·tokens + attention, PaLM appendix B), and
+`compiled.memory_analysis()`. Results go to stdout (markdown) and `--out`.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tequila_jax import config_lib, optim, sharding, trainer
+from tequila_jax.model import Llama
+
+
+def model_flops_per_token(cfg, seq: int) -> float:
+  """6 x non-embedding params + attention (12 L H d_head T), per token."""
+  d, f, L = cfg.hidden_size, cfg.ffn_size, cfg.num_layers
+  attn = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  dense = L * (attn + 3 * d * f) + d * cfg.vocab_size  # + output head
+  return 6 * dense + 12 * L * cfg.num_heads * cfg.head_dim * seq
+
+
+def bench(config, method: str, batch: int, seq: int, iters: int, warmup: int):
+  config = config_lib.load_config_file(config) if isinstance(config, str) else config
+  config.model.quant.method = method
+  cfg = config_lib.to_model_config(config.model)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  tx, lr = optim.make_optimizer(config.optim, 1000)
+
+  def fresh():
+    params = nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    return dict(step=jnp.zeros((), jnp.int32), params=params,
+                opt_state=tx.init(params))
+
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+  shardings = sharding.state_shardings(jax.eval_shape(fresh), mesh)
+  state = jax.jit(fresh, out_shardings=shardings)()
+  step = jax.jit(
+      lambda s, b: trainer.train_step(s, b, graphdef=graphdef, tx=tx,
+                                      lr_schedule=lr,
+                                      micro_batches=config.train.micro_batches),
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  tokens = np.random.default_rng(0).integers(
+      0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+  tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, tokens).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  times = []
+  for i in range(warmup + iters):
+    t0 = time.perf_counter()
+    state, m = compiled(state, tokens)
+    jax.block_until_ready((state, m))
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  return dict(method=method, step_s=med, tokens_per_s=batch * seq / med,
+              compile_s=compile_s, loss=float(m["loss"]),
+              flops_per_step=model_flops_per_token(cfg, seq) * batch * seq,
+              temp_bytes=getattr(mem, "temp_size_in_bytes", None),
+              arg_bytes=getattr(mem, "argument_size_in_bytes", None),
+              spread=(min(times), max(times)))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--config", default="configs/tiny.py")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=64)
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--methods", default="none,absmean,tequila")
+  p.add_argument("--peak_tflops", type=float, default=0.0)
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+  rows = [bench(args.config, m, args.batch, args.seq, args.iters, args.warmup)
+          for m in args.methods.split(",")]
+  base = rows[0]["step_s"]
+  print(f"\n{args.config} batch={args.batch} seq={args.seq} "
+        f"devices={jax.devices()} jax={jax.__version__} "
+        f"host={platform.processor() or platform.machine()}")
+  print("| method | step ms (median) | min–max ms | tokens/s | vs "
+        f"{rows[0]['method']} | MFU | temp MiB |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    mfu = (f"{r['flops_per_step'] / r['step_s'] / (args.peak_tflops * 1e12):.1%}"
+           if args.peak_tflops else "-")
+    r["mfu"] = mfu
+    temp = f"{r['temp_bytes'] / 2**20:.0f}" if r["temp_bytes"] is not None else "-"
+    print(f"| {r['method']} | {r['step_s'] * 1e3:.1f} | "
+          f"{r['spread'][0] * 1e3:.1f}–{r['spread'][1] * 1e3:.1f} | "
+          f"{r['tokens_per_s']:.0f} | {r['step_s'] / base:.3f}x | {mfu} | {temp} |")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(args=vars(args), jax=jax.__version__,
+                     devices=[str(d) for d in jax.devices()], rows=rows), f,
+                indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,167 @@
+"""The trainer: smoke run of the real CLI, parallel == serial, exact resume."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tequila_jax import config_lib, metrics, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def _tiny(tmp_path, **train):
+  config = config_lib.load_config_file(TINY)
+  config.data.cache_dir = str(tmp_path / "corpora")
+  config.train.update(async_checkpoints=False, **train)
+  return config
+
+
+def _losses(workdir):
+  return {r["step"]: r["train/loss"] for r in
+          metrics.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+          if "train/loss" in r}
+
+
+def _params(workdir, step):
+  from tequila_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints",
+                                 every=1, keep=10)
+  state = ckpt.manager.restore(step, args=__import__(
+      "orbax.checkpoint").checkpoint.args.Composite(
+          state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore()))
+  ckpt.close()
+  return state["state"]["params"]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = ""  # one CPU device, like a user's laptop
+  return env
+
+
+def test_cli_smoke_loss_falls(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
+         f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path}/c"]
+  out = subprocess.run(cmd, capture_output=True, text=True, env=_env(),
+                       cwd=ROOT, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout[out.stdout.index("{"):])
+  assert summary["step"] == 30
+  assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 1.5
+  losses = _losses(workdir)
+  assert losses[30] < losses[5] - 1.0
+  assert (workdir / "checkpoints" / "30").exists()
+  assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 30
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("mesh, micro", [((8, 1), 1), ((2, 4), 1), ((1, 8), 2)],
+                         ids=["data8", "data2_fsdp4", "fsdp8_accum2"])
+def test_parallel_matches_single_device(tmp_path, mesh, micro):
+  steps = dict(steps=6, log_every=1, checkpoint_every=6, eval_every=100,
+               batch_size=16, eval_batch_size=16)
+  single = _tiny(tmp_path, **steps)
+  s1 = trainer.run(single, tmp_path / "single", devices=jax.devices()[:1])
+  par = _tiny(tmp_path, **steps, micro_batches=micro)
+  par.mesh.update(data=mesh[0], fsdp=mesh[1])
+  s8 = trainer.run(par, tmp_path / "par")
+  a, b = _losses(tmp_path / "single"), _losses(tmp_path / "par")
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  np.testing.assert_allclose([b[k] for k in a], list(a.values()), rtol=2e-5)
+  pa, pb = _params(tmp_path / "single", 6), _params(tmp_path / "par", 6)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  assert abs(s1["eval_after"]["loss"] - s8["eval_after"]["loss"]) < 1e-4
+
+
+def test_resume_is_exact(tmp_path):
+  kw = dict(steps=20, log_every=1, checkpoint_every=5, eval_every=100)
+  trainer.run(_tiny(tmp_path, **kw), tmp_path / "straight")
+  first = trainer.run(_tiny(tmp_path, **kw), tmp_path / "split", stop_at=10)
+  assert first["step"] == 10
+  second = trainer.run(_tiny(tmp_path, **kw), tmp_path / "split")
+  assert second["start_step"] == 10 and second["step"] == 20
+  a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+  assert sorted(a) == sorted(b) == list(range(1, 21))
+  # The data stream continues exactly, so every loss is bit-identical.
+  assert [a[k] for k in a] == [b[k] for k in a]
+  for x, y in zip(jax.tree.leaves(_params(tmp_path / "straight", 20)),
+                  jax.tree.leaves(_params(tmp_path / "split", 20))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
+         f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path}/c",
+         "--config.train.steps=100000", "--config.train.log_every=1",
+         "--config.train.checkpoint_every=100000"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=_env(), cwd=ROOT, text=True)
+  jsonl = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if jsonl.exists() and len(_losses(workdir)) >= 5:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  summary = json.loads(out[out.index("{"):])
+  assert summary["stopped_by"] == "SIGTERM"
+  stopped = summary["step"]
+  assert (workdir / "checkpoints" / str(stopped)).exists()
+  config = _tiny(tmp_path, steps=100000, log_every=1)
+  again = trainer.run(config, workdir, stop_at=stopped + 3)
+  assert again["start_step"] == stopped and again["step"] == stopped + 3
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = _tiny(tmp_path, steps=20, checkpoint_every=1, log_every=1)
+  config.optim.update(lr=1e30, clip_norm=0.0, warmup_fraction=0.0)
+  with pytest.raises(trainer.TrainingError, match="non-finite"):
+    trainer.run(config, tmp_path / "run")
+  steps = sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir()
+                 if p.name.isdigit())
+  for leaf in jax.tree.leaves(_params(tmp_path / "run", steps[-1])):
+    assert np.isfinite(leaf).all()
+
+
+def test_bad_configs_fail_before_compute(tmp_path):
+  config = _tiny(tmp_path, batch_size=12)
+  with pytest.raises(ValueError, match="does not split over the 8 devices"):
+    trainer.run(config, tmp_path / "a")
+  config = _tiny(tmp_path)
+  config.data.sources = str(tmp_path / "nothing/*.txt")
+  with pytest.raises(ValueError, match="matches no files"):
+    trainer.run(config, tmp_path / "b")
+  config = _tiny(tmp_path, batch_size=4, micro_batches=3)
+  with pytest.raises(ValueError, match="not divisible by"):
+    trainer.run(config, tmp_path / "c")
+  out = subprocess.run(
+      [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
+       "--config.train.stepz=3"], capture_output=True, text=True, env=_env(),
+      cwd=ROOT)
+  assert out.returncode != 0 and "stepz" in out.stderr
+
+
+@pytest.mark.multidevice
+def test_3b_dry_run_describes_sharded_state():
+  config = config_lib.load_config_file(str(ROOT / "configs" / "llama3b.py"))
+  config.mesh.update(data=1, fsdp=8)
+  config.train.batch_size = 8
+  d = trainer.describe(config)
+  assert round(d["params"] / 1e9, 2) == 3.21
+  # fp32 params + two AdamW moments.
+  assert abs(d["state_bytes"] / (12 * d["params"]) - 1) < 1e-6
+  assert abs(d["state_bytes_per_device"] / (d["state_bytes"] / 8) - 1) < 0.01
