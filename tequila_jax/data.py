@@ -191,6 +191,26 @@ def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
   return out_dir
 
 
+def prepare_for_config(config, progress: bool = True
+                       ) -> tuple[Tokenizer, pathlib.Path]:
+  """The tokenizer and prepared corpus for a training config (cached by a
+  hash of sources, tokenizer and split under `data.cache_dir`)."""
+  from tequila_jax import pretrained, tokenizer  # pylint: disable=g-import-not-at-top
+  spec = config.data.tokenizer or config.init.checkpoint
+  if not spec:
+    raise DataError("no tokenizer: set data.tokenizer (a path or 'bytes') or "
+                    "init.checkpoint.")
+  tok = (tokenizer.load_tokenizer(spec) if spec == "bytes"
+         else pretrained.load_tokenizer(spec))
+  cache = pathlib.Path(config.data.cache_dir or
+                       (assets.cache_dir() / "corpora")).expanduser()
+  key = corpus_key(config.data.sources, spec, config.data.eval_fraction)
+  corpus = prepare(config.data.sources, tok, cache / key, tokenizer_name=spec,
+                   eval_fraction=config.data.eval_fraction,
+                   max_documents=config.data.max_documents, progress=progress)
+  return tok, corpus
+
+
 def read_meta(corpus_dir) -> dict:
   path = pathlib.Path(corpus_dir) / META
   if not path.exists():
@@ -254,3 +274,20 @@ def eval_batches(corpus_dir, *, seq_len: int, batch_size: int,
         "data.eval_fraction or lower eval batch size.")
   return [np.stack([source[b * batch_size + i] for i in range(batch_size)])
           for b in range(n)]
+
+
+def main(argv):
+  """`python -m tequila_jax.data --config configs/X.py`: tokenize once."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  _, corpus = prepare_for_config(flags.FLAGS.config)
+  print(corpus)
+  print(json.dumps(read_meta(corpus), indent=2))
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                  lock_config=True)
+  app.run(main)

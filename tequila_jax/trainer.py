@@ -139,23 +139,10 @@ def prepare_setup(config: ml_collections.ConfigDict, *,
   model_cfg = config_lib.to_model_config(config.model)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   local_batch, eval_bs = validate(config, mesh)
-  tok_spec = config.data.tokenizer or config.init.checkpoint
-  if not tok_spec:
-    raise ValueError("no tokenizer: set data.tokenizer (a path or 'bytes') or "
-                     "init.checkpoint.")
-  tok = (tokenizer_lib.load_tokenizer("bytes") if tok_spec == "bytes"
-         else pretrained.load_tokenizer(tok_spec))
+  tok, corpus = data.prepare_for_config(config, progress=progress)
   if tok.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"tokenizer {tok_spec!r} has {tok.vocab_size} tokens but "
+    raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but "
                      f"model.vocab_size is {model_cfg.vocab_size}.")
-  cache = pathlib.Path(config.data.cache_dir or
-                       (pathlib.Path.home() / ".cache/tequila_jax/corpora"))
-  key = data.corpus_key(config.data.sources, tok_spec, config.data.eval_fraction)
-  corpus = data.prepare(config.data.sources, tok, cache / key,
-                        tokenizer_name=tok_spec,
-                        eval_fraction=config.data.eval_fraction,
-                        max_documents=config.data.max_documents,
-                        progress=progress)
   tx, lr = optim.make_optimizer(config.optim, config.train.steps)
   return Setup(config, model_cfg, mesh, tok, corpus, tx, lr, local_batch,
                eval_bs)

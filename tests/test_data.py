@@ -1,0 +1,112 @@
+"""Corpus preparation and the grain pipeline: packing, splits, sharding, resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tequila_jax import data, tokenizer
+
+TOK = tokenizer.load_tokenizer("bytes")
+BOS, EOS = TOK.bos_id, TOK.eos_id
+
+
+def _prepare(tmp_path, sources, eval_fraction=0.1, name="c"):
+  return data.prepare(sources, TOK, tmp_path / name, tokenizer_name="bytes",
+                      eval_fraction=eval_fraction, progress=False)
+
+
+def _stream(corpus, split):
+  return np.fromfile(corpus / f"{split}.bin", np.dtype(
+      data.read_meta(corpus)["dtype"]))
+
+
+def test_text_files_packed_with_separators_and_held_out_tails(tmp_path):
+  (tmp_path / "a.txt").write_text("a" * 50)
+  (tmp_path / "b.txt").write_text("b" * 30)
+  corpus = _prepare(tmp_path, str(tmp_path / "*.txt"))
+  meta = data.read_meta(corpus)
+  # 52 and 32 tokens with BOS/EOS; int(52 * .1) = 5 and 3 held out.
+  assert (meta["train_tokens"], meta["eval_tokens"], meta["documents"]) == (
+      76, 8, 2)
+  assert meta["dtype"] == "uint16"
+  train = _stream(corpus, "train")
+  np.testing.assert_array_equal(train, [BOS] + [97] * 46 + [BOS] + [98] * 28)
+  np.testing.assert_array_equal(_stream(corpus, "eval"),
+                                [97] * 4 + [EOS] + [98] * 2 + [EOS])
+
+
+def test_jsonl_parquet_and_arrayrecord_sources(tmp_path):
+  docs = ["first document", "second one", "third"]
+  (tmp_path / "d.jsonl").write_text(
+      "\n".join(json.dumps({"body": d, "id": i}) for i, d in enumerate(docs)))
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  pq.write_table(pa.table({"text": docs}), tmp_path / "d.parquet")
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  writer = array_record_module.ArrayRecordWriter(
+      str(tmp_path / "d.array_record"), "group_size:1")
+  for d in docs:
+    writer.write(d.encode())
+  writer.close()
+  want = [t for d in docs for t in [BOS, *d.encode(), EOS]]
+  for i, spec in enumerate([f"{tmp_path}/d.jsonl:body", f"{tmp_path}/d.parquet",
+                            f"arrayrecord:{tmp_path}/d.array_record"]):
+    corpus = _prepare(tmp_path, spec, eval_fraction=0.0, name=str(i))
+    assert _stream(corpus, "train").tolist() == want, spec
+  with pytest.raises(data.DataError, match="no field 'text'"):
+    _prepare(tmp_path, f"{tmp_path}/d.jsonl", name="x")
+  assert not (tmp_path / "x").exists()
+  assert not list(tmp_path.glob(".x.*"))  # the failed attempt left nothing
+
+
+def test_windows_overlap_by_one_token_and_cover_the_stream(tmp_path):
+  (tmp_path / "a.txt").write_text("".join(chr(65 + i % 26) for i in range(300)))
+  corpus = _prepare(tmp_path, str(tmp_path / "a.txt"), eval_fraction=0.0)
+  stream = _stream(corpus, "train")
+  windows = data.PackedWindows(corpus, "train", seq_len=16)
+  assert len(windows) == (len(stream) - 1) // 16
+  for i in range(len(windows)):
+    np.testing.assert_array_equal(windows[i], stream[i * 16:i * 16 + 17])
+
+
+def test_iterator_shuffles_shards_and_resumes(tmp_path):
+  rng = np.random.default_rng(0)
+  (tmp_path / "a.txt").write_text("".join(map(chr, rng.integers(65, 91, 4000))))
+  corpus = _prepare(tmp_path, str(tmp_path / "a.txt"), eval_fraction=0.0)
+  kw = dict(seq_len=16, batch_size=4, seed=3)
+  n_windows = len(data.PackedWindows(corpus, "train", 16))
+
+  def first_rows(it, n):
+    return [tuple(row) for _ in range(n) for row in next(it)]
+
+  epoch = n_windows // 4
+  rows = first_rows(data.train_iterator(corpus, **kw), 2 * epoch)
+  assert len(set(rows[:epoch * 4])) == epoch * 4  # an epoch has no repeats
+  assert rows[:8] != first_rows(data.train_iterator(corpus, **{**kw, "seed": 4}), 2)
+  assert rows[:epoch * 4] != rows[epoch * 4:]  # reshuffled next epoch
+  p0 = first_rows(data.train_iterator(corpus, **kw, process_index=0,
+                                      process_count=2), 5)
+  p1 = first_rows(data.train_iterator(corpus, **kw, process_index=1,
+                                      process_count=2), 5)
+  assert not set(p0) & set(p1)
+  it = data.train_iterator(corpus, **kw)
+  first_rows(it, 7)
+  state = it.get_state()
+  want = first_rows(it, 5)
+  resumed = data.train_iterator(corpus, **kw)
+  resumed.set_state(state)
+  assert first_rows(resumed, 5) == want
+
+
+def test_errors(tmp_path):
+  (tmp_path / "a.txt").write_text("tiny")
+  corpus = _prepare(tmp_path, str(tmp_path / "a.txt"))
+  with pytest.raises(data.DataError, match="fewer than one global batch"):
+    data.train_iterator(corpus, seq_len=64, batch_size=4, seed=0)
+  with pytest.raises(data.DataError, match="fewer than one batch"):
+    data.eval_batches(corpus, seq_len=64, batch_size=4, max_batches=2)
+  with pytest.raises(data.DataError, match="not a prepared corpus"):
+    data.read_meta(tmp_path)
+  with pytest.raises(data.DataError, match="matches no files"):
+    _prepare(tmp_path, str(tmp_path / "none*.txt"), name="n")
