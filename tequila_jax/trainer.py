@@ -26,9 +26,10 @@ import optax
 import tqdm
 from flax import nnx
 
-from tequila_jax import (checkpoint, config_lib, data, metrics, optim,
-                         pretrained, sharding, tokenizer as tokenizer_lib)
+from tequila_jax import (checkpoint, config_lib, data, diagnostics, metrics,
+                         optim, pretrained, sharding, tokenizer as tokenizer_lib)
 from tequila_jax.model import Llama, ModelConfig, param_count
+from tequila_jax.quant import QuantConfig
 
 log = logging.getLogger("tequila_jax")
 
@@ -58,32 +59,59 @@ def loss_fn(params, graphdef, tokens):
 
 
 def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
-               lr_schedule: Callable, micro_batches: int) -> tuple[dict, dict]:
+               lr_schedule: Callable, micro_batches: int,
+               qcfg: QuantConfig | None = None,
+               diag: diagnostics.DiagnosticsConfig | None = None,
+               full_diagnostics: bool = False) -> tuple[dict, dict]:
   """One optimizer step on `batch[B, T + 1]`, averaged over `micro_batches`.
 
   Micro-batch k takes rows k, k + m, k + 2m, ... so that every device holds an
-  equal share of every micro-batch.
+  equal share of every micro-batch. With `diag`, deadzone statistics are
+  returned with the metrics (the expensive ones when `full_diagnostics`).
   """
   params = state["params"]
   grad_fn = jax.value_and_grad(loss_fn)
+  want_gsnr = diag is not None and full_diagnostics and micro_batches >= 2
   if micro_batches == 1:
     loss, grads = grad_fn(params, graphdef, batch)
   else:
     micro = batch.reshape(-1, micro_batches, batch.shape[-1]).swapaxes(0, 1)
 
-    def accumulate(carry, tokens):
-      loss, grads = grad_fn(params, graphdef, tokens)
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+    def accumulate(carry, xs):
+      # Running mean of the gradients (Welford; with the sum of squared
+      # deviations `m2` for the GSNR variant), numerically stable in fp32.
+      k, tokens = xs
+      loss_sum, mean, m2 = carry
+      loss, g = grad_fn(params, graphdef, tokens)
+      delta = jax.tree.map(jnp.subtract, g, mean)
+      mean = jax.tree.map(lambda m, d: m + d / (k + 1), mean, delta)
+      if want_gsnr:
+        m2 = jax.tree.map(lambda a, d, g_, m: a + d * (g_ - m), m2, delta, g,
+                          mean)
+      return (loss_sum + loss, mean, m2), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-    loss, grads = jax.tree.map(lambda x: x / micro_batches, (loss, grads))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    carry = (jnp.zeros((), jnp.float32), zeros, zeros if want_gsnr else ())
+    (loss, grads, m2), _ = jax.lax.scan(
+        accumulate, carry, (jnp.arange(micro_batches), micro))
+    loss = loss / micro_batches
   updates, opt_state = tx.update(grads, state["opt_state"], params)
-  new_state = dict(step=state["step"] + 1,
-                   params=optax.apply_updates(params, updates),
+  new_params = optax.apply_updates(params, updates)
+  new_state = dict(step=state["step"] + 1, params=new_params,
                    opt_state=opt_state)
   out = dict(loss=loss, grad_norm=optax.tree.norm(grads),
              lr=lr_schedule(state["step"]))
+  if diag is not None:
+    cheap, ratios, old_codes = diagnostics.step_metrics(params, new_params, qcfg)
+    out.update(cheap)
+    new_state["diag"] = diagnostics.update_history(state["diag"], ratios, diag)
+    if full_diagnostics:
+      grad_var = None
+      if want_gsnr:
+        grad_var = jax.tree.map(lambda a: a / (micro_batches - 1), m2)
+      out.update(diagnostics.full_metrics(
+          new_state["diag"], ratios, diag, old_codes,
+          grads if want_gsnr else None, grad_var))
   return new_state, out
 
 
@@ -107,6 +135,7 @@ class Setup:
   lr_schedule: Callable
   local_batch: int
   eval_batch_size: int
+  diag: diagnostics.DiagnosticsConfig | None
 
 
 def validate(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
@@ -145,7 +174,17 @@ def prepare_setup(config: ml_collections.ConfigDict, *,
                      f"model.vocab_size is {model_cfg.vocab_size}.")
   tx, lr = optim.make_optimizer(config.optim, config.train.steps)
   return Setup(config, model_cfg, mesh, tok, corpus, tx, lr, local_batch,
-               eval_bs)
+               eval_bs, diagnostics_config(config, model_cfg))
+
+
+def diagnostics_config(config, model_cfg: ModelConfig
+                       ) -> diagnostics.DiagnosticsConfig | None:
+  d = config.diagnostics
+  if not d.enabled or not model_cfg.quant.is_ternary:
+    return None
+  return diagnostics.DiagnosticsConfig(
+      history_k=d.history_k, sample_size=d.sample_size, hist_bins=d.hist_bins,
+      hist_max=d.hist_max, seed=config.seed)
 
 
 def _load_pretrained(config, model_cfg: ModelConfig) -> Llama:
@@ -165,11 +204,16 @@ def init_state(setup: Setup) -> tuple[Any, dict, Any]:
   """(graphdef, sharded train state, state shardings)."""
   cfg, tx = setup.model_cfg, setup.tx
 
+  def with_params(params):
+    state = dict(step=jnp.zeros((), jnp.int32), params=params,
+                 opt_state=tx.init(params))
+    if setup.diag is not None:
+      state["diag"] = diagnostics.init_state(params, setup.diag)
+    return state
+
   def fresh():
     model = Llama(cfg, rngs=nnx.Rngs(setup.config.seed))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return dict(step=jnp.zeros((), jnp.int32), params=params,
-                opt_state=tx.init(params))
+    return with_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
   abstract = jax.eval_shape(fresh)
@@ -179,28 +223,32 @@ def init_state(setup: Setup) -> tuple[Any, dict, Any]:
     params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
                             shardings["params"])
     del model
-    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-    state = dict(step=step, params=params, opt_state=opt_state)
+    state = jax.jit(with_params, out_shardings=shardings,
+                    donate_argnums=0)(params)
   else:
     state = jax.jit(fresh, out_shardings=shardings)()
   return graphdef, state, shardings
 
 
 def compile_steps(setup: Setup, graphdef, shardings):
+  """(train step, its logging variant with full diagnostics, eval step)."""
   mesh = setup.mesh
-  step_fn = jax.jit(
-      lambda s, b: train_step(s, b, graphdef=graphdef, tx=setup.tx,
-                              lr_schedule=setup.lr_schedule,
-                              micro_batches=setup.config.train.micro_batches),
-      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
+
+  def make(full: bool):
+    return jax.jit(
+        lambda s, b: train_step(
+            s, b, graphdef=graphdef, tx=setup.tx, lr_schedule=setup.lr_schedule,
+            micro_batches=setup.config.train.micro_batches,
+            qcfg=setup.model_cfg.quant, diag=setup.diag, full_diagnostics=full),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0)
+
   eval_fn = jax.jit(
       lambda p, b: eval_step(p, b, graphdef=graphdef),
       in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
       out_shardings=sharding.replicated(mesh))
-  return step_fn, eval_fn
+  return make(False), make(setup.diag is not None), eval_fn
 
 
 def evaluate(eval_fn, params, batches, mesh) -> dict:
@@ -307,14 +355,15 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
     log.info("resumed from step %d", start)
   start = start or 0
 
-  step_fn, eval_fn = compile_steps(setup, graphdef, shardings)
+  step_fns = compile_steps(setup, graphdef, shardings)
+  eval_fn = step_fns[2]
   float_eval_fn = None
   if config.init.checkpoint and setup.model_cfg.quant.is_ternary and start == 0:
     float_cfg = setup.model_cfg.replace(
         quant=dataclasses.replace(setup.model_cfg.quant, method="none"))
     float_graphdef = nnx.graphdef(
         nnx.eval_shape(lambda: Llama(float_cfg, rngs=nnx.Rngs(0))))
-    float_eval_fn = compile_steps(setup, float_graphdef, shardings)[1]
+    float_eval_fn = compile_steps(setup, float_graphdef, shardings)[2]
   eval_data = data.eval_batches(setup.corpus_dir, seq_len=config.data.seq_len,
                                 batch_size=setup.eval_batch_size,
                                 max_batches=t.eval_batches)
@@ -332,8 +381,8 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
     writer.write(start, summary["eval_before"], "eval")
     log.info("step %d held-out loss %.4f perplexity %.2f", start,
              summary["eval_before"]["loss"], summary["eval_before"]["perplexity"])
-    state, last = _loop(setup, state, data_iter, step_fn, eval_fn, eval_data,
-                        ckpt, writer, start, stop_at or t.steps)
+    state, last = _loop(setup, state, data_iter, step_fns, eval_data, ckpt,
+                        writer, start, stop_at or t.steps)
     summary.update(last)
     summary["eval_after"] = evaluate(eval_fn, state["params"], eval_data, mesh)
     writer.write(summary["step"], summary["eval_after"], "eval")
@@ -351,10 +400,11 @@ def _all_finite(params) -> jax.Array:
                             for x in jax.tree.leaves(params)]))
 
 
-def _loop(setup: Setup, state, data_iter, step_fn, eval_fn, eval_data, ckpt,
-          writer, start: int, stop_at: int):
+def _loop(setup: Setup, state, data_iter, step_fns, eval_data, ckpt, writer,
+          start: int, stop_at: int):
   config, mesh = setup.config, setup.mesh
   t = config.train
+  step_fn, log_step_fn, eval_fn = step_fns
   tokens_per_step = t.batch_size * config.data.seq_len
   pending = None  # (step, device metrics) fetched one step late
   last = dict(step=start, loss=float("nan"), stopped_by=None)
@@ -381,7 +431,9 @@ def _loop(setup: Setup, state, data_iter, step_fn, eval_fn, eval_data, ckpt,
     step = start
     while step < min(t.steps, stop_at):
       batch = sharding.global_batch(next(data_iter), mesh)
-      state, device_metrics = step_fn(state, batch)
+      logging_step = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+      state, device_metrics = (log_step_fn if logging_step else step_fn)(
+          state, batch)
       step += 1
       bar.update(1)
       if pending is not None:

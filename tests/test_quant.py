@@ -10,7 +10,7 @@ import pytest
 
 from tequila_jax import quant
 from tequila_jax.quant import QuantConfig
-from reference import quantize_np
+from tests.reference import quantize_np
 
 CONFIGS = [
     QuantConfig("tequila", "per_group", 64, lam=0.3),

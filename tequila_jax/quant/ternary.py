@@ -48,23 +48,36 @@ def _codes(wg: jax.Array, delta: jax.Array) -> jax.Array:
       jnp.int8)
 
 
-def ternarize(w: jax.Array, cfg: QuantConfig) -> tuple[jax.Array, jax.Array]:
-  """Returns `(codes [in, out] int8, alpha in stat_dtype)`; no gradient."""
+def _threshold(w: jax.Array, cfg: QuantConfig):
+  """(grouped |W|-statistics view `wg`, per-group delta, mean|W|)."""
   cfg.check_kernel_shape(w.shape)
   wg = jax.lax.stop_gradient(_grouped(w, cfg)).astype(stat_dtype(w.dtype))
-  axes = _reduce_axes(cfg)
-  mean_abs = jnp.mean(jnp.abs(wg), axis=axes, keepdims=True)
-  if cfg.method == "twn":
-    delta = 0.75 * mean_abs
-    codes = _codes(wg, delta)
+  mean_abs = jnp.mean(jnp.abs(wg), axis=_reduce_axes(cfg), keepdims=True)
+  scale = 0.75 if cfg.method == "twn" else 0.5
+  return wg, scale * mean_abs, mean_abs
+
+
+def ternarize(w: jax.Array, cfg: QuantConfig) -> tuple[jax.Array, jax.Array]:
+  """Returns `(codes [in, out] int8, alpha in stat_dtype)`; no gradient."""
+  wg, delta, mean_abs = _threshold(w, cfg)
+  codes = _codes(wg, delta)
+  if cfg.method == "twn":  # alpha = mean |W| over the non-dead weights
+    axes = _reduce_axes(cfg)
     active = codes != 0
     total = jnp.sum(jnp.where(active, jnp.abs(wg), 0), axis=axes, keepdims=True)
     count = jnp.sum(active, axis=axes, keepdims=True)
     alpha = total / jnp.maximum(count, 1)
   else:  # absmean and every Tequila variant (§1.1)
-    codes = _codes(wg, mean_abs / 2)
     alpha = mean_abs
   return codes.reshape(w.shape), alpha[:, 0, :]
+
+
+def threshold_ratio(w: jax.Array, cfg: QuantConfig) -> jax.Array:
+  """`|W| / delta` per weight (`[in, out]`): < 1 is the deadzone, 1 the
+  boundary. All-zero groups (delta = 0) give 0."""
+  wg, delta, _ = _threshold(w, cfg)
+  ratio = jnp.abs(wg) / jnp.where(delta > 0, delta, 1)
+  return jnp.where(delta > 0, ratio, 0).reshape(w.shape)
 
 
 def dequantize(codes: jax.Array, alpha: jax.Array,
