@@ -5,7 +5,8 @@
         --batch 16 --seq 1024 --peak_tflops 989   # an H100, bf16 dense
 
 Every method runs the same jitted, donated `trainer.train_step` (AdamW) on the
-same random token batch in one process; reports the median of `--iters`
+same random token batch in one process (`tequila+diag` adds the per-step
+deadzone diagnostics, `tequila+fulldiag` the logging-step variant); reports the median of `--iters`
 steps after warm-up, tokens/s, the ratio to `none`, model FLOPs utilization
 when `--peak_tflops` is given (6·N·tokens + attention, PaLM appendix B), and
 `compiled.memory_analysis()`. Results go to stdout (markdown) and `--out`.
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tequila_jax import config_lib, optim, sharding, trainer
+from tequila_jax import config_lib, diagnostics, optim, sharding, trainer
 from tequila_jax.model import Llama
 
 
@@ -34,17 +35,23 @@ def model_flops_per_token(cfg, seq: int) -> float:
   return 6 * dense + 12 * L * cfg.num_heads * cfg.head_dim * seq
 
 
-def bench(config, method: str, batch: int, seq: int, iters: int, warmup: int):
+def bench(config, spec: str, batch: int, seq: int, iters: int, warmup: int):
+  method, _, diag_mode = spec.partition("+")
   config = config_lib.load_config_file(config) if isinstance(config, str) else config
   config.model.quant.method = method
+  config.diagnostics.enabled = bool(diag_mode)
   cfg = config_lib.to_model_config(config.model)
+  diag = trainer.diagnostics_config(config, cfg)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   tx, lr = optim.make_optimizer(config.optim, 1000)
 
   def fresh():
     params = nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param))
-    return dict(step=jnp.zeros((), jnp.int32), params=params,
-                opt_state=tx.init(params))
+    state = dict(step=jnp.zeros((), jnp.int32), params=params,
+                 opt_state=tx.init(params))
+    if diag is not None:
+      state["diag"] = diagnostics.init_state(params, diag)
+    return state
 
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
   shardings = sharding.state_shardings(jax.eval_shape(fresh), mesh)
@@ -52,7 +59,9 @@ def bench(config, method: str, batch: int, seq: int, iters: int, warmup: int):
   step = jax.jit(
       lambda s, b: trainer.train_step(s, b, graphdef=graphdef, tx=tx,
                                       lr_schedule=lr,
-                                      micro_batches=config.train.micro_batches),
+                                      micro_batches=config.train.micro_batches,
+                                      qcfg=cfg.quant, diag=diag,
+                                      full_diagnostics=diag_mode == "fulldiag"),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   tokens = np.random.default_rng(0).integers(
@@ -70,7 +79,7 @@ def bench(config, method: str, batch: int, seq: int, iters: int, warmup: int):
     if i >= warmup:
       times.append(time.perf_counter() - t0)
   med = statistics.median(times)
-  return dict(method=method, step_s=med, tokens_per_s=batch * seq / med,
+  return dict(method=spec, step_s=med, tokens_per_s=batch * seq / med,
               compile_s=compile_s, loss=float(m["loss"]),
               flops_per_step=model_flops_per_token(cfg, seq) * batch * seq,
               temp_bytes=getattr(mem, "temp_size_in_bytes", None),
@@ -85,11 +94,21 @@ def main():
   p.add_argument("--seq", type=int, default=64)
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--methods", default="none,absmean,tequila")
+  p.add_argument("--methods", default="none,absmean,tequila",
+                 help="comma-separated; METHOD+diag / METHOD+fulldiag time "
+                 "the step with deadzone diagnostics")
+  p.add_argument("--micro_batches", type=int, default=0,
+                 help="override train.micro_batches (GSNR needs >= 2)")
   p.add_argument("--peak_tflops", type=float, default=0.0)
   p.add_argument("--out", default="")
   args = p.parse_args()
-  rows = [bench(args.config, m, args.batch, args.seq, args.iters, args.warmup)
+  def config():
+    c = config_lib.load_config_file(args.config)
+    if args.micro_batches:
+      c.train.micro_batches = args.micro_batches
+    return c
+
+  rows = [bench(config(), m, args.batch, args.seq, args.iters, args.warmup)
           for m in args.methods.split(",")]
   base = rows[0]["step_s"]
   print(f"\n{args.config} batch={args.batch} seq={args.seq} "

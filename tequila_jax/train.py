@@ -38,8 +38,6 @@ def main(argv):
   workdir = flags.FLAGS.workdir or str(
       pathlib.Path("runs") / pathlib.Path(
           flags.FLAGS["config"].config_filename.split(":")[0]).stem)
-  (pathlib.Path(workdir)).mkdir(parents=True, exist_ok=True)
-  (pathlib.Path(workdir) / "config.json").write_text(config.to_json(indent=2))
   summary = trainer.run(config, workdir)
   print(json.dumps(summary, indent=2))
 

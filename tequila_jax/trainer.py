@@ -331,6 +331,8 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
     jax.distributed.initialize()
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json(indent=2))
   setup = prepare_setup(config, devices=devices, progress=t.progress)
   mesh = setup.mesh
   graphdef, state, shardings = init_state(setup)
