@@ -61,7 +61,8 @@ def bench(config, spec: str, batch: int, seq: int, iters: int, warmup: int):
                                       lr_schedule=lr,
                                       micro_batches=config.train.micro_batches,
                                       qcfg=cfg.quant, diag=diag,
-                                      full_diagnostics=diag_mode == "fulldiag"),
+                                      full_diagnostics=diag_mode == "fulldiag",
+                                      loss_chunk=config.train.loss_chunk),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   tokens = np.random.default_rng(0).integers(
@@ -79,12 +80,26 @@ def bench(config, spec: str, batch: int, seq: int, iters: int, warmup: int):
     if i >= warmup:
       times.append(time.perf_counter() - t0)
   med = statistics.median(times)
+  stats = jax.devices()[0].memory_stats() or {}
   return dict(method=spec, step_s=med, tokens_per_s=batch * seq / med,
               compile_s=compile_s, loss=float(m["loss"]),
               flops_per_step=model_flops_per_token(cfg, seq) * batch * seq,
               temp_bytes=getattr(mem, "temp_size_in_bytes", None),
               arg_bytes=getattr(mem, "argument_size_in_bytes", None),
+              peak_bytes=stats.get("peak_bytes_in_use"),
               spread=(min(times), max(times)))
+
+
+def measured_peak_tflops(n: int = 8192, iters: int = 20) -> float:
+  a = jnp.ones((n, n), jnp.bfloat16)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def main():
@@ -97,15 +112,28 @@ def main():
   p.add_argument("--methods", default="none,absmean,tequila",
                  help="comma-separated; METHOD+diag / METHOD+fulldiag time "
                  "the step with deadzone diagnostics")
+  p.add_argument("--remat", default="", help="override model.remat")
+  p.add_argument("--loss_chunk", type=int, default=-1,
+                 help="override train.loss_chunk (0 = full logits)")
   p.add_argument("--micro_batches", type=int, default=0,
                  help="override train.micro_batches (GSNR needs >= 2)")
-  p.add_argument("--peak_tflops", type=float, default=0.0)
+  p.add_argument("--peak_tflops", type=float, default=0.0,
+                 help="peak for MFU; 0 with --measure_peak measures it")
+  p.add_argument("--measure_peak", action="store_true",
+                 help="time an 8192^3 bf16 matmul as the peak (GPU)")
   p.add_argument("--out", default="")
   args = p.parse_args()
+  if args.measure_peak and not args.peak_tflops:
+    args.peak_tflops = measured_peak_tflops()
+    print(f"measured bf16 matmul peak: {args.peak_tflops:.0f} TFLOP/s")
   def config():
     c = config_lib.load_config_file(args.config)
     if args.micro_batches:
       c.train.micro_batches = args.micro_batches
+    if args.remat:
+      c.model.remat = args.remat
+    if args.loss_chunk >= 0:
+      c.train.loss_chunk = args.loss_chunk
     return c
 
   rows = [bench(config(), m, args.batch, args.seq, args.iters, args.warmup)
@@ -115,8 +143,8 @@ def main():
         f"devices={jax.devices()} jax={jax.__version__} "
         f"host={platform.processor() or platform.machine()}")
   print("| method | step ms (median) | min–max ms | tokens/s | vs "
-        f"{rows[0]['method']} | MFU | temp MiB |")
-  print("|---|---|---|---|---|---|---|")
+        f"{rows[0]['method']} | MFU | temp MiB | peak GiB (process) |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     mfu = (f"{r['flops_per_step'] / r['step_s'] / (args.peak_tflops * 1e12):.1%}"
            if args.peak_tflops else "-")
@@ -124,7 +152,8 @@ def main():
     temp = f"{r['temp_bytes'] / 2**20:.0f}" if r["temp_bytes"] is not None else "-"
     print(f"| {r['method']} | {r['step_s'] * 1e3:.1f} | "
           f"{r['spread'][0] * 1e3:.1f}–{r['spread'][1] * 1e3:.1f} | "
-          f"{r['tokens_per_s']:.0f} | {r['step_s'] / base:.3f}x | {mfu} | {temp} |")
+          f"{r['tokens_per_s']:.0f} | {r['step_s'] / base:.3f}x | {mfu} | {temp} | "
+          + (f"{r['peak_bytes'] / 2**30:.1f} |" if r["peak_bytes"] else "- |"))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(dict(args=vars(args), jax=jax.__version__,

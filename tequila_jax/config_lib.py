@@ -25,7 +25,8 @@ def model_config(**fields) -> ml_collections.ConfigDict:
   """A `ConfigDict` of `ModelConfig` fields with their defaults filled in."""
   defaults = dict(rms_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
                   tie_embeddings=True, max_seq_len=8192, dtype="bfloat16",
-                  scan_layers=True, remat="none", quant=quant_config())
+                  scan_layers=True, remat="none", attention="auto",
+                  quant=quant_config())
   return ml_collections.ConfigDict({**defaults, **fields})
 
 
@@ -79,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
       steps=38_000,  # ~10B tokens at 262k tokens per step
       batch_size=256,  # global, in sequences (256 x 1024 = 262k tokens)
       micro_batches=1,  # gradient accumulation
+      loss_chunk=0,  # >0: cross-entropy over chunks of this many positions
       log_every=10, eval_every=500, eval_batches=8, eval_batch_size=0,
       checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
       progress=True, tensorboard=True,

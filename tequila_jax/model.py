@@ -18,12 +18,19 @@ from flax import nnx
 
 from tequila_jax.layers import RMSNorm, TernaryDense, apply_rope, rope_frequencies
 from tequila_jax.quant import QuantConfig
+from tequila_jax.quant.matmul import QUANT_NAMES
 
+_cp = jax.checkpoint_policies
+_KEEP_QUANTIZED = _cp.save_only_these_names(*QUANT_NAMES)
+# The dots policies also keep the quantized kernels and Tequila biases, so the
+# backward pass does not ternarize the weights a second time.
 REMAT_POLICIES = {
     "none": None,  # no rematerialization
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _cp.nothing_saveable,
+    "dots": _cp.save_from_both_policies(_cp.checkpoint_dots, _KEEP_QUANTIZED),
+    "dots_no_batch": _cp.save_from_both_policies(
+        _cp.dots_with_no_batch_dims_saveable, _KEEP_QUANTIZED),
+    "quantized": _KEEP_QUANTIZED,  # recompute all but Q and c(W)
 }
 
 
@@ -51,6 +58,7 @@ class ModelConfig:
   dtype: str = "bfloat16"
   scan_layers: bool = True
   remat: str = "none"
+  attention: str = "auto"  # "xla", "cudnn", or "auto" (cuDNN on GPU in bf16)
 
   def __post_init__(self):
     if isinstance(self.quant, dict) or hasattr(self.quant, "to_dict"):
@@ -68,6 +76,17 @@ class ModelConfig:
       raise ValueError(f"Unknown remat policy {self.remat!r}; choose one of "
                        f"{tuple(REMAT_POLICIES)}.")
     jnp.dtype(self.dtype)  # fails clearly on a bad dtype name
+    if self.attention not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"attention={self.attention!r}: use auto, xla or cudnn.")
+
+  @property
+  def attention_impl(self) -> str:
+    """The training-forward attention kernel `auto` resolves to."""
+    if self.attention != "auto":
+      return self.attention
+    gpu = jax.default_backend() == "gpu"
+    half = self.compute_dtype in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if gpu and half else "xla"
 
   @classmethod
   def from_dict(cls, d) -> "ModelConfig":
@@ -112,6 +131,7 @@ class Attention(nnx.Module):
     self.v_proj = TernaryDense(h, k * d, name="v_proj", **dense)
     self.o_proj = TernaryDense(n * d, h, name="o_proj", **dense)
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
+    self.attention_impl = cfg.attention_impl
 
   def __call__(self, x, positions, inv_freq, kv=None, cache_length=None):
     b, t, _ = x.shape
@@ -120,7 +140,8 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if kv is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                         implementation=self.attention_impl)
       new_kv = None
     else:
       k_all = jax.lax.dynamic_update_slice_in_dim(kv[0], k, cache_length, 1)
@@ -206,19 +227,27 @@ class Llama(nnx.Module):
           lambda *a: jnp.stack(a), *outs)
     return x, new_kv
 
-  def _logits(self, x):
-    x = self.final_norm(x)
+  def head_matrix(self) -> jax.Array:
+    """The output projection `[hidden, vocab]` in the compute dtype (the
+    matmul accumulates in fp32 internally; asking for an fp32 result would
+    turn its backward into slow fp32 matmuls)."""
     head = (self.embed.embedding[...].T if self.lm_head is None
             else self.lm_head[...])
-    return jnp.matmul(x, head.astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+    return head.astype(self.cfg.compute_dtype)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None):
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None
+                    ) -> jax.Array:
+    """Final-normed hidden states `[B, T, hidden]` (the head's input)."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.embed(tokens).astype(self.cfg.compute_dtype)
     x, _ = self._run_layers(x, positions, None)
-    return self._logits(x)
+    return self.final_norm(x)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None):
+    """Logits `[B, T, vocab]` in fp32."""
+    h = self.hidden_states(tokens, positions)
+    return jnp.matmul(h, self.head_matrix()).astype(jnp.float32)
 
   def decode(self, tokens: jax.Array, cache: KVCache):
     """Appends `tokens[B, T]` at `cache.length`; returns (logits, new cache).
@@ -230,7 +259,8 @@ class Llama(nnx.Module):
     positions = cache.length + jnp.broadcast_to(jnp.arange(t), tokens.shape)
     x = self.embed(tokens).astype(self.cfg.compute_dtype)
     x, (k, v) = self._run_layers(x, positions, cache)
-    return self._logits(x), KVCache(k, v, cache.length + t)
+    logits = jnp.matmul(self.final_norm(x), self.head_matrix())
+    return logits.astype(jnp.float32), KVCache(k, v, cache.length + t)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
     return KVCache.init(self.cfg, batch, max_len)

@@ -11,6 +11,7 @@ checkpoint and exits cleanly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import pathlib
@@ -52,17 +53,42 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.mean(logz - picked)
 
 
-def loss_fn(params, graphdef, tokens):
+def chunked_cross_entropy(hidden: jax.Array, head: jax.Array,
+                          targets: jax.Array, chunk: int) -> jax.Array:
+  """`cross_entropy(hidden @ head, targets)` over sequence chunks of `chunk`
+  positions, rematerialized, so that only one chunk of logits lives at once
+  (a 128k vocabulary makes full fp32 logits several GB)."""
+  b, t, d = hidden.shape
+  k = t // chunk
+  hs = hidden.reshape(b, k, chunk, d).swapaxes(0, 1)
+  ts = targets.reshape(b, k, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def body(total, xs):
+    h, tgt = xs
+    logits = jnp.matmul(h, head).astype(jnp.float32)
+    return total + cross_entropy(logits, tgt) * (b * chunk), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts))
+  return total / (b * t)
+
+
+def loss_fn(params, graphdef, tokens, loss_chunk: int = 0):
   """Next-token loss of the model `(graphdef, params)` on `[B, T + 1]` tokens."""
   model = nnx.merge(graphdef, params)
-  return cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  if loss_chunk and loss_chunk < inputs.shape[1]:
+    return chunked_cross_entropy(model.hidden_states(inputs),
+                                 model.head_matrix(), targets, loss_chunk)
+  return cross_entropy(model(inputs), targets)
 
 
 def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
                lr_schedule: Callable, micro_batches: int,
                qcfg: QuantConfig | None = None,
                diag: diagnostics.DiagnosticsConfig | None = None,
-               full_diagnostics: bool = False) -> tuple[dict, dict]:
+               full_diagnostics: bool = False,
+               loss_chunk: int = 0) -> tuple[dict, dict]:
   """One optimizer step on `batch[B, T + 1]`, averaged over `micro_batches`.
 
   Micro-batch k takes rows k, k + m, k + 2m, ... so that every device holds an
@@ -70,7 +96,7 @@ def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
   returned with the metrics (the expensive ones when `full_diagnostics`).
   """
   params = state["params"]
-  grad_fn = jax.value_and_grad(loss_fn)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, loss_chunk=loss_chunk))
   want_gsnr = diag is not None and full_diagnostics and micro_batches >= 2
   if micro_batches == 1:
     loss, grads = grad_fn(params, graphdef, batch)
@@ -158,6 +184,9 @@ def validate(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
   if eval_bs % n_dev:
     raise ValueError(f"train.eval_batch_size={eval_bs} must be a multiple of "
                      f"the {n_dev} devices.")
+  if t.loss_chunk and config.data.seq_len % t.loss_chunk:
+    raise ValueError(f"train.loss_chunk={t.loss_chunk} must divide "
+                     f"data.seq_len={config.data.seq_len}.")
   if t.steps <= 0:
     raise ValueError(f"train.steps must be positive, got {t.steps}.")
   return t.batch_size // n_proc, eval_bs
@@ -239,7 +268,8 @@ def compile_steps(setup: Setup, graphdef, shardings):
         lambda s, b: train_step(
             s, b, graphdef=graphdef, tx=setup.tx, lr_schedule=setup.lr_schedule,
             micro_batches=setup.config.train.micro_batches,
-            qcfg=setup.model_cfg.quant, diag=setup.diag, full_diagnostics=full),
+            qcfg=setup.model_cfg.quant, diag=setup.diag, full_diagnostics=full,
+            loss_chunk=setup.config.train.loss_chunk),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0)

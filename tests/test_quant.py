@@ -176,13 +176,12 @@ def test_forward_has_one_matmul_and_backward_two():
   assert _count_dots(fwd_bwd) == 3  # y, dx, dW
 
 
-def test_residuals_are_codes_and_scales_not_float_weights():
-  x, w, _ = _data((4, 256), dtype=np.float32)
-  _, res = quant.matmul._fwd(x, w, QuantConfig("tequila"))
-  saved_x, codes, alpha, w_proto = res
-  assert saved_x is x
+def test_quantizer_saves_only_int8_codes():
+  _, w, _ = _data((4, 256), dtype=np.float32)
+  _, res = quant.matmul._qk_fwd(w, QuantConfig("tequila"), jnp.bfloat16)
+  codes, w_proto = res
   assert codes.shape == w.shape and codes.dtype == jnp.int8
-  assert alpha.shape == (2, 12) and w_proto.shape == ()
+  assert w_proto.shape == () and w_proto.dtype == jnp.float32
 
 
 def _other_method_closed_form(x, w, g, cfg):

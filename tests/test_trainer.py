@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -165,3 +166,16 @@ def test_3b_dry_run_describes_sharded_state():
   # fp32 params + two AdamW moments.
   assert abs(d["state_bytes"] / (12 * d["params"]) - 1) < 1e-6
   assert abs(d["state_bytes_per_device"] / (d["state_bytes"] / 8) - 1) < 0.01
+
+
+def test_chunked_cross_entropy_equals_full():
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(2, 12, 8)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+  t = jnp.asarray(rng.integers(0, 50, (2, 12)))
+  full = lambda h, w: trainer.cross_entropy(h @ w, t)  # noqa: E731
+  chunked = lambda h, w: trainer.chunked_cross_entropy(h, w, t, 4)  # noqa: E731
+  np.testing.assert_allclose(chunked(h, head), full(h, head), rtol=1e-6)
+  for a, b in zip(jax.grad(chunked, (0, 1))(h, head),
+                  jax.grad(full, (0, 1))(h, head)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
