@@ -1,0 +1,211 @@
+"""Held-out perplexity and zero-shot multiple-choice accuracy.
+
+    python -m tequila_jax.evaluate --checkpoint runs/x \
+        --text asset:shakespeare --tasks my_task.jsonl
+
+`--checkpoint` is a training workdir (its latest checkpoint), a Hugging Face
+directory, a `.gguf` file or `asset:NAME`. A task file holds one JSON object
+per line: `{"context": str, "choices": [str, ...], "label": int}`. Each
+choice is scored by the summed log-likelihood of its tokens after the
+context; `acc` picks the largest sum and `acc_norm` the largest sum divided
+by the choice's length in characters, as lm-eval defines them. For lm-eval's
+own tasks see `tequila_jax.lm_eval_adapter`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tequila_jax import config_lib, data, pretrained
+from tequila_jax.model import Llama
+from tequila_jax.tokenizer import Tokenizer, load_tokenizer
+
+_BUCKET = 64  # pad lengths to multiples of this to bound recompilation
+
+
+def load(location: str, step: int | None = None) -> tuple[Llama, Tokenizer]:
+  """A model and tokenizer from a training workdir or a pretrained location."""
+  path = pathlib.Path(location)
+  if (path / "checkpoints").is_dir() and (path / "config.json").exists():
+    return load_workdir(path, step)
+  return pretrained.load_model(location), pretrained.load_tokenizer(location)
+
+
+def load_workdir(workdir, step: int | None = None) -> tuple[Llama, Tokenizer]:
+  """The model of a training run at `step` (default: its latest checkpoint)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  config = ml_collections.ConfigDict(
+      json.loads((workdir / "config.json").read_text()))
+  cfg = config_lib.to_model_config(config.model)
+  manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
+                                  item_names=("state", "data"))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint.")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  manager.close()
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+  model = nnx.merge(graphdef, restored["state"]["params"])
+  spec = config.data.tokenizer or config.init.checkpoint
+  tok = (load_tokenizer("bytes") if spec == "bytes"
+         else pretrained.load_tokenizer(spec))
+  return model, tok
+
+
+@nnx.jit
+def _token_logprobs(model: Llama, tokens: jax.Array) -> jax.Array:
+  """log p(tokens[:, t + 1] | tokens[:, :t + 1]) for every t, `[B, T - 1]`."""
+  logp = jax.nn.log_softmax(model(tokens[:, :-1]), axis=-1)
+  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def _greedy_match(model, tokens):
+  logits = model(tokens[:, :-1])
+  return logits.argmax(-1) == tokens[:, 1:]
+
+
+_greedy = nnx.jit(_greedy_match)
+
+
+def loglikelihoods(model: Llama, requests: Sequence[tuple[list, list]], *,
+                   batch_size: int = 8, max_len: int | None = None,
+                   with_greedy: bool = False) -> list:
+  """Summed log-probability of each continuation after its context.
+
+  Requests are `(context_ids, continuation_ids)`; contexts are cut from the
+  left to fit `max_len`. With `with_greedy`, returns `(logprob, is_greedy)`.
+  """
+  max_len = max_len or model.cfg.max_seq_len
+  results = [None] * len(requests)
+  order = sorted(range(len(requests)),
+                 key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    seqs = []
+    for i in idx:
+      ctx, cont = requests[i]
+      if not cont:
+        raise ValueError(f"request {i} has an empty continuation.")
+      seq = (list(ctx) + list(cont))[-(max_len + 1):]
+      seqs.append((seq, len(cont)))
+    width = max(len(s) for s, _ in seqs)
+    width = -(-width // _BUCKET) * _BUCKET
+    tokens = np.zeros((batch_size, width), np.int32)
+    for r, (s, _) in enumerate(seqs):
+      tokens[r, :len(s)] = s
+    logp = np.asarray(_token_logprobs(model, jnp.asarray(tokens)))
+    greedy = (np.asarray(_greedy(model, jnp.asarray(tokens))) if with_greedy
+              else None)
+    for r, (i, (s, n)) in enumerate(zip(idx, seqs)):
+      span = slice(len(s) - 1 - n, len(s) - 1)  # predictions of the last n
+      value = float(logp[r, span].sum())
+      results[i] = (value, bool(greedy[r, span].all())) if with_greedy else value
+  return results
+
+
+def read_tasks(path) -> list[dict]:
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f):
+      if not line.strip():
+        continue
+      ex = json.loads(line)
+      missing = {"context", "choices", "label"} - set(ex)
+      if missing:
+        raise ValueError(f"{path}:{n + 1} lacks {sorted(missing)}; each line "
+                         'is {"context": str, "choices": [str], "label": int}.')
+      examples.append(ex)
+  return examples
+
+
+def multiple_choice(model: Llama, tok: Tokenizer, examples: list[dict], *,
+                    batch_size: int = 8) -> dict:
+  """lm-eval's `acc` and `acc_norm` over `examples` (see module doc)."""
+  requests, owners = [], []
+  for e, ex in enumerate(examples):
+    ctx = tok.encode(ex["context"], bos=tok.bos_id is not None)
+    for choice in ex["choices"]:
+      requests.append((ctx, tok.encode(choice)))
+      owners.append(e)
+  scores = loglikelihoods(model, requests, batch_size=batch_size)
+  acc = acc_norm = 0
+  per_example = []
+  for e, ex in enumerate(examples):
+    ll = np.array([s for s, o in zip(scores, owners) if o == e])
+    lengths = np.array([len(c) for c in ex["choices"]], float)
+    acc += int(np.argmax(ll) == ex["label"])
+    acc_norm += int(np.argmax(ll / lengths) == ex["label"])
+    per_example.append(ll.tolist())
+  n = len(examples)
+  return dict(acc=acc / n, acc_norm=acc_norm / n, n=n, loglikelihoods=per_example)
+
+
+def perplexity(model: Llama, tok: Tokenizer, texts: Sequence[str], *,
+               seq_len: int = 512, batch_size: int = 8) -> dict:
+  """Token-level perplexity over `texts`, in non-overlapping windows."""
+  stream = []
+  for ids in tok.encode_batch(list(texts), bos=tok.bos_id is not None,
+                              eos=tok.eos_id is not None):
+    stream.extend(ids)
+  n_windows = (len(stream) - 1) // seq_len
+  if n_windows == 0:
+    raise ValueError(f"{len(stream)} tokens are fewer than one window of "
+                     f"{seq_len + 1}; lower seq_len.")
+  total, count = 0.0, 0
+  for start in range(0, n_windows, batch_size):
+    rows = [stream[w * seq_len:w * seq_len + seq_len + 1]
+            for w in range(start, min(start + batch_size, n_windows))]
+    rows += [rows[0]] * (batch_size - len(rows))
+    logp = np.asarray(_token_logprobs(model, jnp.asarray(rows, jnp.int32)))
+    real = min(batch_size, n_windows - start)
+    total += float(logp[:real].sum())
+    count += real * seq_len
+  loss = -total / count
+  return dict(loss=loss, perplexity=math.exp(loss), tokens=count)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--step", type=int, default=None)
+  p.add_argument("--text", default=None,
+                 help="data source spec(s) for perplexity (see data.py)")
+  p.add_argument("--max_documents", type=int, default=0)
+  p.add_argument("--tasks", nargs="*", default=[], help="task .jsonl files")
+  p.add_argument("--seq_len", type=int, default=512)
+  p.add_argument("--batch_size", type=int, default=8)
+  p.add_argument("--out", default=None, help="write results as JSON here")
+  args = p.parse_args(argv)
+  model, tok = load(args.checkpoint, args.step)
+  results = {}
+  if args.text:
+    docs = []
+    for spec in args.text.split(","):
+      docs.extend(data.iter_documents(spec.strip()))
+    docs = docs[:args.max_documents or None]
+    results["perplexity"] = perplexity(model, tok, docs, seq_len=args.seq_len,
+                                       batch_size=args.batch_size)
+  for task in args.tasks:
+    r = multiple_choice(model, tok, read_tasks(task), batch_size=args.batch_size)
+    r.pop("loglikelihoods")
+    results[pathlib.Path(task).stem] = r
+  print(json.dumps(results, indent=2))
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+  return results
+
+
+if __name__ == "__main__":
+  main()

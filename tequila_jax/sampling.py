@@ -1,0 +1,50 @@
+"""Greedy / temperature sampling with the KV cache of `Llama.decode`."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tequila_jax.model import KVCache, Llama
+
+
+@nnx.jit
+def _decode(model: Llama, tokens: jax.Array, cache: KVCache):
+  logits, cache = model.decode(tokens, cache)
+  return logits[:, -1], cache
+
+
+def generate(model: Llama, prompt: Sequence[int], *, max_new_tokens: int,
+             temperature: float = 0.0, seed: int = 0,
+             stop: Callable[[list[int]], bool] | None = None,
+             eos_id: int | None = None) -> Iterator[int]:
+  """Yields new token ids one by one (greedy when `temperature == 0`).
+
+  Stops after `max_new_tokens`, at `eos_id`, or when `stop(new_ids)` is true.
+  The prompt is cut from the left to leave room in `model.cfg.max_seq_len`.
+  """
+  limit = model.cfg.max_seq_len
+  prompt = list(prompt)[-(limit - max_new_tokens):] if max_new_tokens < limit \
+      else list(prompt)[-1:]
+  cache = model.init_cache(1, min(limit, len(prompt) + max_new_tokens))
+  logits, cache = _decode(model, jnp.asarray([prompt], jnp.int32), cache)
+  key = jax.random.key(seed)
+  out: list[int] = []
+  for _ in range(max_new_tokens):
+    if temperature > 0:
+      key, sub = jax.random.split(key)
+      nxt = int(jax.random.categorical(sub, logits[0] / temperature))
+    else:
+      nxt = int(jnp.argmax(logits[0]))
+    if nxt == eos_id:
+      return
+    out.append(nxt)
+    yield nxt
+    if stop is not None and stop(out):
+      return
+    if len(out) == max_new_tokens:
+      return
+    logits, cache = _decode(model, jnp.asarray([[nxt]], jnp.int32), cache)
