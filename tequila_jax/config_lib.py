@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_fraction=0.02,  # tail of every document held out
       max_documents=0,  # 0 = all
       cache_dir="",  # tokenized corpora; "" = ~/.cache/tequila_jax/corpora
+      corpus_dir="",  # use this prepared corpus as is (skips tokenization)
       num_threads=2, prefetch=8))
   config.train = ml_collections.ConfigDict(dict(
       steps=38_000,  # ~10B tokens at 262k tokens per step

@@ -195,13 +195,12 @@ def prepare_for_config(config, progress: bool = True
                        ) -> tuple[Tokenizer, pathlib.Path]:
   """The tokenizer and prepared corpus for a training config (cached by a
   hash of sources, tokenizer and split under `data.cache_dir`)."""
-  from tequila_jax import pretrained, tokenizer  # pylint: disable=g-import-not-at-top
+  from tequila_jax import pretrained  # pylint: disable=g-import-not-at-top
   spec = config.data.tokenizer or config.init.checkpoint
   if not spec:
     raise DataError("no tokenizer: set data.tokenizer (a path or 'bytes') or "
                     "init.checkpoint.")
-  tok = (tokenizer.load_tokenizer(spec) if spec == "bytes"
-         else pretrained.load_tokenizer(spec))
+  tok = pretrained.load_tokenizer(spec)
   cache = pathlib.Path(config.data.cache_dir or
                        (assets.cache_dir() / "corpora")).expanduser()
   key = corpus_key(config.data.sources, spec, config.data.eval_fraction)

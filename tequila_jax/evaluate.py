@@ -25,43 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tequila_jax import config_lib, data, pretrained
+from tequila_jax import data, pretrained
 from tequila_jax.model import Llama
-from tequila_jax.tokenizer import Tokenizer, load_tokenizer
+from tequila_jax.tokenizer import Tokenizer
 
 _BUCKET = 64  # pad lengths to multiples of this to bound recompilation
 
 
 def load(location: str, step: int | None = None) -> tuple[Llama, Tokenizer]:
-  """A model and tokenizer from a training workdir or a pretrained location."""
-  path = pathlib.Path(location)
-  if (path / "checkpoints").is_dir() and (path / "config.json").exists():
-    return load_workdir(path, step)
-  return pretrained.load_model(location), pretrained.load_tokenizer(location)
-
-
-def load_workdir(workdir, step: int | None = None) -> tuple[Llama, Tokenizer]:
-  """The model of a training run at `step` (default: its latest checkpoint)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  workdir = pathlib.Path(workdir)
-  config = ml_collections.ConfigDict(
-      json.loads((workdir / "config.json").read_text()))
-  cfg = config_lib.to_model_config(config.model)
-  manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
-                                  item_names=("state", "data"))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint.")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  manager.close()
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
-  model = nnx.merge(graphdef, restored["state"]["params"])
-  spec = config.data.tokenizer or config.init.checkpoint
-  tok = (load_tokenizer("bytes") if spec == "bytes"
-         else pretrained.load_tokenizer(spec))
-  return model, tok
+  """A model and its tokenizer from a training workdir or pretrained location."""
+  return (pretrained.load_model(location, step),
+          pretrained.load_tokenizer(location))
 
 
 @nnx.jit

@@ -28,7 +28,7 @@ import tqdm
 from flax import nnx
 
 from tequila_jax import (checkpoint, config_lib, data, diagnostics, metrics,
-                         optim, pretrained, sharding, tokenizer as tokenizer_lib)
+                         optim, pretrained, sharding)
 from tequila_jax.model import Llama, ModelConfig, param_count
 from tequila_jax.quant import QuantConfig
 
@@ -155,7 +155,6 @@ class Setup:
   config: ml_collections.ConfigDict
   model_cfg: ModelConfig
   mesh: jax.sharding.Mesh
-  tokenizer: tokenizer_lib.Tokenizer
   corpus_dir: pathlib.Path
   tx: optax.GradientTransformation
   lr_schedule: Callable
@@ -197,12 +196,16 @@ def prepare_setup(config: ml_collections.ConfigDict, *,
   model_cfg = config_lib.to_model_config(config.model)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   local_batch, eval_bs = validate(config, mesh)
-  tok, corpus = data.prepare_for_config(config, progress=progress)
-  if tok.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but "
+  if config.data.corpus_dir:  # already tokenized (e.g. carried to a cluster)
+    corpus = pathlib.Path(config.data.corpus_dir)
+  else:
+    corpus = data.prepare_for_config(config, progress=progress)[1]
+  vocab = data.read_meta(corpus)["vocab_size"]
+  if vocab > model_cfg.vocab_size:
+    raise ValueError(f"the corpus was tokenized with {vocab} tokens but "
                      f"model.vocab_size is {model_cfg.vocab_size}.")
   tx, lr = optim.make_optimizer(config.optim, config.train.steps)
-  return Setup(config, model_cfg, mesh, tok, corpus, tx, lr, local_batch,
+  return Setup(config, model_cfg, mesh, corpus, tx, lr, local_batch,
                eval_bs, diagnostics_config(config, model_cfg))
 
 

@@ -1,0 +1,233 @@
+"""Sweeps as data: one command runs a grid of training runs and tabulates them.
+
+    python experiments/sweep.py --config configs/tiny.py --sweep lambda \
+        --sweep seeds --set train.steps=300 --out runs/sweep_lambda
+    python experiments/sweep.py ... --parallel 4     # 4 points at a time
+                                                    # (one GPU each if present)
+
+A sweep is a function returning config overrides (`SWEEPS`); several
+`--sweep` flags take their cartesian product. Every point trains in
+`OUT/<point name>/` and, when done, writes `summary.json` (overrides, held-out
+loss, deadzone figures, config, git commit, hardware, wall time). A restarted
+sweep skips finished points and resumes unfinished ones from their last
+checkpoint. Results: `OUT/results.csv`, `OUT/results.md`, `OUT/results.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima")
+
+SWEEPS = {
+    "lambda": lambda: [{"model.quant.method": "tequila", "model.quant.lam": v}
+                       for v in (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)],
+    "methods": lambda: [{"model.quant.method": m} for m in METHODS],
+    "granularity": lambda: [{"model.quant.granularity": "per_channel"}] + [
+        {"model.quant.granularity": "per_group", "model.quant.group_size": g}
+        for g in (32, 64, 128)],
+    "seeds": lambda: [{"seed": s} for s in (0, 1, 2)],
+}
+SUMMARY_KEYS = ("dead_fraction/all", "boundary_fraction/all", "flip_rate/all",
+                "trapped_fraction/all", "gsnr_pooled_dead/all",
+                "gsnr_pooled_active/all")
+
+
+def grid(names: list[str]) -> list[dict]:
+  """The cartesian product of the named sweeps' overrides."""
+  unknown = [n for n in names if n not in SWEEPS]
+  if unknown:
+    raise SystemExit(f"unknown sweep(s) {unknown}; known: {sorted(SWEEPS)}")
+  points = [{}]
+  for name in names:
+    points = [{**a, **b} for a, b in itertools.product(points, SWEEPS[name]())]
+  return points
+
+
+def point_name(overrides: dict) -> str:
+  parts = [f"{k.split('.')[-1]}={v}" for k, v in sorted(overrides.items())]
+  return ",".join(parts) or "base"
+
+
+def parse_value(text: str):
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+def hardware() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  return dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__,
+              platform=platform.platform(), processor=platform.processor())
+
+
+def commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def run_point(config_spec, overrides: dict, workdir: pathlib.Path) -> dict:
+  """Trains one point (resuming if interrupted) and writes its summary.json.
+
+  `config_spec` is a config file spec or a function returning a ConfigDict.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from tequila_jax import config_lib, metrics, trainer  # pylint: disable=g-import-not-at-top
+  config = (config_spec() if callable(config_spec)
+            else config_lib.load_config_file(config_spec))
+  config.update_from_flattened_dict(overrides)
+  start = time.time()
+  summary = trainer.run(config, workdir, devices=jax.devices()[:1])
+  last = {}
+  for record in metrics.read_jsonl(workdir / "metrics.jsonl"):
+    for key in SUMMARY_KEYS:
+      if f"train/{key}" in record:
+        last[key] = record[f"train/{key}"]
+  result = dict(name=workdir.name, overrides=overrides,
+                eval_loss=summary["eval_after"]["loss"],
+                eval_perplexity=summary["eval_after"]["perplexity"],
+                train_loss=summary["loss"], steps=summary["step"],
+                wall_s=time.time() - start, **last,
+                config=json.loads(config.to_json()), commit=commit(),
+                hardware=hardware())
+  tmp = workdir / "summary.json.tmp"
+  tmp.write_text(json.dumps(result, indent=2))
+  os.replace(tmp, workdir / "summary.json")  # a finished point, atomically
+  return result
+
+
+def run_sweep(config_spec, points: list[dict], out: pathlib.Path, *,
+              fixed: dict | None = None, parallel: int = 1) -> list[dict]:
+  """Runs every point (named by its own overrides; `fixed` applies to all)."""
+  out.mkdir(parents=True, exist_ok=True)
+  fixed = fixed or {}
+  todo = [p for p in points if not (out / point_name(p) / "summary.json").exists()]
+  print(f"{len(points)} points, {len(points) - len(todo)} already done.",
+        flush=True)
+  if parallel <= 1:
+    for i, p in enumerate(todo):
+      print(f"[{i + 1}/{len(todo)}] {point_name(p)}", flush=True)
+      run_point(config_spec, {**fixed, **p}, out / point_name(p))
+  else:
+    _run_parallel(config_spec, todo, fixed, out, parallel)
+  results = [json.loads((out / point_name(p) / "summary.json").read_text())
+             for p in points]
+  write_results(results, out)
+  return results
+
+
+def _run_parallel(config_spec, todo, fixed, out, parallel):
+  """Points in subprocesses, at most `parallel` at once, one GPU each."""
+  import jax  # pylint: disable=g-import-not-at-top
+  gpus = jax.device_count() if jax.default_backend() == "gpu" else 0
+  running: dict[int, subprocess.Popen] = {}
+  queue = list(todo)
+  while queue or running:
+    for slot in range(parallel):
+      if slot not in running and queue:
+        p = queue.pop(0)
+        env = dict(os.environ)
+        if gpus:
+          env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+        cmd = [sys.executable, __file__, "--config", config_spec, "--point",
+               json.dumps([point_name(p), {**fixed, **p}]), "--out", str(out)]
+        running[slot] = subprocess.Popen(cmd, env=env)
+        print(f"started {point_name(p)} (slot {slot})", flush=True)
+    for slot, proc in list(running.items()):
+      if proc.poll() is not None:
+        if proc.returncode:
+          raise SystemExit(f"a sweep point failed (exit {proc.returncode}); "
+                           "rerun the sweep to retry it.")
+        del running[slot]
+    time.sleep(1)
+
+
+def write_results(results: list[dict], out: pathlib.Path) -> None:
+  keys = sorted({k for r in results for k in r["overrides"]
+                 if len({json.dumps(x["overrides"].get(k)) for x in results}) > 1})
+  cols = ["name", *keys, "eval_loss", "eval_perplexity", "train_loss",
+          *SUMMARY_KEYS, "steps", "wall_s"]
+  with open(out / "results.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(cols)
+    for r in results:
+      writer.writerow([r["overrides"].get(c, r.get(c, "")) for c in cols])
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for r in results:
+    cells = []
+    for c in cols:
+      v = r["overrides"].get(c, r.get(c, ""))
+      cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+    lines.append("| " + " | ".join(cells) + " |")
+  (out / "results.md").write_text("\n".join(lines) + "\n")
+  _plot(results, keys, out)
+
+
+def _plot(results, keys, out):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  swept = [k for k in keys if k != "seed"]
+  groups: dict[str, list[dict]] = {}
+  for r in results:
+    label = point_name({k: r["overrides"][k] for k in swept
+                        if k in r["overrides"]})
+    groups.setdefault(label, []).append(r)
+  labels = list(groups)
+  fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(labels)), 3.8))
+  for ax, key, title in ((axes[0], "eval_perplexity", "held-out perplexity"),
+                         (axes[1], "trapped_fraction/all", "trapped fraction")):
+    vals = [[r.get(key, np.nan) for r in groups[g]] for g in labels]
+    ax.bar(range(len(labels)), [np.nanmean(v) for v in vals],
+           yerr=[np.nanstd(v) for v in vals], capsize=3)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_title(f"{title} (mean ± std over seeds)")
+  fig.tight_layout()
+  fig.savefig(out / "results.png", dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--config", required=True, help="config file[:arg]")
+  p.add_argument("--sweep", action="append", default=[],
+                 help=f"one of {sorted(SWEEPS)}; repeat for a product")
+  p.add_argument("--set", action="append", default=[],
+                 help="fixed override for every point, key=value")
+  p.add_argument("--out", required=True)
+  p.add_argument("--parallel", type=int, default=1)
+  p.add_argument("--point", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  out = pathlib.Path(args.out)
+  if args.point is not None:  # a worker of --parallel
+    name, overrides = json.loads(args.point)
+    run_point(args.config, overrides, out / name)
+    return None
+  fixed = dict(kv.split("=", 1) for kv in args.set)
+  fixed = {k: parse_value(v) for k, v in fixed.items()}
+  results = run_sweep(args.config, grid(args.sweep), out, fixed=fixed,
+                      parallel=args.parallel)
+  print((out / "results.md").read_text())
+  return results
+
+
+if __name__ == "__main__":
+  main()
