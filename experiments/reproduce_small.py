@@ -82,6 +82,8 @@ def summarize(results: list[dict], out: pathlib.Path) -> str:
 
   def stat(method, key):
     v = np.array([r.get(key, np.nan) for r in by_method[method]], float)
+    if np.isnan(v).all():  # e.g. no deadzone figures for the float model
+      return float("nan"), float("nan")
     return float(np.nanmean(v)), float(np.nanstd(v))
 
   lines = ["| method | held-out ppl (mean ± std) | loss | dead | trapped* | "
