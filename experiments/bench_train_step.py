@@ -21,10 +21,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from tequila_jax import config_lib, diagnostics, optim, sharding, trainer
-from tequila_jax.model import Llama
+from tequila_jax import config_lib, model, optim, sharding, trainer
 
 
 def model_flops_per_token(cfg, seq: int) -> float:
@@ -45,15 +43,8 @@ def bench(config, spec: str, batch: int, seq: int, iters: int, warmup: int):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   tx, lr = optim.make_optimizer(config.optim, 1000)
 
-  def fresh():
-    params = nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param))
-    state = dict(step=jnp.zeros((), jnp.int32), params=params,
-                 opt_state=tx.init(params))
-    if diag is not None:
-      state["diag"] = diagnostics.init_state(params, diag)
-    return state
-
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+  fresh = lambda: trainer.new_state(model.init_params(cfg), tx, diag)  # noqa: E731
+  graphdef = model.graphdef(cfg)
   shardings = sharding.state_shardings(jax.eval_shape(fresh), mesh)
   state = jax.jit(fresh, out_shardings=shardings)()
   step = jax.jit(

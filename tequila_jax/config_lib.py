@@ -41,6 +41,16 @@ def llama32(size: str) -> ml_collections.ConfigDict:
                       max_seq_len=131072, **dims)
 
 
+def llama32_qat(size: str, method: str = "tequila") -> ml_collections.ConfigDict:
+  """The published recipe (DESIGN.md §1.6) on Llama-3.2 `size` ("1b", "3b")."""
+  config = base_config()
+  config.model = llama32(size)
+  config.model.quant.method = method
+  config.model.remat = "quantized"  # keeps Q and c(W); see gpu_perf.md
+  config.train.loss_chunk = 256  # 128k-vocab logits in 256-position chunks
+  return config
+
+
 def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig.from_dict(model.to_dict())
 

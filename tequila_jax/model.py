@@ -274,3 +274,13 @@ def param_count(tree: Any) -> int:
 def abstract_model(cfg: ModelConfig) -> Llama:
   """The model with `ShapeDtypeStruct` leaves: no memory is allocated."""
   return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+
+
+def graphdef(cfg: ModelConfig):
+  """The static structure to `nnx.merge` with a params dict of this model."""
+  return nnx.graphdef(abstract_model(cfg))
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
+  """Freshly initialized parameters as a nested dict (traceable)."""
+  return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.Param))

@@ -13,6 +13,7 @@ import pathlib
 from flax import nnx
 
 from tequila_jax import assets, gguf_io, hf_io, tokenizer
+from tequila_jax import model as model_lib
 from tequila_jax.model import Llama, ModelConfig
 
 
@@ -59,9 +60,7 @@ def load_model(location: str, step: int | None = None, **overrides) -> Llama:
     from tequila_jax import config_lib  # pylint: disable=g-import-not-at-top
     cfg: ModelConfig = config_lib.to_model_config(
         _workdir_config(path).model).replace(**overrides)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg,
-                                                         rngs=nnx.Rngs(0))))
-    return nnx.merge(graphdef, restore_params(path, step))
+    return nnx.merge(model_lib.graphdef(cfg), restore_params(path, step))
   if path.suffix == ".gguf":
     return gguf_io.load_gguf(path, **overrides)
   return hf_io.load_hf(path, **overrides)

@@ -29,6 +29,7 @@ from flax import nnx
 
 from tequila_jax import (checkpoint, config_lib, data, diagnostics, metrics,
                          optim, pretrained, sharding)
+from tequila_jax import model as model_lib
 from tequila_jax.model import Llama, ModelConfig, param_count
 from tequila_jax.quant import QuantConfig
 
@@ -232,34 +233,30 @@ def _load_pretrained(config, model_cfg: ModelConfig) -> Llama:
   return model
 
 
+def new_state(params: dict, tx, diag) -> dict:
+  """The train state around `params`: step, optimizer state, diagnostics."""
+  state = dict(step=jnp.zeros((), jnp.int32), params=params,
+               opt_state=tx.init(params))
+  if diag is not None:
+    state["diag"] = diagnostics.init_state(params, diag)
+  return state
+
+
 def init_state(setup: Setup) -> tuple[Any, dict, Any]:
   """(graphdef, sharded train state, state shardings)."""
-  cfg, tx = setup.model_cfg, setup.tx
-
-  def with_params(params):
-    state = dict(step=jnp.zeros((), jnp.int32), params=params,
-                 opt_state=tx.init(params))
-    if setup.diag is not None:
-      state["diag"] = diagnostics.init_state(params, setup.diag)
-    return state
-
-  def fresh():
-    model = Llama(cfg, rngs=nnx.Rngs(setup.config.seed))
-    return with_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
-  abstract = jax.eval_shape(fresh)
-  shardings = sharding.state_shardings(abstract, setup.mesh)
+  cfg, tx, diag = setup.model_cfg, setup.tx, setup.diag
+  fresh = lambda: new_state(model_lib.init_params(cfg, setup.config.seed), tx, diag)  # noqa: E731
+  shardings = sharding.state_shardings(jax.eval_shape(fresh), setup.mesh)
   if setup.config.init.checkpoint:
     model = _load_pretrained(setup.config, cfg)
     params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
                             shardings["params"])
     del model
-    state = jax.jit(with_params, out_shardings=shardings,
+    state = jax.jit(lambda p: new_state(p, tx, diag), out_shardings=shardings,
                     donate_argnums=0)(params)
   else:
     state = jax.jit(fresh, out_shardings=shardings)()
-  return graphdef, state, shardings
+  return model_lib.graphdef(cfg), state, shardings
 
 
 def compile_steps(setup: Setup, graphdef, shardings):
@@ -332,14 +329,9 @@ def describe(config: ml_collections.ConfigDict, *, devices=None) -> dict:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   validate(config, mesh)
   tx, _ = optim.make_optimizer(config.optim, config.train.steps)
-
-  def fresh():
-    params = nnx.to_pure_dict(nnx.state(Llama(model_cfg, rngs=nnx.Rngs(0)),
-                                        nnx.Param))
-    return dict(step=jnp.zeros((), jnp.int32), params=params,
-                opt_state=tx.init(params))
-
-  abstract = jax.eval_shape(fresh)
+  abstract = jax.eval_shape(lambda: new_state(
+      model_lib.init_params(model_cfg), tx,
+      diagnostics_config(config, model_cfg)))
   shardings = sharding.state_shardings(abstract, mesh)
   per_device = sum(
       int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
@@ -368,7 +360,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
     (workdir / "config.json").write_text(config.to_json(indent=2))
   setup = prepare_setup(config, devices=devices, progress=t.progress)
   mesh = setup.mesh
-  graphdef, state, shardings = init_state(setup)
+  model_def, state, shardings = init_state(setup)
   n_params = param_count(state["params"])
   log.info("model: %.1fM parameters; mesh %s", n_params / 1e6, dict(mesh.shape))
 
@@ -390,15 +382,13 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
     log.info("resumed from step %d", start)
   start = start or 0
 
-  step_fns = compile_steps(setup, graphdef, shardings)
+  step_fns = compile_steps(setup, model_def, shardings)
   eval_fn = step_fns[2]
   float_eval_fn = None
   if config.init.checkpoint and setup.model_cfg.quant.is_ternary and start == 0:
     float_cfg = setup.model_cfg.replace(
         quant=dataclasses.replace(setup.model_cfg.quant, method="none"))
-    float_graphdef = nnx.graphdef(
-        nnx.eval_shape(lambda: Llama(float_cfg, rngs=nnx.Rngs(0))))
-    float_eval_fn = compile_steps(setup, float_graphdef, shardings)[2]
+    float_eval_fn = compile_steps(setup, model_lib.graphdef(float_cfg), shardings)[2]
   eval_data = data.eval_batches(setup.corpus_dir, seq_len=config.data.seq_len,
                                 batch_size=setup.eval_batch_size,
                                 max_batches=t.eval_batches)

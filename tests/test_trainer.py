@@ -163,8 +163,10 @@ def test_3b_dry_run_describes_sharded_state():
   config.train.batch_size = 8
   d = trainer.describe(config)
   assert round(d["params"] / 1e9, 2) == 3.21
-  # fp32 params + two AdamW moments.
-  assert abs(d["state_bytes"] / (12 * d["params"]) - 1) < 1e-6
+  # fp32 params + two AdamW moments + the diagnostics history (7 layer types
+  # x K=8 steps x 4096 sampled weights, fp32) + a few int32 counters.
+  extra = d["state_bytes"] - 12 * d["params"] - 7 * 8 * 4096 * 4
+  assert 0 <= extra < 64, extra
   assert abs(d["state_bytes_per_device"] / (d["state_bytes"] / 8) - 1) < 0.01
 
 
