@@ -70,10 +70,15 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(
-        jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """Statistics in fp32, normalized value cast back to `x.dtype`, then scaled
+  (the order of Hugging Face's LlamaRMSNorm)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return normed.astype(x.dtype) * scale.astype(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float,
@@ -107,3 +112,27 @@ def apply_rope(x: jax.Array, positions: jax.Array,
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+           inv_freq: jax.Array, kv=None, cache_length=None,
+           implementation: str = "xla"):
+  """Rotary, causal, grouped-query attention of `q[B, T, N, D]` over
+  `k, v[B, T, K, D]`; with `kv = (k_cache, v_cache)` the new keys/values are
+  written at `cache_length` and attended together with the cached ones.
+  Returns `(out[B, T, N * D], new kv or None)`."""
+  b, t = q.shape[:2]
+  q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+  if kv is None:
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                       implementation=implementation)
+    return out.reshape(b, t, -1), None
+  k_all = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype),
+                                              cache_length, 1)
+  v_all = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype),
+                                              cache_length, 1)
+  kv_pos = jnp.arange(k_all.shape[1])
+  mask = kv_pos[None, None, None, :] <= positions[:, None, :, None]
+  out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype),
+                                     v_all.astype(q.dtype), mask=mask)
+  return out.reshape(b, t, -1), (k_all, v_all)

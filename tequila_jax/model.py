@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tequila_jax.layers import RMSNorm, TernaryDense, apply_rope, rope_frequencies
+from tequila_jax.layers import RMSNorm, TernaryDense, attend, rope_frequencies
 from tequila_jax.quant import QuantConfig
 from tequila_jax.quant.matmul import QUANT_NAMES
 
@@ -138,19 +138,9 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    if kv is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                         implementation=self.attention_impl)
-      new_kv = None
-    else:
-      k_all = jax.lax.dynamic_update_slice_in_dim(kv[0], k, cache_length, 1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(kv[1], v, cache_length, 1)
-      kv_pos = jnp.arange(k_all.shape[1])
-      mask = kv_pos[None, None, None, :] <= positions[:, None, :, None]
-      out = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask)
-      new_kv = (k_all, v_all)
-    return self.o_proj(out.reshape(b, t, -1)), new_kv
+    out, new_kv = attend(q, k, v, positions, inv_freq, kv, cache_length,
+                         self.attention_impl)
+    return self.o_proj(out), new_kv
 
 
 class MLP(nnx.Module):

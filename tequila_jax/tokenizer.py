@@ -52,6 +52,7 @@ class HFTokenizer(Tokenizer):
 
   def __init__(self, tok, bos: str | None = None, eos: str | None = None):
     self._tok = tok
+    self.bos_token, self.eos_token = bos, eos
     self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
     self.bos_id = tok.token_to_id(bos) if bos else None
     self.eos_id = tok.token_to_id(eos) if eos else None
@@ -63,12 +64,17 @@ class HFTokenizer(Tokenizer):
   def decode(self, ids):
     return self._tok.decode(list(ids), skip_special_tokens=False)
 
+  def to_json(self) -> str:
+    """The tokenizer.json text (for embedding in exports)."""
+    return self._tok.to_str()
+
 
 class TiktokenTokenizer(Tokenizer):
   """Llama-3's tiktoken BPE: 128,000 ranks + 256 special tokens."""
 
   def __init__(self, model_path):
     import tiktoken  # pylint: disable=g-import-not-at-top
+    self.model_path = pathlib.Path(model_path)
     ranks = {}
     for line in pathlib.Path(model_path).read_text().splitlines():
       if line:

@@ -1,0 +1,328 @@
+"""Packed ternary exports (`.tqj`): safetensors + JSON metadata.
+
+    python -m tequila_jax.export --checkpoint runs/x --out model.tqj
+
+Container invariant. For every ternary projection P in {q,k,v,o,gate,up,down}
+and decoder block l, with `codes = unpack(P.codes[l])` (int8 `[in, out]`,
+values in {-1, 0, 1}) and `G = in // P.alpha.shape[1]`:
+
+    Q[l][i, j] = codes[i, j] * P.alpha[l, i // G, j]        (exactly, fp32)
+    y = x @ Q[l] + P.c[l]                                   (c = λ Σ_{i∈D} W_ij)
+
+which is bit-for-bit the QAT model's quantized kernel and Tequila bias. Codes
+are packed along the input axis:
+
+- `2bit` (default, 2 bits/weight): `u = code + 1` in {0, 1, 2}; byte
+  `[k, j]` holds inputs 4k..4k+3 of column j as `u0 | u1<<2 | u2<<4 | u3<<6`.
+- `base3` (1.6 bits/weight): byte `[k, j]` holds inputs 5k..5k+4 as
+  `u0 + 3 u1 + 9 u2 + 27 u3 + 81 u4`; the input axis is padded with code 0 to
+  a multiple of 5 and cut back on unpacking.
+
+Tensors (stacked over blocks): `layers.P.codes` uint8 `[L, in/4 or ceil(in/5),
+out]`, `layers.P.alpha` fp32 `[L, groups, out]`, `layers.P.c` fp32 `[L, out]`,
+`layers.attn_norm` / `layers.mlp_norm` `[L, hidden]`, `embed` `[vocab,
+hidden]`, `final_norm` `[hidden]`, and `lm_head` `[hidden, vocab]` if untied.
+Metadata (`__metadata__`, strings): `format` = "tequila_jax", `version`,
+`model` (ModelConfig as JSON), `packing`, `tokenizer` (how to rebuild it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from tequila_jax import quant
+from tequila_jax.model import Llama, ModelConfig
+
+FORMAT = "tequila_jax"
+VERSION = "1"
+PACKINGS = ("2bit", "base3")
+PROJECTIONS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn",
+               "o_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp",
+               "down_proj": "mlp"}
+FLOAT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
+                "float16": np.float16}
+
+
+class ExportError(ValueError):
+  """A file that is not a valid export for this version of tequila_jax."""
+
+
+# --------------------------------------------------------------------------
+# Packing (numpy; along axis -2, the input axis of `[..., in, out]`)
+# --------------------------------------------------------------------------
+
+def pack_2bit(codes: np.ndarray) -> np.ndarray:
+  """int8 codes `[..., in, out]` (in % 4 == 0) -> uint8 `[..., in/4, out]`."""
+  u = (np.asarray(codes, np.int16) + 1).astype(np.uint8)
+  if u.shape[-2] % 4:
+    raise ValueError(f"2-bit packing needs in % 4 == 0, got in={u.shape[-2]}.")
+  u = u.reshape(*u.shape[:-2], u.shape[-2] // 4, 4, u.shape[-1])
+  return (u[..., 0, :] | (u[..., 1, :] << 2) | (u[..., 2, :] << 4)
+          | (u[..., 3, :] << 6)).astype(np.uint8)
+
+
+def unpack_2bit(packed: np.ndarray) -> np.ndarray:
+  p = np.asarray(packed, np.uint8)
+  parts = [((p >> s) & 3).astype(np.int8) - 1 for s in (0, 2, 4, 6)]
+  out = np.stack(parts, axis=-2)  # [..., in/4, 4, out]
+  return out.reshape(*p.shape[:-2], p.shape[-2] * 4, p.shape[-1])
+
+
+def pack_base3(codes: np.ndarray) -> np.ndarray:
+  """int8 codes `[..., in, out]` -> uint8 `[..., ceil(in/5), out]`."""
+  u = np.asarray(codes, np.int16) + 1
+  pad = (-u.shape[-2]) % 5
+  if pad:
+    widths = [(0, 0)] * u.ndim
+    widths[-2] = (0, pad)
+    u = np.pad(u, widths, constant_values=1)
+  u = u.reshape(*u.shape[:-2], u.shape[-2] // 5, 5, u.shape[-1])
+  weights = np.array([1, 3, 9, 27, 81], np.int16)[:, None]
+  return np.sum(u * weights, axis=-2).astype(np.uint8)
+
+
+def unpack_base3(packed: np.ndarray, d_in: int) -> np.ndarray:
+  p = np.asarray(packed, np.int16)
+  parts = []
+  for _ in range(5):
+    parts.append((p % 3).astype(np.int8) - 1)
+    p = p // 3
+  out = np.stack(parts, axis=-2)
+  out = out.reshape(*packed.shape[:-2], packed.shape[-2] * 5, packed.shape[-1])
+  return out[..., :d_in, :]
+
+
+def unpack(packed: np.ndarray, packing: str, d_in: int) -> np.ndarray:
+  if packing == "2bit":
+    return unpack_2bit(packed)
+  return unpack_base3(packed, d_in)
+
+
+# --------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------
+
+def _stacked_kernels(model: Llama) -> dict[str, np.ndarray]:
+  layers = nnx.to_pure_dict(nnx.state(model.layers, nnx.Param))
+  return {p: np.asarray(layers[group][p]["kernel"])
+          for p, group in PROJECTIONS.items()}
+
+
+def export_tensors(model: Llama, packing: str = "2bit",
+                   float_dtype: str = "float32") -> dict[str, np.ndarray]:
+  """The container's tensors for a (QAT) model (see the module invariant)."""
+  cfg = model.cfg
+  if not cfg.quant.is_ternary or cfg.quant.method not in (
+      "absmean", "twn", "tequila"):
+    raise ExportError(
+        f"quant method {cfg.quant.method!r} has no multiplication-free "
+        "inference form; export absmean, twn or tequila models.")
+  if packing not in PACKINGS:
+    raise ValueError(f"packing {packing!r}: choose one of {PACKINGS}.")
+  fdt = FLOAT_DTYPES[float_dtype]
+  state = jax.jit(jax.vmap(lambda w: quant.ternary_state(w, cfg.quant)))
+  out = {}
+  for name, kernel in _stacked_kernels(model).items():
+    codes, alpha, c = (np.asarray(a) for a in state(kernel))
+    out[f"layers.{name}.codes"] = (pack_2bit(codes) if packing == "2bit"
+                                   else pack_base3(codes))
+    out[f"layers.{name}.alpha"] = alpha.astype(np.float32)
+    out[f"layers.{name}.c"] = c.astype(np.float32)
+  layers = nnx.to_pure_dict(nnx.state(model.layers, nnx.Param))
+  out["layers.attn_norm"] = np.asarray(layers["attn_norm"]["scale"], fdt)
+  out["layers.mlp_norm"] = np.asarray(layers["mlp_norm"]["scale"], fdt)
+  out["embed"] = np.asarray(model.embed.embedding[...], fdt)
+  out["final_norm"] = np.asarray(model.final_norm.scale[...], fdt)
+  if model.lm_head is not None:
+    out["lm_head"] = np.asarray(model.lm_head[...], fdt)
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _model_json(cfg: ModelConfig) -> str:
+  d = dataclasses.asdict(cfg)
+  return json.dumps(d)
+
+
+def tokenizer_metadata(spec: str) -> str:
+  """How an export rebuilds its tokenizer: 'bytes', or an embedded file."""
+  if not spec:
+    return json.dumps({"kind": "none"})
+  if spec == "bytes":
+    return json.dumps({"kind": "bytes"})
+  from tequila_jax import pretrained, tokenizer  # pylint: disable=g-import-not-at-top
+  tok = pretrained.load_tokenizer(spec)
+  if isinstance(tok, tokenizer.HFTokenizer):
+    return json.dumps({"kind": "tokenizer.json", "json": tok.to_json(),
+                       "bos": tok.bos_token, "eos": tok.eos_token})
+  if isinstance(tok, tokenizer.TiktokenTokenizer):
+    return json.dumps({"kind": "tiktoken", "model": base64.b64encode(
+        pathlib.Path(tok.model_path).read_bytes()).decode()})
+  raise ExportError(f"cannot embed tokenizer {spec!r}.")
+
+
+def write_export(model: Llama, path, *, tokenizer_spec: str = "",
+                 packing: str = "2bit", float_dtype: str = "float32") -> dict:
+  """Writes `path` atomically; returns a size report."""
+  path = pathlib.Path(path)
+  tensors = export_tensors(model, packing, float_dtype)
+  meta = {"format": FORMAT, "version": VERSION, "model": _model_json(model.cfg),
+          "packing": packing, "tokenizer": tokenizer_metadata(tokenizer_spec)}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  os.close(fd)
+  try:
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return size_report(tensors, model.cfg, path)
+
+
+def projection_dims(cfg: ModelConfig, name: str) -> tuple[int, int]:
+  """`(in, out)` of a ternary projection."""
+  h, f = cfg.hidden_size, cfg.ffn_size
+  heads, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  return {"q_proj": (h, heads), "k_proj": (h, kv), "v_proj": (h, kv),
+          "o_proj": (heads, h), "gate_proj": (h, f), "up_proj": (h, f),
+          "down_proj": (f, h)}[name]
+
+
+def size_report(tensors: dict, cfg: ModelConfig, path=None) -> dict:
+  """Bytes on disk and bits per ternary weight (codes + scales + c)."""
+  n_weights = cfg.num_layers * sum(
+      np.prod(projection_dims(cfg, p)) for p in PROJECTIONS)
+  ternary_bytes = sum(tensors[f"layers.{p}.{k}"].nbytes for p in PROJECTIONS
+                      for k in ("codes", "alpha", "c"))
+  code_bytes = sum(tensors[f"layers.{p}.codes"].nbytes for p in PROJECTIONS)
+  total = sum(t.nbytes for t in tensors.values())
+  return dict(file_bytes=(pathlib.Path(path).stat().st_size if path else None),
+              tensor_bytes=total, ternary_weights=int(n_weights),
+              ternary_bits_per_weight=8 * ternary_bytes / n_weights,
+              code_bits_per_weight=8 * code_bytes / n_weights,
+              float_bytes=total - ternary_bytes)
+
+
+# --------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Export:
+  """A validated export: model config, packing, tensors, tokenizer metadata."""
+  cfg: ModelConfig
+  packing: str
+  tensors: dict[str, np.ndarray]
+  tokenizer: dict
+
+  def codes(self, name: str) -> np.ndarray:
+    """Unpacked int8 codes `[L, in, out]`."""
+    d_in, _ = projection_dims(self.cfg, name)
+    return unpack(self.tensors[f"layers.{name}.codes"], self.packing, d_in)
+
+  def quantized_kernel(self, name: str) -> np.ndarray:
+    """Q `[L, in, out]` in fp32 (the invariant)."""
+    codes = self.codes(name).astype(np.float32)
+    alpha = self.tensors[f"layers.{name}.alpha"]
+    layers, d_in, d_out = codes.shape
+    groups = alpha.shape[1]
+    q = codes.reshape(layers, groups, d_in // groups, d_out) * alpha[:, :, None]
+    return q.reshape(layers, d_in, d_out)
+
+  def load_tokenizer(self):
+    from tequila_jax import tokenizer  # pylint: disable=g-import-not-at-top
+    kind = self.tokenizer.get("kind")
+    if kind == "bytes":
+      return tokenizer.ByteTokenizer()
+    if kind == "tokenizer.json":
+      from tokenizers import Tokenizer as Raw  # pylint: disable=g-import-not-at-top
+      return tokenizer.HFTokenizer(Raw.from_str(self.tokenizer["json"]),
+                                   self.tokenizer.get("bos"),
+                                   self.tokenizer.get("eos"))
+    if kind == "tiktoken":
+      with tempfile.NamedTemporaryFile(suffix=".model", delete=False) as f:
+        f.write(base64.b64decode(self.tokenizer["model"]))
+      return tokenizer.TiktokenTokenizer(f.name)
+    raise ExportError("this export carries no tokenizer; pass one explicitly.")
+
+
+def read_export(path) -> Export:
+  """Opens and validates an export; refuses foreign, truncated or
+  wrong-version files with a message that says which."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"export {path} not found.")
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      meta = f.metadata() or {}
+      if meta.get("format") != FORMAT:
+        raise ExportError(f"{path} is a safetensors file but not a tequila_jax "
+                          "export (no format=tequila_jax metadata).")
+      if meta.get("version") != VERSION:
+        raise ExportError(
+            f"{path} is export version {meta.get('version')!r}; this "
+            f"tequila_jax reads version {VERSION}. Re-export the checkpoint "
+            "with `python -m tequila_jax.export`.")
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+  except (SafetensorError, OSError, ValueError) as e:
+    if isinstance(e, ExportError):
+      raise
+    raise ExportError(f"{path} is truncated or not a safetensors export "
+                      f"({e}).") from e
+  model = json.loads(meta["model"])
+  model["quant"] = quant.QuantConfig(**model["quant"])
+  if model.get("rope_scaling"):
+    model["rope_scaling"] = tuple(tuple(x) for x in model["rope_scaling"])
+  cfg = ModelConfig(**model)
+  export = Export(cfg, meta["packing"], tensors, json.loads(meta["tokenizer"]))
+  for name in PROJECTIONS:  # shape check against the config
+    d_in, d_out = projection_dims(cfg, name)
+    codes = tensors.get(f"layers.{name}.codes")
+    rows = d_in // 4 if export.packing == "2bit" else -(-d_in // 5)
+    want = (cfg.num_layers, rows, d_out)
+    if codes is None or codes.shape != want:
+      raise ExportError(f"{path}: layers.{name}.codes has shape "
+                        f"{None if codes is None else codes.shape}, expected "
+                        f"{want}; the file is damaged.")
+  return export
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--checkpoint", required=True,
+                 help="training workdir, Hugging Face dir or .gguf")
+  p.add_argument("--out", required=True)
+  p.add_argument("--packing", default="2bit", choices=PACKINGS)
+  p.add_argument("--float_dtype", default="float32", choices=FLOAT_DTYPES)
+  p.add_argument("--step", type=int, default=None)
+  args = p.parse_args(argv)
+  from tequila_jax import pretrained  # pylint: disable=g-import-not-at-top
+  model = pretrained.load_model(args.checkpoint, args.step)
+  spec = args.checkpoint
+  if pretrained.is_workdir(spec):
+    cfg = pretrained._workdir_config(pathlib.Path(spec))  # pylint: disable=protected-access
+    spec = cfg.data.tokenizer or cfg.init.checkpoint
+  report = write_export(model, args.out, tokenizer_spec=spec,
+                        packing=args.packing, float_dtype=args.float_dtype)
+  print(json.dumps(report, indent=2))
+  print(f"wrote {args.out}: {report['file_bytes'] / 2**20:.1f} MiB, "
+        f"{report['ternary_bits_per_weight']:.3f} bits per ternary weight "
+        "(codes + scales + bias)")
+  return report
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,6 @@
+"""CPU inference of packed ternary exports through plain XLA (no custom code)."""
+
+from tequila_jax.inference.kernels import STRATEGIES, ternary_linear
+from tequila_jax.inference.model import PackedLlama
+
+__all__ = ["PackedLlama", "STRATEGIES", "ternary_linear"]

@@ -1,0 +1,87 @@
+"""Ternary linear layers on packed 2-bit codes, in plain XLA (DESIGN.md §4).
+
+All strategies compute `y = x @ Q + c` for `Q = codes * alpha` (per input
+group of G) from the packed bytes of `tequila_jax.export` (`2bit` layout):
+
+- `exact`: unpack to fp32 Q and one fp32 dot. Bit-for-bit the QAT forward's
+  math in fp32 (up to dot summation order).
+- `lut` (decode, small M): T-MAC style table lookup. Per token, the partial
+  sums of every 4-input chunk for all 256 byte values are computed once
+  (`[in/4, 256]`), gathered by weight byte, reduced per group, scaled by
+  alpha. Activations stay fp32: exact up to summation order.
+- `int8` (batches, M >= 8): codes as int8 and activations quantized to int8
+  per token (absmax / 127), int8 x int8 -> int32 dots per input group, then
+  alpha and the activation scale. **Quantizes activations**: relative error
+  ~1e-2; `tests/test_inference.py` reports it.
+- `auto`: `lut` for M < 8, else `int8`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STRATEGIES = ("exact", "lut", "int8", "auto")
+_SHIFTS = jnp.asarray([0, 2, 4, 6], jnp.uint8)
+# _BYTE_CODES[b, j] = code of input j (0..3) in byte b.
+_BYTE_CODES = ((np.arange(256)[:, None] >> (2 * np.arange(4))) & 3).astype(
+    np.float32) - 1.0
+
+
+def unpack_codes(packed: jax.Array, dtype=jnp.int8) -> jax.Array:
+  """uint8 `[in/4, out]` -> codes `[in, out]` in {-1, 0, 1}."""
+  parts = (packed[:, None, :] >> _SHIFTS[None, :, None]) & 3
+  codes = parts.astype(jnp.int8) - 1
+  return codes.reshape(-1, packed.shape[-1]).astype(dtype)
+
+
+def _exact(x, packed, alpha, c):
+  codes = unpack_codes(packed, jnp.float32)
+  d_in, d_out = codes.shape
+  groups = alpha.shape[0]
+  q = (codes.reshape(groups, d_in // groups, d_out) * alpha[:, None, :]
+       ).reshape(d_in, d_out)
+  return jnp.dot(x, q, precision="highest") + c
+
+
+def _lut_one(x, packed, alpha, c):
+  """x `[in]` -> `[out]` by table lookup over packed bytes."""
+  table = x.reshape(-1, 4) @ jnp.asarray(_BYTE_CODES).T  # [in/4, 256]
+  partial = jnp.take_along_axis(table, packed.astype(jnp.int32), axis=1)
+  groups = alpha.shape[0]
+  per_group = partial.reshape(groups, -1, partial.shape[-1]).sum(axis=1)
+  return jnp.sum(per_group * alpha, axis=0) + c
+
+
+def _int8(x, packed, alpha, c):
+  codes = unpack_codes(packed, jnp.int8)
+  d_in, d_out = codes.shape
+  groups = alpha.shape[0]
+  scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  xq = jnp.round(x / scale).astype(jnp.int8)
+  acc = jnp.einsum("mgk,gko->mgo", xq.reshape(-1, groups, d_in // groups),
+                   codes.reshape(groups, d_in // groups, d_out),
+                   preferred_element_type=jnp.int32)
+  y = jnp.einsum("mgo,go->mo", acc.astype(jnp.float32), alpha)
+  return y * scale + c
+
+
+def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
+                   c: jax.Array, strategy: str = "auto") -> jax.Array:
+  """`x[..., in] @ Q + c` from packed codes `[in/4, out]`, in fp32."""
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  m = x2.shape[0]
+  if strategy == "auto":
+    strategy = "lut" if m < 8 else "int8"
+  if strategy == "exact":
+    y = _exact(x2, packed, alpha, c)
+  elif strategy == "lut":
+    y = jax.vmap(lambda r: _lut_one(r, packed, alpha, c))(x2)
+  elif strategy == "int8":
+    y = _int8(x2, packed, alpha, c)
+  else:
+    raise ValueError(f"strategy {strategy!r}: choose one of {STRATEGIES}.")
+  return y.reshape(*lead, -1)

@@ -1,0 +1,92 @@
+"""A LLaMA decoder over a packed `.tqj` export, with a KV cache.
+
+Same architecture and numerics as `tequila_jax.model.Llama` (shared RMSNorm,
+RoPE and attention from `tequila_jax.layers`); the seven projections run
+`ternary_linear` on the packed codes. Everything is fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tequila_jax import export as export_lib
+from tequila_jax.inference.kernels import ternary_linear
+from tequila_jax.layers import attend, rms_norm, rope_frequencies
+from tequila_jax.model import KVCache
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class PackedLlama:
+  """`logits, cache = model.decode(tokens, cache)`; `model.cfg` as in Llama."""
+
+  def __init__(self, export: export_lib.Export, strategy: str = "auto"):
+    if export.packing != "2bit":
+      raise ValueError("the XLA kernels read the 2bit packing; re-export with "
+                       "--packing 2bit (base3 is a storage format).")
+    self.cfg = export.cfg.replace(dtype="float32")
+    self.strategy = strategy
+    t = export.tensors
+    f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
+    self.params = {
+        "layers": {p: {"packed": jnp.asarray(t[f"layers.{p}.codes"]),
+                       "alpha": f32(t[f"layers.{p}.alpha"]),
+                       "c": f32(t[f"layers.{p}.c"])}
+                   for p in export_lib.PROJECTIONS},
+        "attn_norm": f32(t["layers.attn_norm"]),
+        "mlp_norm": f32(t["layers.mlp_norm"]),
+        "embed": f32(t["embed"]), "final_norm": f32(t["final_norm"]),
+        "head": f32(t["lm_head"]) if "lm_head" in t else f32(t["embed"]).T,
+    }
+    scaling = dict(self.cfg.rope_scaling) if self.cfg.rope_scaling else None
+    self.inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta,
+                                     scaling)
+    self._decode = jax.jit(functools.partial(_decode, cfg=self.cfg,
+                                             strategy=strategy))
+
+  @classmethod
+  def load(cls, path, strategy: str = "auto") -> "PackedLlama":
+    return cls(export_lib.read_export(path), strategy)
+
+  def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+    return KVCache.init(self.cfg, batch, max_len)
+
+  def decode(self, tokens: jax.Array, cache: KVCache):
+    return self._decode(self.params, self.inv_freq, tokens, cache)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Full-sequence logits (a prefill into a fresh cache)."""
+    cache = self.init_cache(tokens.shape[0], tokens.shape[1])
+    return self.decode(tokens, cache)[0]
+
+
+def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg, strategy):
+  b, t = tokens.shape
+  positions = cache.length + jnp.broadcast_to(jnp.arange(t), tokens.shape)
+  x = params["embed"][tokens]
+
+  def block(x, xs):
+    layer, norms, k_cache, v_cache = xs
+    lin = lambda name, h: ternary_linear(  # noqa: E731
+        h, layer[name]["packed"], layer[name]["alpha"], layer[name]["c"],
+        strategy)
+    h = rms_norm(x, norms[0], cfg.rms_eps)
+    q = lin("q_proj", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = lin("k_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = lin("v_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    out, (k_cache, v_cache) = attend(q, k, v, positions, inv_freq,
+                                     (k_cache, v_cache), cache.length)
+    x = x + lin("o_proj", out)
+    h = rms_norm(x, norms[1], cfg.rms_eps)
+    x = x + lin("down_proj", jax.nn.silu(lin("gate_proj", h)) * lin("up_proj", h))
+    return x, (k_cache, v_cache)
+
+  norms = jnp.stack([params["attn_norm"], params["mlp_norm"]], axis=1)
+  x, (k, v) = jax.lax.scan(block, x, (params["layers"], norms, cache.k, cache.v))
+  x = rms_norm(x, params["final_norm"], cfg.rms_eps)
+  return x @ params["head"], KVCache(k, v, cache.length + t)

@@ -1,0 +1,137 @@
+"""Packed exports: bit-exact packing, the container invariant, CPU inference."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import save_file
+
+from tequila_jax import config_lib, export, model as model_lib, quant
+from tequila_jax.inference import PackedLlama, kernels
+
+SHAPES = [(128, 128), (128, 64), (256, 128), (2048, 8192), (8192, 2048),
+          (576, 1536), (1536, 576)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packing_round_trips_bit_exactly(shape):
+  codes = np.random.default_rng(0).integers(-1, 2, (2, *shape)).astype(np.int8)
+  packed = export.pack_2bit(codes)
+  assert packed.shape == (2, shape[0] // 4, shape[1]) and packed.dtype == np.uint8
+  np.testing.assert_array_equal(export.unpack_2bit(packed), codes)
+  np.testing.assert_array_equal(
+      np.asarray(kernels.unpack_codes(jnp.asarray(packed[1]))), codes[1])
+  b3 = export.pack_base3(codes)
+  assert b3.shape[-2] == -(-shape[0] // 5)
+  np.testing.assert_array_equal(export.unpack_base3(b3, shape[0]), codes)
+
+
+def test_base3_odd_sizes():
+  codes = np.random.default_rng(1).integers(-1, 2, (13, 7)).astype(np.int8)
+  np.testing.assert_array_equal(
+      export.unpack_base3(export.pack_base3(codes), 13), codes)
+
+
+@pytest.fixture(scope="module")
+def qat_model():
+  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model)
+  cfg = cfg.replace(quant=cfg.quant.__class__("tequila", group_size=64, lam=0.05))
+  m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
+  # Move the weights off their init so that c(W) is not trivially tiny.
+  state = nnx.state(m, nnx.Param)
+  noise = jax.tree.map(lambda a: 0.02 * jax.random.normal(jax.random.key(1),
+                                                           a.shape), state)
+  nnx.update(m, jax.tree.map(jnp.add, state, noise))
+  return m
+
+
+@pytest.mark.parametrize("packing", export.PACKINGS)
+def test_export_invariant_recovers_q_and_c_exactly(qat_model, tmp_path, packing):
+  path = tmp_path / "m.tqj"
+  report = export.write_export(qat_model, path, tokenizer_spec="bytes",
+                               packing=packing)
+  # 2 bits, or 8/5 bits (+ padding of 128 or 256 rows to multiples of 5).
+  assert report["code_bits_per_weight"] == (2.0 if packing == "2bit" else
+                                            pytest.approx(1.6, abs=0.03))
+  # + fp32 alpha per 64 weights (0.5 bits) + fp32 c per output unit
+  # (32 / in = 0.125-0.25 bits at these tiny widths).
+  extra = report["ternary_bits_per_weight"] - report["code_bits_per_weight"]
+  assert 0.5 + 32 / 256 < extra < 0.5 + 32 / 128
+  ex = export.read_export(path)
+  layers = nnx.to_pure_dict(nnx.state(qat_model.layers, nnx.Param))
+  for name, group in export.PROJECTIONS.items():
+    w = layers[group][name]["kernel"]
+    st = jax.vmap(lambda k: quant.ternary_state(k, qat_model.cfg.quant))(w)
+    q = jax.vmap(quant.dequantize)(st.codes, st.alpha)
+    np.testing.assert_array_equal(ex.quantized_kernel(name), q)
+    np.testing.assert_array_equal(ex.tensors[f"layers.{name}.c"], st.c)
+  assert ex.cfg == qat_model.cfg
+  assert ex.load_tokenizer().encode("hi") == [104, 105]
+
+
+def test_packed_model_equals_qat_forward(qat_model, tmp_path):
+  path = tmp_path / "m.tqj"
+  export.write_export(qat_model, path)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 512, (2, 24)))
+  want = np.asarray(qat_model(tokens))
+  exact = PackedLlama.load(path, "exact")
+  got = np.asarray(exact(tokens))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # Prefill + one-token steps through the cache, LUT kernels for M = 1.
+  lut = PackedLlama.load(path, "lut")
+  cache = lut.init_cache(2, 32)
+  logits, cache = lut.decode(tokens[:, :20], cache)
+  steps = [logits]
+  for t in range(20, 24):
+    logits, cache = lut.decode(tokens[:, t:t + 1], cache)
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, 1), want, rtol=1e-4,
+                             atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 13])
+@pytest.mark.parametrize("shape, groups", [((256, 37), 4), ((128, 96), 1),
+                                           ((64, 5), 2)])
+def test_kernel_strategies_match_f32_reference(m, shape, groups):
+  rng = np.random.default_rng(m)
+  codes = rng.integers(-1, 2, shape).astype(np.int8)
+  alpha = rng.uniform(0.5, 2.0, (groups, shape[1])).astype(np.float32)
+  c = rng.normal(size=shape[1]).astype(np.float32)
+  x = rng.normal(size=(m, shape[0])).astype(np.float32)
+  q = (codes.reshape(groups, -1, shape[1]) * alpha[:, None]).reshape(shape)
+  want = x.astype(np.float64) @ q + c
+  packed = jnp.asarray(export.pack_2bit(codes))
+  for strategy, tol in (("exact", 1e-5), ("lut", 1e-5), ("int8", 3e-2)):
+    got = np.asarray(kernels.ternary_linear(jnp.asarray(x), packed,
+                                            jnp.asarray(alpha), jnp.asarray(c),
+                                            strategy))
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < tol, (strategy, err)
+
+
+def test_bad_files_are_refused(qat_model, tmp_path):
+  good = tmp_path / "m.tqj"
+  export.write_export(qat_model, good)
+  truncated = tmp_path / "t.tqj"
+  truncated.write_bytes(good.read_bytes()[:5000])
+  with pytest.raises(export.ExportError, match="truncated"):
+    export.read_export(truncated)
+  foreign = tmp_path / "f.safetensors"
+  save_file({"x": np.zeros(3, np.float32)}, str(foreign))
+  with pytest.raises(export.ExportError, match="not a tequila_jax export"):
+    export.read_export(foreign)
+  old = tmp_path / "old.tqj"
+  ex = export.read_export(good)
+  meta = {"format": "tequila_jax", "version": "0", "packing": "2bit",
+          "model": json.dumps({}), "tokenizer": "{}"}
+  save_file(ex.tensors, str(old), metadata=meta)
+  with pytest.raises(export.ExportError, match="export version '0'.*reads "
+                     "version 1"):
+    export.read_export(old)
+  float_cfg = qat_model.cfg.replace(quant=quant.QuantConfig("none"))
+  with pytest.raises(export.ExportError, match="no multiplication-free"):
+    export.export_tensors(model_lib.Llama(float_cfg, rngs=nnx.Rngs(0)))
+  assert not list(tmp_path.glob(".*"))  # no temporaries left behind
