@@ -308,9 +308,20 @@ def main(argv=None):
   p.add_argument("--packing", default="2bit", choices=PACKINGS)
   p.add_argument("--float_dtype", default="float32", choices=FLOAT_DTYPES)
   p.add_argument("--step", type=int, default=None)
+  p.add_argument("--quant", default="",
+                 help="for Hugging Face / GGUF sources, which carry no quant "
+                 "config: METHOD,GRANULARITY,GROUP_SIZE,LAM "
+                 "(e.g. tequila,per_group,128,1e-3)")
   args = p.parse_args(argv)
   from tequila_jax import pretrained  # pylint: disable=g-import-not-at-top
-  model = pretrained.load_model(args.checkpoint, args.step)
+  overrides = {}
+  if args.quant:
+    method, gran, group, lam = args.quant.split(",")
+    overrides["quant"] = quant.QuantConfig(method, gran, int(group), float(lam))
+  elif not pretrained.is_workdir(args.checkpoint):
+    raise SystemExit("--quant is required for a Hugging Face or GGUF source "
+                     "(it records no quantization config).")
+  model = pretrained.load_model(args.checkpoint, args.step, **overrides)
   spec = args.checkpoint
   if pretrained.is_workdir(spec):
     cfg = pretrained._workdir_config(pathlib.Path(spec))  # pylint: disable=protected-access

@@ -17,12 +17,21 @@ def _decode(model: Llama, tokens: jax.Array, cache: KVCache):
   return logits[:, -1], cache
 
 
-def generate(model: Llama, prompt: Sequence[int], *, max_new_tokens: int,
+def _step(model, tokens, cache):
+  if isinstance(model, nnx.Module):
+    return _decode(model, tokens, cache)
+  logits, cache = model.decode(tokens, cache)  # e.g. inference.PackedLlama
+  return logits[:, -1], cache
+
+
+def generate(model, prompt: Sequence[int], *, max_new_tokens: int,
              temperature: float = 0.0, seed: int = 0,
              stop: Callable[[list[int]], bool] | None = None,
              eos_id: int | None = None) -> Iterator[int]:
   """Yields new token ids one by one (greedy when `temperature == 0`).
 
+  `model` is a `Llama` or anything with `decode`, `init_cache` and `cfg`
+  (`tequila_jax.inference.PackedLlama`).
   Stops after `max_new_tokens`, at `eos_id`, or when `stop(new_ids)` is true.
   The prompt is cut from the left to leave room in `model.cfg.max_seq_len`.
   """
@@ -30,7 +39,7 @@ def generate(model: Llama, prompt: Sequence[int], *, max_new_tokens: int,
   prompt = list(prompt)[-(limit - max_new_tokens):] if max_new_tokens < limit \
       else list(prompt)[-1:]
   cache = model.init_cache(1, min(limit, len(prompt) + max_new_tokens))
-  logits, cache = _decode(model, jnp.asarray([prompt], jnp.int32), cache)
+  logits, cache = _step(model, jnp.asarray([prompt], jnp.int32), cache)
   key = jax.random.key(seed)
   out: list[int] = []
   for _ in range(max_new_tokens):
@@ -47,4 +56,4 @@ def generate(model: Llama, prompt: Sequence[int], *, max_new_tokens: int,
       return
     if len(out) == max_new_tokens:
       return
-    logits, cache = _decode(model, jnp.asarray([[nxt]], jnp.int32), cache)
+    logits, cache = _step(model, jnp.asarray([[nxt]], jnp.int32), cache)

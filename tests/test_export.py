@@ -135,3 +135,21 @@ def test_bad_files_are_refused(qat_model, tmp_path):
   with pytest.raises(export.ExportError, match="no multiplication-free"):
     export.export_tensors(model_lib.Llama(float_cfg, rngs=nnx.Rngs(0)))
   assert not list(tmp_path.glob(".*"))  # no temporaries left behind
+
+
+def test_export_and_generate_clis(tmp_path, capsys):
+  from tequila_jax import generate, trainer  # pylint: disable=g-import-not-at-top
+  config = config_lib.tiny("tequila")
+  config.data.cache_dir = str(tmp_path / "corpora")
+  config.train.update(steps=2, async_checkpoints=False)
+  trainer.run(config, tmp_path / "run", devices=jax.devices()[:1])
+  capsys.readouterr()
+  report = export.main(["--checkpoint", str(tmp_path / "run"), "--out",
+                        str(tmp_path / "m.tqj")])
+  assert report["code_bits_per_weight"] == 2.0
+  assert "bits per ternary weight" in capsys.readouterr().out
+  ids = generate.main(["--model", str(tmp_path / "m.tqj"), "--prompt", "To be",
+                       "--max_new_tokens", "5"])
+  captured = capsys.readouterr()
+  assert len(ids) == 5 and captured.out.startswith("To be")
+  assert "decode" in captured.err and "tokens/s" in captured.err
