@@ -119,13 +119,14 @@ def main():
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--out", default="")
   p.add_argument("--skip_decode", action="store_true")
+  p.add_argument("--skip_layers", action="store_true")
   args = p.parse_args()
   machine = dict(cpus=os.cpu_count(), processor=platform.processor(),
                  platform=platform.platform(), jax=jax.__version__,
                  xla_flags=os.environ.get("XLA_FLAGS", ""),
                  glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
   print(json.dumps(machine))
-  layers = bench_layers(args.iters)
+  layers = [] if args.skip_layers else bench_layers(args.iters)
   decode = [] if args.skip_decode else bench_decode(args.iters)
   lines = ["| layer | M | f32 ms | bf16 ms | exact ms | lut ms | int8 ms | "
            "best vs f32 | best vs bf16 | 2-bit floor ms |",

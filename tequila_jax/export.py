@@ -308,6 +308,10 @@ def main(argv=None):
   p.add_argument("--packing", default="2bit", choices=PACKINGS)
   p.add_argument("--float_dtype", default="float32", choices=FLOAT_DTYPES)
   p.add_argument("--step", type=int, default=None)
+  p.add_argument("--gguf", default="", help="also write a llama.cpp GGUF "
+                 "(TQ2_0 + bias tensors) to this path")
+  p.add_argument("--refit_scales", action="store_true",
+                 help="GGUF: fit per-256 block scales for other layouts")
   p.add_argument("--quant", default="",
                  help="for Hugging Face / GGUF sources, which carry no quant "
                  "config: METHOD,GRANULARITY,GROUP_SIZE,LAM "
@@ -332,6 +336,14 @@ def main(argv=None):
   print(f"wrote {args.out}: {report['file_bytes'] / 2**20:.1f} MiB, "
         f"{report['ternary_bits_per_weight']:.3f} bits per ternary weight "
         "(codes + scales + bias)")
+  if args.gguf:
+    from tequila_jax import gguf_export  # pylint: disable=g-import-not-at-top
+    errors = gguf_export.write_gguf(read_export(args.out), args.gguf,
+                                    refit_scales=args.refit_scales)
+    report["gguf"] = errors
+    print(f"wrote {args.gguf}: {pathlib.Path(args.gguf).stat().st_size / 2**20:.1f}"
+          f" MiB; scale refit error {errors['refit_rel_error']:.2e}, fp16 "
+          f"scale rounding {errors['fp16_scale_rel_error']:.2e} (relative)")
   return report
 
 

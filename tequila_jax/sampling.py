@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tequila_jax.model import KVCache, Llama
+from tequila_jax.model import KVCache
 
 
-@nnx.jit
-def _decode(model: Llama, tokens: jax.Array, cache: KVCache):
-  logits, cache = model.decode(tokens, cache)
-  return logits[:, -1], cache
+@functools.lru_cache(maxsize=8)
+def _jitted_decode(graphdef):
+  """One compiled decode per model structure; params are a plain argument, so
+  no NNX graph traversal happens per token."""
+
+  @jax.jit
+  def decode(state, tokens, cache: KVCache):
+    logits, cache = nnx.merge(graphdef, state).decode(tokens, cache)
+    return logits[:, -1], cache
+
+  return decode
 
 
-def _step(model, tokens, cache):
+def _stepper(model):
   if isinstance(model, nnx.Module):
-    return _decode(model, tokens, cache)
-  logits, cache = model.decode(tokens, cache)  # e.g. inference.PackedLlama
-  return logits[:, -1], cache
+    graphdef, state = nnx.split(model)
+    decode = _jitted_decode(graphdef)
+    return lambda tokens, cache: decode(state, tokens, cache)
+
+  def step(tokens, cache):  # e.g. inference.PackedLlama (already jitted)
+    logits, cache = model.decode(tokens, cache)
+    return logits[:, -1], cache
+
+  return step
 
 
 def generate(model, prompt: Sequence[int], *, max_new_tokens: int,
@@ -39,7 +53,8 @@ def generate(model, prompt: Sequence[int], *, max_new_tokens: int,
   prompt = list(prompt)[-(limit - max_new_tokens):] if max_new_tokens < limit \
       else list(prompt)[-1:]
   cache = model.init_cache(1, min(limit, len(prompt) + max_new_tokens))
-  logits, cache = _step(model, jnp.asarray([prompt], jnp.int32), cache)
+  step = _stepper(model)
+  logits, cache = step(jnp.asarray([prompt], jnp.int32), cache)
   key = jax.random.key(seed)
   out: list[int] = []
   for _ in range(max_new_tokens):
@@ -56,4 +71,4 @@ def generate(model, prompt: Sequence[int], *, max_new_tokens: int,
       return
     if len(out) == max_new_tokens:
       return
-    logits, cache = _step(model, jnp.asarray([[nxt]], jnp.int32), cache)
+    logits, cache = step(jnp.asarray([[nxt]], jnp.int32), cache)

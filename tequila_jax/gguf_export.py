@@ -1,0 +1,177 @@
+"""GGUF export for llama.cpp: ternary projections as TQ2_0 plus bias tensors.
+
+TQ2_0 stores 256 weights per block as 2-bit codes and one fp16 scale `d`
+(`value = code * d`), so an exact export needs one scale per 256 inputs of a
+row: `per_channel` models, or `per_group` with G = 256. Other layouts are
+refused unless `refit_scales=True`, which keeps every code and fits each
+block's scale by least squares (`d = mean alpha over its non-zero codes`),
+reporting the relative error introduced. Scales are rounded to fp16 first (an
+error that is reported too). Tequila's `c(W)` becomes the llama architecture's
+optional `blk.N.<proj>.bias` tensors, which stock llama.cpp applies. Q and K
+rows (and their biases) are permuted per head for llama.cpp's RoPE layout.
+Rows must be a multiple of 256 wide (Llama-3.2 1B/3B are; SmolLM2's 576 is
+not).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+from tequila_jax import export as export_lib
+from tequila_jax.gguf_io import permute
+
+QK = 256  # weights per TQ2_0 block
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+              "o_proj": "attn_output", "gate_proj": "ffn_gate",
+              "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+class GGUFExportError(ValueError):
+  pass
+
+
+def tq2_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+  """Rows of codes `[rows, in]` and fp16 scales `[rows, in/256]` -> the
+  TQ2_0 byte layout `[rows, in/256 * 66]` (ggml's `block_tq2_0`: 64 bytes of
+  codes, byte m of each 32-byte half holding elements m, m+32, m+64, m+96 of
+  that 128-element chunk at bits 0, 2, 4, 6; then the fp16 scale)."""
+  rows, d_in = codes.shape
+  u = (codes.astype(np.int16) + 1).astype(np.uint8)
+  u = u.reshape(rows, d_in // QK, 2, 4, 32)  # block, chunk of 128, n, m
+  qs = (u[:, :, :, 0] | (u[:, :, :, 1] << 2) | (u[:, :, :, 2] << 4)
+        | (u[:, :, :, 3] << 6)).reshape(rows, d_in // QK, 64)
+  scale = np.ascontiguousarray(d, np.float16).view(np.uint8).reshape(
+      rows, d_in // QK, 2)
+  return np.concatenate([qs, scale], axis=-1).reshape(rows, -1)
+
+
+def block_scales(codes: np.ndarray, alpha: np.ndarray, refit: bool
+                 ) -> tuple[np.ndarray, float]:
+  """Per-256-block scales `[out, in/256]` for a `[in, out]` kernel with group
+  scales `alpha [groups, out or 1]`, and the relative error of `codes * d`
+  against the exact `Q` (0 when every block lies inside one group)."""
+  d_in, d_out = codes.shape
+  full = np.broadcast_to(np.repeat(alpha, d_in // alpha.shape[0], axis=0),
+                         (d_in, d_out)).astype(np.float64)
+  blocks = full.reshape(d_in // QK, QK, d_out)
+  if np.all(blocks == blocks[:, :1, :]):
+    return blocks[:, 0, :].T.astype(np.float32), 0.0
+  if not refit:
+    raise GGUFExportError(
+        f"TQ2_0 holds one scale per {QK} weights but this model's scales "
+        f"change inside {QK}-weight blocks; export per_channel or "
+        "group_size=256 models, or pass refit_scales=True (--refit_scales) to "
+        "fit block scales, which changes the weights and reports the error.")
+  cb = codes.reshape(d_in // QK, QK, d_out).astype(np.float64)
+  qb = cb * blocks
+  d = np.sum(cb * qb, axis=1) / np.maximum(np.sum(cb * cb, axis=1), 1)
+  err = np.linalg.norm(cb * d[:, None, :] - qb) / max(np.linalg.norm(qb), 1e-30)
+  return d.T.astype(np.float32), float(err)
+
+
+def write_gguf(ex: export_lib.Export, path, *, refit_scales: bool = False,
+               float_type: str = "f32") -> dict:
+  """Writes a llama.cpp GGUF for an export; returns the errors introduced."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  cfg = ex.cfg
+  for name in export_lib.PROJECTIONS:
+    d_in, _ = export_lib.projection_dims(cfg, name)
+    if d_in % QK:
+      raise GGUFExportError(
+          f"{name} rows are {d_in} wide, not a multiple of {QK}: llama.cpp's "
+          "TQ2_0 cannot hold them. Use a model whose hidden and ffn sizes are "
+          f"multiples of {QK}.")
+  tok = ex.load_tokenizer()
+  from tequila_jax.tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+  if not isinstance(tok, HFTokenizer):
+    raise GGUFExportError("GGUF export needs a BPE tokenizer (tokenizer.json "
+                          "or GGUF vocabulary) embedded in the export.")
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  os.close(fd)
+  errors = {"refit_rel_error": 0.0, "fp16_scale_rel_error": 0.0}
+  try:
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.ffn_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0)
+    _add_tokenizer(w, tok, cfg.vocab_size)
+    fdt = np.float16 if float_type == "f16" else np.float32
+    t = ex.tensors
+    w.add_tensor("token_embd.weight", np.asarray(t["embed"], fdt))
+    w.add_tensor("output_norm.weight", np.asarray(t["final_norm"], np.float32))
+    if "lm_head" in t:
+      w.add_tensor("output.weight", np.ascontiguousarray(
+          np.asarray(t["lm_head"], fdt).T))
+    for layer in range(cfg.num_layers):
+      w.add_tensor(f"blk.{layer}.attn_norm.weight",
+                   np.asarray(t["layers.attn_norm"][layer], np.float32))
+      w.add_tensor(f"blk.{layer}.ffn_norm.weight",
+                   np.asarray(t["layers.mlp_norm"][layer], np.float32))
+      for name, gname in GGUF_NAMES.items():
+        codes = ex.codes(name)[layer]  # [in, out]
+        alpha = t[f"layers.{name}.alpha"][layer]
+        bias = np.asarray(t[f"layers.{name}.c"][layer], np.float32)
+        d, err = block_scales(codes, alpha, refit_scales)
+        errors["refit_rel_error"] = max(errors["refit_rel_error"], err)
+        d16 = d.astype(np.float16).astype(np.float32)
+        errors["fp16_scale_rel_error"] = max(
+            errors["fp16_scale_rel_error"],
+            float(np.max(np.abs(d16 - d) / np.maximum(np.abs(d), 1e-30))))
+        rows = codes.T  # [out, in], ggml's row-major layout
+        heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(name)
+        if heads:
+          rows, d = permute(rows, heads), permute(d, heads)
+          bias = permute(bias, heads)
+        data = tq2_0_bytes(rows, d)
+        w.add_tensor(f"blk.{layer}.{gname}.weight", data,
+                     raw_shape=data.shape,
+                     raw_dtype=gguf.GGMLQuantizationType.TQ2_0)
+        w.add_tensor(f"blk.{layer}.{gname}.bias", bias)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return errors
+
+
+def _add_tokenizer(w, tok, vocab_size: int) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  spec = json.loads(tok.to_json())
+  model = spec["model"]
+  if model.get("type") != "BPE":
+    raise GGUFExportError("only byte-level BPE tokenizers export to GGUF.")
+  vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+  tokens = [t for t, _ in vocab]
+  added = {a["id"]: a["content"] for a in spec.get("added_tokens", [])}
+  for i, content in added.items():
+    if i >= len(tokens):
+      tokens += [f"[PAD{j}]" for j in range(len(tokens), i)] + [content]
+  tokens += [f"[PAD{j}]" for j in range(len(tokens), vocab_size)]
+  types = [3 if i in added else 1 for i in range(len(tokens))]
+  merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(tokens)
+  w.add_token_types(types)
+  w.add_token_merges(merges)
+  if tok.bos_id is not None:
+    w.add_bos_token_id(tok.bos_id)
+  if tok.eos_id is not None:
+    w.add_eos_token_id(tok.eos_id)
