@@ -153,3 +153,14 @@ def test_export_and_generate_clis(tmp_path, capsys):
   captured = capsys.readouterr()
   assert len(ids) == 5 and captured.out.startswith("To be")
   assert "decode" in captured.err and "tokens/s" in captured.err
+
+
+def test_q8k_emulation_by_hand():
+  x = np.zeros((1, 256), np.float32)
+  x[0, :3] = [0.5, -2.0, 1.0]  # signed max -2: iscale = 63.5
+  got = np.asarray(kernels.q8k_activations(jnp.asarray(x)))
+  # iscale = -127 / -2 = 63.5: 0.5 -> round(31.75) = 32, -2 -> -127,
+  # 1 -> round(63.5) = 64 (half to even); dequantized by 1 / 63.5.
+  want = np.array([32, -127, 64]) * (2.0 / 127)
+  np.testing.assert_allclose(got[0, :3], want, rtol=1e-6)
+  assert not got[0, 3:].any()

@@ -13,6 +13,9 @@ group of G) from the packed bytes of `tequila_jax.export` (`2bit` layout):
   per token (absmax / 127), int8 x int8 -> int32 dots per input group, then
   alpha and the activation scale. **Quantizes activations**: relative error
   ~1e-2; `tests/test_inference.py` reports it.
+- `q8k`: emulates llama.cpp's TQ2_0 matmul for checking GGUF exports:
+  activations quantized per 256-block as Q8_K (scale -127 / signed max,
+  round to nearest) and alpha rounded to fp16, then an fp32 dot.
 - `auto`: `lut` for M < 8, else `int8`.
 """
 
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-STRATEGIES = ("exact", "lut", "int8", "auto")
+STRATEGIES = ("exact", "lut", "int8", "q8k", "auto")
 _SHIFTS = jnp.asarray([0, 2, 4, 6], jnp.uint8)
 # _BYTE_CODES[b, j] = code of input j (0..3) in byte b.
 _BYTE_CODES = ((np.arange(256)[:, None] >> (2 * np.arange(4))) & 3).astype(
@@ -68,6 +71,17 @@ def _int8(x, packed, alpha, c):
   return y * scale + c
 
 
+def q8k_activations(x: jax.Array, block: int = 256) -> jax.Array:
+  """x `[M, in]` after llama.cpp's Q8_K quantize/dequantize round trip."""
+  xb = x.reshape(x.shape[0], -1, block)
+  idx = jnp.argmax(jnp.abs(xb), axis=-1, keepdims=True)
+  signed_max = jnp.take_along_axis(xb, idx, axis=-1)
+  iscale = jnp.where(signed_max != 0, -127.0 / signed_max, 0.0)
+  q = jnp.minimum(127.0, jnp.round(iscale * xb))
+  d = jnp.where(iscale != 0, 1.0 / iscale, 0.0)
+  return (q * d).reshape(x.shape)
+
+
 def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
                    c: jax.Array, strategy: str = "auto") -> jax.Array:
   """`x[..., in] @ Q + c` from packed codes `[in/4, out]`, in fp32."""
@@ -82,6 +96,9 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
     y = jax.vmap(lambda r: _lut_one(r, packed, alpha, c))(x2)
   elif strategy == "int8":
     y = _int8(x2, packed, alpha, c)
+  elif strategy == "q8k":
+    alpha16 = alpha.astype(jnp.float16).astype(jnp.float32)
+    y = _exact(q8k_activations(x2), packed, alpha16, c)
   else:
     raise ValueError(f"strategy {strategy!r}: choose one of {STRATEGIES}.")
   return y.reshape(*lead, -1)
