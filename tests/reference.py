@@ -28,3 +28,15 @@ def quantize_np(w, method="absmean", granularity="per_group", group_size=128):
     codes[rows, cols] = t
     q[rows, cols] = t * alpha
   return codes, q
+
+
+def decode_in_steps(model, tokens, prefill: int, max_len: int):
+  """Logits of `tokens[B, T]` from a prefill of `prefill` tokens followed by
+  one-token decode steps through the KV cache; returns (logits, cache)."""
+  cache = model.init_cache(tokens.shape[0], max_len)
+  logits, cache = model.decode(tokens[:, :prefill], cache)
+  steps = [np.asarray(logits)]
+  for t in range(prefill, tokens.shape[1]):
+    logits, cache = model.decode(tokens[:, t:t + 1], cache)
+    steps.append(np.asarray(logits))
+  return np.concatenate(steps, 1), cache

@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 
 from tequila_jax import config_lib, export, model as model_lib, quant
 from tequila_jax.inference import PackedLlama, kernels
+from tests.reference import decode_in_steps
 
 SHAPES = [(128, 128), (128, 64), (256, 128), (2048, 8192), (8192, 2048),
           (576, 1536), (1536, 576)]
@@ -81,14 +82,8 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   got = np.asarray(exact(tokens))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   # Prefill + one-token steps through the cache, LUT kernels for M = 1.
-  lut = PackedLlama.load(path, "lut")
-  cache = lut.init_cache(2, 32)
-  logits, cache = lut.decode(tokens[:, :20], cache)
-  steps = [logits]
-  for t in range(20, 24):
-    logits, cache = lut.decode(tokens[:, t:t + 1], cache)
-    steps.append(logits)
-  np.testing.assert_allclose(np.concatenate(steps, 1), want, rtol=1e-4,
+  stepped, _ = decode_in_steps(PackedLlama.load(path, "lut"), tokens, 20, 32)
+  np.testing.assert_allclose(stepped, want, rtol=1e-4,
                              atol=1e-4 * np.abs(want).max())
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from tequila_jax import hf_io
 from tequila_jax.quant import QuantConfig
+from tests.reference import decode_in_steps
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -68,14 +69,8 @@ def test_kv_cache_decode_equals_full_forward(hf_dir):
   model = hf_io.load_hf(hf_dir, **FLOAT)
   tokens = _tokens(length=20)
   full = np.asarray(model(tokens))
-  cache = model.init_cache(batch=2, max_len=32)
-  logits, cache = model.decode(tokens[:, :12], cache)
-  steps = [logits]
-  for t in range(12, 20):
-    logits, cache = model.decode(tokens[:, t:t + 1], cache)
-    steps.append(logits)
-  np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5,
-                             rtol=1e-5)
+  stepped, cache = decode_in_steps(model, tokens, 12, 32)
+  np.testing.assert_allclose(stepped, full, atol=1e-5, rtol=1e-5)
   assert int(cache.length) == 20
 
 
