@@ -21,7 +21,8 @@ def _config(tmp_path):
       vocab_size=49152, hidden_size=256, ffn_size=512, num_layers=2,
       num_heads=4, num_kv_heads=2, head_dim=64, max_seq_len=256,
       rope_theta=10000.0, dtype="float32",
-      quant=config_lib.quant_config("tequila", "per_channel", lam=1e-3))
+      # a large λ so that the bias tensors matter visibly to the logits
+      quant=config_lib.quant_config("tequila", "per_channel", lam=0.05))
   config.data.update(tokenizer="asset:smollm2_gguf", seq_len=64,
                      cache_dir=str(tmp_path / "corpora"))
   config.train.update(steps=40, batch_size=8, log_every=10, eval_every=1000,
@@ -49,10 +50,18 @@ def test_llama_cpp_matches_our_q8k_emulation(tmp_path):
   tokens = jnp.asarray([ids])
   emulated = np.asarray(PackedLlama(ex, "q8k")(tokens)[0], np.float64)
   exact = np.asarray(PackedLlama(ex, "exact")(tokens)[0], np.float64)
+  for name in export.PROJECTIONS:  # the same model without c(W)
+    ex.tensors[f"layers.{name}.c"] = np.zeros_like(ex.tensors[f"layers.{name}.c"])
+  no_bias = np.asarray(PackedLlama(ex, "q8k")(tokens)[0], np.float64)
   rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
   gap_emulated, gap_exact = rel(theirs, emulated), rel(theirs, exact)
   print(f"\nllama.cpp vs our Q8_K emulation: {gap_emulated:.2e} relative; "
         f"vs our exact fp32 path: {gap_exact:.2e}; argmax agreement "
-        f"{(theirs.argmax(-1) == exact.argmax(-1)).mean():.3f}")
-  assert gap_emulated < 1e-3
-  assert gap_emulated < gap_exact  # the emulation explains the difference
+        f"{(theirs.argmax(-1) == exact.argmax(-1)).mean():.3f}; without the "
+        f"bias tensors: {rel(theirs, no_bias):.2e}")
+  # Per op the emulation matches to ~1e-7; end to end, fp32 summation-order
+  # differences occasionally push an activation across a Q8_K rounding
+  # boundary (one quantum = 1/127 of its block's max), seen as 1e-7 to 1e-4.
+  assert gap_emulated < 3e-4
+  assert gap_emulated < gap_exact / 3  # the emulation explains the difference
+  assert rel(theirs, no_bias) > 10 * gap_emulated  # llama.cpp applied c(W)
