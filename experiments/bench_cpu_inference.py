@@ -51,6 +51,7 @@ def bench_layers(iters: int, group: int = 128) -> list[dict]:
     alpha = rng.uniform(0.5, 1.5, (d_in // group, d_out)).astype(np.float32)
     c = rng.normal(size=d_out).astype(np.float32)
     packed = jnp.asarray(export.pack_2bit(codes))
+    codes_j = jnp.asarray(codes)  # int8, as PackedLlama holds it for int8
     alpha_j, c_j = jnp.asarray(alpha), jnp.asarray(c)
     w32 = jnp.asarray(rng.normal(size=(d_in, d_out)).astype(np.float32))
     w16 = w32.astype(jnp.bfloat16)
@@ -64,8 +65,10 @@ def bench_layers(iters: int, group: int = 128) -> list[dict]:
       for s in ("exact", "lut", "int8"):
         if s == "lut" and m > 8:
           continue  # the table costs M x in/4 x 256: a decode kernel
-        f = jax.jit(lambda x, p, a, c, s=s: kernels.ternary_linear(x, p, a, c, s))
-        row[f"{s}_ms"] = timeit(f, x, packed, alpha_j, c_j, iters=iters) * 1e3
+        f = jax.jit(lambda x, p, a, c, k, s=s: kernels.ternary_linear(
+            x, p, a, c, s, k if s == "int8" else None))
+        row[f"{s}_ms"] = timeit(f, x, packed, alpha_j, c_j, codes_j,
+                                iters=iters) * 1e3
       best = min((v, k[:-3]) for k, v in row.items()
                  if k.endswith("_ms") and k[:-3] in ("exact", "lut", "int8"))
       row.update(best=best[1], vs_f32=dense32 * 1e3 / best[0],

@@ -85,6 +85,9 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   stepped, _ = decode_in_steps(PackedLlama.load(path, "lut"), tokens, 20, 32)
   np.testing.assert_allclose(stepped, want, rtol=1e-4,
                              atol=1e-4 * np.abs(want).max())
+  # `auto` prefills the 2 x 24 = 48 tokens with int8 activations.
+  auto = np.asarray(PackedLlama.load(path, "auto")(tokens))
+  assert np.linalg.norm(auto - want) / np.linalg.norm(want) < 5e-2
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 13])
@@ -105,6 +108,10 @@ def test_kernel_strategies_match_f32_reference(m, shape, groups):
                                             strategy))
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert err < tol, (strategy, err)
+  held = kernels.ternary_linear(jnp.asarray(x), packed, jnp.asarray(alpha),
+                                jnp.asarray(c), "int8", jnp.asarray(codes))
+  np.testing.assert_array_equal(held, kernels.ternary_linear(
+      jnp.asarray(x), packed, jnp.asarray(alpha), jnp.asarray(c), "int8"))
 
 
 def test_bad_files_are_refused(qat_model, tmp_path):

@@ -1,5 +1,9 @@
 """A LLaMA decoder over a packed `.tqj` export, with a KV cache.
 
+With the `int8` or `auto` strategy the codes are also held unpacked as int8
+(1 byte/weight) for batched calls; `lut` and `exact` keep only the 2-bit
+packing.
+
 Same architecture and numerics as `tequila_jax.model.Llama` (shared RMSNorm,
 RoPE and attention from `tequila_jax.layers`); the seven projections run
 `ternary_linear` on the packed codes. Everything is fp32 on the CPU.
@@ -33,11 +37,15 @@ class PackedLlama:
     self.strategy = strategy
     t = export.tensors
     f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
+    layers = {p: {"packed": jnp.asarray(t[f"layers.{p}.codes"]),
+                  "alpha": f32(t[f"layers.{p}.alpha"]),
+                  "c": f32(t[f"layers.{p}.c"])}
+              for p in export_lib.PROJECTIONS}
+    if strategy in ("int8", "auto"):  # int8 codes for batched calls
+      for p in layers:
+        layers[p]["codes"] = jnp.asarray(export.codes(p))
     self.params = {
-        "layers": {p: {"packed": jnp.asarray(t[f"layers.{p}.codes"]),
-                       "alpha": f32(t[f"layers.{p}.alpha"]),
-                       "c": f32(t[f"layers.{p}.c"])}
-                   for p in export_lib.PROJECTIONS},
+        "layers": layers,
         "attn_norm": f32(t["layers.attn_norm"]),
         "mlp_norm": f32(t["layers.mlp_norm"]),
         "embed": f32(t["embed"]), "final_norm": f32(t["final_norm"]),
@@ -74,7 +82,7 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg, strategy):
     layer, norms, k_cache, v_cache = xs
     lin = lambda name, h: ternary_linear(  # noqa: E731
         h, layer[name]["packed"], layer[name]["alpha"], layer[name]["c"],
-        strategy)
+        strategy, layer[name].get("codes"))
     h = rms_norm(x, norms[0], cfg.rms_eps)
     q = lin("q_proj", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = lin("k_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
