@@ -15,12 +15,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import sweep  # noqa: E402  pylint: disable=wrong-import-position
 
 
-def _env(tmp_path):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = ""
-  env["TEQUILA_JAX_CACHE"] = os.environ.get(
-      "TEQUILA_JAX_CACHE", str(pathlib.Path.home() / ".cache/tequila_jax"))
-  return env
+def _env():
+  return {**os.environ, "XLA_FLAGS": ""}  # one device per subprocess
 
 
 def test_grid_is_a_product_and_names_are_stable():
@@ -38,7 +34,7 @@ def test_interrupted_sweep_resumes_without_redoing_points(tmp_path):
          str(ROOT / "configs/tiny.py"), "--sweep", "seeds",
          "--set", "train.steps=4", "--set", "train.eval_every=100",
          "--set", f"data.cache_dir={tmp_path}/c", "--out", str(out)]
-  proc = subprocess.Popen(cmd, env=_env(tmp_path), cwd=ROOT,
+  proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first = out / "seed=0" / "summary.json"
   deadline = time.time() + 300
@@ -48,7 +44,7 @@ def test_interrupted_sweep_resumes_without_redoing_points(tmp_path):
   proc.wait()
   assert first.exists() and not (out / "seed=2" / "summary.json").exists()
   stamp = first.stat().st_mtime_ns
-  done = subprocess.run(cmd, env=_env(tmp_path), cwd=ROOT, capture_output=True,
+  done = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "3 points, 1 already done." in done.stdout

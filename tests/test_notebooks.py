@@ -1,6 +1,5 @@
 """Every notebook executes on tiny settings, so none can rot."""
 
-import os
 import pathlib
 
 import pytest
