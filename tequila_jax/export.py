@@ -310,6 +310,8 @@ def main(argv=None):
   p.add_argument("--step", type=int, default=None)
   p.add_argument("--gguf", default="", help="also write a llama.cpp GGUF "
                  "(TQ2_0 + bias tensors) to this path")
+  p.add_argument("--gguf_type", default="tq2_0", choices=("tq2_0", "tq1_0"),
+                 help="GGUF ternary tensor type (2.06 or 1.69 bits/weight)")
   p.add_argument("--refit_scales", action="store_true",
                  help="GGUF: fit per-256 block scales for other layouts")
   p.add_argument("--quant", default="",
@@ -339,7 +341,8 @@ def main(argv=None):
   if args.gguf:
     from tequila_jax import gguf_export  # pylint: disable=g-import-not-at-top
     errors = gguf_export.write_gguf(read_export(args.out), args.gguf,
-                                    refit_scales=args.refit_scales)
+                                    refit_scales=args.refit_scales,
+                                    ternary_type=args.gguf_type)
     report["gguf"] = errors
     print(f"wrote {args.gguf}: {pathlib.Path(args.gguf).stat().st_size / 2**20:.1f}"
           f" MiB; scale refit error {errors['refit_rel_error']:.2e}, fp16 "

@@ -1,4 +1,5 @@
-"""GGUF export for llama.cpp: ternary projections as TQ2_0 plus bias tensors.
+"""GGUF export for llama.cpp: ternary projections as TQ2_0 (or TQ1_0) plus
+bias tensors.
 
 TQ2_0 stores 256 weights per block as 2-bit codes and one fp16 scale `d`
 (`value = code * d`), so an exact export needs one scale per 256 inputs of a
@@ -49,6 +50,31 @@ def tq2_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
   return np.concatenate([qs, scale], axis=-1).reshape(rows, -1)
 
 
+def tq1_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+  """Rows of codes `[rows, in]` and fp16 scales -> ggml's `block_tq1_0`
+  (1.6875 bits/weight): per 256 weights, base-3 digits of elements 0-159 as
+  5 x 32 (byte j holds elements j, 32+j, ..., 128+j, most significant first),
+  160-239 as 5 x 16 and 240-255 as 4 x 4, each byte stored as a fixed-point
+  fraction `ceil(v * 256 / 243)`; then the fp16 scale."""
+  rows, d_in = codes.shape
+  u = (codes.astype(np.uint16) + 1).reshape(rows, d_in // QK, QK)
+
+  def pack(part, digits, width):
+    p = part.reshape(rows, d_in // QK, digits, width)
+    weights = (3 ** (4 - np.arange(digits))).astype(np.uint16)[:, None]
+    v = np.sum(p * weights, axis=-2)
+    return ((v * 256 + 242) // 243).astype(np.uint8)
+
+  qs = np.concatenate([pack(u[..., :160], 5, 32), pack(u[..., 160:240], 5, 16),
+                       pack(u[..., 240:], 4, 4)], axis=-1)
+  scale = np.ascontiguousarray(d, np.float16).view(np.uint8).reshape(
+      rows, d_in // QK, 2)
+  return np.concatenate([qs, scale], axis=-1).reshape(rows, -1)
+
+
+TYPES = {"tq2_0": tq2_0_bytes, "tq1_0": tq1_0_bytes}
+
+
 def block_scales(codes: np.ndarray, alpha: np.ndarray, refit: bool
                  ) -> tuple[np.ndarray, float]:
   """Per-256-block scales `[out, in/256]` for a `[in, out]` kernel with group
@@ -74,10 +100,14 @@ def block_scales(codes: np.ndarray, alpha: np.ndarray, refit: bool
 
 
 def write_gguf(ex: export_lib.Export, path, *, refit_scales: bool = False,
-               float_type: str = "f32") -> dict:
-  """Writes a llama.cpp GGUF for an export; returns the errors introduced."""
+               float_type: str = "f32", ternary_type: str = "tq2_0") -> dict:
+  """Writes a llama.cpp GGUF for an export (ternary tensors as TQ2_0 or
+  TQ1_0); returns the errors introduced."""
   import gguf  # pylint: disable=g-import-not-at-top
   cfg = ex.cfg
+  if ternary_type not in TYPES:
+    raise ValueError(f"ternary_type {ternary_type!r}: choose one of {sorted(TYPES)}.")
+  qtype = getattr(gguf.GGMLQuantizationType, ternary_type.upper())
   for name in export_lib.PROJECTIONS:
     d_in, _ = export_lib.projection_dims(cfg, name)
     if d_in % QK:
@@ -106,7 +136,7 @@ def write_gguf(ex: export_lib.Export, path, *, refit_scales: bool = False,
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0)
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{ternary_type.upper()}"))
     _add_tokenizer(w, tok, cfg.vocab_size)
     fdt = np.float16 if float_type == "f16" else np.float32
     t = ex.tensors
@@ -135,10 +165,9 @@ def write_gguf(ex: export_lib.Export, path, *, refit_scales: bool = False,
         if heads:
           rows, d = permute(rows, heads), permute(d, heads)
           bias = permute(bias, heads)
-        data = tq2_0_bytes(rows, d)
+        data = TYPES[ternary_type](rows, d)
         w.add_tensor(f"blk.{layer}.{gname}.weight", data,
-                     raw_shape=data.shape,
-                     raw_dtype=gguf.GGMLQuantizationType.TQ2_0)
+                     raw_shape=data.shape, raw_dtype=qtype)
         w.add_tensor(f"blk.{layer}.{gname}.bias", bias)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -20,12 +20,13 @@ def _export(tmp_path, quant, hidden=256):
   return export.read_export(path)
 
 
+@pytest.mark.parametrize("ttype", ["tq2_0", "tq1_0"])
 @pytest.mark.parametrize("quant", [
     QuantConfig("tequila", "per_channel", lam=0.05),
     QuantConfig("tequila", "per_group", 256, lam=0.05)], ids=["channel", "g256"])
-def test_tq2_0_round_trip(tmp_path, quant):
+def test_ternary_gguf_round_trip(tmp_path, quant, ttype):
   ex = _export(tmp_path, quant)
-  errors = gguf_export.write_gguf(ex, tmp_path / "m.gguf")
+  errors = gguf_export.write_gguf(ex, tmp_path / "m.gguf", ternary_type=ttype)
   assert errors["refit_rel_error"] == 0 and errors["fp16_scale_rel_error"] < 1e-3
   reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
   tensors = {t.name: t for t in reader.tensors}
@@ -33,7 +34,7 @@ def test_tq2_0_round_trip(tmp_path, quant):
     heads = {"q_proj": 4, "k_proj": 2}.get(name)
     for layer in range(ex.cfg.num_layers):
       t = tensors[f"blk.{layer}.{gname}.weight"]
-      assert t.tensor_type == gguf.GGMLQuantizationType.TQ2_0
+      assert t.tensor_type == getattr(gguf.GGMLQuantizationType, ttype.upper())
       rows = gguf.quants.dequantize(t.data, t.tensor_type)
       bias = np.asarray(tensors[f"blk.{layer}.{gname}.bias"].data)
       if heads:

