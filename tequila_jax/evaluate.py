@@ -39,18 +39,13 @@ def load(location: str, step: int | None = None) -> tuple[Llama, Tokenizer]:
 
 
 @nnx.jit
-def _token_logprobs(model: Llama, tokens: jax.Array) -> jax.Array:
-  """log p(tokens[:, t + 1] | tokens[:, :t + 1]) for every t, `[B, T - 1]`."""
-  logp = jax.nn.log_softmax(model(tokens[:, :-1]), axis=-1)
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-
-
-def _greedy_match(model, tokens):
+def _score(model: Llama, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """For every t: log p(tokens[:, t + 1] | tokens[:, :t + 1]) and whether that
+  token is the argmax, `[B, T - 1]` each, from one forward pass."""
   logits = model(tokens[:, :-1])
-  return logits.argmax(-1) == tokens[:, 1:]
-
-
-_greedy = nnx.jit(_greedy_match)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
+                             tokens[:, 1:, None], axis=-1)[..., 0]
+  return logp, logits.argmax(-1) == tokens[:, 1:]
 
 
 def loglikelihoods(model: Llama, requests: Sequence[tuple[list, list]], *,
@@ -79,9 +74,7 @@ def loglikelihoods(model: Llama, requests: Sequence[tuple[list, list]], *,
     tokens = np.zeros((batch_size, width), np.int32)
     for r, (s, _) in enumerate(seqs):
       tokens[r, :len(s)] = s
-    logp = np.asarray(_token_logprobs(model, jnp.asarray(tokens)))
-    greedy = (np.asarray(_greedy(model, jnp.asarray(tokens))) if with_greedy
-              else None)
+    logp, greedy = (np.asarray(a) for a in _score(model, jnp.asarray(tokens)))
     for r, (i, (s, n)) in enumerate(zip(idx, seqs)):
       span = slice(len(s) - 1 - n, len(s) - 1)  # predictions of the last n
       value = float(logp[r, span].sum())
@@ -142,7 +135,7 @@ def perplexity(model: Llama, tok: Tokenizer, texts: Sequence[str], *,
     rows = [stream[w * seq_len:w * seq_len + seq_len + 1]
             for w in range(start, min(start + batch_size, n_windows))]
     rows += [rows[0]] * (batch_size - len(rows))
-    logp = np.asarray(_token_logprobs(model, jnp.asarray(rows, jnp.int32)))
+    logp = np.asarray(_score(model, jnp.asarray(rows, jnp.int32))[0])
     real = min(batch_size, n_windows - start)
     total += float(logp[:real].sum())
     count += real * seq_len

@@ -157,13 +157,14 @@ def _model_json(cfg: ModelConfig) -> str:
 
 
 def tokenizer_metadata(spec: str) -> str:
-  """How an export rebuilds its tokenizer: 'bytes', or an embedded file."""
+  """How an export rebuilds the tokenizer at `spec` (anything
+  `pretrained.load_tokenizer` takes): 'bytes', or an embedded file."""
   if not spec:
     return json.dumps({"kind": "none"})
-  if spec == "bytes":
-    return json.dumps({"kind": "bytes"})
   from tequila_jax import pretrained, tokenizer  # pylint: disable=g-import-not-at-top
   tok = pretrained.load_tokenizer(spec)
+  if isinstance(tok, tokenizer.ByteTokenizer):
+    return json.dumps({"kind": "bytes"})
   if isinstance(tok, tokenizer.HFTokenizer):
     return json.dumps({"kind": "tokenizer.json", "json": tok.to_json(),
                        "bos": tok.bos_token, "eos": tok.eos_token})
@@ -328,11 +329,7 @@ def main(argv=None):
     raise SystemExit("--quant is required for a Hugging Face or GGUF source "
                      "(it records no quantization config).")
   model = pretrained.load_model(args.checkpoint, args.step, **overrides)
-  spec = args.checkpoint
-  if pretrained.is_workdir(spec):
-    cfg = pretrained._workdir_config(pathlib.Path(spec))  # pylint: disable=protected-access
-    spec = cfg.data.tokenizer or cfg.init.checkpoint
-  report = write_export(model, args.out, tokenizer_spec=spec,
+  report = write_export(model, args.out, tokenizer_spec=args.checkpoint,
                         packing=args.packing, float_dtype=args.float_dtype)
   print(json.dumps(report, indent=2))
   print(f"wrote {args.out}: {report['file_bytes'] / 2**20:.1f} MiB, "

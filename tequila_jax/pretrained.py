@@ -69,13 +69,13 @@ def load_model(location: str, step: int | None = None, **overrides) -> Llama:
 def load_tokenizer(location: str) -> tokenizer.Tokenizer:
   """The tokenizer stored with the checkpoint at `location` (for a training
   workdir, the one it was trained with)."""
-  path = resolve(location) if location != "bytes" else None
-  if path is not None and is_workdir(path):
-    data = _workdir_config(path).data
-    spec = data.tokenizer or _workdir_config(path).init.checkpoint
+  if location == "bytes":
+    return tokenizer.load_tokenizer("bytes")
+  path = resolve(location)
+  if is_workdir(path):
+    config = _workdir_config(path)
+    spec = config.data.tokenizer or config.init.checkpoint
     if not spec:
       raise ValueError(f"{path}/config.json names no tokenizer.")
     return load_tokenizer(spec)
-  if location == "bytes":
-    return tokenizer.load_tokenizer("bytes")
   return tokenizer.load_tokenizer(path)
