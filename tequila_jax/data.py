@@ -191,10 +191,9 @@ def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
   return out_dir
 
 
-def prepare_for_config(config, progress: bool = True
-                       ) -> tuple[Tokenizer, pathlib.Path]:
-  """The tokenizer and prepared corpus for a training config (cached by a
-  hash of sources, tokenizer and split under `data.cache_dir`)."""
+def prepare_for_config(config, progress: bool = True) -> pathlib.Path:
+  """The prepared corpus for a training config (cached by a hash of sources,
+  tokenizer and split under `data.cache_dir`)."""
   from tequila_jax import pretrained  # pylint: disable=g-import-not-at-top
   spec = config.data.tokenizer or config.init.checkpoint
   if not spec:
@@ -207,7 +206,7 @@ def prepare_for_config(config, progress: bool = True
   corpus = prepare(config.data.sources, tok, cache / key, tokenizer_name=spec,
                    eval_fraction=config.data.eval_fraction,
                    max_documents=config.data.max_documents, progress=progress)
-  return tok, corpus
+  return corpus
 
 
 def read_meta(corpus_dir) -> dict:
@@ -279,7 +278,7 @@ def main(argv):
   """`python -m tequila_jax.data --config configs/X.py`: tokenize once."""
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  _, corpus = prepare_for_config(flags.FLAGS.config)
+  corpus = prepare_for_config(flags.FLAGS.config)
   print(corpus)
   print(json.dumps(read_meta(corpus), indent=2))
 

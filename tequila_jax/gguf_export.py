@@ -35,6 +35,14 @@ class GGUFExportError(ValueError):
   pass
 
 
+def _with_scales(qs: np.ndarray, d: np.ndarray) -> np.ndarray:
+  """Appends each block's fp16 scale to its code bytes `[rows, blocks, n]`."""
+  rows, blocks = qs.shape[:2]
+  scale = np.ascontiguousarray(d, np.float16).view(np.uint8).reshape(
+      rows, blocks, 2)
+  return np.concatenate([qs, scale], axis=-1).reshape(rows, -1)
+
+
 def tq2_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
   """Rows of codes `[rows, in]` and fp16 scales `[rows, in/256]` -> the
   TQ2_0 byte layout `[rows, in/256 * 66]` (ggml's `block_tq2_0`: 64 bytes of
@@ -45,9 +53,7 @@ def tq2_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
   u = u.reshape(rows, d_in // QK, 2, 4, 32)  # block, chunk of 128, n, m
   qs = (u[:, :, :, 0] | (u[:, :, :, 1] << 2) | (u[:, :, :, 2] << 4)
         | (u[:, :, :, 3] << 6)).reshape(rows, d_in // QK, 64)
-  scale = np.ascontiguousarray(d, np.float16).view(np.uint8).reshape(
-      rows, d_in // QK, 2)
-  return np.concatenate([qs, scale], axis=-1).reshape(rows, -1)
+  return _with_scales(qs, d)
 
 
 def tq1_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -67,9 +73,7 @@ def tq1_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
 
   qs = np.concatenate([pack(u[..., :160], 5, 32), pack(u[..., 160:240], 5, 16),
                        pack(u[..., 240:], 4, 4)], axis=-1)
-  scale = np.ascontiguousarray(d, np.float16).view(np.uint8).reshape(
-      rows, d_in // QK, 2)
-  return np.concatenate([qs, scale], axis=-1).reshape(rows, -1)
+  return _with_scales(qs, d)
 
 
 TYPES = {"tq2_0": tq2_0_bytes, "tq1_0": tq1_0_bytes}

@@ -200,7 +200,7 @@ def prepare_setup(config: ml_collections.ConfigDict, *,
   if config.data.corpus_dir:  # already tokenized (e.g. carried to a cluster)
     corpus = pathlib.Path(config.data.corpus_dir)
   else:
-    corpus = data.prepare_for_config(config, progress=progress)[1]
+    corpus = data.prepare_for_config(config, progress=progress)
   vocab = data.read_meta(corpus)["vocab_size"]
   if vocab > model_cfg.vocab_size:
     raise ValueError(f"the corpus was tokenized with {vocab} tokens but "
