@@ -8,7 +8,12 @@ group of G) from the packed bytes of `tequila_jax.export` (`2bit` layout):
 - `lut` (decode, small M): T-MAC style table lookup. Per token, the partial
   sums of every 4-input chunk for all 256 byte values are computed once
   (`[in/4, 256]`), gathered by weight byte, reduced per group, scaled by
-  alpha. Activations stay fp32: exact up to summation order.
+  alpha. Activations stay fp32: exact up to summation order. The bytes are
+  read in the `lut_layout` order (made once at load), so that XLA emits the
+  gather and the group sum as one loop with no `[in/4, out]` temporary; jit
+  with `CPU_COMPILER_OPTIONS` (PackedLlama does), without which XLA:CPU hands
+  the sum to YNNPACK and materializes the gathered partial sums (~1.5x
+  slower).
 - `int8` (batches, M >= 8): codes as int8 (unpacked once at load: 1
   byte/weight) and activations quantized to int8 per token (absmax / 127);
   one int8 x int8 -> int32 2-D dot per input group (XLA's batched integer dot
@@ -27,6 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 STRATEGIES = ("exact", "lut", "int8", "q8k", "auto")
+# XLA:CPU's YNNPACK fusions for dots only, not for reductions (see `lut`).
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# Inputs up to this many packed bytes (4 inputs each) per column are read in
+# one block per column; longer inputs one group at a time, so that the part
+# of the table a column reads stays in L1/L2 (measured on 2048x8192 vs
+# 8192x2048, experiments/bench_cpu_inference.py).
+_LUT_ONE_BLOCK_MAX = 1024
 _SHIFTS = jnp.asarray([0, 2, 4, 6], jnp.uint8)
 # _BYTE_CODES[b, j] = code of input j (0..3) in byte b.
 _BYTE_CODES = ((np.arange(256)[:, None] >> (2 * np.arange(4))) & 3).astype(
@@ -49,13 +62,32 @@ def _exact(x, packed, alpha, c):
   return jnp.dot(x, q, precision="highest") + c
 
 
-def _lut_one(x, packed, alpha, c):
-  """x `[in]` -> `[out]` by table lookup over packed bytes."""
-  table = x.reshape(-1, 4) @ jnp.asarray(_BYTE_CODES).T  # [in/4, 256]
-  partial = jnp.take_along_axis(table, packed.astype(jnp.int32), axis=1)
+def lut_layout(packed: jax.Array, alpha: jax.Array,
+               one_block_max: int = _LUT_ONE_BLOCK_MAX):
+  """Packed `[in/4, out]`, alpha `[groups, out]` -> the `lut` kernel's order.
+
+  Returns bytes `[blocks, out, in/4/blocks]` and alpha `[blocks, out,
+  groups/blocks]`, with one block, or one block per group when `in/4 >
+  one_block_max`. Same bytes, reordered.
+  """
+  k, d_out = packed.shape
   groups = alpha.shape[0]
-  per_group = partial.reshape(groups, -1, partial.shape[-1]).sum(axis=1)
-  return jnp.sum(per_group * alpha, axis=0) + c
+  blocks = 1 if k <= one_block_max else groups
+  lut_bytes = packed.reshape(blocks, k // blocks, d_out).transpose(0, 2, 1)
+  lut_alpha = alpha.reshape(blocks, groups // blocks, d_out).transpose(0, 2, 1)
+  return lut_bytes, lut_alpha
+
+
+def _lut_one(x, lut_bytes, lut_alpha, c):
+  """x `[in]` -> `[out]` by table lookup over bytes in `lut_layout` order."""
+  table = x.reshape(-1, 4) @ jnp.asarray(_BYTE_CODES).T  # [in/4, 256]
+  blocks, d_out, k_block = lut_bytes.shape
+  per_block = lut_alpha.shape[-1]
+  row = jnp.arange(blocks * k_block, dtype=jnp.int32).reshape(blocks, 1, -1)
+  flat = lut_bytes.astype(jnp.int32) + row * 256
+  partial = table.reshape(-1).at[flat].get(mode="promise_in_bounds")
+  per_group = partial.reshape(blocks, d_out, per_block, -1).sum(axis=-1)
+  return jnp.sum(per_group * lut_alpha, axis=(0, 2)) + c
 
 
 def _int8(x, codes, alpha, c):
@@ -86,11 +118,14 @@ def q8k_activations(x: jax.Array, block: int = 256) -> jax.Array:
 
 def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
                    c: jax.Array, strategy: str = "auto",
-                   codes: jax.Array | None = None) -> jax.Array:
+                   codes: jax.Array | None = None,
+                   lut: tuple[jax.Array, jax.Array] | None = None
+                   ) -> jax.Array:
   """`x[..., in] @ Q + c` from packed codes `[in/4, out]`, in fp32.
 
-  `codes` (int8 `[in, out]`, unpacked once) serves the `int8` strategy; it is
-  unpacked on the fly when not given.
+  `codes` (int8 `[in, out]`, unpacked once) serves the `int8` strategy and
+  `lut` (= `lut_layout(packed, alpha)`) the `lut` strategy; each is derived
+  on the fly when not given.
   """
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
@@ -100,7 +135,8 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
   if strategy == "exact":
     y = _exact(x2, packed, alpha, c)
   elif strategy == "lut":
-    y = jax.vmap(lambda r: _lut_one(r, packed, alpha, c))(x2)
+    lut_bytes, lut_alpha = lut_layout(packed, alpha) if lut is None else lut
+    y = jax.vmap(lambda r: _lut_one(r, lut_bytes, lut_alpha, c))(x2)
   elif strategy == "int8":
     y = _int8(x2, unpack_codes(packed) if codes is None else codes, alpha, c)
   elif strategy == "q8k":

@@ -1,8 +1,8 @@
 """A LLaMA decoder over a packed `.tqj` export, with a KV cache.
 
 With the `int8` or `auto` strategy the codes are also held unpacked as int8
-(1 byte/weight) for batched calls; `lut` and `exact` keep only the 2-bit
-packing.
+(1 byte/weight) for batched calls; `lut` keeps the 2-bit bytes reordered for
+table lookup (`kernels.lut_layout`), and `exact` the packing as exported.
 
 Same architecture and numerics as `tequila_jax.model.Llama` (shared RMSNorm,
 RoPE and attention from `tequila_jax.layers`); the seven projections run
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tequila_jax import export as export_lib
-from tequila_jax.inference.kernels import ternary_linear
+from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, lut_layout,
+                                           ternary_linear)
 from tequila_jax.layers import attend, rms_norm, rope_frequencies
 from tequila_jax.model import KVCache
 
@@ -41,9 +42,13 @@ class PackedLlama:
                   "alpha": f32(t[f"layers.{p}.alpha"]),
                   "c": f32(t[f"layers.{p}.c"])}
               for p in export_lib.PROJECTIONS}
-    if strategy in ("int8", "auto"):  # int8 codes for batched calls
-      for p in layers:
-        layers[p]["codes"] = jnp.asarray(export.codes(p))
+    for p, layer in layers.items():
+      if strategy in ("int8", "auto"):  # int8 codes for batched calls
+        layer["codes"] = jnp.asarray(export.codes(p))
+      if strategy in ("lut", "auto"):
+        layer["lut"] = jax.vmap(lut_layout)(layer["packed"], layer["alpha"])
+      if strategy in ("lut", "auto"):  # the two above replace the packing
+        del layer["packed"]
     self.params = {
         "layers": layers,
         "attn_norm": f32(t["layers.attn_norm"]),
@@ -54,8 +59,10 @@ class PackedLlama:
     scaling = dict(self.cfg.rope_scaling) if self.cfg.rope_scaling else None
     self.inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta,
                                      scaling)
+    options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
     self._decode = jax.jit(functools.partial(_decode, cfg=self.cfg,
-                                             strategy=strategy))
+                                             strategy=strategy),
+                           compiler_options=options)
 
   @classmethod
   def load(cls, path, strategy: str = "auto") -> "PackedLlama":
@@ -81,8 +88,8 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg, strategy):
   def block(x, xs):
     layer, norms, k_cache, v_cache = xs
     lin = lambda name, h: ternary_linear(  # noqa: E731
-        h, layer[name]["packed"], layer[name]["alpha"], layer[name]["c"],
-        strategy, layer[name].get("codes"))
+        h, layer[name].get("packed"), layer[name]["alpha"], layer[name]["c"],
+        strategy, layer[name].get("codes"), layer[name].get("lut"))
     h = rms_norm(x, norms[0], cfg.rms_eps)
     q = lin("q_proj", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = lin("k_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
