@@ -23,8 +23,10 @@ from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, lut_layout,
 from tequila_jax.layers import attend, rms_norm, rope_frequencies
 from tequila_jax.model import KVCache
 
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
+# Projections that read the same input run as one kernel call (one table).
+_FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"),
+          "gate_up": ("gate_proj", "up_proj"),
+          "o": ("o_proj",), "down": ("down_proj",)}
 
 
 class PackedLlama:
@@ -38,13 +40,16 @@ class PackedLlama:
     self.strategy = strategy
     t = export.tensors
     f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
-    layers = {p: {"packed": jnp.asarray(t[f"layers.{p}.codes"]),
-                  "alpha": f32(t[f"layers.{p}.alpha"]),
-                  "c": f32(t[f"layers.{p}.c"])}
-              for p in export_lib.PROJECTIONS}
-    for p, layer in layers.items():
+    cat = lambda key, parts: np.concatenate(  # noqa: E731
+        [t[f"layers.{p}.{key}"] for p in parts], axis=-1)
+    layers = {name: {"packed": jnp.asarray(cat("codes", parts)),
+                     "alpha": f32(cat("alpha", parts)),
+                     "c": f32(cat("c", parts))}
+              for name, parts in _FUSED.items()}
+    for name, layer in layers.items():
       if strategy in ("int8", "auto"):  # int8 codes for batched calls
-        layer["codes"] = jnp.asarray(export.codes(p))
+        layer["codes"] = jnp.asarray(np.concatenate(
+            [export.codes(p) for p in _FUSED[name]], axis=-1))
       if strategy in ("lut", "auto"):
         layer["lut"] = jax.vmap(lut_layout)(layer["packed"], layer["alpha"])
       if strategy in ("lut", "auto"):  # the two above replace the packing
@@ -84,6 +89,7 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg, strategy):
   b, t = tokens.shape
   positions = cache.length + jnp.broadcast_to(jnp.arange(t), tokens.shape)
   x = params["embed"][tokens]
+  kv_size = cfg.num_kv_heads * cfg.head_dim
 
   def block(x, xs):
     layer, norms, k_cache, v_cache = xs
@@ -91,17 +97,21 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg, strategy):
         h, layer[name].get("packed"), layer[name]["alpha"], layer[name]["c"],
         strategy, layer[name].get("codes"), layer[name].get("lut"))
     h = rms_norm(x, norms[0], cfg.rms_eps)
-    q = lin("q_proj", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = lin("k_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = lin("v_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q_size = cfg.num_heads * cfg.head_dim
+    q, k, v = jnp.split(lin("qkv", h), [q_size, q_size + kv_size], axis=-1)
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     out, (k_cache, v_cache) = attend(q, k, v, positions, inv_freq,
                                      (k_cache, v_cache), cache.length)
-    x = x + lin("o_proj", out)
+    x = x + lin("o", out)
     h = rms_norm(x, norms[1], cfg.rms_eps)
-    x = x + lin("down_proj", jax.nn.silu(lin("gate_proj", h)) * lin("up_proj", h))
+    gate, up = jnp.split(lin("gate_up", h), 2, axis=-1)
+    x = x + lin("down", jax.nn.silu(gate) * up)
     return x, (k_cache, v_cache)
 
   norms = jnp.stack([params["attn_norm"], params["mlp_norm"]], axis=1)
-  x, (k, v) = jax.lax.scan(block, x, (params["layers"], norms, cache.k, cache.v))
+  x, (k, v) = jax.lax.scan(block, x, (params["layers"], norms, cache.k, cache.v),
+                           unroll=True)
   x = rms_norm(x, params["final_norm"], cfg.rms_eps)
   return x @ params["head"], KVCache(k, v, cache.length + t)
