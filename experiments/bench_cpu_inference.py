@@ -3,18 +3,22 @@
     python experiments/bench_cpu_inference.py --out experiments/results/cpu_inference
 
 Part 1, per layer, Llama-3.2-1B shapes (2048->8192, 8192->2048) at M = 1, 8,
-128: `exact`, `lut` and `int8` ternary kernels (`tequila_jax.inference`)
-against `x @ W` in f32 and bf16. Part 2, end to end: greedy decode tokens/s
-and weight memory of SmolLM2-135M's architecture exported as ternary vs the
-same model in f32 and bf16. Medians of `--iters` (>= 20) after warm-up,
-measured side by side in one process; ratios are dense time / ternary time.
-Writes `results.json` and `results.md` to `--out`. Set GLIBC_TUNABLES as in
-DESIGN.md §4 yourself if wanted; the value in effect is printed.
+128: `exact`, `lut` and `int8` ternary kernels (`tequila_jax.inference`,
+jitted with PackedLlama's compiler options and held layouts) against `x @ W`
+in f32 and bf16; medians of `--iters` (>= 20) after warm-up, all candidates
+called round robin in one process. Part 2, end to end: greedy decode
+tokens/s (median per-token time over >= 20 tokens) and weight memory of a
+random-init model of `--decode_config`'s architecture (default Llama-3.2-1B)
+exported as ternary vs the same weights in f32 and bf16. Ratios are dense
+time / ternary time. Writes `results.json` and `results.md` to `--out`. Set
+GLIBC_TUNABLES as in DESIGN.md §4 yourself if wanted; the value in effect is
+printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -32,47 +36,55 @@ from tequila_jax import export  # noqa: E402  pylint: disable=wrong-import-posit
 from tequila_jax.inference import kernels  # noqa: E402  pylint: disable=wrong-import-position
 
 
-def timeit(fn, *args, iters: int, warmup: int = 3) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
+def time_side_by_side(fns: dict, iters: int, warmup: int = 3) -> dict:
+  """Median seconds of each `name -> (fn, args)`, calls interleaved round
+  robin so that drift in the machine's speed hits every candidate alike."""
+  for fn, args in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
+  times = {name: [] for name in fns}
   for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    for name, (fn, args) in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_layers(iters: int, group: int = 128) -> list[dict]:
+  """Llama-3.2-1B projection shapes; the kernels as PackedLlama runs them."""
   rng = np.random.default_rng(0)
   rows = []
+  kernel_jit = functools.partial(
+      jax.jit, static_argnames="strategy",
+      compiler_options=(kernels.CPU_COMPILER_OPTIONS
+                        if jax.default_backend() == "cpu" else None))
+  layer = kernel_jit(lambda x, held, strategy: kernels.ternary_linear(
+      x, held["packed"], held["alpha"], held["c"], strategy,
+      held.get("codes"), held.get("lut")))
   for d_in, d_out in ((2048, 8192), (8192, 2048)):
     codes = rng.integers(-1, 2, (d_in, d_out)).astype(np.int8)
-    alpha = rng.uniform(0.5, 1.5, (d_in // group, d_out)).astype(np.float32)
-    c = rng.normal(size=d_out).astype(np.float32)
-    packed = jnp.asarray(export.pack_2bit(codes))
-    codes_j = jnp.asarray(codes)  # int8, as PackedLlama holds it for int8
-    alpha_j, c_j = jnp.asarray(alpha), jnp.asarray(c)
+    held = dict(packed=jnp.asarray(export.pack_2bit(codes)),
+                alpha=jnp.asarray(rng.uniform(0.5, 1.5, (d_in // group, d_out))
+                                  .astype(np.float32)),
+                c=jnp.asarray(rng.normal(size=d_out).astype(np.float32)))
+    held["lut"] = kernels.lut_layout(held["packed"], held["alpha"])
+    held["codes"] = jnp.asarray(codes)  # int8, as PackedLlama holds it
     w32 = jnp.asarray(rng.normal(size=(d_in, d_out)).astype(np.float32))
     w16 = w32.astype(jnp.bfloat16)
     for m in (1, 8, 128):
       x = jnp.asarray(rng.normal(size=(m, d_in)).astype(np.float32))
-      dense32 = timeit(jax.jit(lambda x, w: x @ w), x, w32, iters=iters)
-      dense16 = timeit(jax.jit(lambda x, w: x.astype(jnp.bfloat16) @ w), x,
-                       w16, iters=iters)
-      row = dict(shape=f"{d_in}x{d_out}", m=m, f32_ms=dense32 * 1e3,
-                 bf16_ms=dense16 * 1e3)
+      fns = {"f32": (jax.jit(lambda x, w: x @ w), (x, w32)),
+             "bf16": (jax.jit(lambda x, w: x.astype(w.dtype) @ w), (x, w16))}
       for s in ("exact", "lut", "int8"):
         if s == "lut" and m > 8:
           continue  # the table costs M x in/4 x 256: a decode kernel
-        f = jax.jit(lambda x, p, a, c, k, s=s: kernels.ternary_linear(
-            x, p, a, c, s, k if s == "int8" else None))
-        row[f"{s}_ms"] = timeit(f, x, packed, alpha_j, c_j, codes_j,
-                                iters=iters) * 1e3
-      best = min((v, k[:-3]) for k, v in row.items()
-                 if k.endswith("_ms") and k[:-3] in ("exact", "lut", "int8"))
-      row.update(best=best[1], vs_f32=dense32 * 1e3 / best[0],
-                 vs_bf16=dense16 * 1e3 / best[0])
+        fns[s] = (functools.partial(layer, strategy=s), (x, held))
+      ms = {k: v * 1e3 for k, v in time_side_by_side(fns, iters).items()}
+      best = min((v, k) for k, v in ms.items() if k not in ("f32", "bf16"))
+      row = dict(shape=f"{d_in}x{d_out}", m=m,
+                 **{f"{k}_ms": v for k, v in ms.items()}, best=best[1],
+                 vs_f32=ms["f32"] / best[0], vs_bf16=ms["bf16"] / best[0])
       # Memory-bandwidth floor at 2 bits/weight (DESIGN.md §4: 12-28 GB/s).
       row["floor_2bit_ms_at_20GBs"] = d_in * d_out / 4 / 20e9 * 1e3
       rows.append(row)
@@ -80,40 +92,68 @@ def bench_layers(iters: int, group: int = 128) -> list[dict]:
   return rows
 
 
-def bench_decode(iters: int, tokens: int = 32) -> list[dict]:
+def _token_times(model, prompt, tokens: int, runs: int) -> list[float]:
+  """Seconds per generated token (every step of `runs` generations)."""
+  from tequila_jax import sampling  # pylint: disable=g-import-not-at-top
+  list(sampling.generate(model, prompt, max_new_tokens=2))  # compile
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    for i, _ in enumerate(sampling.generate(model, prompt,
+                                            max_new_tokens=tokens)):
+      t1 = time.perf_counter()
+      if i:  # the first token's time includes the prefill
+        times.append(t1 - t0)
+      t0 = t1
+  return times
+
+
+def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
+  """Greedy decode of a random-init model of `config`'s architecture: the
+  ternary export (PackedLlama, `lut` kernels) vs the same float weights W in
+  f32 and bf16 through the same decode loop (DenseLlama)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from tequila_jax import config_lib, model as model_lib, sampling  # pylint: disable=g-import-not-at-top
-  from tequila_jax.inference import PackedLlama  # pylint: disable=g-import-not-at-top
+  from tequila_jax import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  from tequila_jax.inference import DenseLlama, PackedLlama  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  base = config_lib.load_config_file(str(pathlib.Path(__file__).resolve()
-                                         .parent.parent / "configs/smollm2_135m.py"))
-  cfg = config_lib.to_model_config(base.model).replace(max_seq_len=256)
-  qat = model_lib.Llama(cfg.replace(dtype="float32"), rngs=nnx.Rngs(0))
+  base = config_lib.load_config_file(config)
+  cfg = config_lib.to_model_config(base.model).replace(max_seq_len=256,
+                                                       dtype="float32")
+  qat = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
   params = nnx.state(qat, nnx.Param)
   with tempfile.TemporaryDirectory() as tmp:
     report = export.write_export(qat, f"{tmp}/m.tqj")
-    packed = PackedLlama.load(f"{tmp}/m.tqj")
+    del qat
+    packed = PackedLlama.load(f"{tmp}/m.tqj", "lut")
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  print(json.dumps(dict(decode_config=config, params=n_params,
+                        **{k: v for k, v in report.items() if v})), flush=True)
   rows = []
-  prompt = list(range(1, 9))
-  for name, model, wbytes in (
-      ("ternary (auto)", packed, report["tensor_bytes"]),
-      ("f32", None, None), ("bf16", None, None)):
-    if model is None:
-      dtype = "float32" if name == "f32" else "bfloat16"
-      model = model_lib.Llama(cfg.replace(
-          dtype=dtype, quant=cfg.quant.__class__("none")), rngs=nnx.Rngs(0))
-      nnx.update(model, params)
-      wbytes = sum(x.size for x in jax.tree.leaves(params)) * (
-          4 if dtype == "float32" else 2)
-    list(sampling.generate(model, prompt, max_new_tokens=4))  # compile
-    times = []
-    for _ in range(max(3, iters // 10)):
-      t0 = time.perf_counter()
-      n = len(list(sampling.generate(model, prompt, max_new_tokens=tokens)))
-      times.append((time.perf_counter() - t0) / n)
+
+  def record(name, model, weight_bytes, n_tokens, n_runs):
+    times = _token_times(model, list(range(1, 9)), n_tokens, n_runs)
     rows.append(dict(model=name, tokens_per_s=1 / statistics.median(times),
-                     weight_mib=wbytes / 2**20))
+                     ms_per_token=1e3 * statistics.median(times),
+                     samples=len(times), weight_mib=weight_bytes / 2**20))
     print(json.dumps(rows[-1]), flush=True)
+
+  record("ternary (lut)", packed, report["tensor_bytes"], tokens, runs)
+  del packed
+  float_model = model_lib.abstract_model(
+      cfg.replace(quant=cfg.quant.__class__("none")))
+  nnx.update(float_model, params)
+  del params
+  for dtype, size in (("float32", 4), ("bfloat16", 2)):
+    dense = DenseLlama(float_model, dtype)
+    # bf16 dots take XLA:CPU's slow path on this CPU: fewer tokens.
+    slow = dtype == "bfloat16"
+    record(dtype, dense, n_params * size, 21 if slow else tokens,
+           1 if slow else runs)
+    del dense
+  # For reference: the training model's own decode (stacked weights under
+  # lax.scan, which XLA:CPU copies out layer by layer).
+  record("float32 (tequila_jax.model.Llama)", float_model, n_params * 4,
+         tokens, 1)
   return rows
 
 
@@ -122,6 +162,12 @@ def main():
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--out", default="")
   p.add_argument("--skip_decode", action="store_true")
+  p.add_argument("--decode_config", default=str(
+      pathlib.Path(__file__).resolve().parent.parent / "configs/llama1b.py"),
+                 help="architecture of the end-to-end model (random init)")
+  p.add_argument("--tokens", type=int, default=33,
+                 help="tokens per generation; per-token times are medianed")
+  p.add_argument("--runs", type=int, default=2, help="generations per model")
   p.add_argument("--skip_layers", action="store_true")
   args = p.parse_args()
   machine = dict(cpus=os.cpu_count(), processor=platform.processor(),
@@ -130,7 +176,8 @@ def main():
                  glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
   print(json.dumps(machine))
   layers = [] if args.skip_layers else bench_layers(args.iters)
-  decode = [] if args.skip_decode else bench_decode(args.iters)
+  decode = [] if args.skip_decode else bench_decode(
+      args.decode_config, args.tokens, args.runs)
   lines = ["| layer | M | f32 ms | bf16 ms | exact ms | lut ms | int8 ms | "
            "best vs f32 | best vs bf16 | 2-bit floor ms |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -141,10 +188,18 @@ def main():
                  f"{get('int8_ms')} | {r['vs_f32']:.2f}x ({r['best']}) | "
                  f"{r['vs_bf16']:.2f}x | {r['floor_2bit_ms_at_20GBs']:.3f} |")
   if decode:
-    lines += ["", "| model (SmolLM2-135M shape) | decode tokens/s | weights MiB |",
-              "|---|---|---|"]
-    lines += [f"| {r['model']} | {r['tokens_per_s']:.1f} | {r['weight_mib']:.0f} |"
+    tern = decode[0]["tokens_per_s"]
+    best = {r["model"]: r["tokens_per_s"] for r in decode}
+    lines += ["", f"End to end, {pathlib.Path(args.decode_config).name} "
+              "architecture (random init), greedy decode, median per token:", "",
+              "| model | tokens/s | ms/token | samples | weights MiB | "
+              "ternary speed-up |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['tokens_per_s']:.2f} | "
+              f"{r['ms_per_token']:.1f} | {r['samples']} | "
+              f"{r['weight_mib']:.0f} | {tern / r['tokens_per_s']:.2f}x |"
               for r in decode]
+    lines += ["", f"Ternary vs f32: {tern / best['float32']:.2f}x; "
+              f"vs bf16: {tern / best['bfloat16']:.2f}x."]
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out:

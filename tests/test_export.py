@@ -10,7 +10,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from tequila_jax import config_lib, export, model as model_lib, quant
-from tequila_jax.inference import PackedLlama, kernels
+from tequila_jax.inference import DenseLlama, PackedLlama, kernels
 from tests.reference import decode_in_steps
 
 SHAPES = [(128, 128), (128, 64), (256, 128), (2048, 8192), (8192, 2048),
@@ -88,6 +88,26 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   # `auto` prefills the 2 x 24 = 48 tokens with int8 activations.
   auto = np.asarray(PackedLlama.load(path, "auto")(tokens))
   assert np.linalg.norm(auto - want) / np.linalg.norm(want) < 5e-2
+  # A base3 export is repacked to 2 bits at load: the same logits.
+  export.write_export(qat_model, tmp_path / "b3.tqj", packing="base3")
+  np.testing.assert_array_equal(
+      PackedLlama.load(tmp_path / "b3.tqj", "exact")(tokens), got)
+
+
+def test_dense_baseline_equals_float_llama(qat_model):
+  cfg = qat_model.cfg.replace(quant=qat_model.cfg.quant.__class__("none"))
+  float_model = model_lib.abstract_model(cfg)
+  nnx.update(float_model, nnx.state(qat_model, nnx.Param))
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 512, (2, 16)))
+  want = np.asarray(float_model(tokens))
+  dense = DenseLlama(float_model)
+  np.testing.assert_allclose(dense(tokens), want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
+  stepped, _ = decode_in_steps(dense, tokens, 10, 16)
+  np.testing.assert_allclose(stepped, want, rtol=1e-4,
+                             atol=1e-4 * np.abs(want).max())
+  bf16 = np.asarray(DenseLlama(float_model, "bfloat16")(tokens))
+  assert np.linalg.norm(bf16 - want) / np.linalg.norm(want) < 2e-2
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 13])

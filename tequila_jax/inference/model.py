@@ -1,17 +1,22 @@
-"""A LLaMA decoder over a packed `.tqj` export, with a KV cache.
+"""LLaMA decoders for CPU inference with a KV cache: `PackedLlama` over a
+packed `.tqj` export, and `DenseLlama`, the same decode loop over float
+weights (the baseline the ternary model is measured against).
 
-With the `int8` or `auto` strategy the codes are also held unpacked as int8
-(1 byte/weight) for batched calls; `lut` keeps the 2-bit bytes reordered for
-table lookup (`kernels.lut_layout`), and `exact` the packing as exported.
+PackedLlama holds, per strategy: `lut` the 2-bit bytes reordered for table
+lookup (`kernels.lut_layout`); `int8` the codes unpacked to int8 (1
+byte/weight); `auto` both; `exact` / `q8k` the packing as exported.
+Projections that read the same input (q/k/v, gate/up) are concatenated at
+load and run as one kernel call, and every layer's weights are separate
+arrays, so the unrolled decode step slices nothing.
 
 Same architecture and numerics as `tequila_jax.model.Llama` (shared RMSNorm,
-RoPE and attention from `tequila_jax.layers`); the seven projections run
-`ternary_linear` on the packed codes. Everything is fp32 on the CPU.
+RoPE and attention from `tequila_jax.layers`). Activations are fp32.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +26,7 @@ from tequila_jax import export as export_lib
 from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, lut_layout,
                                            ternary_linear)
 from tequila_jax.layers import attend, rms_norm, rope_frequencies
-from tequila_jax.model import KVCache
+from tequila_jax.model import KVCache, ModelConfig
 
 # Projections that read the same input run as one kernel call (one table).
 _FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"),
@@ -29,49 +34,24 @@ _FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"),
           "o": ("o_proj",), "down": ("down_proj",)}
 
 
-class PackedLlama:
-  """`logits, cache = model.decode(tokens, cache)`; `model.cfg` as in Llama."""
+class _Decoder:
+  """`logits, cache = model.decode(tokens, cache)`; `model.cfg` as in Llama.
 
-  def __init__(self, export: export_lib.Export, strategy: str = "auto"):
-    if export.packing != "2bit":
-      raise ValueError("the XLA kernels read the 2bit packing; re-export with "
-                       "--packing 2bit (base3 is a storage format).")
-    self.cfg = export.cfg.replace(dtype="float32")
-    self.strategy = strategy
-    t = export.tensors
-    f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
-    cat = lambda key, parts: np.concatenate(  # noqa: E731
-        [t[f"layers.{p}.{key}"] for p in parts], axis=-1)
-    layers = {name: {"packed": jnp.asarray(cat("codes", parts)),
-                     "alpha": f32(cat("alpha", parts)),
-                     "c": f32(cat("c", parts))}
-              for name, parts in _FUSED.items()}
-    for name, layer in layers.items():
-      if strategy in ("int8", "auto"):  # int8 codes for batched calls
-        layer["codes"] = jnp.asarray(np.concatenate(
-            [export.codes(p) for p in _FUSED[name]], axis=-1))
-      if strategy in ("lut", "auto"):
-        layer["lut"] = jax.vmap(lut_layout)(layer["packed"], layer["alpha"])
-      if strategy in ("lut", "auto"):  # the two above replace the packing
-        del layer["packed"]
-    self.params = {
-        "layers": layers,
-        "attn_norm": f32(t["layers.attn_norm"]),
-        "mlp_norm": f32(t["layers.mlp_norm"]),
-        "embed": f32(t["embed"]), "final_norm": f32(t["final_norm"]),
-        "head": f32(t["lm_head"]) if "lm_head" in t else f32(t["embed"]).T,
-    }
+  Subclasses set `params` (`layers`: a list of per-layer dicts keyed by the
+  `_FUSED` names, plus `attn_norm` / `mlp_norm` `[L, hidden]`, `embed`,
+  `final_norm`, `head` `[hidden, vocab]`) and `_linear(h, entry)`.
+  """
+  cfg: ModelConfig
+  params: dict
+
+  def _compile(self):
     scaling = dict(self.cfg.rope_scaling) if self.cfg.rope_scaling else None
     self.inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta,
                                      scaling)
     options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
     self._decode = jax.jit(functools.partial(_decode, cfg=self.cfg,
-                                             strategy=strategy),
+                                             linear=self._linear),
                            compiler_options=options)
-
-  @classmethod
-  def load(cls, path, strategy: str = "auto") -> "PackedLlama":
-    return cls(export_lib.read_export(path), strategy)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
     return KVCache.init(self.cfg, batch, max_len)
@@ -84,34 +64,115 @@ class PackedLlama:
     cache = self.init_cache(tokens.shape[0], tokens.shape[1])
     return self.decode(tokens, cache)[0]
 
+  @staticmethod
+  def _linear(h, entry):
+    raise NotImplementedError
 
-def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg, strategy):
+
+def _unstack(layers: dict) -> list[dict]:
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]
+
+
+def _float_params(t: dict, layers: dict, dtype) -> dict:
+  """The decoder's params from stacked `layers` and export-named tensors."""
+  cast = lambda a: jnp.asarray(np.asarray(a, dtype))  # noqa: E731
+  return {"layers": _unstack(layers),
+          "attn_norm": cast(t["layers.attn_norm"]),
+          "mlp_norm": cast(t["layers.mlp_norm"]),
+          "embed": cast(t["embed"]), "final_norm": cast(t["final_norm"]),
+          "head": cast(t["lm_head"]) if "lm_head" in t else cast(t["embed"]).T}
+
+
+class PackedLlama(_Decoder):
+  """A packed ternary export, projections by `ternary_linear(strategy)`."""
+
+  def __init__(self, export: export_lib.Export, strategy: str = "auto"):
+    self.cfg = export.cfg.replace(dtype="float32")
+    self.strategy = strategy
+    t = export.tensors
+    cat = lambda key, parts: np.concatenate(  # noqa: E731
+        [t[f"layers.{p}.{key}"] for p in parts], axis=-1)
+    two_bit = lambda parts: (  # the kernels read 2bit; base3 is repacked  # noqa: E731
+        cat("codes", parts) if export.packing == "2bit" else np.concatenate(
+            [export_lib.pack_2bit(export.codes(p)) for p in parts], axis=-1))
+    layers = {name: {"packed": jnp.asarray(two_bit(parts)),
+                     "alpha": jnp.asarray(cat("alpha", parts), jnp.float32),
+                     "c": jnp.asarray(cat("c", parts), jnp.float32)}
+              for name, parts in _FUSED.items()}
+    for name, layer in layers.items():
+      if strategy in ("int8", "auto"):  # int8 codes for batched calls
+        layer["codes"] = jnp.asarray(np.concatenate(
+            [export.codes(p) for p in _FUSED[name]], axis=-1))
+      if strategy in ("lut", "auto"):
+        layer["lut"] = jax.vmap(lut_layout)(layer["packed"], layer["alpha"])
+        del layer["packed"]  # `lut` and `codes` replace it
+    self.params = _float_params(t, layers, np.float32)
+    self._compile()
+
+  @classmethod
+  def load(cls, path, strategy: str = "auto") -> "PackedLlama":
+    return cls(export_lib.read_export(path), strategy)
+
+  def _linear(self, h, entry):
+    return ternary_linear(h, entry.get("packed"), entry["alpha"], entry["c"],
+                          self.strategy, entry.get("codes"), entry.get("lut"))
+
+
+class DenseLlama(_Decoder):
+  """Float weights `W` (`y = x @ W`) in `dtype`, through the same decode loop
+  as PackedLlama: the float baseline. `DenseLlama(model)` takes a `Llama`'s
+  kernels as they are (not quantized)."""
+
+  def __init__(self, model, dtype: str = "float32"):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    self.cfg = model.cfg.replace(dtype="float32")
+    p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    kernel = lambda name: np.asarray(  # noqa: E731
+        p["layers"][export_lib.PROJECTIONS[name]][name]["kernel"])
+    layers = {name: {"w": jnp.asarray(np.concatenate(
+        [kernel(q) for q in parts], axis=-1), dtype)}
+              for name, parts in _FUSED.items()}
+    t = {"layers.attn_norm": p["layers"]["attn_norm"]["scale"],
+         "layers.mlp_norm": p["layers"]["mlp_norm"]["scale"],
+         "embed": p["embed"]["embedding"], "final_norm": p["final_norm"]["scale"]}
+    if "lm_head" in p:
+      t["lm_head"] = p["lm_head"]
+    self.params = _float_params(t, layers, np.float32)
+    self.params["head"] = self.params["head"].astype(dtype)
+    self._compile()
+
+  @staticmethod
+  def _linear(h, entry):
+    w = entry["w"]
+    return jnp.dot(h.astype(w.dtype), w,
+                   preferred_element_type=jnp.float32)
+
+
+def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
+            linear: Callable):
   b, t = tokens.shape
   positions = cache.length + jnp.broadcast_to(jnp.arange(t), tokens.shape)
   x = params["embed"][tokens]
+  q_size = cfg.num_heads * cfg.head_dim
   kv_size = cfg.num_kv_heads * cfg.head_dim
-
-  def block(x, xs):
-    layer, norms, k_cache, v_cache = xs
-    lin = lambda name, h: ternary_linear(  # noqa: E731
-        h, layer[name].get("packed"), layer[name]["alpha"], layer[name]["c"],
-        strategy, layer[name].get("codes"), layer[name].get("lut"))
-    h = rms_norm(x, norms[0], cfg.rms_eps)
-    q_size = cfg.num_heads * cfg.head_dim
-    q, k, v = jnp.split(lin("qkv", h), [q_size, q_size + kv_size], axis=-1)
+  k_all, v_all = cache.k, cache.v
+  for i, layer in enumerate(params["layers"]):
+    h = rms_norm(x, params["attn_norm"][i], cfg.rms_eps)
+    q, k, v = jnp.split(linear(h, layer["qkv"]), [q_size, q_size + kv_size],
+                        axis=-1)
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    out, (k_cache, v_cache) = attend(q, k, v, positions, inv_freq,
-                                     (k_cache, v_cache), cache.length)
-    x = x + lin("o", out)
-    h = rms_norm(x, norms[1], cfg.rms_eps)
-    gate, up = jnp.split(lin("gate_up", h), 2, axis=-1)
-    x = x + lin("down", jax.nn.silu(gate) * up)
-    return x, (k_cache, v_cache)
-
-  norms = jnp.stack([params["attn_norm"], params["mlp_norm"]], axis=1)
-  x, (k, v) = jax.lax.scan(block, x, (params["layers"], norms, cache.k, cache.v),
-                           unroll=True)
+    out, (k_i, v_i) = attend(q, k, v, positions, inv_freq,
+                             (k_all[i], v_all[i]), cache.length)
+    k_all, v_all = k_all.at[i].set(k_i), v_all.at[i].set(v_i)
+    x = x + linear(out, layer["o"])
+    h = rms_norm(x, params["mlp_norm"][i], cfg.rms_eps)
+    gate, up = jnp.split(linear(h, layer["gate_up"]), 2, axis=-1)
+    x = x + linear(jax.nn.silu(gate) * up, layer["down"])
   x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-  return x @ params["head"], KVCache(k, v, cache.length + t)
+  head = params["head"]
+  logits = jnp.dot(x.astype(head.dtype), head,
+                   preferred_element_type=jnp.float32)
+  return logits, KVCache(k_all, v_all, cache.length + t)
