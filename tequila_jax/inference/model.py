@@ -144,9 +144,18 @@ class DenseLlama(_Decoder):
 
   @staticmethod
   def _linear(h, entry):
-    w = entry["w"]
-    return jnp.dot(h.astype(w.dtype), w,
-                   preferred_element_type=jnp.float32)
+    return _dense(h, entry["w"])
+
+
+def _dense(x, w):
+  """`x @ w` accumulated in fp32. A one-row bf16 dot takes a slow path in
+  XLA:CPU (DESIGN.md §4, ~8x here), so one row is padded to two."""
+  lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).astype(w.dtype)
+  m = x2.shape[0]
+  if m == 1 and w.dtype != jnp.float32:
+    x2 = jnp.pad(x2, ((0, 1), (0, 0)))
+  y = jnp.dot(x2, w, preferred_element_type=jnp.float32)[:m]
+  return y.reshape(*lead, -1)
 
 
 def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
@@ -172,7 +181,4 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
     gate, up = jnp.split(linear(h, layer["gate_up"]), 2, axis=-1)
     x = x + linear(jax.nn.silu(gate) * up, layer["down"])
   x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-  head = params["head"]
-  logits = jnp.dot(x.astype(head.dtype), head,
-                   preferred_element_type=jnp.float32)
-  return logits, KVCache(k_all, v_all, cache.length + t)
+  return _dense(x, params["head"]), KVCache(k_all, v_all, cache.length + t)
