@@ -88,6 +88,12 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   # `auto` prefills the 2 x 24 = 48 tokens with int8 activations.
   auto = np.asarray(PackedLlama.load(path, "auto")(tokens))
   assert np.linalg.norm(auto - want) / np.linalg.norm(want) < 5e-2
+  # The int8 head quantizes weights per vocab row and the hidden state.
+  int8_head = np.asarray(PackedLlama.load(path, "exact", head="int8")(tokens))
+  assert np.linalg.norm(int8_head - want) / np.linalg.norm(want) < 2e-2
+  assert np.mean(int8_head.argmax(-1) == want.argmax(-1)) > 0.9
+  with pytest.raises(ValueError, match="head 'fp8'"):
+    PackedLlama.load(path, head="fp8")
   # A base3 export is repacked to 2 bits at load: the same logits.
   export.write_export(qat_model, tmp_path / "b3.tqj", packing="base3")
   np.testing.assert_array_equal(

@@ -98,13 +98,31 @@ def _lut_one(x, lut_bytes, lut_alpha, c):
   return jnp.sum(per_group * lut_alpha, axis=(0, 2)) + c
 
 
+def quantize_int8(x: jax.Array, axis: int = -1):
+  """Symmetric int8 along `axis` (absmax / 127): `(q, scale)`, x ~ q * scale."""
+  scale = jnp.max(jnp.abs(x), axis=axis, keepdims=True) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return jnp.round(x / scale).astype(jnp.int8), scale
+
+
+def int8_dense(x: jax.Array, w_t: jax.Array, w_scale: jax.Array) -> jax.Array:
+  """`x[M, in] @ W` for int8 `w_t = W.T` `[out, in]` with per-output scales
+  `[out]`. **Quantizes activations** to int8 per row; one row is padded to
+  two (XLA:CPU's one-row int8 dot is ~10x slower)."""
+  m = x.shape[0]
+  xq, scale = quantize_int8(x.astype(jnp.float32))
+  if m == 1:
+    xq = jnp.pad(xq, ((0, 1), (0, 0)))
+  acc = jax.lax.dot_general(xq, w_t, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.int32)[:m]
+  return acc.astype(jnp.float32) * scale * w_scale
+
+
 def _int8(x, codes, alpha, c):
   d_in = codes.shape[0]
   groups = alpha.shape[0]
   size = d_in // groups
-  scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
-  scale = jnp.where(scale > 0, scale, 1.0)
-  xq = jnp.round(x / scale).astype(jnp.int8)
+  xq, scale = quantize_int8(x)
   y = 0.0
   for g in range(groups):  # unrolled: 2-D int8 dots are XLA's fast path
     rows = slice(g * size, (g + 1) * size)

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tequila_jax import export as export_lib
-from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, lut_layout,
+from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, int8_dense,
+                                           lut_layout, quantize_int8,
                                            ternary_linear)
 from tequila_jax.layers import attend, rms_norm, rope_frequencies
 from tequila_jax.model import KVCache, ModelConfig
@@ -84,10 +85,22 @@ def _float_params(t: dict, layers: dict, dtype) -> dict:
           "head": cast(t["lm_head"]) if "lm_head" in t else cast(t["embed"]).T}
 
 
-class PackedLlama(_Decoder):
-  """A packed ternary export, projections by `ternary_linear(strategy)`."""
+HEADS = ("float", "int8")
 
-  def __init__(self, export: export_lib.Export, strategy: str = "auto"):
+
+class PackedLlama(_Decoder):
+  """A packed ternary export, projections by `ternary_linear(strategy)`.
+
+  `head="int8"` holds the output projection as int8 with one scale per
+  vocabulary entry and **quantizes the final hidden state to int8** (logits
+  ~1e-2 relative error; tests/test_export.py bounds it); the default keeps
+  the export's float head (fp32 compute).
+  """
+
+  def __init__(self, export: export_lib.Export, strategy: str = "auto",
+               head: str = "float"):
+    if head not in HEADS:
+      raise ValueError(f"head {head!r}: choose one of {HEADS}.")
     self.cfg = export.cfg.replace(dtype="float32")
     self.strategy = strategy
     t = export.tensors
@@ -108,11 +121,15 @@ class PackedLlama(_Decoder):
         layer["lut"] = jax.vmap(lut_layout)(layer["packed"], layer["alpha"])
         del layer["packed"]  # `lut` and `codes` replace it
     self.params = _float_params(t, layers, np.float32)
+    if head == "int8":
+      w_t, w_scale = quantize_int8(self.params["head"].T)  # per vocab row
+      self.params["head"] = {"w_t": w_t, "scale": w_scale[:, 0]}
     self._compile()
 
   @classmethod
-  def load(cls, path, strategy: str = "auto") -> "PackedLlama":
-    return cls(export_lib.read_export(path), strategy)
+  def load(cls, path, strategy: str = "auto",
+           head: str = "float") -> "PackedLlama":
+    return cls(export_lib.read_export(path), strategy, head)
 
   def _linear(self, h, entry):
     return ternary_linear(h, entry.get("packed"), entry["alpha"], entry["c"],
@@ -181,4 +198,10 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
     gate, up = jnp.split(linear(h, layer["gate_up"]), 2, axis=-1)
     x = x + linear(jax.nn.silu(gate) * up, layer["down"])
   x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-  return _dense(x, params["head"]), KVCache(k_all, v_all, cache.length + t)
+  head = params["head"]
+  if isinstance(head, dict):  # int8 head
+    logits = int8_dense(x.reshape(b * t, -1), head["w_t"], head["scale"])
+    logits = logits.reshape(b, t, -1)
+  else:
+    logits = _dense(x, head)
+  return logits, KVCache(k_all, v_all, cache.length + t)
