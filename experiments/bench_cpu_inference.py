@@ -68,7 +68,7 @@ def bench_layers(iters: int, group: int = 128) -> list[dict]:
                 alpha=jnp.asarray(rng.uniform(0.5, 1.5, (d_in // group, d_out))
                                   .astype(np.float32)),
                 c=jnp.asarray(rng.normal(size=d_out).astype(np.float32)))
-    held["lut"] = kernels.lut_layout(held["packed"], held["alpha"])
+    held["lut"] = kernels.lut_layout(held["packed"], d_in // group)
     held["codes"] = jnp.asarray(codes)  # int8, as PackedLlama holds it
     w32 = jnp.asarray(rng.normal(size=(d_in, d_out)).astype(np.float32))
     w16 = w32.astype(jnp.bfloat16)

@@ -134,11 +134,10 @@ def test_kernel_strategies_match_f32_reference(m, shape, groups):
                                             strategy))
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert err < tol, (strategy, err)
-  # The per-group block order that long inputs get.
-  lut = kernels.lut_layout(packed, jnp.asarray(alpha), one_block_max=1)
+  # The byte order PackedLlama holds for `lut`, made once.
   got = np.asarray(kernels.ternary_linear(
-      jnp.asarray(x), packed, jnp.asarray(alpha), jnp.asarray(c), "lut",
-      lut=lut))
+      jnp.asarray(x), None, jnp.asarray(alpha), jnp.asarray(c), "lut",
+      lut=kernels.lut_layout(packed, groups)))
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
   held = kernels.ternary_linear(jnp.asarray(x), packed, jnp.asarray(alpha),
                                 jnp.asarray(c), "int8", jnp.asarray(codes))

@@ -8,12 +8,14 @@ group of G) from the packed bytes of `tequila_jax.export` (`2bit` layout):
 - `lut` (decode, small M): T-MAC style table lookup. Per token, the partial
   sums of every 4-input chunk for all 256 byte values are computed once
   (`[in/4, 256]`), gathered by weight byte, reduced per group, scaled by
-  alpha. Activations stay fp32: exact up to summation order. The bytes are
-  read in the `lut_layout` order (made once at load), so that XLA emits the
-  gather and the group sum as one loop with no `[in/4, out]` temporary; jit
-  with `CPU_COMPILER_OPTIONS` (PackedLlama does), without which XLA:CPU hands
-  the sum to YNNPACK and materializes the gathered partial sums (~1.5x
-  slower).
+  alpha. Activations stay fp32: exact up to summation order. Shaped for
+  XLA:CPU's code generator (each step measured): bytes in `lut_layout` order
+  (made once at load: group-major, a column's bytes of one group
+  contiguous), so that the gathers and the in-group sum are one loop with no
+  `[in/4, out]` temporary; that sum as pairwise halvings (independent adds);
+  the sum over groups as a reduce-window, which stays out of that loop. Jit
+  with `CPU_COMPILER_OPTIONS` (PackedLlama does): by default XLA:CPU hands
+  the in-group sum to YNNPACK and materializes the gathered values.
 - `int8` (batches, M >= 8): codes as int8 (unpacked once at load: 1
   byte/weight) and activations quantized to int8 per token (absmax / 127);
   one int8 x int8 -> int32 2-D dot per input group (XLA's batched integer dot
@@ -35,11 +37,6 @@ STRATEGIES = ("exact", "lut", "int8", "q8k", "auto")
 # XLA:CPU's YNNPACK fusions for dots only, not for reductions (see `lut`).
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-# Inputs up to this many packed bytes (4 inputs each) per column are read in
-# one block per column; longer inputs one group at a time, so that the part
-# of the table a column reads stays in L1/L2 (measured on 2048x8192 vs
-# 8192x2048, experiments/bench_cpu_inference.py).
-_LUT_ONE_BLOCK_MAX = 1024
 _SHIFTS = jnp.asarray([0, 2, 4, 6], jnp.uint8)
 # _BYTE_CODES[b, j] = code of input j (0..3) in byte b.
 _BYTE_CODES = ((np.arange(256)[:, None] >> (2 * np.arange(4))) & 3).astype(
@@ -62,40 +59,34 @@ def _exact(x, packed, alpha, c):
   return jnp.dot(x, q, precision="highest") + c
 
 
-def lut_layout(packed: jax.Array, alpha: jax.Array,
-               one_block_max: int = _LUT_ONE_BLOCK_MAX):
-  """Packed `[in/4, out]`, alpha `[groups, out]` -> the `lut` kernel's order.
-
-  Returns bytes `[blocks, out, in/4/blocks]` and alpha `[blocks, out,
-  groups/blocks]`, with one block, or one block per group when `in/4 >
-  one_block_max`. Same bytes, reordered.
-  """
+def lut_layout(packed: jax.Array, groups: int) -> jax.Array:
+  """Packed `[in/4, out]` -> the `lut` kernel's order `[groups, out, in/4/groups]`
+  (each column's bytes of one input group contiguous). Same bytes, reordered."""
   k, d_out = packed.shape
-  groups = alpha.shape[0]
-  blocks = 1 if k <= one_block_max else groups
-  lut_bytes = packed.reshape(blocks, k // blocks, d_out).transpose(0, 2, 1)
-  lut_alpha = alpha.reshape(blocks, groups // blocks, d_out).transpose(0, 2, 1)
-  return lut_bytes, lut_alpha
+  if k % groups:
+    raise ValueError(f"{k} packed rows do not split into {groups} input "
+                     "groups; the group size must be a multiple of 4.")
+  return packed.reshape(groups, k // groups, d_out).transpose(0, 2, 1)
 
 
-def _lut_one(x, lut_bytes, lut_alpha, c):
+def _lut_one(x, lut_bytes, alpha, c):
   """x `[in]` -> `[out]` by table lookup over bytes in `lut_layout` order."""
   table = x.reshape(-1, 4) @ jnp.asarray(_BYTE_CODES).T  # [in/4, 256]
-  blocks, d_out, k_block = lut_bytes.shape
-  per_block = lut_alpha.shape[-1]
-  row = jnp.arange(blocks * k_block, dtype=jnp.int32).reshape(blocks, 1, -1)
+  groups, _, per_group = lut_bytes.shape
+  row = jnp.arange(groups * per_group, dtype=jnp.int32).reshape(groups, 1, -1)
   flat = lut_bytes.astype(jnp.int32) + row * 256
   partial = table.reshape(-1).at[flat].get(mode="promise_in_bounds")
-  partial = partial.reshape(blocks, d_out, per_block, -1)
-  if per_block == 1:
-    # Pairwise halving: XLA:CPU then emits independent adds instead of one
-    # serial chain per group (1.4x on 8192x2048; it slows the one-block
-    # layout, whose whole sum XLA fuses into one loop).
-    while partial.shape[-1] > 4 and partial.shape[-1] % 2 == 0:
-      half = partial.shape[-1] // 2
-      partial = partial[..., :half] + partial[..., half:]
-  per_group = partial.sum(axis=-1)
-  return jnp.sum(per_group * lut_alpha, axis=(0, 2)) + c
+  # Pairwise halving: XLA:CPU emits independent adds, not one serial chain.
+  while partial.shape[-1] > 4 and partial.shape[-1] % 2 == 0:
+    half = partial.shape[-1] // 2
+    partial = partial[..., :half] + partial[..., half:]
+  scaled = partial.sum(axis=-1) * alpha  # [groups, out]
+  # The sum over groups as a reduce-window, which XLA:CPU does not fuse with
+  # the gathers above; fused, the whole kernel becomes one slow loop (1.5x).
+  window = groups // 2 if groups % 2 == 0 else groups
+  partial_sums = jax.lax.reduce_window(scaled, 0.0, jax.lax.add,
+                                       (window, 1), (window, 1))
+  return partial_sums.sum(axis=0) + c
 
 
 def quantize_int8(x: jax.Array, axis: int = -1):
@@ -145,13 +136,12 @@ def q8k_activations(x: jax.Array, block: int = 256) -> jax.Array:
 def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
                    c: jax.Array, strategy: str = "auto",
                    codes: jax.Array | None = None,
-                   lut: tuple[jax.Array, jax.Array] | None = None
-                   ) -> jax.Array:
+                   lut: jax.Array | None = None) -> jax.Array:
   """`x[..., in] @ Q + c` from packed codes `[in/4, out]`, in fp32.
 
   `codes` (int8 `[in, out]`, unpacked once) serves the `int8` strategy and
-  `lut` (= `lut_layout(packed, alpha)`) the `lut` strategy; each is derived
-  on the fly when not given.
+  `lut` (= `lut_layout(packed, groups)`) the `lut` strategy; each is derived
+  on the fly when not given (`packed` may then be None).
   """
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
@@ -161,8 +151,9 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
   if strategy == "exact":
     y = _exact(x2, packed, alpha, c)
   elif strategy == "lut":
-    lut_bytes, lut_alpha = lut_layout(packed, alpha) if lut is None else lut
-    y = jax.vmap(lambda r: _lut_one(r, lut_bytes, lut_alpha, c))(x2)
+    if lut is None:
+      lut = lut_layout(packed, alpha.shape[0])
+    y = jax.vmap(lambda r: _lut_one(r, lut, alpha, c))(x2)
   elif strategy == "int8":
     y = _int8(x2, unpack_codes(packed) if codes is None else codes, alpha, c)
   elif strategy == "q8k":

@@ -118,7 +118,8 @@ class PackedLlama(_Decoder):
         layer["codes"] = jnp.asarray(np.concatenate(
             [export.codes(p) for p in _FUSED[name]], axis=-1))
       if strategy in ("lut", "auto"):
-        layer["lut"] = jax.vmap(lut_layout)(layer["packed"], layer["alpha"])
+        layer["lut"] = jax.vmap(functools.partial(
+            lut_layout, groups=layer["alpha"].shape[1]))(layer["packed"])
         del layer["packed"]  # `lut` and `codes` replace it
     self.params = _float_params(t, layers, np.float32)
     if head == "int8":
