@@ -85,8 +85,13 @@ def bench_layers(iters: int, group: int = 128) -> list[dict]:
       row = dict(shape=f"{d_in}x{d_out}", m=m,
                  **{f"{k}_ms": v for k, v in ms.items()}, best=best[1],
                  vs_f32=ms["f32"] / best[0], vs_bf16=ms["bf16"] / best[0])
-      # Memory-bandwidth floor at 2 bits/weight (DESIGN.md §4: 12-28 GB/s).
-      row["floor_2bit_ms_at_20GBs"] = d_in * d_out / 4 / 20e9 * 1e3
+      # Memory-bandwidth floor: the ternary bytes (2-bit codes, alpha, c)
+      # read at the bandwidth that the f32 matvec itself reaches.
+      ternary_bytes = d_in * d_out / 4 + 4 * (d_in // group + 1) * d_out
+      bandwidth = 4 * d_in * d_out / (ms["f32"] * 1e-3)
+      row.update(f32_read_gbs=bandwidth / 1e9,
+                 floor_ms=ternary_bytes / bandwidth * 1e3)
+      row["best_vs_floor"] = best[0] / row["floor_ms"]
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
@@ -123,12 +128,16 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
   params = nnx.state(qat, nnx.Param)
   with tempfile.TemporaryDirectory() as tmp:
     report = export.write_export(qat, f"{tmp}/m.tqj")
+    base3 = export.size_report(export.export_tensors(qat, "base3"), cfg)
     del qat
     packed = PackedLlama.load(f"{tmp}/m.tqj", "lut")
     packed_i8 = PackedLlama.load(f"{tmp}/m.tqj", "lut", head="int8")
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  print(json.dumps(dict(decode_config=config, params=n_params,
-                        **{k: v for k, v in report.items() if v})), flush=True)
+  sizes = dict(decode_config=config, params=n_params,
+               **{k: v for k, v in report.items() if v},
+               base3_ternary_bits_per_weight=base3["ternary_bits_per_weight"],
+               base3_tensor_bytes=base3["tensor_bytes"])
+  print(json.dumps(sizes), flush=True)
   rows = []
 
   def record(name, model, weight_bytes, n_tokens, n_runs):
@@ -166,6 +175,15 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
   # lax.scan, which XLA:CPU copies out layer by layer).
   record("float32 (tequila_jax.model.Llama)", float_model, n_params * 4,
          tokens, 1)
+  # Floor: the ternary model's bytes read per token at the bandwidth that the
+  # f32 model's decode reaches (its weights / its time per token).
+  f32_row = next(r for r in rows if r["model"] == "float32")
+  bandwidth = n_params * 4 / (f32_row["ms_per_token"] * 1e-3)
+  for r in rows:
+    if r["model"].startswith("ternary"):
+      r["floor_ms"] = r["weight_mib"] * 2**20 / bandwidth * 1e3
+      r["vs_floor"] = r["ms_per_token"] / r["floor_ms"]
+  rows[0]["sizes"] = sizes
   return rows
 
 
@@ -191,14 +209,15 @@ def main():
   decode = [] if args.skip_decode else bench_decode(
       args.decode_config, args.tokens, args.runs)
   lines = ["| layer | M | f32 ms | bf16 ms | exact ms | lut ms | int8 ms | "
-           "best vs f32 | best vs bf16 | 2-bit floor ms |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "best vs f32 | best vs bf16 | floor ms (f32 GB/s) | best / floor |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in layers:
     get = lambda k, r=r: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
     lines.append(f"| {r['shape']} | {r['m']} | {get('f32_ms')} | "
                  f"{get('bf16_ms')} | {get('exact_ms')} | {get('lut_ms')} | "
                  f"{get('int8_ms')} | {r['vs_f32']:.2f}x ({r['best']}) | "
-                 f"{r['vs_bf16']:.2f}x | {r['floor_2bit_ms_at_20GBs']:.3f} |")
+                 f"{r['vs_bf16']:.2f}x | {r['floor_ms']:.3f} "
+                 f"({r['f32_read_gbs']:.0f}) | {r['best_vs_floor']:.1f}x |")
   if decode:
     tern = decode[0]["tokens_per_s"]
     best = {r["model"]: r["tokens_per_s"] for r in decode}
@@ -211,6 +230,15 @@ def main():
               f"{r['ms_per_token']:.1f} | {r['samples']} | "
               f"{r['weight_mib']:.0f} | {tern / r['tokens_per_s']:.2f}x |"
               for r in decode]
+    sizes = decode[0]["sizes"]
+    lines += ["", f"Linear-layer weights: {sizes['ternary_bits_per_weight']:.2f} "
+              f"bits each in the 2bit export, "
+              f"{sizes['base3_ternary_bits_per_weight']:.2f} in base3 (codes, "
+              "fp32 alpha per group and c). Floor (the ternary weights read "
+              "at the f32 decode's bandwidth): "
+              + "; ".join(f"{r['model']} {r['floor_ms']:.1f} ms, measured "
+                          f"{r['vs_floor']:.1f}x it" for r in decode
+                          if "floor_ms" in r) + "."]
     lines += ["", f"Ternary vs f32: {tern / best['float32']:.2f}x; "
               f"vs bf16: {tern / best['bfloat16']:.2f}x. With the int8 head "
               f"(quantizes the last hidden state; logits rel. error "
