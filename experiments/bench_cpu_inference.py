@@ -149,18 +149,18 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
     print(json.dumps(rows[-1]), flush=True)
 
   record("ternary (lut)", packed, report["tensor_bytes"], tokens, runs)
-  head = packed.params["head"]
-  hidden = jax.random.normal(jax.random.key(0), (1, head.shape[0]))
-  want = hidden @ head
-  got = kernels.int8_dense(hidden, packed_i8.params["head"]["w_t"],
-                           packed_i8.params["head"]["scale"])
+  head_t = packed.params["head_t"]
+  hidden = jax.random.normal(jax.random.key(0), (1, head_t.shape[1]))
+  want = hidden @ head_t.T
+  got = kernels.int8_dense(hidden, packed_i8.params["head_t"]["w_t"],
+                           packed_i8.params["head_t"]["scale"])
   head_error = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
   del packed
   # Weights: the export's bytes (+ the int8 copy of the head it builds).
   # Per token it reads the int8 head instead of the fp32 one.
   record("ternary (lut) + int8 head", packed_i8,
-         report["tensor_bytes"] + head.size, tokens, runs,
-         read_bytes=report["tensor_bytes"] - 3 * head.size)
+         report["tensor_bytes"] + head_t.size, tokens, runs,
+         read_bytes=report["tensor_bytes"] - 3 * head_t.size)
   rows[-1]["head_logits_rel_error"] = head_error  # on a random hidden state
   del packed_i8
   float_model = model_lib.abstract_model(

@@ -100,6 +100,16 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
       PackedLlama.load(tmp_path / "b3.tqj", "exact")(tokens), got)
 
 
+def test_untied_head_exports_and_runs(tmp_path):
+  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model)
+  model = model_lib.Llama(cfg.replace(tie_embeddings=False), rngs=nnx.Rngs(4))
+  export.write_export(model, tmp_path / "u.tqj")
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 512, (1, 12)))
+  want = np.asarray(model(tokens))
+  got = np.asarray(PackedLlama.load(tmp_path / "u.tqj", "lut")(tokens))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_dense_baseline_equals_float_llama(qat_model):
   cfg = qat_model.cfg.replace(quant=qat_model.cfg.quant.__class__("none"))
   float_model = model_lib.abstract_model(cfg)

@@ -40,7 +40,8 @@ class _Decoder:
 
   Subclasses set `params` (`layers`: a list of per-layer dicts keyed by the
   `_FUSED` names, plus `attn_norm` / `mlp_norm` `[L, hidden]`, `embed`,
-  `final_norm`, `head` `[hidden, vocab]`) and `_linear(h, entry)`.
+  `final_norm`, `head_t` `[vocab, hidden]`: the embedding array itself when
+  tied, no copy) and `_linear(h, entry)`.
   """
   cfg: ModelConfig
   params: dict
@@ -76,13 +77,15 @@ def _unstack(layers: dict) -> list[dict]:
 
 
 def _float_params(t: dict, layers: dict, dtype) -> dict:
-  """The decoder's params from stacked `layers` and export-named tensors."""
-  cast = lambda a: jnp.asarray(np.asarray(a, dtype))  # noqa: E731
-  return {"layers": _unstack(layers),
-          "attn_norm": cast(t["layers.attn_norm"]),
-          "mlp_norm": cast(t["layers.mlp_norm"]),
-          "embed": cast(t["embed"]), "final_norm": cast(t["final_norm"]),
-          "head": cast(t["lm_head"]) if "lm_head" in t else cast(t["embed"]).T}
+  """The decoder's params from stacked `layers` and export-named tensors
+  (norms in fp32; embedding and head in `dtype`)."""
+  f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
+  embed = jnp.asarray(np.asarray(t["embed"], dtype))
+  head_t = (jnp.asarray(np.asarray(t["lm_head"], dtype).T) if "lm_head" in t
+            else embed)
+  return {"layers": _unstack(layers), "attn_norm": f32(t["layers.attn_norm"]),
+          "mlp_norm": f32(t["layers.mlp_norm"]), "embed": embed,
+          "final_norm": f32(t["final_norm"]), "head_t": head_t}
 
 
 HEADS = ("float", "int8")
@@ -123,8 +126,8 @@ class PackedLlama(_Decoder):
         del layer["packed"]  # `lut` and `codes` replace it
     self.params = _float_params(t, layers, np.float32)
     if head == "int8":
-      w_t, w_scale = quantize_int8(self.params["head"].T)  # per vocab row
-      self.params["head"] = {"w_t": w_t, "scale": w_scale[:, 0]}
+      w_t, w_scale = quantize_int8(self.params["head_t"])  # per vocab row
+      self.params["head_t"] = {"w_t": w_t, "scale": w_scale[:, 0]}
     self._compile()
 
   @classmethod
@@ -156,8 +159,7 @@ class DenseLlama(_Decoder):
          "embed": p["embed"]["embedding"], "final_norm": p["final_norm"]["scale"]}
     if "lm_head" in p:
       t["lm_head"] = p["lm_head"]
-    self.params = _float_params(t, layers, np.float32)
-    self.params["head"] = self.params["head"].astype(dtype)
+    self.params = _float_params(t, layers, dtype)
     self._compile()
 
   @staticmethod
@@ -165,14 +167,17 @@ class DenseLlama(_Decoder):
     return _dense(h, entry["w"])
 
 
-def _dense(x, w):
-  """`x @ w` accumulated in fp32. A one-row bf16 dot takes a slow path in
-  XLA:CPU (DESIGN.md §4, ~8x here), so one row is padded to two."""
+def _dense(x, w, transposed: bool = False):
+  """`x @ w` (`x @ w.T` if `transposed`) accumulated in fp32. A one-row bf16
+  dot takes a slow path in XLA:CPU (DESIGN.md §4, ~8x here), so one row is
+  padded to two."""
   lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).astype(w.dtype)
   m = x2.shape[0]
   if m == 1 and w.dtype != jnp.float32:
     x2 = jnp.pad(x2, ((0, 1), (0, 0)))
-  y = jnp.dot(x2, w, preferred_element_type=jnp.float32)[:m]
+  contract = (((1,), (1 if transposed else 0,)), ((), ()))
+  y = jax.lax.dot_general(x2, w, contract,
+                          preferred_element_type=jnp.float32)[:m]
   return y.reshape(*lead, -1)
 
 
@@ -180,7 +185,7 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
             linear: Callable):
   b, t = tokens.shape
   positions = cache.length + jnp.broadcast_to(jnp.arange(t), tokens.shape)
-  x = params["embed"][tokens]
+  x = params["embed"][tokens].astype(jnp.float32)
   q_size = cfg.num_heads * cfg.head_dim
   kv_size = cfg.num_kv_heads * cfg.head_dim
   k_all, v_all = cache.k, cache.v
@@ -199,10 +204,10 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
     gate, up = jnp.split(linear(h, layer["gate_up"]), 2, axis=-1)
     x = x + linear(jax.nn.silu(gate) * up, layer["down"])
   x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-  head = params["head"]
+  head = params["head_t"]
   if isinstance(head, dict):  # int8 head
     logits = int8_dense(x.reshape(b * t, -1), head["w_t"], head["scale"])
     logits = logits.reshape(b, t, -1)
   else:
-    logits = _dense(x, head)
+    logits = _dense(x, head, transposed=True)
   return logits, KVCache(k_all, v_all, cache.length + t)
