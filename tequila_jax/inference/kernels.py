@@ -109,6 +109,20 @@ def int8_dense(x: jax.Array, w_t: jax.Array, w_scale: jax.Array) -> jax.Array:
   return acc.astype(jnp.float32) * scale * w_scale
 
 
+def dense(x, w, transposed: bool = False):
+  """`x @ w` (`x @ w.T` if `transposed`) accumulated in fp32. A one-row bf16
+  dot takes a slow path in XLA:CPU (DESIGN.md §4, ~8x here), so one row is
+  padded to two."""
+  lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).astype(w.dtype)
+  m = x2.shape[0]
+  if m == 1 and w.dtype != jnp.float32:
+    x2 = jnp.pad(x2, ((0, 1), (0, 0)))
+  contract = (((1,), (1 if transposed else 0,)), ((), ()))
+  y = jax.lax.dot_general(x2, w, contract,
+                          preferred_element_type=jnp.float32)[:m]
+  return y.reshape(*lead, -1)
+
+
 def _int8(x, codes, alpha, c):
   d_in = codes.shape[0]
   groups = alpha.shape[0]

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tequila_jax import export as export_lib
-from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, int8_dense,
-                                           lut_layout, quantize_int8,
-                                           ternary_linear)
+from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, dense,
+                                           int8_dense, lut_layout,
+                                           quantize_int8, ternary_linear)
 from tequila_jax.layers import attend, rms_norm, rope_frequencies
 from tequila_jax.model import KVCache, ModelConfig
 
@@ -164,21 +164,7 @@ class DenseLlama(_Decoder):
 
   @staticmethod
   def _linear(h, entry):
-    return _dense(h, entry["w"])
-
-
-def _dense(x, w, transposed: bool = False):
-  """`x @ w` (`x @ w.T` if `transposed`) accumulated in fp32. A one-row bf16
-  dot takes a slow path in XLA:CPU (DESIGN.md §4, ~8x here), so one row is
-  padded to two."""
-  lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).astype(w.dtype)
-  m = x2.shape[0]
-  if m == 1 and w.dtype != jnp.float32:
-    x2 = jnp.pad(x2, ((0, 1), (0, 0)))
-  contract = (((1,), (1 if transposed else 0,)), ((), ()))
-  y = jax.lax.dot_general(x2, w, contract,
-                          preferred_element_type=jnp.float32)[:m]
-  return y.reshape(*lead, -1)
+    return dense(h, entry["w"])
 
 
 def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
@@ -209,5 +195,5 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
     logits = int8_dense(x.reshape(b * t, -1), head["w_t"], head["scale"])
     logits = logits.reshape(b, t, -1)
   else:
-    logits = _dense(x, head, transposed=True)
+    logits = dense(x, head, transposed=True)
   return logits, KVCache(k_all, v_all, cache.length + t)
