@@ -96,27 +96,29 @@ def quantize_int8(x: jax.Array, axis: int = -1):
   return jnp.round(x / scale).astype(jnp.int8), scale
 
 
+def _two_rows(x):
+  """Pads a one-row `[1, in]` operand to two rows: XLA:CPU's one-row bf16 and
+  int8 dots take a slow path (DESIGN.md §4; ~8x and ~12x here)."""
+  return jnp.pad(x, ((0, 1), (0, 0))) if x.shape[0] == 1 else x
+
+
 def int8_dense(x: jax.Array, w_t: jax.Array, w_scale: jax.Array) -> jax.Array:
   """`x[M, in] @ W` for int8 `w_t = W.T` `[out, in]` with per-output scales
-  `[out]`. **Quantizes activations** to int8 per row; one row is padded to
-  two (XLA:CPU's one-row int8 dot is ~10x slower)."""
+  `[out]`. **Quantizes activations** to int8 per row."""
   m = x.shape[0]
   xq, scale = quantize_int8(x.astype(jnp.float32))
-  if m == 1:
-    xq = jnp.pad(xq, ((0, 1), (0, 0)))
-  acc = jax.lax.dot_general(xq, w_t, (((1,), (1,)), ((), ())),
+  acc = jax.lax.dot_general(_two_rows(xq), w_t, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.int32)[:m]
   return acc.astype(jnp.float32) * scale * w_scale
 
 
 def dense(x, w, transposed: bool = False):
-  """`x @ w` (`x @ w.T` if `transposed`) accumulated in fp32. A one-row bf16
-  dot takes a slow path in XLA:CPU (DESIGN.md §4, ~8x here), so one row is
-  padded to two."""
+  """`x @ w` (`x @ w.T` if `transposed`) accumulated in fp32; one-row bf16
+  calls padded to two (`_two_rows`)."""
   lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).astype(w.dtype)
   m = x2.shape[0]
-  if m == 1 and w.dtype != jnp.float32:
-    x2 = jnp.pad(x2, ((0, 1), (0, 0)))
+  if w.dtype != jnp.float32:
+    x2 = _two_rows(x2)
   contract = (((1,), (1 if transposed else 0,)), ((), ()))
   y = jax.lax.dot_general(x2, w, contract,
                           preferred_element_type=jnp.float32)[:m]

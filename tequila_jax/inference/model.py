@@ -21,6 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from tequila_jax import export as export_lib
 from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, dense,
@@ -109,21 +110,24 @@ class PackedLlama(_Decoder):
     t = export.tensors
     cat = lambda key, parts: np.concatenate(  # noqa: E731
         [t[f"layers.{p}.{key}"] for p in parts], axis=-1)
-    two_bit = lambda parts: (  # the kernels read 2bit; base3 is repacked  # noqa: E731
-        cat("codes", parts) if export.packing == "2bit" else np.concatenate(
-            [export_lib.pack_2bit(export.codes(p)) for p in parts], axis=-1))
-    layers = {name: {"packed": jnp.asarray(two_bit(parts)),
-                     "alpha": jnp.asarray(cat("alpha", parts), jnp.float32),
-                     "c": jnp.asarray(cat("c", parts), jnp.float32)}
-              for name, parts in _FUSED.items()}
-    for name, layer in layers.items():
-      if strategy in ("int8", "auto"):  # int8 codes for batched calls
-        layer["codes"] = jnp.asarray(np.concatenate(
-            [export.codes(p) for p in _FUSED[name]], axis=-1))
-      if strategy in ("lut", "auto"):
+    int8_codes = strategy in ("int8", "auto")  # for batched calls
+    layers = {}
+    for name, parts in _FUSED.items():
+      codes = (np.concatenate([export.codes(p) for p in parts], axis=-1)
+               if int8_codes or export.packing != "2bit" else None)
+      # The kernels read 2bit; base3 is repacked from the codes.
+      packed = (cat("codes", parts) if export.packing == "2bit"
+                else export_lib.pack_2bit(codes))
+      layer = layers[name] = {
+          "alpha": jnp.asarray(cat("alpha", parts), jnp.float32),
+          "c": jnp.asarray(cat("c", parts), jnp.float32)}
+      if int8_codes:
+        layer["codes"] = jnp.asarray(codes)
+      if strategy in ("lut", "auto"):  # `lut` and `codes` replace the packing
         layer["lut"] = jax.vmap(functools.partial(
-            lut_layout, groups=layer["alpha"].shape[1]))(layer["packed"])
-        del layer["packed"]  # `lut` and `codes` replace it
+            lut_layout, groups=layer["alpha"].shape[1]))(jnp.asarray(packed))
+      else:
+        layer["packed"] = jnp.asarray(packed)
     self.params = _float_params(t, layers, np.float32)
     if head == "int8":
       w_t, w_scale = quantize_int8(self.params["head_t"])  # per vocab row
@@ -146,7 +150,6 @@ class DenseLlama(_Decoder):
   kernels as they are (not quantized)."""
 
   def __init__(self, model, dtype: str = "float32"):
-    from flax import nnx  # pylint: disable=g-import-not-at-top
     self.cfg = model.cfg.replace(dtype="float32")
     p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     kernel = lambda name: np.asarray(  # noqa: E731
