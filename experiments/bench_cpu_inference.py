@@ -169,10 +169,7 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
   del params
   for dtype, size in (("float32", 4), ("bfloat16", 2)):
     dense = DenseLlama(float_model, dtype)
-    # bf16 dots take XLA:CPU's slow path on this CPU: fewer tokens.
-    slow = dtype == "bfloat16"
-    record(dtype, dense, n_params * size, 21 if slow else tokens,
-           1 if slow else runs)
+    record(dtype, dense, n_params * size, tokens, runs)
     del dense
   # For reference: the training model's own decode (stacked weights under
   # lax.scan, which XLA:CPU copies out layer by layer).
