@@ -15,10 +15,11 @@ LLAMA3_ROPE_SCALING = {"factor": 32.0, "low_freq_factor": 1.0,
 
 
 def quant_config(method="tequila", granularity="per_group", group_size=128,
-                 lam=1e-3, eps=1e-3) -> ml_collections.ConfigDict:
+                 lam=1e-3, eps=1e-3, stat_dtype="float32"
+                 ) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       method=method, granularity=granularity, group_size=group_size, lam=lam,
-      eps=eps))
+      eps=eps, stat_dtype=stat_dtype))
 
 
 def model_config(**fields) -> ml_collections.ConfigDict:

@@ -301,6 +301,22 @@ def read_export(path) -> Export:
   return export
 
 
+def parse_quant(spec: str) -> quant.QuantConfig:
+  """`METHOD,GRANULARITY,GROUP_SIZE,LAM[,STAT_DTYPE]` -> QuantConfig."""
+  parts = spec.split(",")
+  if len(parts) not in (4, 5):
+    raise SystemExit(f"--quant {spec!r}: expected METHOD,GRANULARITY,"
+                     "GROUP_SIZE,LAM[,STAT_DTYPE], e.g. "
+                     "tequila,per_group,128,1e-3,bfloat16.")
+  try:
+    return quant.QuantConfig(parts[0], parts[1], int(parts[2]),
+                             float(parts[3]),
+                             stat_dtype=parts[4] if len(parts) == 5
+                             else "float32")
+  except ValueError as e:
+    raise SystemExit(f"--quant {spec!r}: {e}") from e
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--checkpoint", required=True,
@@ -317,14 +333,15 @@ def main(argv=None):
                  help="GGUF: fit per-256 block scales for other layouts")
   p.add_argument("--quant", default="",
                  help="for Hugging Face / GGUF sources, which carry no quant "
-                 "config: METHOD,GRANULARITY,GROUP_SIZE,LAM "
-                 "(e.g. tequila,per_group,128,1e-3)")
+                 "config: METHOD,GRANULARITY,GROUP_SIZE,LAM[,STAT_DTYPE] "
+                 "(e.g. tequila,per_group,128,1e-3; add ,bfloat16 for a "
+                 "checkpoint of the official code, whose alpha and delta are "
+                 "bf16)")
   args = p.parse_args(argv)
   from tequila_jax import pretrained  # pylint: disable=g-import-not-at-top
   overrides = {}
   if args.quant:
-    method, gran, group, lam = args.quant.split(",")
-    overrides["quant"] = quant.QuantConfig(method, gran, int(group), float(lam))
+    overrides["quant"] = parse_quant(args.quant)
   elif not pretrained.is_workdir(args.checkpoint):
     raise SystemExit("--quant is required for a Hugging Face or GGUF source "
                      "(it records no quantization config).")

@@ -22,11 +22,12 @@ FLOAT = dict(quant=QuantConfig("none"), dtype="float32")
 
 
 def _make_hf(path, tie=True, torch_dtype=torch.float32, seed=0, **kw):
-  cfg = transformers.LlamaConfig(
+  fields = dict(
       vocab_size=512, hidden_size=128, intermediate_size=256,
       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
       head_dim=32, rope_parameters=dict(ROPE), max_position_embeddings=256,
-      tie_word_embeddings=tie, rms_norm_eps=1e-5, **kw)
+      tie_word_embeddings=tie, rms_norm_eps=1e-5)
+  cfg = transformers.LlamaConfig(**{**fields, **kw})
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(cfg).eval()
   with torch.no_grad():  # norms away from 1 so that their loading is tested
@@ -168,3 +169,40 @@ def test_ternary_model_loads_with_quant_config(hf_dir):
   assert st.shape == (2, 128, 128)
   logits = model(_tokens(length=8))
   assert logits.shape == (2, 8, 512) and np.isfinite(logits).all()
+
+
+def test_official_checkpoint_converts_to_the_official_codes(tmp_path):
+  """A checkpoint as the official Tequila run saves it (bf16 weights, one
+  extra [PAD] token in the vocabulary) exports with exactly the codes and
+  scales the official `ultraquantv2` computes (bf16 statistics)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tequila_jax import export  # pylint: disable=g-import-not-at-top
+  from tests.reference import official_ultraquantv2_stats_bf16  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "official"
+  model = _make_hf(path, torch_dtype=torch.bfloat16, hidden_size=256,
+                   vocab_size=513)
+  tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(512)}, "t0"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  assert tok.add_special_tokens(["[PAD]"]) == 1 and tok.token_to_id("[PAD]") == 512
+  tok.save(str(path / "tokenizer.json"))
+  (path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]"}))
+  out = tmp_path / "m.tqj"
+  export.main(["--checkpoint", str(path), "--out", str(out),
+               "--quant", "tequila,per_group,128,1e-3,bfloat16"])
+  ex = export.read_export(out)
+  assert ex.cfg.vocab_size == 513 and ex.cfg.quant.stat_dtype == "bfloat16"
+  assert ex.load_tokenizer().encode("t5 t7") == [5, 7]
+  sd = model.state_dict()
+  for name, group in export.PROJECTIONS.items():
+    hf_name = "self_attn" if group == "attn" else "mlp"
+    for layer in range(2):
+      w = sd[f"model.layers.{layer}.{hf_name}.{name}.weight"].float().numpy()
+      codes, alpha, c = official_ultraquantv2_stats_bf16(w, 128, 1e-3)
+      np.testing.assert_array_equal(ex.codes(name)[layer], codes.T)
+      np.testing.assert_array_equal(
+          ex.tensors[f"layers.{name}.alpha"][layer], alpha.T)
+      bound = 1e-3 * np.sum(np.abs(w) * (codes == 0), -1) * 2.0**-8
+      assert np.all(np.abs(ex.tensors[f"layers.{name}.c"][layer] - c) <= bound)
+  with pytest.raises(SystemExit, match="STAT_DTYPE"):
+    export.main(["--checkpoint", str(path), "--out", str(out), "--quant",
+                 "tequila,128"])

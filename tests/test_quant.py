@@ -10,7 +10,8 @@ import pytest
 
 from tequila_jax import quant
 from tequila_jax.quant import QuantConfig
-from tests.reference import quantize_np
+from tests.reference import (official_ultraquant_np,
+                             official_ultraquantv2_stats_bf16, quantize_np)
 
 CONFIGS = [
     QuantConfig("tequila", "per_group", 64, lam=0.3),
@@ -197,9 +198,9 @@ def _other_method_closed_form(x, w, g, cfg):
   if cfg.method == "tequila_dynamic":
     y = x @ q + cfg.lam * x @ w_dead
     return y, g @ (q + cfg.lam * w_dead).T, xf.T @ gf + cfg.lam * dead * (xf.T @ gf)
-  assert cfg.method == "minima"
-  y = x @ q + cfg.eps * np.sign(x) @ np.sign(w_dead)
-  return y, g @ q.T, xf.T @ gf + cfg.eps * dead * (np.sign(xf).T @ gf)
+  assert cfg.method == "minima"  # sign(W) on D, +1 for W = 0 (official)
+  y = x @ q + cfg.eps * np.sign(x) @ (np.where(w >= 0, 1.0, -1.0) * dead)
+  return y, g @ q.T, xf.T @ gf + dead * (np.sign(xf).T @ gf)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -251,3 +252,70 @@ def test_bad_shapes_name_the_fix():
     quant.quantized_matmul(jnp.ones((2, 128)), jnp.ones((128, 4, 2)), cfg)
   with pytest.raises(ValueError, match="input has 64 features"):
     quant.quantized_matmul(jnp.ones((2, 64)), jnp.ones((128, 4)), cfg)
+
+
+@pytest.mark.parametrize("x_shape", X_SHAPES)
+def test_minima_matches_the_official_ultraquant(x64, x_shape):
+  """Forward, dx and dW against the official backward, which adds
+  sign(x)ᵀ g on the deadzone unscaled (not times eps)."""
+  x, w, g = _data(x_shape, seed=5)
+  w = w.at[3, 2].set(0.0)  # an exact zero: the official mask gives it +eps
+  cfg = QuantConfig("minima", group_size=64, eps=1e-3)
+  y, dx, dw = _vjp(functools.partial(quant.quantized_matmul, cfg=cfg), x, w, g)
+  want_y, want_dx, want_dw = official_ultraquant_np(x, np.asarray(w).T, g, 64,
+                                                    1e-3)
+  np.testing.assert_allclose(y, want_y, rtol=1e-13, atol=1e-13)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-13, atol=1e-13)
+  np.testing.assert_allclose(dw, want_dw.T, rtol=1e-13, atol=1e-13)
+  dead = np.asarray(quant.ternarize(w, cfg)[0]) == 0
+  # The reactivation gradient is O(tokens), not O(eps * tokens).
+  extra = np.asarray(dw) - np.asarray(x).reshape(-1, 256).T @ np.asarray(
+      g).reshape(-1, D_OUT)
+  assert np.abs(extra[dead]).max() > 0.5 and np.abs(extra[~dead]).max() < 1e-12
+
+
+def test_bias_gradient_accumulates_in_fp32():
+  """dc = Σ_tokens g: bf16 activations, but the sum over 8k tokens in fp32
+  (a bf16 sum is off by ~1%; the official matmul accumulates in fp32)."""
+  rng = np.random.default_rng(0)
+  g = jnp.asarray(rng.normal(1.0, 0.3, (8, 1024, 16)), jnp.bfloat16)
+  y = jnp.zeros(g.shape, jnp.bfloat16)
+  dc = jax.vjp(lambda c: quant.matmul.add_bias(y, c),
+               jnp.zeros(16, jnp.float32))[1](g)[0]
+  assert dc.dtype == jnp.float32
+  want = np.asarray(g, np.float64).sum((0, 1))
+  np.testing.assert_allclose(dc, want, rtol=1e-6)
+  # And through the layer: dW on the deadzone carries λ·dc in fp32.
+  x = jnp.asarray(rng.normal(size=(8, 1024, 128)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(128, 16)) * 0.05, jnp.float32)
+  cfg = QuantConfig("tequila", group_size=64, lam=1.0)
+  _, pull = jax.vjp(lambda w: quant.ternary_matmul(x, w, cfg), w)
+  dw = np.asarray(pull(g)[0], np.float64)
+  dw_ste = np.asarray(jax.vjp(
+      lambda w: quant.ternary_matmul(x, w, QuantConfig("absmean", group_size=64)),
+      w)[1](g)[0], np.float64)
+  dead = np.asarray(quant.ternarize(w, cfg)[0]) == 0
+  np.testing.assert_allclose((dw - dw_ste)[dead],
+                             np.broadcast_to(want, dw.shape)[dead], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["absmean", "tequila"])
+def test_bf16_statistics_match_the_official_code(method):
+  """stat_dtype='bfloat16' reproduces the official ultraquantv2 codes and
+  scales on bf16 weights exactly (torch transcription, in bf16)."""
+  rng = np.random.default_rng(7)
+  w_out_in = (rng.normal(size=(48, 512)) * 0.02).astype(np.float32)
+  w_out_in = np.asarray(jnp.asarray(w_out_in, jnp.bfloat16), np.float32)
+  codes, alpha, c = official_ultraquantv2_stats_bf16(w_out_in, 128, 1e-3)
+  cfg = QuantConfig(method, group_size=128, lam=1e-3, stat_dtype="bfloat16")
+  got = quant.ternary_state(jnp.asarray(w_out_in.T), cfg)
+  np.testing.assert_array_equal(got.codes, codes.T)
+  np.testing.assert_array_equal(got.alpha, alpha.T)
+  if method == "tequila":  # official λ is bf16(1e-3) and B is rounded to bf16:
+    # each term within 2^-8 relative, so the sum within 2^-8 λ Σ_D |W|.
+    bound = 1e-3 * np.sum(np.abs(w_out_in) * (codes == 0), -1) * 2.0**-8
+    assert np.all(np.abs(np.asarray(got.c) - c) <= bound)
+  # fp32 statistics differ from the official ones on some groups' scales.
+  fp32 = quant.ternary_state(jnp.asarray(w_out_in.T),
+                             QuantConfig(method, group_size=128))
+  assert not np.array_equal(fp32.alpha, got.alpha)

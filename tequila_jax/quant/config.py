@@ -6,6 +6,7 @@ import dataclasses
 
 METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima")
 GRANULARITIES = ("per_group", "per_channel", "per_tensor")
+STAT_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,11 @@ class QuantConfig:
     group_size: G for `per_group`; ignored otherwise.
     lam: Tequila's reactivation strength λ (`tequila`, `tequila_dynamic`).
     eps: the constant of the `minima` reactivation term.
+    stat_dtype: `float32` (default: alpha and delta in fp32, or fp64 for fp64
+      weights) or `bfloat16`, the official code's statistics on bf16 weights:
+      W rounded to bf16, alpha = bf16(mean|W|) accumulated in fp32, delta =
+      bf16(alpha / 2). Converting a checkpoint the official run saved needs
+      `bfloat16` to reproduce its codes and scales exactly.
   """
 
   method: str = "tequila"
@@ -26,6 +32,7 @@ class QuantConfig:
   group_size: int = 128
   lam: float = 1e-3
   eps: float = 1e-3
+  stat_dtype: str = "float32"
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -42,6 +49,9 @@ class QuantConfig:
                        "AbsMean-STE baseline.")
     if self.eps < 0:
       raise ValueError(f"eps must be >= 0, got {self.eps}.")
+    if self.stat_dtype not in STAT_DTYPES:
+      raise ValueError(f"Unknown stat_dtype {self.stat_dtype!r}; choose one "
+                       f"of {STAT_DTYPES}.")
 
   @property
   def is_ternary(self) -> bool:

@@ -57,12 +57,31 @@ def _qk_bwd(cfg, dtype, res, cotangents):
 quantize_kernel.defvjp(_qk_fwd, _qk_bwd)
 
 
+@jax.custom_vjp
+def add_bias(y: jax.Array, c: jax.Array) -> jax.Array:
+  """`y[..., out] + c[out]` in y's dtype; the bias cotangent `dc = Σ_tokens g`
+  is accumulated in c's dtype (fp32), not in y's (bf16 sums lose ~1%)."""
+  return y + c.astype(y.dtype)
+
+
+def _add_bias_fwd(y, c):
+  return add_bias(y, c), jnp.zeros((), c.dtype)
+
+
+def _add_bias_bwd(c_proto, g):
+  dc = jnp.sum(g, axis=tuple(range(g.ndim - 1)), dtype=c_proto.dtype)
+  return g, dc
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 def ternary_matmul(x: jax.Array, w: jax.Array, cfg: QuantConfig) -> jax.Array:
   """`x[..., in] @ Q + c(W)` in `x.dtype`; `w` is the latent `[in, out]` kernel."""
   q, c = quantize_kernel(w, cfg, x.dtype)
   y = jnp.matmul(x, checkpoint_name(q, QUANT_NAMES[0]))
   if cfg.bias_lam:
-    y = y + checkpoint_name(c, QUANT_NAMES[1]).astype(x.dtype)
+    y = add_bias(y, checkpoint_name(c, QUANT_NAMES[1]))
   return y
 
 
@@ -85,11 +104,15 @@ def _input_dependent(x, w, cfg):
     # through the bias path, identity STE through Q.
     kernel = _ste(w, q) + cfg.lam * w_dead
     return jnp.matmul(x, kernel.astype(x.dtype))
-  # minima: x @ Q + eps * sign(x) @ sign(W_D), sign(W_D) passes the gradient
-  # straight through to W on D, sign(x) none back to x.
-  sign_dead = _ste(w_dead, jnp.sign(w_dead))
+  # minima (official `ultraquant`): x @ Q + sign(x) @ B with B = ±eps on D
+  # (+eps where W >= 0, as the official mask does). Its backward adds
+  # dB = sign(x)ᵀ g to W on D *unscaled*: B's forward value with an identity
+  # gradient to W_D (the `w_dead - stop_gradient(w_dead)` term is exactly 0).
+  # sign(x) passes no gradient back to x.
+  signs = jnp.where(codes == 0, jnp.where(w >= 0, 1.0, -1.0), 0.0)
+  b = cfg.eps * signs.astype(w.dtype) + (w_dead - jax.lax.stop_gradient(w_dead))
   y = jnp.matmul(x, _ste(w, q).astype(x.dtype))
-  return y + cfg.eps * jnp.matmul(jnp.sign(x), sign_dead.astype(x.dtype))
+  return y + jnp.matmul(jnp.sign(x), b.astype(x.dtype))
 
 
 def quantized_matmul(x: jax.Array, w: jax.Array, cfg: QuantConfig) -> jax.Array:

@@ -52,8 +52,14 @@ def _threshold(w: jax.Array, cfg: QuantConfig):
   """(grouped |W|-statistics view `wg`, per-group delta, mean|W|)."""
   cfg.check_kernel_shape(w.shape)
   wg = jax.lax.stop_gradient(_grouped(w, cfg)).astype(stat_dtype(w.dtype))
-  mean_abs = jnp.mean(jnp.abs(wg), axis=_reduce_axes(cfg), keepdims=True)
   scale = 0.75 if cfg.method == "twn" else 0.5
+  if cfg.stat_dtype == "bfloat16":  # the official code on bf16 weights
+    to_bf16 = lambda a: a.astype(jnp.bfloat16).astype(wg.dtype)  # noqa: E731
+    wg = to_bf16(wg)
+    mean_abs = to_bf16(jnp.mean(jnp.abs(wg), axis=_reduce_axes(cfg),
+                                keepdims=True))
+    return wg, to_bf16(scale * mean_abs), mean_abs
+  mean_abs = jnp.mean(jnp.abs(wg), axis=_reduce_axes(cfg), keepdims=True)
   return wg, scale * mean_abs, mean_abs
 
 
