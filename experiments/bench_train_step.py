@@ -51,7 +51,7 @@ def bench(config, spec: str, batch: int, seq: int, iters: int, warmup: int):
       lambda s, b: trainer.train_step(s, b, graphdef=graphdef, tx=tx,
                                       lr_schedule=lr,
                                       micro_batches=config.train.micro_batches,
-                                      qcfg=cfg.quant, diag=diag,
+                                      diag=diag,
                                       full_diagnostics=diag_mode == "fulldiag",
                                       loss_chunk=config.train.loss_chunk),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),

@@ -121,10 +121,13 @@ def base_config() -> ml_collections.ConfigDict:
       final_fraction=0.1,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  # Deadzone diagnostics (tequila_jax/diagnostics.py): cheap figures every
-  # step, trapped fraction / GSNR / histograms on logging steps.
+  # Deadzone diagnostics (tequila_jax/diagnostics.py): fractions, crossings,
+  # pile-up and trapping every step (trapping on `sample_size` sampled weights
+  # per layer type, trapped = in D for >= `trap_steps` steps); GSNR and
+  # |W|/delta histograms on logging steps.
   config.diagnostics = ml_collections.ConfigDict(dict(
-      enabled=True, history_k=8, sample_size=4096, hist_bins=60, hist_max=3.0))
+      enabled=True, trap_steps=100, sample_size=4096, hist_bins=60,
+      hist_max=3.0))
   return config
 
 

@@ -39,8 +39,9 @@ class MetricWriter:
       return
     record = {"step": int(step), "time": time.time()}
     for k, v in metrics.items():
-      record[f"{prefix}/{k}"] = v
-      if self._tb is not None and isinstance(v, float) and math.isfinite(v):
+      finite = not isinstance(v, float) or math.isfinite(v)
+      record[f"{prefix}/{k}"] = v if finite else None  # JSON has no NaN
+      if self._tb is not None and isinstance(v, float) and finite:
         self._tb.add_scalar(f"{prefix}/{k}", v, step)
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()

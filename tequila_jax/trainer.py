@@ -31,7 +31,6 @@ from tequila_jax import (checkpoint, config_lib, data, diagnostics, metrics,
                          optim, pretrained, sharding)
 from tequila_jax import model as model_lib
 from tequila_jax.model import Llama, ModelConfig, param_count
-from tequila_jax.quant import QuantConfig
 
 log = logging.getLogger("tequila_jax")
 
@@ -86,7 +85,6 @@ def loss_fn(params, graphdef, tokens, loss_chunk: int = 0):
 
 def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
                lr_schedule: Callable, micro_batches: int,
-               qcfg: QuantConfig | None = None,
                diag: diagnostics.DiagnosticsConfig | None = None,
                full_diagnostics: bool = False,
                loss_chunk: int = 0) -> tuple[dict, dict]:
@@ -129,16 +127,15 @@ def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
   out = dict(loss=loss, grad_norm=optax.tree.norm(grads),
              lr=lr_schedule(state["step"]))
   if diag is not None:
-    cheap, ratios, old_codes = diagnostics.step_metrics(params, new_params, qcfg)
-    out.update(cheap)
-    new_state["diag"] = diagnostics.update_history(state["diag"], ratios, diag)
+    new_state["diag"], per_step = diagnostics.update(state["diag"], params,
+                                                     new_params, diag)
+    out.update(per_step)
     if full_diagnostics:
       grad_var = None
       if want_gsnr:
         grad_var = jax.tree.map(lambda a: a / (micro_batches - 1), m2)
       out.update(diagnostics.full_metrics(
-          new_state["diag"], ratios, diag, old_codes,
-          grads if want_gsnr else None, grad_var))
+          params, new_params, diag, grads if want_gsnr else None, grad_var))
   return new_state, out
 
 
@@ -216,8 +213,9 @@ def diagnostics_config(config, model_cfg: ModelConfig
   if not d.enabled or not model_cfg.quant.is_ternary:
     return None
   return diagnostics.DiagnosticsConfig(
-      history_k=d.history_k, sample_size=d.sample_size, hist_bins=d.hist_bins,
-      hist_max=d.hist_max, seed=config.seed)
+      quant=model_cfg.quant, trap_steps=d.trap_steps,
+      sample_size=d.sample_size, hist_bins=d.hist_bins, hist_max=d.hist_max,
+      seed=config.seed)
 
 
 def _load_pretrained(config, model_cfg: ModelConfig) -> Llama:
@@ -268,7 +266,7 @@ def compile_steps(setup: Setup, graphdef, shardings):
         lambda s, b: train_step(
             s, b, graphdef=graphdef, tx=setup.tx, lr_schedule=setup.lr_schedule,
             micro_batches=setup.config.train.micro_batches,
-            qcfg=setup.model_cfg.quant, diag=setup.diag, full_diagnostics=full,
+            diag=setup.diag, full_diagnostics=full,
             loss_chunk=setup.config.train.loss_chunk),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),

@@ -32,7 +32,7 @@ def _losses(workdir):
           if "train/loss" in r}
 
 
-def _params(workdir, step):
+def _state(workdir, step):
   from tequila_jax import checkpoint  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints",
                                  every=1, keep=10)
@@ -40,7 +40,11 @@ def _params(workdir, step):
       "orbax.checkpoint").checkpoint.args.Composite(
           state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore()))
   ckpt.close()
-  return state["state"]["params"]
+  return state["state"]
+
+
+def _params(workdir, step):
+  return _state(workdir, step)["params"]
 
 
 def _env():
@@ -87,18 +91,34 @@ def test_parallel_matches_single_device(tmp_path, mesh, micro):
 
 def test_resume_is_exact(tmp_path):
   kw = dict(steps=20, log_every=1, checkpoint_every=5, eval_every=100)
-  trainer.run(_tiny(tmp_path, **kw), tmp_path / "straight")
-  first = trainer.run(_tiny(tmp_path, **kw), tmp_path / "split", stop_at=10)
+
+  def config():  # trap windows of 4 steps: the split at 10 is mid-window
+    c = _tiny(tmp_path, **kw)
+    c.diagnostics.trap_steps = 4
+    return c
+
+  trainer.run(config(), tmp_path / "straight")
+  first = trainer.run(config(), tmp_path / "split", stop_at=10)
   assert first["step"] == 10
-  second = trainer.run(_tiny(tmp_path, **kw), tmp_path / "split")
+  second = trainer.run(config(), tmp_path / "split")
   assert second["start_step"] == 10 and second["step"] == 20
   a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
   assert sorted(a) == sorted(b) == list(range(1, 21))
-  # The data stream continues exactly, so every loss is bit-identical.
+  # The data stream continues exactly, so every loss is bit-identical; so
+  # are the diagnostics, whose trap counters travel in the checkpoint.
   assert [a[k] for k in a] == [b[k] for k in a]
-  for x, y in zip(jax.tree.leaves(_params(tmp_path / "straight", 20)),
-                  jax.tree.leaves(_params(tmp_path / "split", 20))):
+  train = lambda w: [{k: v for k, v in r.items() if k.startswith("train/")  # noqa: E731
+                      and k != "train/tokens_per_s"}
+                     for r in metrics.read_jsonl(w / "metrics.jsonl")
+                     if "train/loss" in r]
+  straight, split = train(tmp_path / "straight"), train(tmp_path / "split")
+  assert straight == split
+  assert straight[-1]["train/escape_rate/all"] is not None
+  assert straight[-1]["train/trapped_fraction/all"] > 0
+  for x, y in zip(jax.tree.leaves(_state(tmp_path / "straight", 20)),
+                  jax.tree.leaves(_state(tmp_path / "split", 20))):
     np.testing.assert_array_equal(x, y)
+  assert int(_state(tmp_path / "split", 20)["diag"]["count"]) == 20
 
 
 def test_sigterm_saves_and_resumes(tmp_path):
@@ -163,9 +183,9 @@ def test_3b_dry_run_describes_sharded_state():
   config.train.batch_size = 8
   d = trainer.describe(config)
   assert round(d["params"] / 1e9, 2) == 3.21
-  # fp32 params + two AdamW moments + the diagnostics history (7 layer types
-  # x K=8 steps x 4096 sampled weights, fp32) + a few int32 counters.
-  extra = d["state_bytes"] - 12 * d["params"] - 7 * 8 * 4096 * 4
+  # fp32 params + two AdamW moments + the trap counters (7 layer types x
+  # 4096 sampled weights: an int32 run length and two bools) + scalars.
+  extra = d["state_bytes"] - 12 * d["params"] - 7 * 4096 * (4 + 1 + 1)
   assert 0 <= extra < 64, extra
   assert abs(d["state_bytes_per_device"] / (d["state_bytes"] / 8) - 1) < 0.01
 

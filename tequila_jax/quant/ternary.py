@@ -78,12 +78,21 @@ def ternarize(w: jax.Array, cfg: QuantConfig) -> tuple[jax.Array, jax.Array]:
   return codes.reshape(w.shape), alpha[:, 0, :]
 
 
+def threshold_stats(w: jax.Array, cfg: QuantConfig
+                    ) -> tuple[jax.Array, jax.Array]:
+  """`(codes, |W| / delta)`, both `[in, out]`, from one set of statistics.
+  r < 1 is the deadzone up to the rounding of the division (the codes are
+  exact); an all-zero group (delta = 0) gives r = 0."""
+  wg, delta, _ = _threshold(w, cfg)
+  ratio = jnp.abs(wg) / jnp.where(delta > 0, delta, 1)
+  ratio = jnp.where(delta > 0, ratio, 0).reshape(w.shape)
+  return _codes(wg, delta).reshape(w.shape), ratio
+
+
 def threshold_ratio(w: jax.Array, cfg: QuantConfig) -> jax.Array:
   """`|W| / delta` per weight (`[in, out]`): < 1 is the deadzone, 1 the
   boundary. All-zero groups (delta = 0) give 0."""
-  wg, delta, _ = _threshold(w, cfg)
-  ratio = jnp.abs(wg) / jnp.where(delta > 0, delta, 1)
-  return jnp.where(delta > 0, ratio, 0).reshape(w.shape)
+  return threshold_stats(w, cfg)[1]
 
 
 def dequantize(codes: jax.Array, alpha: jax.Array,
