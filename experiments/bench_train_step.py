@@ -5,9 +5,10 @@
         --batch 16 --seq 1024 --peak_tflops 989   # an H100, bf16 dense
 
 Every method runs the same jitted, donated `trainer.train_step` (AdamW) on the
-same random token batch in one process (`tequila+diag` adds the per-step
-deadzone diagnostics, `tequila+fulldiag` the logging-step variant); reports the median of `--iters`
-steps after warm-up, tokens/s, the ratio to `none`, model FLOPs utilization
+same random token batch in one process, one step of each in turn (round
+robin, so machine noise hits all alike; `tequila+diag` adds the per-step
+deadzone diagnostics, `tequila+fulldiag` the logging-step variant); reports
+the median and range of `--iters` steps after warm-up, tokens/s, the ratio to `none`, model FLOPs utilization
 when `--peak_tflops` is given (6·N·tokens + attention, PaLM appendix B), and
 `compiled.memory_analysis()`. Results go to stdout (markdown) and `--out`.
 """
@@ -33,7 +34,8 @@ def model_flops_per_token(cfg, seq: int) -> float:
   return 6 * dense + 12 * L * cfg.num_heads * cfg.head_dim * seq
 
 
-def bench(config, spec: str, batch: int, seq: int, iters: int, warmup: int):
+def build(config, spec: str, batch: int, seq: int):
+  """One candidate: its compiled step, state and batch (not yet timed)."""
   method, _, diag_mode = spec.partition("+")
   config = config_lib.load_config_file(config) if isinstance(config, str) else config
   config.model.quant.method = method
@@ -61,24 +63,34 @@ def bench(config, spec: str, batch: int, seq: int, iters: int, warmup: int):
   tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
   t0 = time.perf_counter()
   compiled = step.lower(state, tokens).compile()
-  compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  times = []
-  for i in range(warmup + iters):
-    t0 = time.perf_counter()
-    state, m = compiled(state, tokens)
-    jax.block_until_ready((state, m))
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
-  med = statistics.median(times)
-  stats = jax.devices()[0].memory_stats() or {}
-  return dict(method=spec, step_s=med, tokens_per_s=batch * seq / med,
-              compile_s=compile_s, loss=float(m["loss"]),
+  return dict(method=spec, compiled=compiled, state=state, tokens=tokens,
+              compile_s=time.perf_counter() - t0, times=[],
               flops_per_step=model_flops_per_token(cfg, seq) * batch * seq,
               temp_bytes=getattr(mem, "temp_size_in_bytes", None),
-              arg_bytes=getattr(mem, "argument_size_in_bytes", None),
-              peak_bytes=stats.get("peak_bytes_in_use"),
-              spread=(min(times), max(times)))
+              arg_bytes=getattr(mem, "argument_size_in_bytes", None))
+
+
+def time_round_robin(candidates: list[dict], iters: int, warmup: int) -> None:
+  """One step of each candidate in turn, `warmup + iters` rounds, so that
+  every candidate sees the same machine state (noise, thermals)."""
+  for i in range(warmup + iters):
+    for c in candidates:
+      t0 = time.perf_counter()
+      c["state"], m = c["compiled"](c["state"], c["tokens"])
+      jax.block_until_ready((c["state"], m))
+      if i >= warmup:
+        c["times"].append(time.perf_counter() - t0)
+      c["loss"] = float(m["loss"])
+
+
+def result(c: dict, batch: int, seq: int) -> dict:
+  med = statistics.median(c["times"])
+  return dict(method=c["method"], step_s=med, tokens_per_s=batch * seq / med,
+              compile_s=c["compile_s"], loss=c["loss"],
+              flops_per_step=c["flops_per_step"], temp_bytes=c["temp_bytes"],
+              arg_bytes=c["arg_bytes"],
+              spread=(min(c["times"]), max(c["times"])))
 
 
 def measured_peak_tflops(n: int = 8192, iters: int = 20) -> float:
@@ -127,14 +139,17 @@ def main():
       c.train.loss_chunk = args.loss_chunk
     return c
 
-  rows = [bench(config(), m, args.batch, args.seq, args.iters, args.warmup)
-          for m in args.methods.split(",")]
+  candidates = [build(config(), m, args.batch, args.seq)
+                for m in args.methods.split(",")]
+  time_round_robin(candidates, args.iters, args.warmup)
+  rows = [result(c, args.batch, args.seq) for c in candidates]
+  stats = jax.devices()[0].memory_stats() or {}
   base = rows[0]["step_s"]
   print(f"\n{args.config} batch={args.batch} seq={args.seq} "
         f"devices={jax.devices()} jax={jax.__version__} "
         f"host={platform.processor() or platform.machine()}")
   print("| method | step ms (median) | min–max ms | tokens/s | vs "
-        f"{rows[0]['method']} | MFU | temp MiB | peak GiB (process) |")
+        f"{rows[0]['method']} | MFU | temp MiB | peak GiB (process, all) |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     mfu = (f"{r['flops_per_step'] / r['step_s'] / (args.peak_tflops * 1e12):.1%}"
@@ -144,7 +159,8 @@ def main():
     print(f"| {r['method']} | {r['step_s'] * 1e3:.1f} | "
           f"{r['spread'][0] * 1e3:.1f}–{r['spread'][1] * 1e3:.1f} | "
           f"{r['tokens_per_s']:.0f} | {r['step_s'] / base:.3f}x | {mfu} | {temp} | "
-          + (f"{r['peak_bytes'] / 2**30:.1f} |" if r["peak_bytes"] else "- |"))
+          + (f"{stats['peak_bytes_in_use'] / 2**30:.1f} |"
+             if stats.get("peak_bytes_in_use") else "- |"))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(dict(args=vars(args), jax=jax.__version__,

@@ -36,13 +36,33 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
 
-  def restore(self, step: int, abstract_state, data_iter):
-    """The state at `step` in the layout of `abstract_state` (ShapeDtypeStructs
-    with shardings); `data_iter` is moved to its saved position in place."""
+  def restore(self, step: int, abstract_state: dict, data_iter,
+              rebuildable: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """`(state at step, stale keys)`: the state in the layout of
+    `abstract_state` (ShapeDtypeStructs with shardings); `data_iter` is moved
+    to its saved position in place. A top-level entry named in `rebuildable`
+    whose saved layout differs from `abstract_state`'s (a checkpoint of
+    another version, or saved with that entry off) is left out of the result
+    and named in the stale keys, for the caller to rebuild."""
+    with ocp.StandardCheckpointer() as reader:
+      saved = reader.metadata(self.directory / str(step) / "state").item_metadata
+    abstract, stale = dict(abstract_state), []
+    for key in rebuildable:
+      if _layout(saved.get(key)) == _layout(abstract.get(key)):
+        continue
+      stale.append(key)
+      if key in saved:  # restore what is on disk, then drop it
+        replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract[key] = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                           sharding=replicated),
+            dict(saved[key]))
+      else:
+        abstract.pop(key, None)
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored["state"]
+        state=ocp.args.StandardRestore(abstract),
+        data=grain.checkpoint.CheckpointRestore(data_iter)))["state"]
+    return {k: v for k, v in restored.items() if k not in stale}, stale
 
   def close(self):
     self.manager.wait_until_finished()
@@ -53,3 +73,13 @@ def abstract_with_shardings(abstract_state, shardings):
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       abstract_state, shardings)
+
+
+def _layout(tree) -> list | None:
+  """Paths, shapes and dtypes of a (metadata or abstract) tree."""
+  if tree is None:
+    return None
+  leaves = jax.tree_util.tree_flatten_with_path(
+      dict(tree) if hasattr(tree, "keys") else tree)[0]
+  return [(jax.tree_util.keystr(p), tuple(x.shape), str(x.dtype))
+          for p, x in leaves]

@@ -376,7 +376,14 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
     abstract = checkpoint.abstract_with_shardings(
         jax.eval_shape(lambda: state), shardings)
     del state
-    state = ckpt.restore(start, abstract, data_iter)
+    state, stale = ckpt.restore(start, abstract, data_iter,
+                                rebuildable=("diag",))
+    if setup.diag is not None and "diag" in stale:
+      state["diag"] = jax.jit(diagnostics.init_state, static_argnums=1,
+                              out_shardings=shardings["diag"])(
+                                  state["params"], setup.diag)
+      log.warning("the checkpoint's deadzone trap counters do not fit this "
+                  "version's diagnostics: they restart from step %d.", start)
     log.info("resumed from step %d", start)
   start = start or 0
 

@@ -121,6 +121,28 @@ def test_resume_is_exact(tmp_path):
   assert int(_state(tmp_path / "split", 20)["diag"]["count"]) == 20
 
 
+def test_resume_rebuilds_diagnostics_of_another_layout(tmp_path, caplog):
+  """A checkpoint saved without diagnostics, or with another trap-counter
+  layout (another version or sample size), resumes; the counters restart."""
+  def config(enabled, sample_size=4096):
+    c = _tiny(tmp_path, steps=12, checkpoint_every=4, eval_every=100,
+              log_every=1)
+    c.diagnostics.update(enabled=enabled, sample_size=sample_size)
+    return c
+
+  workdir = tmp_path / "run"
+  trainer.run(config(False), workdir, stop_at=4)
+  trainer.run(config(True), workdir, stop_at=8)
+  assert "trap counters do not fit" in caplog.text
+  caplog.clear()
+  done = trainer.run(config(True, sample_size=512), workdir)
+  assert done["start_step"] == 8 and done["step"] == 12
+  assert "trap counters do not fit" in caplog.text
+  assert _state(workdir, 12)["diag"]["dead_run"]["q_proj"].shape == (512,)
+  last = metrics.read_jsonl(workdir / "metrics.jsonl")[-2]
+  assert last["step"] == 12 and last["train/trapped_sample_size"] == 512
+
+
 def test_sigterm_saves_and_resumes(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
