@@ -8,10 +8,12 @@
 2. Continues it with every method (`none` = float continuation, `absmean`,
    `twn`, `tequila`, `tequila_dynamic`, `minima`) at an equal token budget,
    over several seeds.
-3. Reports held-out perplexity (mean ± std), dead and trapped fractions, the
-   Tequila vs `tequila_dynamic` gap (what the input-agnostic bias costs) and
-   whether the numbers support the claim that Tequila recovers more of the
-   float model than AbsMean and traps fewer weights.
+3. Reports held-out perplexity (mean ± std), dead and trapped fractions and
+   escape rates, and paired differences of held-out loss against AbsMean
+   (same seed = same data order, same held-out windows; 95% bootstrap
+   interval over the windows, "inconclusive" when it contains 0): the claim
+   that Tequila recovers more of the float model than AbsMean, and the
+   Tequila vs `tequila_dynamic` gap (what the input-agnostic bias costs).
 
 `--corpus_dir` takes a corpus prepared elsewhere (`python -m tequila_jax.data`)
 so that a GPU machine need not hold the tokenizer. Restarting skips finished
@@ -62,64 +64,63 @@ def small_config(tiny: bool, corpus_dir: str):
   return config
 
 
-def verdict(better: bool, traps_fewer: bool, beyond_noise: bool) -> str:
-  if better and traps_fewer and beyond_noise:
-    return "SUPPORTED."
-  if not better and beyond_noise:
-    return "CONTRADICTED at this scale (AbsMean is better beyond seed noise)."
-  parts = []
-  if not beyond_noise:
-    parts.append("the perplexity difference is within seed noise")
-  if not traps_fewer:
-    parts.append("Tequila does not trap fewer weights")
-  return "NOT SUPPORTED at this scale: " + "; ".join(parts) + "."
-
-
 def summarize(results: list[dict], out: pathlib.Path) -> str:
   by_method: dict[str, list[dict]] = {}
   for r in results:
     by_method.setdefault(r["overrides"]["model.quant.method"], []).append(r)
 
   def stat(method, key):
-    v = np.array([r.get(key, np.nan) for r in by_method[method]], float)
+    v = np.array([np.nan if r.get(key) is None else r[key]
+                  for r in by_method[method]], float)
     if np.isnan(v).all():  # e.g. no deadzone figures for the float model
       return float("nan"), float("nan")
     return float(np.nanmean(v)), float(np.nanstd(v))
 
   lines = ["| method | held-out ppl (mean ± std) | loss | dead | trapped* | "
-           "seeds |", "|---|---|---|---|---|---|"]
+           "escape* | seeds |", "|---|---|---|---|---|---|---|"]
   table = {}
   for m in METHODS:
     if m not in by_method:
       continue
-    ppl, loss = stat(m, "eval_perplexity"), stat(m, "eval_loss")
-    dead, trapped = stat(m, "dead_fraction/all"), stat(m, "trapped_fraction/all")
-    table[m] = dict(ppl=ppl, loss=loss, dead=dead, trapped=trapped)
+    table[m] = {name: stat(m, key) for name, key in (
+        ("ppl", "eval_perplexity"), ("loss", "eval_loss"),
+        ("dead", "dead_fraction/all"), ("trapped", "trapped_fraction/all"),
+        ("escape", "escape_rate/all"))}
     fmt = lambda s, p=4: "-" if np.isnan(s[0]) else f"{s[0]:.{p}g} ± {s[1]:.2g}"  # noqa: E731
-    lines.append(f"| {m} | {fmt(ppl)} | {fmt(loss)} | {fmt(dead)} | "
-                 f"{fmt(trapped)} | {len(by_method[m])} |")
-  text = "\n".join(lines) + "\n\n*trapped: fixed random sample per layer type.\n"
-  if {"absmean", "tequila", "none"} <= set(table):
-    t, a, f = table["tequila"], table["absmean"], table["none"]
-    gap_a, gap_t = a["loss"][0] - f["loss"][0], t["loss"][0] - f["loss"][0]
-    recovered = (gap_a - gap_t) / gap_a if gap_a > 0 else float("nan")
-    better = t["ppl"][0] < a["ppl"][0]
-    noise = max(t["ppl"][1], a["ppl"][1])
-    traps = t["trapped"][0] < a["trapped"][0]
-    text += (
-        f"\nTequila vs AbsMean: held-out ppl {t['ppl'][0]:.4g} vs "
-        f"{a['ppl'][0]:.4g} (seed std up to {noise:.2g}); the float "
-        f"continuation reaches {f['ppl'][0]:.4g}. Tequila closes "
-        f"{recovered:.1%} of AbsMean's loss gap to float. Trapped fraction "
-        f"{t['trapped'][0]:.4g} vs {a['trapped'][0]:.4g}.\n"
-        "Claim (Tequila recovers more of the float model's quality than "
-        "AbsMean at the same budget, and traps fewer weights): "
-        + verdict(better, traps, abs(t["ppl"][0] - a["ppl"][0]) > noise) + "\n")
-  if {"tequila", "tequila_dynamic"} <= set(table):
-    t, d = table["tequila"], table["tequila_dynamic"]
-    text += (f"\nInput-agnostic approximation: tequila ppl {t['ppl'][0]:.4g} "
-             f"vs tequila_dynamic {d['ppl'][0]:.4g} (loss gap "
-             f"{t['loss'][0] - d['loss'][0]:+.4f} nats).\n")
+    t = table[m]
+    lines.append(f"| {m} | {fmt(t['ppl'])} | {fmt(t['loss'])} | "
+                 f"{fmt(t['dead'])} | {fmt(t['trapped'])} | "
+                 f"{fmt(t['escape'])} | {len(by_method[m])} |")
+  text = "\n".join(lines) + (
+      "\n\n*trapped: share of weights in the band 0.8 <= |W|/delta < 1 and "
+      "in the deadzone for >= S steps; escape: share of the band's weights "
+      "that left the deadzone within a window of S steps (fixed random "
+      "sample per layer type).\n")
+  if "absmean" in by_method and len(by_method) > 1:
+    text += "\n" + sweep.paired_table(by_method, "absmean")
+  if {"absmean", "tequila"} <= set(by_method):
+    p = sweep.paired_difference(by_method["tequila"], by_method["absmean"],
+                                names=("tequila", "absmean"))
+    table["tequila_vs_absmean"] = p
+    claim = {"tequila better": "SUPPORTED (Tequila's held-out loss is lower "
+                               "than AbsMean's beyond the 95% interval)",
+             "absmean better": "CONTRADICTED at this scale (AbsMean is "
+                               "better beyond the 95% interval)"}.get(
+                                   p["verdict"], "INCONCLUSIVE at this "
+                                   "scale (the 95% interval contains 0)")
+    text += (f"\nClaim (Tequila recovers more of the float model than AbsMean "
+             f"at the same budget): {claim}: Δ loss {p['mean']:+.4f} nats, "
+             f"95% CI [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] over "
+             f"{p['windows']} held-out windows x {p['seeds']} paired seeds. "
+             f"Trapped fraction {table['tequila']['trapped'][0]:.4g} vs "
+             f"{table['absmean']['trapped'][0]:.4g}.\n")
+  if {"tequila", "tequila_dynamic"} <= set(by_method):
+    p = sweep.paired_difference(by_method["tequila"],
+                                by_method["tequila_dynamic"],
+                                names=("tequila", "tequila_dynamic"))
+    text += (f"\nInput-agnostic approximation: tequila minus tequila_dynamic "
+             f"{p['mean']:+.4f} nats, 95% CI [{p['ci95'][0]:+.4f}, "
+             f"{p['ci95'][1]:+.4f}] ({p['verdict']}).\n")
   (out / "summary.md").write_text(text)
   (out / "summary.json").write_text(json.dumps(table, indent=2))
   return text

@@ -11,6 +11,12 @@ A sweep is a function returning config overrides (`SWEEPS`); several
 loss, deadzone figures, config, git commit, hardware, wall time). A restarted
 sweep skips finished points and resumes unfinished ones from their last
 checkpoint. Results: `OUT/results.csv`, `OUT/results.md`, `OUT/results.png`.
+
+Settings are compared *paired*: every point also scores its held-out windows
+one by one, and `results.md` reports each setting's held-out loss minus the
+reference setting's (`--reference`, default the first) over the same seeds
+(= the same data order) and windows, with a 95% bootstrap interval over the
+windows; "inconclusive" when it contains 0.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -40,9 +48,11 @@ SWEEPS = {
         for g in (32, 64, 128)],
     "seeds": lambda: [{"seed": s} for s in (0, 1, 2)],
 }
-SUMMARY_KEYS = ("dead_fraction/all", "boundary_fraction/all", "flip_rate/all",
-                "trapped_fraction/all", "gsnr_pooled_dead/all",
+SUMMARY_KEYS = ("dead_fraction/all", "crossing_rate/all",
+                "trapped_fraction/all", "trapped_of_dead/all",
+                "escape_rate/all", "pileup_ratio/all", "gsnr_pooled_dead/all",
                 "gsnr_pooled_active/all")
+MAX_EVAL_WINDOWS = 2048  # held-out windows scored per point for pairing
 
 
 def grid(names: list[str]) -> list[dict]:
@@ -88,7 +98,8 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path) -> dict:
   `config_spec` is a config file spec or a function returning a ConfigDict.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from tequila_jax import config_lib, metrics, trainer  # pylint: disable=g-import-not-at-top
+  from tequila_jax import (config_lib, data, evaluate, metrics,  # pylint: disable=g-import-not-at-top
+                           pretrained, trainer)
   config = (config_spec() if callable(config_spec)
             else config_lib.load_config_file(config_spec))
   config.update_from_flattened_dict(overrides)
@@ -97,13 +108,20 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path) -> dict:
   last = {}
   for record in metrics.read_jsonl(workdir / "metrics.jsonl"):
     for key in SUMMARY_KEYS:
-      if f"train/{key}" in record:
+      if record.get(f"train/{key}") is not None:
         last[key] = record[f"train/{key}"]
+  losses = evaluate.window_losses(
+      pretrained.load_model(str(workdir)),
+      config.data.corpus_dir or data.prepare_for_config(config, progress=False),
+      seq_len=config.data.seq_len, max_windows=MAX_EVAL_WINDOWS,
+      batch_size=config.train.eval_batch_size or 8)
   result = dict(name=workdir.name, overrides=overrides,
                 eval_loss=summary["eval_after"]["loss"],
                 eval_perplexity=summary["eval_after"]["perplexity"],
                 train_loss=summary["loss"], steps=summary["step"],
                 wall_s=time.time() - start, **last,
+                heldout_window_loss=float(losses.mean()),
+                heldout_window_losses=losses.tolist(),
                 config=json.loads(config.to_json()), commit=commit(),
                 hardware=hardware())
   tmp = workdir / "summary.json.tmp"
@@ -113,7 +131,8 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path) -> dict:
 
 
 def run_sweep(config_spec, points: list[dict], out: pathlib.Path, *,
-              fixed: dict | None = None, parallel: int = 1) -> list[dict]:
+              fixed: dict | None = None, parallel: int = 1,
+              reference: str | None = None) -> list[dict]:
   """Runs every point (named by its own overrides; `fixed` applies to all)."""
   out.mkdir(parents=True, exist_ok=True)
   fixed = fixed or {}
@@ -128,7 +147,7 @@ def run_sweep(config_spec, points: list[dict], out: pathlib.Path, *,
     _run_parallel(config_spec, todo, fixed, out, parallel)
   results = [json.loads((out / point_name(p) / "summary.json").read_text())
              for p in points]
-  write_results(results, out)
+  write_results(results, out, reference)
   return results
 
 
@@ -158,7 +177,61 @@ def _run_parallel(config_spec, todo, fixed, out, parallel):
     time.sleep(1)
 
 
-def write_results(results: list[dict], out: pathlib.Path) -> None:
+def paired_difference(results_a: list[dict], results_b: list[dict], *,
+                      names: tuple[str, str] = ("A", "B"),
+                      resamples: int = 10_000, seed: int = 0) -> dict:
+  """Held-out loss of A minus B, paired: the same seed (= the same data
+  order) and the same held-out windows. Per window, the difference is
+  averaged over the seeds both have; a percentile bootstrap over the windows
+  (not over the few seeds) gives the 95% interval. "inconclusive" when the
+  interval contains 0."""
+  b_by_seed = {r["overrides"].get("seed", 0): r for r in results_b}
+  diffs = [np.asarray(r["heldout_window_losses"]) - np.asarray(
+      b_by_seed[s]["heldout_window_losses"])
+           for r in results_a if (s := r["overrides"].get("seed", 0)) in b_by_seed]
+  if not diffs:
+    raise ValueError("no seed is shared by the two groups: nothing to pair.")
+  d = np.mean(diffs, axis=0)
+  rng = np.random.default_rng(seed)
+  boot = d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+  lo, hi = np.percentile(boot, [2.5, 97.5])
+  verdict = ("inconclusive" if lo <= 0 <= hi else
+             f"{names[0] if hi < 0 else names[1]} better")
+  return dict(mean=float(d.mean()), ci95=(float(lo), float(hi)),
+              seeds=len(diffs), windows=len(d), verdict=verdict)
+
+
+def paired_table(groups: dict[str, list[dict]], reference: str) -> str:
+  """Markdown: every group's held-out loss minus the reference group's."""
+  lines = [f"Paired held-out loss differences vs `{reference}` (nats; same "
+           "seed and windows; 95% bootstrap interval over windows):", "",
+           "| group | Δ loss | 95% CI | seeds | windows | verdict |",
+           "|---|---|---|---|---|---|"]
+  for name, runs in groups.items():
+    if name == reference:
+      continue
+    p = paired_difference(runs, groups[reference], names=(name, reference))
+    lines.append(f"| {name} | {p['mean']:+.4f} | [{p['ci95'][0]:+.4f}, "
+                 f"{p['ci95'][1]:+.4f}] | {p['seeds']} | {p['windows']} | "
+                 f"{p['verdict']} |")
+  return "\n".join(lines) + "\n"
+
+
+def groups_by_setting(results: list[dict]) -> dict[str, list[dict]]:
+  """Results grouped by their overrides other than the seed, in order."""
+  keys = sorted({k for r in results for k in r["overrides"] if k != "seed"
+                 and len({json.dumps(x["overrides"].get(k))
+                          for x in results}) > 1})
+  groups: dict[str, list[dict]] = {}
+  for r in results:
+    label = point_name({k: r["overrides"][k] for k in keys
+                        if k in r["overrides"]})
+    groups.setdefault(label, []).append(r)
+  return groups
+
+
+def write_results(results: list[dict], out: pathlib.Path,
+                  reference: str | None = None) -> None:
   keys = sorted({k for r in results for k in r["overrides"]
                  if len({json.dumps(x["overrides"].get(k)) for x in results}) > 1})
   cols = ["name", *keys, "eval_loss", "eval_perplexity", "train_loss",
@@ -175,7 +248,15 @@ def write_results(results: list[dict], out: pathlib.Path) -> None:
       v = r["overrides"].get(c, r.get(c, ""))
       cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
     lines.append("| " + " | ".join(cells) + " |")
-  (out / "results.md").write_text("\n".join(lines) + "\n")
+  text = "\n".join(lines) + "\n"
+  groups = groups_by_setting(results)
+  if len(groups) > 1 and all("heldout_window_losses" in r for r in results):
+    reference = reference or next(iter(groups))
+    if reference not in groups:
+      raise SystemExit(f"--reference {reference!r} is none of the swept "
+                       f"settings {list(groups)}.")
+    text += "\n" + paired_table(groups, reference)
+  (out / "results.md").write_text(text)
   _plot(results, keys, out)
 
 
@@ -183,13 +264,8 @@ def _plot(results, keys, out):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  swept = [k for k in keys if k != "seed"]
-  groups: dict[str, list[dict]] = {}
-  for r in results:
-    label = point_name({k: r["overrides"][k] for k in swept
-                        if k in r["overrides"]})
-    groups.setdefault(label, []).append(r)
+  del keys
+  groups = groups_by_setting(results)
   labels = list(groups)
   fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(labels)), 3.8))
   for ax, key, title in ((axes[0], "eval_perplexity", "held-out perplexity"),
@@ -214,6 +290,9 @@ def main(argv=None):
                  help="fixed override for every point, key=value")
   p.add_argument("--out", required=True)
   p.add_argument("--parallel", type=int, default=1)
+  p.add_argument("--reference", default=None,
+                 help="the setting (point name without the seed) every other "
+                 "is compared with, paired; default: the first")
   p.add_argument("--point", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   out = pathlib.Path(args.out)
@@ -224,7 +303,7 @@ def main(argv=None):
   fixed = dict(kv.split("=", 1) for kv in args.set)
   fixed = {k: parse_value(v) for k, v in fixed.items()}
   results = run_sweep(args.config, grid(args.sweep), out, fixed=fixed,
-                      parallel=args.parallel)
+                      parallel=args.parallel, reference=args.reference)
   print((out / "results.md").read_text())
   return results
 

@@ -143,6 +143,26 @@ def perplexity(model: Llama, tok: Tokenizer, texts: Sequence[str], *,
   return dict(loss=loss, perplexity=math.exp(loss), tokens=count)
 
 
+def window_losses(model: Llama, corpus_dir, *, seq_len: int,
+                  batch_size: int = 8, max_windows: int = 0) -> np.ndarray:
+  """Mean next-token loss of every held-out window of a prepared corpus
+  (`data.PackedWindows`, in order; the first `max_windows` if > 0): the
+  per-window figures a paired comparison of two models resamples."""
+  source = data.PackedWindows(corpus_dir, "eval", seq_len)
+  n = min(len(source), max_windows) if max_windows else len(source)
+  if n == 0:
+    raise ValueError(f"{corpus_dir} holds no held-out window of {seq_len + 1} "
+                     "tokens.")
+  out = []
+  for start in range(0, n, batch_size):
+    rows = [source[w] for w in range(start, min(start + batch_size, n))]
+    real = len(rows)
+    rows += [rows[0]] * (batch_size - real)
+    logp = np.asarray(_score(model, jnp.asarray(np.stack(rows)))[0])
+    out.extend(-logp[:real].mean(axis=1))
+  return np.asarray(out, np.float64)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--checkpoint", required=True)

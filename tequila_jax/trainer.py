@@ -127,7 +127,7 @@ def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
   out = dict(loss=loss, grad_norm=optax.tree.norm(grads),
              lr=lr_schedule(state["step"]))
   if diag is not None:
-    new_state["diag"], per_step = diagnostics.update(state["diag"], params,
+    new_state["diag"], per_step = diagnostics.update(state["diag"],
                                                      new_params, diag)
     out.update(per_step)
     if full_diagnostics:

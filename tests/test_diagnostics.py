@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tequila_jax import diagnostics, metrics, trainer
+from tequila_jax import diagnostics, metrics, quant, trainer
 from tequila_jax.quant import QuantConfig
 
 QCFG = QuantConfig("tequila", group_size=4)
@@ -28,8 +28,7 @@ KERNEL = np.array([[4.0, 2.0], [-4.0, -1.05], [4.0, 4.0], [0.5, 0.95]])
 
 
 def test_fractions_crossings_and_pileup_by_hand():
-  state = diagnostics.init_state(_params(KERNEL), DCFG)
-  _, m = diagnostics.update(state, _params(KERNEL), _params(KERNEL), DCFG)
+  m = diagnostics.full_metrics(_params(KERNEL), _params(KERNEL), DCFG)
   np.testing.assert_allclose(m["dead_fraction/q_proj"], 2 / 8)
   np.testing.assert_allclose(m["dead_fraction/all"], 2 / 8)
   np.testing.assert_allclose(m["boundary_fraction/up_proj"], 2 / 8)
@@ -39,15 +38,18 @@ def test_fractions_crossings_and_pileup_by_hand():
   moved = KERNEL.copy()
   moved[3, 0] = 2.0    # 0 -> +1 (delta also moves: mean 3.5, delta 1.75)
   moved[1, 1] = 0.5    # -1 -> 0 (mean 1.8625, delta .93; 0.95 becomes +1)
-  _, m = diagnostics.update(state, _params(KERNEL), _params(moved), DCFG)
+  m = diagnostics.full_metrics(_params(KERNEL), _params(moved), DCFG)
   np.testing.assert_allclose(m["flip_rate/all"], 3 / 8)
   np.testing.assert_allclose(m["crossing_rate/k_proj"], 3 / 8)
   # Column 1 now: r(0.95) = 1.0201 -> just above 1; nothing just below.
   np.testing.assert_allclose(m["pileup_ratio/all"], 0.0)
   pile = KERNEL.copy()
   pile[:, 1] = [2.0, 1.0, 4.0, 0.99]  # delta 0.99875: r 0.991 and 1.001
-  _, m = diagnostics.update(state, _params(KERNEL), _params(pile), DCFG)
+  m = diagnostics.full_metrics(_params(KERNEL), _params(pile), DCFG)
   np.testing.assert_allclose(m["pileup_ratio/gate_proj"], 1 / 1)
+  # The histogram holds every weight below hist_max = 3 (r = 4.005 is past).
+  np.testing.assert_array_equal(
+      np.flatnonzero(m["ratio_hist/o_proj"]), [6, 19, 20, 40, 51])
 
 
 def _trap_reference(dead, band, trap_steps, dead0, band0):
@@ -112,11 +114,12 @@ def test_weights_pushed_across_the_threshold():
   cfg = diagnostics.DiagnosticsConfig(quant=QCFG, trap_steps=2,
                                       sample_size=10**6)
   state = diagnostics.init_state(_params(seq[0]), cfg)
-  step = jax.jit(lambda s, a, b: diagnostics.update(s, a, b, cfg))
+  step = jax.jit(lambda s, a, b: (
+      diagnostics.update(s, b, cfg), diagnostics.full_metrics(a, b, cfg)))
   got = []
   for old, new in zip(seq[:-1], seq[1:]):
-    state, m = step(state, _params(old), _params(new))
-    got.append({k: float(m[f"{k}/q_proj"]) for k in (
+    (state, m), full = step(state, _params(old), _params(new))
+    got.append({k: float({**m, **full}[f"{k}/q_proj"]) for k in (
         "crossing_rate", "trapped_fraction", "escape_rate")})
   # 8 weights; x and the dead 0.3 (r 0.2, never in the band).
   assert [g["crossing_rate"] * 8 for g in got] == [0, 1, 1, 0, 0, 0]
@@ -128,6 +131,27 @@ def test_weights_pushed_across_the_threshold():
   esc = [g["escape_rate"] for g in got]
   assert np.isnan(esc[0]) and esc[1] == esc[2] == 1.0
   assert np.isnan(esc[3]) and np.isnan(esc[4]) and esc[5] == 0.0
+
+
+@pytest.mark.parametrize("qcfg", [
+    QuantConfig("tequila", group_size=64), QuantConfig("twn", group_size=32),
+    QuantConfig("tequila", "per_channel"), QuantConfig("absmean", "per_tensor"),
+    QuantConfig("tequila", group_size=64, stat_dtype="bfloat16")],
+                         ids=lambda c: f"{c.method}-{c.granularity}-{c.stat_dtype}")
+def test_sampled_groups_give_the_full_kernels_codes_exactly(qcfg):
+  """The per-step counters read only the sampled weights' groups; their
+  dead / band status equals that of the whole kernel's statistics."""
+  rng = np.random.default_rng(1)
+  kernel = jnp.asarray(rng.normal(size=(3, 256, 48)) * 0.02, jnp.float32)
+  cfg = diagnostics.DiagnosticsConfig(quant=qcfg, sample_size=3000)
+  idx = diagnostics.sample_indices({"q_proj": kernel}, cfg)["q_proj"]
+  dead, band = jax.jit(lambda k: diagnostics._sampled(k, idx, cfg))(kernel)  # pylint: disable=protected-access
+  codes, r = jax.vmap(lambda w: quant.threshold_stats(w, qcfg))(kernel)
+  want_dead = np.asarray(codes).reshape(-1)[idx] == 0
+  np.testing.assert_array_equal(dead, want_dead)
+  np.testing.assert_array_equal(
+      band, want_dead & (np.asarray(r).reshape(-1)[idx] >= 0.8))
+  assert 0.2 < want_dead.mean() < 0.6 and np.asarray(band).sum() > 100
 
 
 def test_sample_is_fixed_distinct_and_covers_small_types():
@@ -171,7 +195,6 @@ def test_gsnr_by_hand():
 def test_train_step_gsnr_equals_direct_computation(tmp_path):
   """Welford accumulation in train_step vs per-micro-batch gradients."""
   from tests.test_trainer import _tiny  # pylint: disable=g-import-not-at-top
-  from tequila_jax import quant  # pylint: disable=g-import-not-at-top
   config = _tiny(tmp_path, micro_batches=4, batch_size=8)
   setup = trainer.prepare_setup(config, devices=jax.devices()[:1],
                                 progress=False)
@@ -227,8 +250,7 @@ def test_frozen_weights_control(tmp_path):
   kernels = diagnostics.ternary_kernels(state["params"])
   idx = diagnostics.sample_indices(kernels, setup.diag)
   for k in TYPES:
-    dead, band = diagnostics._sampled(  # pylint: disable=protected-access
-        *diagnostics._threshold(kernels[k], setup.diag.quant), idx[k])  # pylint: disable=protected-access
+    dead, band = diagnostics._sampled(kernels[k], idx[k], setup.diag)  # pylint: disable=protected-access
     np.testing.assert_allclose(records[-1][f"train/trapped_fraction/{k}"],
                                float(jnp.mean(band)), rtol=1e-6)
     np.testing.assert_allclose(records[-1][f"train/trapped_of_dead/{k}"],

@@ -65,3 +65,31 @@ def test_reproduce_small_tiny_smoke(tmp_path):
   assert set(table) == {"none", "absmean", "tequila", "tequila_dynamic"}
   text = (out / "summary.md").read_text()
   assert "Claim" in text and "Input-agnostic approximation" in text
+
+
+def _runs(losses_by_seed):
+  return [{"overrides": {"seed": s}, "heldout_window_losses": list(v)}
+          for s, v in losses_by_seed.items()]
+
+
+def test_paired_difference_resamples_windows_not_seeds():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  base = {s: rng.normal(3.0, 0.5, 400) for s in (0, 1)}  # hard/easy windows
+  # B is A plus 0.01 nats on every window: tiny next to the window spread,
+  # but paired it is unmistakable.
+  shifted = {s: v + 0.01 + rng.normal(0, 0.002, 400) for s, v in base.items()}
+  p = sweep.paired_difference(_runs(base), _runs(shifted), names=("a", "b"))
+  assert p["verdict"] == "a better" and p["seeds"] == 2 and p["windows"] == 400
+  np.testing.assert_allclose(p["mean"], -0.01, atol=5e-4)
+  assert p["ci95"][0] < p["mean"] < p["ci95"][1] < 0
+  noise = {s: v + rng.normal(0, 0.01, 400) for s, v in base.items()}
+  assert sweep.paired_difference(_runs(noise), _runs(base))["verdict"] == \
+      "inconclusive"
+  # Only shared seeds are paired.
+  assert sweep.paired_difference(_runs({0: base[0]}),
+                                 _runs(shifted))["seeds"] == 1
+  with pytest.raises(ValueError, match="no seed is shared"):
+    sweep.paired_difference(_runs({5: base[0]}), _runs(base))
+  table = sweep.paired_table({"x": _runs(base), "y": _runs(shifted)}, "y")
+  assert "| x | -0.0" in table and "x better" in table
