@@ -164,10 +164,10 @@ def _group_rows(shape: tuple, idx: np.ndarray, qcfg: QuantConfig):
 
 def _sampled(kernel: jax.Array, idx: np.ndarray, cfg: DiagnosticsConfig):
   """`(dead, in trap band)` of the sampled weights of one layer type, from
-  their groups alone (a few hundred thousand values, not the whole stack;
-  `per_tensor` needs the whole stack)."""
+  their groups alone (a few hundred thousand values, not the whole stack,
+  unless that is smaller or `per_tensor`)."""
   plan = _group_rows(tuple(kernel.shape), idx, cfg.quant)
-  if plan is None:
+  if plan is None or plan[0].size >= kernel.size:  # cheaper on the whole
     codes, r = _threshold(kernel, cfg.quant)
     codes, r = codes.reshape(-1)[idx], r.reshape(-1)[idx]
   else:
