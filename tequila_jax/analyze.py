@@ -54,7 +54,10 @@ class Run:
     quant = self.config.get("model", {}).get("quant", {})
     method = quant.get("method", "?")
     lam = f" λ={quant.get('lam')}" if method.startswith("tequila") else ""
-    self.label = f"{self.workdir.name} ({method}{lam})"
+    frozen = " lr=0" if self.config.get("optim", {}).get("lr") == 0 else ""
+    detail = f"{method}{lam}{frozen}"
+    self.label = (self.workdir.name if detail == self.workdir.name
+                  else f"{self.workdir.name} ({detail})")
     d = self.config.get("diagnostics", {})
     self.hist_edges = np.linspace(0, d.get("hist_max", 3.0),
                                   d.get("hist_bins", 60) + 1)
@@ -163,9 +166,10 @@ def plot_histograms(runs, out, steps=None):
         ax.axvspan(1, 1 + width, color="blue", alpha=0.12)
         pile = run.last("train/pileup_ratio/all")
         if pile is not None:
-          ax.text(0.02, 0.95, f"pile-up ratio (last step) {pile:.3f}\n"
+          ax.text(0.02, 0.04, f"pile-up ratio (last step) {pile:.3f}\n"
                   "= red bin / blue bin", transform=ax.transAxes,
-                  va="top", fontsize=8)
+                  va="bottom", fontsize=8,
+                  bbox=dict(facecolor="white", alpha=0.85, lw=0))
         ax.set_title(f"{run.label}: around the threshold", fontsize=10)
       else:
         ax.set_title(run.label, fontsize=10)
@@ -181,11 +185,13 @@ def plot_gsnr(runs, out):
   """Pooled GSNR of dead vs active weights over steps; GSNR by |W|/delta
   band (mean over logged steps)."""
   fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-  for run in runs:
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, run in enumerate(runs):
     for kind, style in (("dead", "--"), ("active", "-")):
       steps, values = run.series(f"train/gsnr_pooled_{kind}/all")
       if len(steps):
-        axes[0].plot(steps, values, style, label=f"{run.label} {kind}")
+        axes[0].plot(steps, values, style, color=colors[i % len(colors)],
+                     lw=1.2, label=f"{run.label} {kind}")
   axes[0].set_title("pooled GSNR: mean(ḡ²) / mean(var g)", fontsize=10)
   axes[0].set_xlabel("step")
   axes[0].set_yscale("log")
@@ -204,7 +210,6 @@ def plot_gsnr(runs, out):
   axes[1].set_xlabel("|W| / delta bin (shaded: the trap band)")
   axes[1].set_title("pooled GSNR by |W|/delta, mean over logged steps",
                     fontsize=10)
-  axes[1].set_yscale("log")
   for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
