@@ -62,9 +62,12 @@ def test_reproduce_small_tiny_smoke(tmp_path):
   reproduce_small.main(["--tiny", "--seeds", "1", "--out", str(out),
                         "--methods", "none,absmean,tequila,tequila_dynamic"])
   table = json.loads((out / "summary.json").read_text())
-  assert set(table) == {"none", "absmean", "tequila", "tequila_dynamic"}
+  assert set(table) == {"none", "absmean", "tequila", "tequila_dynamic",
+                        "tequila_vs_absmean"}
+  assert table["tequila_vs_absmean"]["windows"] > 100
   text = (out / "summary.md").read_text()
   assert "Claim" in text and "Input-agnostic approximation" in text
+  assert "Paired held-out loss differences vs `absmean`" in text
 
 
 def _runs(losses_by_seed):
