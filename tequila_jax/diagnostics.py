@@ -53,10 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tequila_jax import quant
+from tequila_jax.model import PROJECTIONS
 from tequila_jax.quant import QuantConfig
 
-LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-               "down_proj")
+LAYER_TYPES = tuple(PROJECTIONS)
 BOUNDARY_BAND = (0.9, 1.1)
 TRAP_BAND = (0.8, 1.0)
 GSNR_BINS = (0.0, 0.4, 0.8, 1.0, 1.2, 2.0, math.inf)
@@ -101,12 +101,8 @@ class DiagnosticsConfig:
 
 def ternary_kernels(params: dict) -> dict[str, jax.Array]:
   """The stacked `[blocks, in, out]` kernels of every ternary layer type."""
-  layers = params["layers"]
-  out = {}
-  for group in ("attn", "mlp"):
-    for name, sub in layers[group].items():
-      out[name] = sub["kernel"]
-  return {k: out[k] for k in LAYER_TYPES}
+  return {k: params["layers"][block][k]["kernel"]
+          for k, block in PROJECTIONS.items()}
 
 
 def _weighted(values: dict, sizes: dict) -> jax.Array:

@@ -44,14 +44,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from tequila_jax import quant
-from tequila_jax.model import Llama, ModelConfig
+from tequila_jax.model import PROJECTIONS, Llama, ModelConfig, projection_dims
 
 FORMAT = "tequila_jax"
 VERSION = "1"
 PACKINGS = ("2bit", "base3")
-PROJECTIONS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn",
-               "o_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp",
-               "down_proj": "mlp"}
 FLOAT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}
 
@@ -191,15 +188,6 @@ def write_export(model: Llama, path, *, tokenizer_spec: str = "",
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
   return size_report(tensors, model.cfg, path)
-
-
-def projection_dims(cfg: ModelConfig, name: str) -> tuple[int, int]:
-  """`(in, out)` of a ternary projection."""
-  h, f = cfg.hidden_size, cfg.ffn_size
-  heads, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  return {"q_proj": (h, heads), "k_proj": (h, kv), "v_proj": (h, kv),
-          "o_proj": (heads, h), "gate_proj": (h, f), "up_proj": (h, f),
-          "down_proj": (f, h)}[name]
 
 
 def size_report(tensors: dict, cfg: ModelConfig, path=None) -> dict:

@@ -23,6 +23,7 @@ import tempfile
 import numpy as np
 
 from tequila_jax import export as export_lib
+from tequila_jax import model as model_lib
 from tequila_jax.gguf_io import permute
 
 QK = 256  # weights per TQ2_0 block
@@ -112,8 +113,8 @@ def write_gguf(ex: export_lib.Export, path, *, refit_scales: bool = False,
   if ternary_type not in TYPES:
     raise ValueError(f"ternary_type {ternary_type!r}: choose one of {sorted(TYPES)}.")
   qtype = getattr(gguf.GGMLQuantizationType, ternary_type.upper())
-  for name in export_lib.PROJECTIONS:
-    d_in, _ = export_lib.projection_dims(cfg, name)
+  for name in model_lib.PROJECTIONS:
+    d_in, _ = model_lib.projection_dims(cfg, name)
     if d_in % QK:
       raise GGUFExportError(
           f"{name} rows are {d_in} wide, not a multiple of {QK}: llama.cpp's "

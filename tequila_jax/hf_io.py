@@ -23,7 +23,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tequila_jax.model import Llama, ModelConfig, abstract_model
+from tequila_jax.model import PROJECTIONS, Llama, ModelConfig, abstract_model
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
           "float16": np.float16}
@@ -31,13 +31,9 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 # (our path inside one decoder block) -> Hugging Face name inside the layer.
 LAYER_NAMES = {
-    ("attn", "q_proj", "kernel"): "self_attn.q_proj.weight",
-    ("attn", "k_proj", "kernel"): "self_attn.k_proj.weight",
-    ("attn", "v_proj", "kernel"): "self_attn.v_proj.weight",
-    ("attn", "o_proj", "kernel"): "self_attn.o_proj.weight",
-    ("mlp", "gate_proj", "kernel"): "mlp.gate_proj.weight",
-    ("mlp", "up_proj", "kernel"): "mlp.up_proj.weight",
-    ("mlp", "down_proj", "kernel"): "mlp.down_proj.weight",
+    **{(block, name, "kernel"):
+       f"{'self_attn' if block == 'attn' else 'mlp'}.{name}.weight"
+       for name, block in PROJECTIONS.items()},
     ("attn_norm", "scale"): "input_layernorm.weight",
     ("mlp_norm", "scale"): "post_attention_layernorm.weight",
 }

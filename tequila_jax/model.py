@@ -34,6 +34,23 @@ REMAT_POLICIES = {
 }
 
 
+# The seven ternary projections of a decoder block, in order, each with the
+# sub-module ("attn" or "mlp") that holds it: the one list that diagnostics,
+# exports, checkpoint I/O and inference iterate over.
+PROJECTIONS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn",
+               "o_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp",
+               "down_proj": "mlp"}
+
+
+def projection_dims(cfg: "ModelConfig", name: str) -> tuple[int, int]:
+  """`(in, out)` of a ternary projection."""
+  h, f = cfg.hidden_size, cfg.ffn_size
+  heads, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  return {"q_proj": (h, heads), "k_proj": (h, kv), "v_proj": (h, kv),
+          "o_proj": (heads, h), "gate_proj": (h, f), "up_proj": (h, f),
+          "down_proj": (f, h)}[name]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a LLaMA-3 decoder (field names follow DESIGN.md §3).

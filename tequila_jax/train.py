@@ -14,8 +14,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / (
-    "configs/smollm2_135m.py")
+from tequila_jax.configs import DIR as CONFIG_DIR
+
+DEFAULT_CONFIG = CONFIG_DIR / "smollm2_135m.py"
 
 config_flags.DEFINE_config_file(
     "config", str(DEFAULT_CONFIG), "Training config file (`path.py[:arg]`).",

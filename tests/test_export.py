@@ -63,7 +63,7 @@ def test_export_invariant_recovers_q_and_c_exactly(qat_model, tmp_path, packing)
   assert 0.5 + 32 / 256 < extra < 0.5 + 32 / 128
   ex = export.read_export(path)
   layers = nnx.to_pure_dict(nnx.state(qat_model.layers, nnx.Param))
-  for name, group in export.PROJECTIONS.items():
+  for name, group in model_lib.PROJECTIONS.items():
     w = layers[group][name]["kernel"]
     st = jax.vmap(lambda k: quant.ternary_state(k, qat_model.cfg.quant))(w)
     q = jax.vmap(quant.dequantize)(st.codes, st.alpha)

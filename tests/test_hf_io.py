@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tequila_jax import hf_io
+from tequila_jax import model as model_lib
 from tequila_jax.quant import QuantConfig
 from tests.reference import decode_in_steps
 
@@ -193,7 +194,7 @@ def test_official_checkpoint_converts_to_the_official_codes(tmp_path):
   assert ex.cfg.vocab_size == 513 and ex.cfg.quant.stat_dtype == "bfloat16"
   assert ex.load_tokenizer().encode("t5 t7") == [5, 7]
   sd = model.state_dict()
-  for name, group in export.PROJECTIONS.items():
+  for name, group in model_lib.PROJECTIONS.items():
     hf_name = "self_attn" if group == "attn" else "mlp"
     for layer in range(2):
       w = sd[f"model.layers.{layer}.{hf_name}.{name}.weight"].float().numpy()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tequila_jax import assets, config_lib, export, trainer
+from tequila_jax import model as model_lib
 from tequila_jax.inference import PackedLlama
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def test_llama_cpp_matches_our_q8k_emulation(tmp_path, ttype):
   tokens = jnp.asarray([ids])
   emulated = np.asarray(PackedLlama(ex, "q8k")(tokens)[0], np.float64)
   exact = np.asarray(PackedLlama(ex, "exact")(tokens)[0], np.float64)
-  for name in export.PROJECTIONS:  # the same model without c(W)
+  for name in model_lib.PROJECTIONS:  # the same model without c(W)
     ex.tensors[f"layers.{name}.c"] = np.zeros_like(ex.tensors[f"layers.{name}.c"])
   no_bias = np.asarray(PackedLlama(ex, "q8k")(tokens)[0], np.float64)
   rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731

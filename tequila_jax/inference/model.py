@@ -28,7 +28,7 @@ from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, dense,
                                            int8_dense, lut_layout,
                                            quantize_int8, ternary_linear)
 from tequila_jax.layers import attend, rms_norm, rope_frequencies
-from tequila_jax.model import KVCache, ModelConfig
+from tequila_jax.model import PROJECTIONS, KVCache, ModelConfig
 
 # Projections that read the same input run as one kernel call (one table).
 _FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"),
@@ -153,7 +153,7 @@ class DenseLlama(_Decoder):
     self.cfg = model.cfg.replace(dtype="float32")
     p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     kernel = lambda name: np.asarray(  # noqa: E731
-        p["layers"][export_lib.PROJECTIONS[name]][name]["kernel"])
+        p["layers"][PROJECTIONS[name]][name]["kernel"])
     layers = {name: {"w": jnp.asarray(np.concatenate(
         [kernel(q) for q in parts], axis=-1), dtype)}
               for name, parts in _FUSED.items()}
