@@ -110,13 +110,17 @@ def _weighted(values: dict, sizes: dict) -> jax.Array:
   return sum(values[k] * sizes[k] for k in values) / total
 
 
+def _nan_div(n, d) -> jax.Array:
+  """n / d, NaN where d is 0."""
+  return jnp.where(d > 0, n / jnp.where(d > 0, d, 1), jnp.nan)
+
+
 def _ratio_of_sums(num: dict, den: dict, sizes: dict | None = None):
   """Σ num / Σ den over types (each scaled by `sizes[k]` if given), NaN if
   the denominator is 0."""
   scale = sizes or {k: 1 for k in num}
-  n = sum(num[k] * scale[k] for k in num)
-  d = sum(den[k] * scale[k] for k in den)
-  return jnp.where(d > 0, n / jnp.where(d > 0, d, 1), jnp.nan)
+  return _nan_div(sum(num[k] * scale[k] for k in num),
+                  sum(den[k] * scale[k] for k in den))
 
 
 def _threshold(kernel: jax.Array, qcfg: QuantConfig):
@@ -218,13 +222,11 @@ def _update_traps(state, sampled: dict, cfg: DiagnosticsConfig, sizes):
     is_trapped = band & (dead_run[k] > cfg.trap_steps)
     trapped[k], n_dead[k] = jnp.sum(is_trapped), jnp.sum(dead)
     out[f"trapped_fraction/{k}"] = jnp.mean(is_trapped)
-    out[f"trapped_of_dead/{k}"] = _ratio_of_sums({k: trapped[k]},
-                                                 {k: n_dead[k]})
+    out[f"trapped_of_dead/{k}"] = _nan_div(trapped[k], n_dead[k])
     left = state["window_left"][k] | ~dead
     escaped[k] = jnp.sum(state["window_band"][k] & left)
     n_band[k] = jnp.sum(state["window_band"][k])
-    escape[k] = jnp.where(window_end,
-                          _ratio_of_sums({k: escaped[k]}, {k: n_band[k]}),
+    escape[k] = jnp.where(window_end, _nan_div(escaped[k], n_band[k]),
                           state["escape_rate"][k])
     window_band[k] = jnp.where(window_end, band, state["window_band"][k])
     window_left[k] = jnp.where(window_end, jnp.zeros_like(left), left)
@@ -260,8 +262,11 @@ def full_metrics(old_params: dict, new_params: dict, cfg: DiagnosticsConfig,
                               "flip_rate", "crossing_rate")}
   below, above, out = {}, {}, {}
   edge = int(round(1 / cfg.bin_width))  # the bin that starts at r = 1
+  # The weights the gradients were taken at: their codes for flips and
+  # crossings, and (with GSNR) their codes and r for the categories there.
+  old_stats = {k: _threshold(w, cfg.quant) for k, w in old.items()}
   for k in LAYER_TYPES:
-    old_codes = _threshold(old[k], cfg.quant)[0]
+    old_codes = old_stats[k][0]
     codes, r = _threshold(new[k], cfg.quant)
     dead = codes == 0
     moved = jnp.where(dead != (old_codes == 0), 1,
@@ -285,7 +290,7 @@ def full_metrics(old_params: dict, new_params: dict, cfg: DiagnosticsConfig,
       out[f"{metric}/{k}"] = v
     out[f"{metric}/all"] = _weighted(values, sizes)
   for k in LAYER_TYPES:
-    out[f"pileup_ratio/{k}"] = _ratio_of_sums({k: below[k]}, {k: above[k]})
+    out[f"pileup_ratio/{k}"] = _nan_div(below[k], above[k])
   out["pileup_ratio/all"] = _ratio_of_sums(below, above)
   if grad_mean is None:
     return out
@@ -296,8 +301,7 @@ def full_metrics(old_params: dict, new_params: dict, cfg: DiagnosticsConfig,
   # reduction per figure, ~2.5x faster on CPU).
   n_bins = len(GSNR_BINS) - 1
   sums = {}
-  for k, w in ternary_kernels(old_params).items():
-    codes, r = _threshold(w, cfg.quant)
+  for k, (codes, r) in old_stats.items():
     sig, var = gm[k] ** 2, gv[k]
     cat = sum((r >= e).astype(jnp.int32) for e in GSNR_BINS[1:-1]) + (
         n_bins * (codes == 0)).astype(jnp.int32)
@@ -318,6 +322,6 @@ def full_metrics(old_params: dict, new_params: dict, cfg: DiagnosticsConfig,
           total["var"], 1e-30)
     for b, (lo, hi) in enumerate(zip(GSNR_BINS[:-1], GSNR_BINS[1:])):
       both = lambda v: v[b] + v[b + n_bins]  # pylint: disable=cell-var-from-loop
-      out[f"{gsnr_bin_name(lo, hi)}/{k}"] = _ratio_of_sums(
-          {0: both(got["sig"])}, {0: both(got["var"])})
+      out[f"{gsnr_bin_name(lo, hi)}/{k}"] = _nan_div(both(got["sig"]),
+                                                     both(got["var"]))
   return out

@@ -119,6 +119,21 @@ def multiple_choice(model: Llama, tok: Tokenizer, examples: list[dict], *,
   return dict(acc=acc / n, acc_norm=acc_norm / n, n=n, loglikelihoods=per_example)
 
 
+def _window_nll(model: Llama, window, n: int, batch_size: int) -> np.ndarray:
+  """Next-token negative log-likelihoods `[n, seq_len]` (float64) of the
+  windows `window(0) ... window(n - 1)`, each `seq_len + 1` tokens, scored
+  `batch_size` at a time (the last batch padded)."""
+  out = []
+  for start in range(0, n, batch_size):
+    rows = [np.asarray(window(w), np.int32)
+            for w in range(start, min(start + batch_size, n))]
+    real = len(rows)
+    rows += [rows[0]] * (batch_size - real)
+    logp = np.asarray(_score(model, jnp.asarray(np.stack(rows)))[0])
+    out.append(-logp[:real].astype(np.float64))
+  return np.concatenate(out)
+
+
 def perplexity(model: Llama, tok: Tokenizer, texts: Sequence[str], *,
                seq_len: int = 512, batch_size: int = 8) -> dict:
   """Token-level perplexity over `texts`, in non-overlapping windows."""
@@ -130,17 +145,10 @@ def perplexity(model: Llama, tok: Tokenizer, texts: Sequence[str], *,
   if n_windows == 0:
     raise ValueError(f"{len(stream)} tokens are fewer than one window of "
                      f"{seq_len + 1}; lower seq_len.")
-  total, count = 0.0, 0
-  for start in range(0, n_windows, batch_size):
-    rows = [stream[w * seq_len:w * seq_len + seq_len + 1]
-            for w in range(start, min(start + batch_size, n_windows))]
-    rows += [rows[0]] * (batch_size - len(rows))
-    logp = np.asarray(_score(model, jnp.asarray(rows, jnp.int32))[0])
-    real = min(batch_size, n_windows - start)
-    total += float(logp[:real].sum())
-    count += real * seq_len
-  loss = -total / count
-  return dict(loss=loss, perplexity=math.exp(loss), tokens=count)
+  nll = _window_nll(model, lambda w: stream[w * seq_len:(w + 1) * seq_len + 1],
+                    n_windows, batch_size)
+  loss = float(nll.mean())
+  return dict(loss=loss, perplexity=math.exp(loss), tokens=nll.size)
 
 
 def window_losses(model: Llama, corpus_dir, *, seq_len: int,
@@ -153,14 +161,7 @@ def window_losses(model: Llama, corpus_dir, *, seq_len: int,
   if n == 0:
     raise ValueError(f"{corpus_dir} holds no held-out window of {seq_len + 1} "
                      "tokens.")
-  out = []
-  for start in range(0, n, batch_size):
-    rows = [source[w] for w in range(start, min(start + batch_size, n))]
-    real = len(rows)
-    rows += [rows[0]] * (batch_size - real)
-    logp = np.asarray(_score(model, jnp.asarray(np.stack(rows)))[0])
-    out.extend(-logp[:real].mean(axis=1))
-  return np.asarray(out, np.float64)
+  return _window_nll(model, source.__getitem__, n, batch_size).mean(axis=1)
 
 
 def main(argv=None):

@@ -25,16 +25,16 @@ def schedule(name: str, *, lr: float, steps: int, warmup_fraction: float,
   - `cosine`: warmup, then cosine to `final_fraction * lr` at the end.
   - `constant`: warmup, then constant.
   """
-  warmup = int(round(warmup_fraction * steps))
+  warmup = (math.ceil(warmup_fraction * steps) if name == "official"
+            else int(round(warmup_fraction * steps)))
   ramp = optax.linear_schedule(initial_fraction * lr, lr, max(warmup, 1))
   if name == "official":
-    warmup = math.ceil(warmup_fraction * steps)
     decay = int(round(decay_fraction * steps))
     if warmup + decay > steps:
       raise ValueError(f"warmup_fraction {warmup_fraction} + decay_fraction "
                        f"{decay_fraction} exceed 1.")
     return optax.join_schedules([
-        optax.linear_schedule(initial_fraction * lr, lr, max(warmup, 1)),
+        ramp,
         optax.cosine_decay_schedule(lr, max(decay, 1), alpha=final_fraction),
         optax.constant_schedule(final_fraction * lr),
     ], [warmup, warmup + decay])
