@@ -28,21 +28,17 @@ def schedule(name: str, *, lr: float, steps: int, warmup_fraction: float,
   warmup = (math.ceil(warmup_fraction * steps) if name == "official"
             else int(round(warmup_fraction * steps)))
   ramp = optax.linear_schedule(initial_fraction * lr, lr, max(warmup, 1))
+  decay = int(round(decay_fraction * steps))
+  if name in ("official", "wsd") and warmup + decay > steps:
+    raise ValueError(f"warmup_fraction {warmup_fraction} + decay_fraction "
+                     f"{decay_fraction} exceed 1.")
   if name == "official":
-    decay = int(round(decay_fraction * steps))
-    if warmup + decay > steps:
-      raise ValueError(f"warmup_fraction {warmup_fraction} + decay_fraction "
-                       f"{decay_fraction} exceed 1.")
     return optax.join_schedules([
         ramp,
         optax.cosine_decay_schedule(lr, max(decay, 1), alpha=final_fraction),
         optax.constant_schedule(final_fraction * lr),
     ], [warmup, warmup + decay])
   if name == "wsd":
-    decay = int(round(decay_fraction * steps))
-    if warmup + decay > steps:
-      raise ValueError(f"warmup_fraction {warmup_fraction} + decay_fraction "
-                       f"{decay_fraction} exceed 1.")
     return optax.join_schedules([
         ramp, optax.constant_schedule(lr),
         optax.linear_schedule(lr, final_fraction * lr, max(decay, 1)),
