@@ -24,16 +24,14 @@ import os
 import pathlib
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from tequila_jax import export  # noqa: E402  pylint: disable=wrong-import-position
-from tequila_jax.inference import kernels  # noqa: E402  pylint: disable=wrong-import-position
+from tequila_jax.inference import kernels
+from tequila_jax.io import tqj
 
 
 def time_side_by_side(fns: dict, iters: int, warmup: int = 3) -> dict:
@@ -63,7 +61,7 @@ def bench_layers(iters: int, group: int = 128) -> list[dict]:
       held.get("codes"), held.get("lut")), static_argnames="strategy")
   for d_in, d_out in ((2048, 8192), (8192, 2048)):
     codes = rng.integers(-1, 2, (d_in, d_out)).astype(np.int8)
-    held = dict(packed=jnp.asarray(export.pack_2bit(codes)),
+    held = dict(packed=jnp.asarray(tqj.pack_2bit(codes)),
                 alpha=jnp.asarray(rng.uniform(0.5, 1.5, (d_in // group, d_out))
                                   .astype(np.float32)),
                 c=jnp.asarray(rng.normal(size=d_out).astype(np.float32)))
@@ -127,8 +125,8 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
   qat = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
   params = nnx.state(qat, nnx.Param)
   with tempfile.TemporaryDirectory() as tmp:
-    report = export.write_export(qat, f"{tmp}/m.tqj")
-    base3 = export.size_report(export.export_tensors(qat, "base3"), cfg)
+    report = tqj.write_export(qat, f"{tmp}/m.tqj")
+    base3 = tqj.size_report(tqj.export_tensors(qat, "base3"), cfg)
     del qat
     packed = PackedLlama.load(f"{tmp}/m.tqj", "lut")
     packed_i8 = PackedLlama.load(f"{tmp}/m.tqj", "lut", head="int8")

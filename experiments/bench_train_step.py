@@ -4,7 +4,7 @@
     python experiments/bench_train_step.py --config configs/llama1b.py \
         --batch 16 --seq 1024 --peak_tflops 989   # an H100, bf16 dense
 
-Every method runs the same jitted, donated `trainer.train_step` (AdamW) on the
+Every method runs the same jitted, donated `train.train_step` (AdamW) on the
 same random token batch in one process, one step of each in turn (round
 robin, so machine noise hits all alike; `tequila+diag` adds the per-step
 deadzone diagnostics, `tequila+fulldiag` the logging-step variant); reports
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tequila_jax import config_lib, model, optim, sharding, trainer
+from tequila_jax import config_lib, sharding, train
 
 
 def model_flops_per_token(cfg, seq: int) -> float:
@@ -40,27 +40,14 @@ def build(config, spec: str, batch: int, seq: int):
   config = config_lib.load_config_file(config) if isinstance(config, str) else config
   config.model.quant.method = method
   config.diagnostics.enabled = bool(diag_mode)
-  cfg = config_lib.to_model_config(config.model)
-  diag = trainer.diagnostics_config(config, cfg)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  tx, lr = optim.make_optimizer(config.optim, 1000)
-
-  fresh = lambda: trainer.new_state(model.init_params(cfg), tx, diag)  # noqa: E731
-  graphdef = model.graphdef(cfg)
-  shardings = sharding.state_shardings(jax.eval_shape(fresh), mesh)
-  state = jax.jit(fresh, out_shardings=shardings)()
-  step = jax.jit(
-      lambda s, b: trainer.train_step(s, b, graphdef=graphdef, tx=tx,
-                                      lr_schedule=lr,
-                                      micro_batches=config.train.micro_batches,
-                                      diag=diag,
-                                      full_diagnostics=diag_mode == "fulldiag",
-                                      loss_chunk=config.train.loss_chunk),
-      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  config.train.batch_size, config.data.seq_len = batch, seq
+  tr = train.build_train(config)
+  cfg = tr.model_cfg
+  state = tr.init_state()
+  step = tr.step_fn(full_diagnostics=diag_mode == "fulldiag")
   tokens = np.random.default_rng(0).integers(
       0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-  tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+  tokens = jax.device_put(tokens, sharding.batch_sharding(tr.mesh))
   t0 = time.perf_counter()
   compiled = step.lower(state, tokens).compile()
   mem = compiled.memory_analysis()

@@ -25,14 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import sweep  # noqa: E402  pylint: disable=wrong-import-position
-
-from tequila_jax import config_lib  # noqa: E402  pylint: disable=wrong-import-position
+from experiments import sweep
+from tequila_jax import config_lib
 
 METHODS = sweep.METHODS
 

@@ -35,7 +35,6 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima")
 
@@ -97,21 +96,24 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path) -> dict:
 
   `config_spec` is a config file spec or a function returning a ConfigDict.
   """
+  # Imported here so that the sweep's parent process never loads jax.
   import jax  # pylint: disable=g-import-not-at-top
-  from tequila_jax import (config_lib, data, evaluate, metrics,  # pylint: disable=g-import-not-at-top
-                           pretrained, trainer)
+  from tequila_jax import (checkpoint, config_lib, data, evaluate,  # pylint: disable=g-import-not-at-top
+                           metrics, train)
+  from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
+  from tequila_jax.io.atomic import atomic_path  # pylint: disable=g-import-not-at-top
   config = (config_spec() if callable(config_spec)
             else config_lib.load_config_file(config_spec))
   config.update_from_flattened_dict(overrides)
   start = time.time()
-  summary = trainer.run(config, workdir, devices=jax.devices()[:1])
+  summary = train.run(config, workdir, devices=jax.devices()[:1])
   last = {}
-  for record in metrics.read_jsonl(workdir / "metrics.jsonl"):
+  for record in metrics.read_jsonl(workdir / checkpoint.METRICS):
     for key in SUMMARY_KEYS:
       if record.get(f"train/{key}") is not None:
         last[key] = record[f"train/{key}"]
   losses = evaluate.window_losses(
-      pretrained.load_model(str(workdir)),
+      load.load_model(str(workdir)),
       config.data.corpus_dir or data.prepare_for_config(config, progress=False),
       seq_len=config.data.seq_len, max_windows=MAX_EVAL_WINDOWS,
       batch_size=config.train.eval_batch_size or 8)
@@ -124,9 +126,8 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path) -> dict:
                 heldout_window_losses=losses.tolist(),
                 config=json.loads(config.to_json()), commit=commit(),
                 hardware=hardware())
-  tmp = workdir / "summary.json.tmp"
-  tmp.write_text(json.dumps(result, indent=2))
-  os.replace(tmp, workdir / "summary.json")  # a finished point, atomically
+  with atomic_path(workdir / "summary.json") as tmp:  # a finished point
+    tmp.write_text(json.dumps(result, indent=2))
   return result
 
 
@@ -164,9 +165,9 @@ def _run_parallel(config_spec, todo, fixed, out, parallel):
         env = dict(os.environ)
         if gpus:
           env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-        cmd = [sys.executable, __file__, "--config", config_spec, "--point",
+        cmd = [sys.executable, "-m", "experiments.sweep", "--config", config_spec, "--point",
                json.dumps([point_name(p), {**fixed, **p}]), "--out", str(out)]
-        running[slot] = subprocess.Popen(cmd, env=env)
+        running[slot] = subprocess.Popen(cmd, env=env, cwd=ROOT)
         print(f"started {point_name(p)} (slot {slot})", flush=True)
     for slot, proc in list(running.items()):
       if proc.poll() is not None:

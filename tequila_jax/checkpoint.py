@@ -1,4 +1,7 @@
-"""Orbax checkpoints of the train state together with the grain iterator.
+"""A training workdir and the orbax checkpoints in it.
+
+The layout, known only here: `WORKDIR/config.json` (the run's config),
+`WORKDIR/metrics.jsonl` (+ `tensorboard/`), `WORKDIR/checkpoints/STEP/`.
 
 One `CheckpointManager` holds, per step, `state` (params, optimizer state,
 step; restored straight into the sharded layout) and `data` (the grain
@@ -9,18 +12,54 @@ renames it when complete, so an interrupted save never looks valid.
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"
+
+
+def is_workdir(path) -> bool:
+  path = pathlib.Path(path)
+  return (path / CHECKPOINTS).is_dir() and (path / CONFIG).exists()
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      json.loads((pathlib.Path(workdir) / CONFIG).read_text()))
+
+
+def write_config(workdir, config: ml_collections.ConfigDict) -> None:
+  (pathlib.Path(workdir) / CONFIG).write_text(config.to_json(indent=2))
+
+
+def restore_params(workdir, step: int | None = None) -> dict:
+  """The parameters of a training run at `step` (default: the latest)."""
+  manager = ocp.CheckpointManager(
+      (pathlib.Path(workdir) / CHECKPOINTS).absolute(),
+      item_names=("state", "data"))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/{CHECKPOINTS} holds no checkpoint.")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  manager.close()
+  return restored["state"]["params"]
 
 
 class Checkpointer:
+  """The checkpoints of `workdir` (in its `checkpoints/`)."""
 
-  def __init__(self, directory, *, every: int, keep: int,
+  def __init__(self, workdir, *, every: int, keep: int,
                async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = (pathlib.Path(workdir) / CHECKPOINTS).absolute()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

@@ -6,8 +6,10 @@ import importlib.util
 import pathlib
 
 import ml_collections
+from ml_collections import config_flags
 
 from tequila_jax.model import ModelConfig
+from tequila_jax.quant import QuantConfig
 
 LLAMA3_ROPE_SCALING = {"factor": 32.0, "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0,
@@ -20,6 +22,26 @@ def quant_config(method="tequila", granularity="per_group", group_size=128,
   return ml_collections.ConfigDict(dict(
       method=method, granularity=granularity, group_size=group_size, lam=lam,
       eps=eps, stat_dtype=stat_dtype))
+
+
+def define_quant_flag() -> None:
+  """`--quant.method=M --quant.group_size=G --quant.lam=L ...`: the one
+  spelling every CLI uses for the quantization of a source that records none
+  (Hugging Face, GGUF), the same fields as `--config.model.quant.*`."""
+  config_flags.DEFINE_config_dict(
+      "quant", quant_config(method=""),
+      "Quantization to apply to the source (fields of QuantConfig; "
+      "--quant.method unset = the checkpoint's own).", lock_config=True)
+
+
+def quant_from_flag(flag: ml_collections.ConfigDict) -> QuantConfig | None:
+  """The `--quant.*` flag as a QuantConfig, or None if no method was given."""
+  if not flag.method:
+    return None
+  try:
+    return QuantConfig(**flag.to_dict())
+  except ValueError as e:
+    raise SystemExit(f"--quant: {e}") from e
 
 
 def model_config(**fields) -> ml_collections.ConfigDict:

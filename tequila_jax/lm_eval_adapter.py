@@ -8,7 +8,7 @@ lm-eval's own command line:
         --model_args checkpoint=runs/llama1b_tequila,batch_size=16 \
         --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande
 
-`checkpoint` is anything `tequila_jax.evaluate.load` accepts (a training
+`checkpoint` is anything `tequila_jax.io.load.load` opens (a training
 workdir, a Hugging Face directory, a .gguf file). From Python, `import
 tequila_jax.lm_eval_adapter` and pass `model="tequila_jax"` to
 `lm_eval.simple_evaluate`.
@@ -20,6 +20,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from tequila_jax import evaluate, sampling
+from tequila_jax.io import load
 
 
 @register_model("tequila_jax")
@@ -30,8 +31,8 @@ class TequilaLM(LM):
                **kwargs):
     super().__init__()
     del kwargs  # lm-eval passes device and friends; XLA places the model
-    self.model, self.tok = evaluate.load(checkpoint,
-                                         int(step) if step is not None else None)
+    self.model, self.tok = load.load(
+        checkpoint, step=int(step) if step is not None else None)
     self.batch_size = int(batch_size)
     self.max_length = int(max_length or self.model.cfg.max_seq_len)
 

@@ -9,6 +9,9 @@ import time
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+
+from tequila_jax import checkpoint
 
 
 def to_python(metrics: dict) -> dict:
@@ -29,10 +32,9 @@ class MetricWriter:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+    self._jsonl = open(workdir / checkpoint.METRICS, "a", encoding="utf-8")
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      self._tb = SummaryWriter(str(workdir / checkpoint.TENSORBOARD))
 
   def write(self, step: int, metrics: dict, prefix: str = "train"):
     if not self.enabled:

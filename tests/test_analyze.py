@@ -3,6 +3,7 @@
 import json
 
 from tequila_jax import analyze, diagnostics
+from tests.cli import run_cli
 
 
 def _write_run(path, method, dead):
@@ -29,11 +30,11 @@ def _write_run(path, method, dead):
   (path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)))
 
 
-def test_analyze_compares_runs(tmp_path, capsys):
+def test_analyze_compares_runs(tmp_path):
   _write_run(tmp_path / "a", "absmean", 0.31)
   _write_run(tmp_path / "t", "tequila", 0.27)
-  analyze.main(["--workdir", str(tmp_path / "a"), "--compare",
-                str(tmp_path / "t")])
+  printed = run_cli("analyze", "--workdir", tmp_path / "a", "--compare",
+                    tmp_path / "t").stdout
   out = tmp_path / "a" / "analysis"
   for name in ("fractions", "trapping", "histograms", "gsnr", "loss"):
     assert (out / f"{name}.png").stat().st_size > 10_000
@@ -42,6 +43,6 @@ def test_analyze_compares_runs(tmp_path, capsys):
           "0.25 | 0.5 |") in table
   assert "| t (tequila λ=0.001) | 10 | 2 | 2.5 | 12.18 | 0.27 |" in table
   assert "sample of 4096 weights" in table and "S = 100" in table
-  assert "plots in" in capsys.readouterr().out
+  assert "plots in" in printed
   run = analyze.Run(tmp_path / "a")
   assert run.histogram(10, "all").tolist() == [7, 14, 21, 28]

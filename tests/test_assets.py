@@ -2,7 +2,7 @@
 
 import pytest
 
-from tequila_jax import assets, pretrained
+from tequila_jax.io import assets, load
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_unknown_names():
   with pytest.raises(KeyError, match="Unknown asset"):
     assets.fetch("nope")
   with pytest.raises(FileNotFoundError, match="asset:NAME"):
-    pretrained.load_model("/no/such/checkpoint")
+    load.load_model("/no/such/checkpoint")
 
 
 def test_shakespeare_corpus():

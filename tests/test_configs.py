@@ -44,8 +44,8 @@ def test_unknown_model_key_is_an_error():
 def test_packaged_configs_equal_the_repository_ones():
   """The CLI's default ships inside the package (a wheel has no configs/
   directory beside it); the two copies must not drift."""
-  from tequila_jax import configs, train  # pylint: disable=g-import-not-at-top
+  from tequila_jax import configs  # pylint: disable=g-import-not-at-top
   packaged = {p.name: p.read_text() for p in configs.DIR.glob("*.py")
               if p.name != "__init__.py"}
   assert packaged == {p.name: p.read_text() for p in CONFIGS}
-  assert train.DEFAULT_CONFIG.exists() and train.DEFAULT_CONFIG.parent == configs.DIR
+  assert configs.DEFAULT.exists() and configs.DEFAULT.parent == configs.DIR

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from tequila_jax import data, tokenizer
+from tequila_jax import data
+from tequila_jax.io import tokenizers
 
-TOK = tokenizer.load_tokenizer("bytes")
+TOK = tokenizers.from_file("bytes")
 BOS, EOS = TOK.bos_id, TOK.eos_id
 
 

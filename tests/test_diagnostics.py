@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tequila_jax import diagnostics, metrics, quant, trainer
+from tequila_jax import diagnostics, losses, metrics, quant, train
 from tequila_jax.quant import QuantConfig
 
 QCFG = QuantConfig("tequila", group_size=4)
@@ -196,16 +196,15 @@ def test_train_step_gsnr_equals_direct_computation(tmp_path):
   """Welford accumulation in train_step vs per-micro-batch gradients."""
   from tests.test_trainer import _tiny  # pylint: disable=g-import-not-at-top
   config = _tiny(tmp_path, micro_batches=4, batch_size=8)
-  setup = trainer.prepare_setup(config, devices=jax.devices()[:1],
-                                progress=False)
-  graphdef, state, _ = trainer.init_state(setup)
+  setup = train.build_train(config, devices=jax.devices()[:1])
+  graphdef, state = setup.graphdef, setup.init_state()
   batch = jnp.asarray(np.random.default_rng(0).integers(0, 258, (8, 65)))
-  _, m = trainer.train_step(
+  _, m = train.train_step(
       state, batch, graphdef=graphdef, tx=setup.tx,
       lr_schedule=setup.lr_schedule, micro_batches=4, diag=setup.diag,
       full_diagnostics=True)
   micro = batch.reshape(-1, 4, 65).swapaxes(0, 1)
-  grads = [jax.grad(trainer.loss_fn)(state["params"], graphdef, mb)
+  grads = [jax.grad(losses.next_token_loss)(state["params"], graphdef, mb)
            for mb in micro]
   g = np.stack([np.asarray(gr["layers"]["attn"]["q_proj"]["kernel"])
                 for gr in grads])
@@ -233,7 +232,7 @@ def test_frozen_weights_control(tmp_path):
                  checkpoint_every=100)
   config.optim.lr = 0.0
   config.diagnostics.trap_steps = 5
-  trainer.run(config, tmp_path / "run", devices=jax.devices()[:1])
+  train.run(config, tmp_path / "run", devices=jax.devices()[:1])
   records = [r for r in metrics.read_jsonl(tmp_path / "run/metrics.jsonl")
              if "train/trapped_fraction/all" in r]
   assert [r["step"] for r in records] == list(range(1, 13))
@@ -244,9 +243,8 @@ def test_frozen_weights_control(tmp_path):
     trapped = r["train/trapped_fraction/all"]
     assert (trapped == 0) if r["step"] < 5 else (trapped > 0.01)
   # From step 5 on, trapped = every sampled weight in the band.
-  setup = trainer.prepare_setup(config, devices=jax.devices()[:1],
-                                progress=False)
-  _, state, _ = trainer.init_state(setup)
+  setup = train.build_train(config, devices=jax.devices()[:1])
+  state = setup.init_state()
   kernels = diagnostics.ternary_kernels(state["params"])
   idx = diagnostics.sample_indices(kernels, setup.diag)
   for k in TYPES:
@@ -262,6 +260,5 @@ def test_diagnostics_follow_the_method(tmp_path, method):
   from tests.test_trainer import _tiny  # pylint: disable=g-import-not-at-top
   config = _tiny(tmp_path)
   config.model.quant.method = method
-  setup = trainer.prepare_setup(config, devices=jax.devices()[:1],
-                                progress=False)
+  setup = train.build_train(config, devices=jax.devices()[:1])
   assert (setup.diag is None) == (method == "none")

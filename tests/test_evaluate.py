@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tequila_jax import config_lib, evaluate, tokenizer, trainer
+from tequila_jax import config_lib, evaluate, train
+from tequila_jax.io import load, tokenizers
+from tests.cli import run_cli
 from tequila_jax.model import Llama
 
-TOK = tokenizer.load_tokenizer("bytes")
+TOK = tokenizers.from_file("bytes")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def trained(tmp_path_factory):
   config = config_lib.tiny("tequila")
   config.data.cache_dir = str(tmp / "corpora")
   config.train.update(steps=10, async_checkpoints=False)
-  trainer.run(config, tmp / "run", devices=jax.devices()[:1])
+  train.run(config, tmp / "run", devices=jax.devices()[:1])
   tasks = tmp / "tiny_mc.jsonl"
   tasks.write_text("\n".join(json.dumps(e) for e in [
       {"context": "ROMEO. O Romeo, Romeo, wherefore art thou",
@@ -77,14 +79,14 @@ def trained(tmp_path_factory):
   return tmp
 
 
-def test_cli_on_a_training_workdir(trained, capsys):
-  out = evaluate.main(["--checkpoint", str(trained / "run"), "--tasks",
-                       str(trained / "tiny_mc.jsonl"), "--text",
-                       "asset:shakespeare", "--max_documents", "1",
-                       "--seq_len", "64", "--out", str(trained / "r.json")])
+def test_cli_on_a_training_workdir(trained):
+  run_cli("evaluate", "--checkpoint", trained / "run", "--tasks",
+          trained / "tiny_mc.jsonl", "--text", "asset:shakespeare",
+          "--max_documents", "1", "--seq_len", "64", "--out",
+          trained / "r.json")
+  out = json.loads((trained / "r.json").read_text())
   assert out["tiny_mc"]["n"] == 3
   assert 1 < out["perplexity"]["perplexity"] < 258
-  assert json.loads((trained / "r.json").read_text()) == out
   with pytest.raises(ValueError, match="lacks"):
     bad = trained / "bad.jsonl"
     bad.write_text('{"context": "x"}')
@@ -118,7 +120,7 @@ metric_list:
       task_manager=TaskManager(include_path=str(task_dir)))
   got = results["results"]["tequila_tiny_mc"]
   # lm-eval puts a " " between context and choice; score the same way.
-  model, tok = evaluate.load(str(trained / "run"))
+  model, tok = load.load(str(trained / "run"))
   examples = evaluate.read_tasks(trained / "tiny_mc.jsonl")
   for ex in examples:
     ex["choices"] = [" " + c for c in ex["choices"]]

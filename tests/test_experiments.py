@@ -1,8 +1,6 @@
 """Sweeps resume without redoing finished points; the reproduction runs."""
 
 import json
-import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -10,13 +8,8 @@ import time
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
-import sweep  # noqa: E402  pylint: disable=wrong-import-position
-
-
-def _env():
-  return {**os.environ, "XLA_FLAGS": ""}  # one device per subprocess
+from experiments import reproduce_small, sweep
+from tests.cli import ROOT, env as _env
 
 
 def test_grid_is_a_product_and_names_are_stable():
@@ -30,7 +23,7 @@ def test_grid_is_a_product_and_names_are_stable():
 
 def test_interrupted_sweep_resumes_without_redoing_points(tmp_path):
   out = tmp_path / "sweep"
-  cmd = [sys.executable, str(ROOT / "experiments/sweep.py"), "--config",
+  cmd = [sys.executable, "-m", "experiments.sweep", "--config",
          str(ROOT / "configs/tiny.py"), "--sweep", "seeds",
          "--set", "train.steps=4", "--set", "train.eval_every=100",
          "--set", f"data.cache_dir={tmp_path}/c", "--out", str(out)]
@@ -57,7 +50,6 @@ def test_interrupted_sweep_resumes_without_redoing_points(tmp_path):
 
 
 def test_reproduce_small_tiny_smoke(tmp_path):
-  import reproduce_small  # pylint: disable=g-import-not-at-top
   out = tmp_path / "repro"
   reproduce_small.main(["--tiny", "--seeds", "1", "--out", str(out),
                         "--methods", "none,absmean,tequila,tequila_dynamic"])

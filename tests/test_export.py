@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from tequila_jax import config_lib, export, model as model_lib, quant
+from tequila_jax import config_lib, model as model_lib, quant, train
+from tequila_jax.io import tokenizers, tqj
+from tests.cli import run_cli
 from tequila_jax.inference import DenseLlama, PackedLlama, kernels
 from tests.reference import decode_in_steps
 
@@ -20,20 +22,20 @@ SHAPES = [(128, 128), (128, 64), (256, 128), (2048, 8192), (8192, 2048),
 @pytest.mark.parametrize("shape", SHAPES)
 def test_packing_round_trips_bit_exactly(shape):
   codes = np.random.default_rng(0).integers(-1, 2, (2, *shape)).astype(np.int8)
-  packed = export.pack_2bit(codes)
+  packed = tqj.pack_2bit(codes)
   assert packed.shape == (2, shape[0] // 4, shape[1]) and packed.dtype == np.uint8
-  np.testing.assert_array_equal(export.unpack_2bit(packed), codes)
+  np.testing.assert_array_equal(tqj.unpack_2bit(packed), codes)
   np.testing.assert_array_equal(
       np.asarray(kernels.unpack_codes(jnp.asarray(packed[1]))), codes[1])
-  b3 = export.pack_base3(codes)
+  b3 = tqj.pack_base3(codes)
   assert b3.shape[-2] == -(-shape[0] // 5)
-  np.testing.assert_array_equal(export.unpack_base3(b3, shape[0]), codes)
+  np.testing.assert_array_equal(tqj.unpack_base3(b3, shape[0]), codes)
 
 
 def test_base3_odd_sizes():
   codes = np.random.default_rng(1).integers(-1, 2, (13, 7)).astype(np.int8)
   np.testing.assert_array_equal(
-      export.unpack_base3(export.pack_base3(codes), 13), codes)
+      tqj.unpack_base3(tqj.pack_base3(codes), 13), codes)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +51,10 @@ def qat_model():
   return m
 
 
-@pytest.mark.parametrize("packing", export.PACKINGS)
+@pytest.mark.parametrize("packing", tqj.PACKINGS)
 def test_export_invariant_recovers_q_and_c_exactly(qat_model, tmp_path, packing):
   path = tmp_path / "m.tqj"
-  report = export.write_export(qat_model, path, tokenizer_spec="bytes",
+  report = tqj.write_export(qat_model, path, tokenizer=tokenizers.ByteTokenizer(),
                                packing=packing)
   # 2 bits, or 8/5 bits (+ padding of 128 or 256 rows to multiples of 5).
   assert report["code_bits_per_weight"] == (2.0 if packing == "2bit" else
@@ -61,7 +63,7 @@ def test_export_invariant_recovers_q_and_c_exactly(qat_model, tmp_path, packing)
   # (32 / in = 0.125-0.25 bits at these tiny widths).
   extra = report["ternary_bits_per_weight"] - report["code_bits_per_weight"]
   assert 0.5 + 32 / 256 < extra < 0.5 + 32 / 128
-  ex = export.read_export(path)
+  ex = tqj.read_export(path)
   layers = nnx.to_pure_dict(nnx.state(qat_model.layers, nnx.Param))
   for name, group in model_lib.PROJECTIONS.items():
     w = layers[group][name]["kernel"]
@@ -75,7 +77,7 @@ def test_export_invariant_recovers_q_and_c_exactly(qat_model, tmp_path, packing)
 
 def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   path = tmp_path / "m.tqj"
-  export.write_export(qat_model, path)
+  tqj.write_export(qat_model, path)
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 512, (2, 24)))
   want = np.asarray(qat_model(tokens))
   exact = PackedLlama.load(path, "exact")
@@ -95,7 +97,7 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   with pytest.raises(ValueError, match="head 'fp8'"):
     PackedLlama.load(path, head="fp8")
   # A base3 export is repacked to 2 bits at load: the same logits.
-  export.write_export(qat_model, tmp_path / "b3.tqj", packing="base3")
+  tqj.write_export(qat_model, tmp_path / "b3.tqj", packing="base3")
   np.testing.assert_array_equal(
       PackedLlama.load(tmp_path / "b3.tqj", "exact")(tokens), got)
 
@@ -103,7 +105,7 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
 def test_untied_head_exports_and_runs(tmp_path):
   cfg = config_lib.to_model_config(config_lib.tiny("tequila").model)
   model = model_lib.Llama(cfg.replace(tie_embeddings=False), rngs=nnx.Rngs(4))
-  export.write_export(model, tmp_path / "u.tqj")
+  tqj.write_export(model, tmp_path / "u.tqj")
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 512, (1, 12)))
   want = np.asarray(model(tokens))
   got = np.asarray(PackedLlama.load(tmp_path / "u.tqj", "lut")(tokens))
@@ -137,7 +139,7 @@ def test_kernel_strategies_match_f32_reference(m, shape, groups):
   x = rng.normal(size=(m, shape[0])).astype(np.float32)
   q = (codes.reshape(groups, -1, shape[1]) * alpha[:, None]).reshape(shape)
   want = x.astype(np.float64) @ q + c
-  packed = jnp.asarray(export.pack_2bit(codes))
+  packed = jnp.asarray(tqj.pack_2bit(codes))
   for strategy, tol in (("exact", 1e-5), ("lut", 1e-5), ("int8", 3e-2)):
     got = np.asarray(kernels.ternary_linear(jnp.asarray(x), packed,
                                             jnp.asarray(alpha), jnp.asarray(c),
@@ -157,45 +159,42 @@ def test_kernel_strategies_match_f32_reference(m, shape, groups):
 
 def test_bad_files_are_refused(qat_model, tmp_path):
   good = tmp_path / "m.tqj"
-  export.write_export(qat_model, good)
+  tqj.write_export(qat_model, good)
   truncated = tmp_path / "t.tqj"
   truncated.write_bytes(good.read_bytes()[:5000])
-  with pytest.raises(export.ExportError, match="truncated"):
-    export.read_export(truncated)
+  with pytest.raises(tqj.ExportError, match="truncated"):
+    tqj.read_export(truncated)
   foreign = tmp_path / "f.safetensors"
   save_file({"x": np.zeros(3, np.float32)}, str(foreign))
-  with pytest.raises(export.ExportError, match="not a tequila_jax export"):
-    export.read_export(foreign)
+  with pytest.raises(tqj.ExportError, match="not a tequila_jax export"):
+    tqj.read_export(foreign)
   old = tmp_path / "old.tqj"
-  ex = export.read_export(good)
+  ex = tqj.read_export(good)
   meta = {"format": "tequila_jax", "version": "0", "packing": "2bit",
           "model": json.dumps({}), "tokenizer": "{}"}
   save_file(ex.tensors, str(old), metadata=meta)
-  with pytest.raises(export.ExportError, match="export version '0'.*reads "
+  with pytest.raises(tqj.ExportError, match="export version '0'.*reads "
                      "version 1"):
-    export.read_export(old)
+    tqj.read_export(old)
   float_cfg = qat_model.cfg.replace(quant=quant.QuantConfig("none"))
-  with pytest.raises(export.ExportError, match="no multiplication-free"):
-    export.export_tensors(model_lib.Llama(float_cfg, rngs=nnx.Rngs(0)))
+  with pytest.raises(tqj.ExportError, match="no multiplication-free"):
+    tqj.export_tensors(model_lib.Llama(float_cfg, rngs=nnx.Rngs(0)))
   assert not list(tmp_path.glob(".*"))  # no temporaries left behind
 
 
-def test_export_and_generate_clis(tmp_path, capsys):
-  from tequila_jax import generate, trainer  # pylint: disable=g-import-not-at-top
+def test_export_and_generate_clis(tmp_path):
   config = config_lib.tiny("tequila")
   config.data.cache_dir = str(tmp_path / "corpora")
   config.train.update(steps=2, async_checkpoints=False)
-  trainer.run(config, tmp_path / "run", devices=jax.devices()[:1])
-  capsys.readouterr()
-  report = export.main(["--checkpoint", str(tmp_path / "run"), "--out",
-                        str(tmp_path / "m.tqj")])
-  assert report["code_bits_per_weight"] == 2.0
-  assert "bits per ternary weight" in capsys.readouterr().out
-  ids = generate.main(["--model", str(tmp_path / "m.tqj"), "--prompt", "To be",
-                       "--max_new_tokens", "5"])
-  captured = capsys.readouterr()
-  assert len(ids) == 5 and captured.out.startswith("To be")
-  assert "decode" in captured.err and "tokens/s" in captured.err
+  train.run(config, tmp_path / "run", devices=jax.devices()[:1])
+  out = run_cli("export", "--checkpoint", tmp_path / "run", "--out",
+                tmp_path / "m.tqj").stdout
+  assert json.loads(out[:out.index("\nwrote")])["code_bits_per_weight"] == 2.0
+  assert "bits per ternary weight" in out
+  gen = run_cli("generate", "--model", tmp_path / "m.tqj", "--prompt",
+                "To be", "--max_new_tokens", "5")
+  assert gen.stdout.startswith("To be") and "5 tokens" in gen.stderr
+  assert "decode" in gen.stderr and "tokens/s" in gen.stderr
 
 
 def test_q8k_emulation_by_hand():

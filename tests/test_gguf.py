@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tequila_jax import assets, gguf_io, hf_io, tokenizer
+from tequila_jax.io import assets, hf, load
+from tequila_jax.io import gguf as gguf_lib
 from tequila_jax.quant import QuantConfig
 
 torch = pytest.importorskip("torch")
@@ -23,12 +24,12 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def ours(gguf_path):
-  return gguf_io.load_gguf(gguf_path, quant=QuantConfig("none"), dtype="float32")
+  return gguf_lib.load_gguf(gguf_path, quant=QuantConfig("none"), dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def tok(gguf_path):
-  return tokenizer.load_tokenizer(gguf_path)
+  return load.load_tokenizer(str(gguf_path))
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +89,14 @@ def test_greedy_decoding_knows_paris(ours, tok):
 
 def test_gguf_errors(tmp_path):
   with pytest.raises(FileNotFoundError):
-    gguf_io.load_gguf(tmp_path / "missing.gguf")
+    gguf_lib.load_gguf(tmp_path / "missing.gguf")
   bad = tmp_path / "bad.gguf"
   bad.write_bytes(b"not a gguf file at all" * 10)
-  with pytest.raises(hf_io.CheckpointError, match="not a readable GGUF"):
-    gguf_io.load_gguf(bad)
+  with pytest.raises(hf.CheckpointError, match="not a readable GGUF"):
+    gguf_lib.load_gguf(bad)
 
 
 def test_qk_permutation_inverse():
   w = np.arange(6 * 64 * 5).reshape(6 * 64, 5).astype(np.float32)
-  np.testing.assert_array_equal(gguf_io._unpermute(gguf_io.permute(w, 6), 6), w)
-  assert not np.array_equal(gguf_io.permute(w, 6), w)
+  np.testing.assert_array_equal(gguf_lib._unpermute(gguf_lib.permute(w, 6), 6), w)
+  assert not np.array_equal(gguf_lib.permute(w, 6), w)

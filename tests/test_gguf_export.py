@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tequila_jax import config_lib, export, gguf_export, gguf_io
+from tequila_jax import config_lib
+from tequila_jax.io import gguf as gguf_lib
+from tequila_jax.io import load, tqj
 from tequila_jax import model as model_lib
 from tequila_jax.quant import QuantConfig
 
@@ -16,8 +18,8 @@ def _export(tmp_path, quant, hidden=256):
       head_dim=64, vocab_size=49152, quant=quant)
   m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
   path = tmp_path / "m.tqj"
-  export.write_export(m, path, tokenizer_spec="asset:smollm2_gguf")
-  return export.read_export(path)
+  tqj.write_export(m, path, tokenizer=load.load_tokenizer("asset:smollm2_gguf"))
+  return tqj.read_export(path)
 
 
 @pytest.mark.parametrize("ttype", ["tq2_0", "tq1_0"])
@@ -26,11 +28,11 @@ def _export(tmp_path, quant, hidden=256):
     QuantConfig("tequila", "per_group", 256, lam=0.05)], ids=["channel", "g256"])
 def test_ternary_gguf_round_trip(tmp_path, quant, ttype):
   ex = _export(tmp_path, quant)
-  errors = gguf_export.write_gguf(ex, tmp_path / "m.gguf", ternary_type=ttype)
+  errors = gguf_lib.write_gguf(ex, tmp_path / "m.gguf", ternary_type=ttype)
   assert errors["refit_rel_error"] == 0 and errors["fp16_scale_rel_error"] < 1e-3
   reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
   tensors = {t.name: t for t in reader.tensors}
-  for name, gname in gguf_export.GGUF_NAMES.items():
+  for name, gname in gguf_lib.GGUF_NAMES.items():
     heads = {"q_proj": 4, "k_proj": 2}.get(name)
     for layer in range(ex.cfg.num_layers):
       t = tensors[f"blk.{layer}.{gname}.weight"]
@@ -38,7 +40,7 @@ def test_ternary_gguf_round_trip(tmp_path, quant, ttype):
       rows = gguf.quants.dequantize(t.data, t.tensor_type)
       bias = np.asarray(tensors[f"blk.{layer}.{gname}.bias"].data)
       if heads:
-        rows, bias = gguf_io._unpermute(rows, heads), gguf_io._unpermute(bias, heads)
+        rows, bias = gguf_lib._unpermute(rows, heads), gguf_lib._unpermute(bias, heads)
       alpha16 = ex.tensors[f"layers.{name}.alpha"][layer].astype(
           np.float16).astype(np.float32)
       codes = ex.codes(name)[layer]
@@ -46,19 +48,19 @@ def test_ternary_gguf_round_trip(tmp_path, quant, ttype):
               * alpha16[:, None]).reshape(codes.shape).T
       np.testing.assert_array_equal(rows, want)
       np.testing.assert_array_equal(bias, ex.tensors[f"layers.{name}.c"][layer])
-  meta = gguf_io.metadata(reader)
+  meta = gguf_lib.metadata(reader)
   assert meta["llama.block_count"] == ex.cfg.num_layers
-  assert len(gguf_io.gguf_array(reader, "tokenizer.ggml.tokens")) == 49152
+  assert len(gguf_lib.gguf_array(reader, "tokenizer.ggml.tokens")) == 49152
 
 
 def test_refused_layouts_and_refit(tmp_path):
   ex = _export(tmp_path, QuantConfig("tequila", "per_group", 64))
-  with pytest.raises(gguf_export.GGUFExportError, match="one scale per 256"):
-    gguf_export.write_gguf(ex, tmp_path / "x.gguf")
+  with pytest.raises(gguf_lib.GGUFExportError, match="one scale per 256"):
+    gguf_lib.write_gguf(ex, tmp_path / "x.gguf")
   assert not (tmp_path / "x.gguf").exists()
   assert not list(tmp_path.glob(".x.gguf*"))
-  errors = gguf_export.write_gguf(ex, tmp_path / "x.gguf", refit_scales=True)
+  errors = gguf_lib.write_gguf(ex, tmp_path / "x.gguf", refit_scales=True)
   assert 0 < errors["refit_rel_error"] < 0.5
   narrow = _export(tmp_path, QuantConfig("tequila", "per_channel"), hidden=192)
-  with pytest.raises(gguf_export.GGUFExportError, match="multiple of 256"):
-    gguf_export.write_gguf(narrow, tmp_path / "y.gguf")
+  with pytest.raises(gguf_lib.GGUFExportError, match="multiple of 256"):
+    gguf_lib.write_gguf(narrow, tmp_path / "y.gguf")

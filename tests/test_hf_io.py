@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tequila_jax import hf_io
+from tequila_jax.io import hf, tqj
+from tests.cli import run_cli
 from tequila_jax import model as model_lib
 from tequila_jax.quant import QuantConfig
 from tests.reference import decode_in_steps
@@ -58,7 +59,7 @@ def _tokens(batch=2, length=100, seed=0):
 
 
 def test_logits_match_transformers(hf_dir):
-  model = hf_io.load_hf(hf_dir, **FLOAT)
+  model = hf.load_hf(hf_dir, **FLOAT)
   assert model.cfg.rope_scaling and model.cfg.tie_embeddings
   tokens = _tokens()
   ours = np.asarray(model(tokens))
@@ -68,7 +69,7 @@ def test_logits_match_transformers(hf_dir):
 
 
 def test_kv_cache_decode_equals_full_forward(hf_dir):
-  model = hf_io.load_hf(hf_dir, **FLOAT)
+  model = hf.load_hf(hf_dir, **FLOAT)
   tokens = _tokens(length=20)
   full = np.asarray(model(tokens))
   stepped, cache = decode_in_steps(model, tokens, 12, 32)
@@ -78,9 +79,9 @@ def test_kv_cache_decode_equals_full_forward(hf_dir):
 
 def test_scan_unrolled_and_remat_agree(hf_dir):
   tokens = _tokens(length=16)
-  base = np.asarray(hf_io.load_hf(hf_dir, **FLOAT)(tokens))
+  base = np.asarray(hf.load_hf(hf_dir, **FLOAT)(tokens))
   for kw in (dict(scan_layers=False), dict(remat="full")):
-    np.testing.assert_allclose(hf_io.load_hf(hf_dir, **FLOAT, **kw)(tokens),
+    np.testing.assert_allclose(hf.load_hf(hf_dir, **FLOAT, **kw)(tokens),
                                base, atol=1e-6)
 
 
@@ -93,8 +94,8 @@ def test_hub_schema_config(hf_dir, tmp_path):
   cfg["rope_scaling"] = rope
   cfg["torch_dtype"] = cfg.pop("dtype")
   (hub / "config.json").write_text(json.dumps(cfg))
-  a = hf_io.load_hf(hf_dir, **FLOAT)
-  b = hf_io.load_hf(hub, **FLOAT)
+  a = hf.load_hf(hf_dir, **FLOAT)
+  b = hf.load_hf(hub, **FLOAT)
   assert a.cfg == b.cfg
 
 
@@ -102,10 +103,10 @@ def test_hub_schema_config(hf_dir, tmp_path):
 def test_round_trip_bit_exact(tmp_path, dtype):
   src = tmp_path / "src"
   _make_hf(src, tie=False, torch_dtype=getattr(torch, dtype))
-  model = hf_io.load_hf(src, **FLOAT)
+  model = hf.load_hf(src, **FLOAT)
   assert not model.cfg.tie_embeddings
-  out = hf_io.save_hf(model, tmp_path / "out", dtype=dtype)
-  a, b = hf_io.read_safetensors(src), hf_io.read_safetensors(out)
+  out = hf.save_hf(model, tmp_path / "out", dtype=dtype)
+  a, b = hf.read_safetensors(src), hf.read_safetensors(out)
   assert sorted(a) == sorted(b)
   for name in a:
     assert a[name].dtype == b[name].dtype
@@ -117,55 +118,55 @@ def test_round_trip_bit_exact(tmp_path, dtype):
 
 
 def test_sharded_checkpoint(hf_dir, tmp_path):
-  model = hf_io.load_hf(hf_dir, **FLOAT)
-  out = hf_io.save_hf(model, tmp_path / "sharded", max_shard_bytes=200_000)
+  model = hf.load_hf(hf_dir, **FLOAT)
+  out = hf.save_hf(model, tmp_path / "sharded", max_shard_bytes=200_000)
   index = json.loads((out / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 2
   tokens = _tokens(length=8)
-  np.testing.assert_array_equal(hf_io.load_hf(out, **FLOAT)(tokens),
+  np.testing.assert_array_equal(hf.load_hf(out, **FLOAT)(tokens),
                                 model(tokens))
   # transformers' sharded format reads too.
   hf_sharded = tmp_path / "hf_sharded"
   transformers.LlamaForCausalLM.from_pretrained(hf_dir).save_pretrained(
       hf_sharded, max_shard_size="200KB")
   assert (hf_sharded / "model.safetensors.index.json").exists()
-  np.testing.assert_array_equal(hf_io.load_hf(hf_sharded, **FLOAT)(tokens),
+  np.testing.assert_array_equal(hf.load_hf(hf_sharded, **FLOAT)(tokens),
                                 model(tokens))
 
 
 def test_errors_name_the_problem(hf_dir, tmp_path):
-  with pytest.raises(hf_io.CheckpointError, match="config.json not found"):
-    hf_io.load_hf(tmp_path)
+  with pytest.raises(hf.CheckpointError, match="config.json not found"):
+    hf.load_hf(tmp_path)
   bad = tmp_path / "bad"
   shutil.copytree(hf_dir, bad)
   cfg = json.loads((bad / "config.json").read_text())
   cfg["intermediate_size"] = 384
   (bad / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(hf_io.CheckpointError, match=r"tensor model\.layers\.0\.mlp\."
+  with pytest.raises(hf.CheckpointError, match=r"tensor model\.layers\.0\.mlp\."
                      r"\w+_proj\.weight has shape \(\d+, \d+\) but the config "
                      r"implies \(\d+, \d+\)"):
-    hf_io.load_hf(bad)
+    hf.load_hf(bad)
   cfg["intermediate_size"], cfg["num_hidden_layers"] = 256, 3
   (bad / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(hf_io.CheckpointError, match="lacks 9 tensor"):
-    hf_io.load_hf(bad)
+  with pytest.raises(hf.CheckpointError, match="lacks 9 tensor"):
+    hf.load_hf(bad)
   cfg["num_hidden_layers"], cfg["tie_word_embeddings"] = 2, False
   (bad / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(hf_io.CheckpointError, match="lm_head.weight"):
-    hf_io.load_hf(bad)
+  with pytest.raises(hf.CheckpointError, match="lm_head.weight"):
+    hf.load_hf(bad)
   (bad / "model.safetensors").unlink()
-  with pytest.raises(hf_io.CheckpointError, match="neither model.safetensors"):
-    hf_io.load_hf(bad)
-  with pytest.raises(hf_io.CheckpointError, match="rope type 'yarn'"):
-    hf_io.config_from_hf({**cfg, "rope_parameters": {"rope_type": "yarn",
+  with pytest.raises(hf.CheckpointError, match="neither model.safetensors"):
+    hf.load_hf(bad)
+  with pytest.raises(hf.CheckpointError, match="rope type 'yarn'"):
+    hf.config_from_hf({**cfg, "rope_parameters": {"rope_type": "yarn",
                                                      "rope_theta": 1.0}})
   with pytest.raises(FileExistsError):
-    hf_io.save_hf(hf_io.load_hf(hf_dir), hf_dir)
+    hf.save_hf(hf.load_hf(hf_dir), hf_dir)
   assert not list(tmp_path.glob(".*"))  # no half-written temporaries
 
 
 def test_ternary_model_loads_with_quant_config(hf_dir):
-  model = hf_io.load_hf(hf_dir, quant=QuantConfig("tequila", group_size=32))
+  model = hf.load_hf(hf_dir, quant=QuantConfig("tequila", group_size=32))
   st = model.layers.attn.q_proj.kernel[...]
   assert st.shape == (2, 128, 128)
   logits = model(_tokens(length=8))
@@ -177,7 +178,6 @@ def test_official_checkpoint_converts_to_the_official_codes(tmp_path):
   extra [PAD] token in the vocabulary) exports with exactly the codes and
   scales the official `ultraquantv2` computes (bf16 statistics)."""
   from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
-  from tequila_jax import export  # pylint: disable=g-import-not-at-top
   from tests.reference import official_ultraquantv2_stats_bf16  # pylint: disable=g-import-not-at-top
   path = tmp_path / "official"
   model = _make_hf(path, torch_dtype=torch.bfloat16, hidden_size=256,
@@ -188,9 +188,10 @@ def test_official_checkpoint_converts_to_the_official_codes(tmp_path):
   tok.save(str(path / "tokenizer.json"))
   (path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[PAD]"}))
   out = tmp_path / "m.tqj"
-  export.main(["--checkpoint", str(path), "--out", str(out),
-               "--quant", "tequila,per_group,128,1e-3,bfloat16"])
-  ex = export.read_export(out)
+  run_cli("export", "--checkpoint", path, "--out", out,
+          "--quant.method=tequila", "--quant.group_size=128",
+          "--quant.lam=1e-3", "--quant.stat_dtype=bfloat16")
+  ex = tqj.read_export(out)
   assert ex.cfg.vocab_size == 513 and ex.cfg.quant.stat_dtype == "bfloat16"
   assert ex.load_tokenizer().encode("t5 t7") == [5, 7]
   sd = model.state_dict()
@@ -204,6 +205,10 @@ def test_official_checkpoint_converts_to_the_official_codes(tmp_path):
           ex.tensors[f"layers.{name}.alpha"][layer], alpha.T)
       bound = 1e-3 * np.sum(np.abs(w) * (codes == 0), -1) * 2.0**-8
       assert np.all(np.abs(ex.tensors[f"layers.{name}.c"][layer] - c) <= bound)
-  with pytest.raises(SystemExit, match="STAT_DTYPE"):
-    export.main(["--checkpoint", str(path), "--out", str(out), "--quant",
-                 "tequila,128"])
+  bad = run_cli("export", "--checkpoint", path, "--out", tmp_path / "x.tqj",
+                "--quant.method=ternary", check=False)
+  assert bad.returncode != 0 and "--quant: Unknown quant method" in bad.stderr
+  missing = run_cli("export", "--checkpoint", path, "--out",
+                    tmp_path / "x.tqj", check=False)
+  assert "--quant.method is required" in missing.stderr
+  assert not (tmp_path / "x.tqj").exists()

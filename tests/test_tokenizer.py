@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from tequila_jax import assets, tokenizer
+from tequila_jax.io import assets, load, tokenizers
 
 
 def test_llama3_tiktoken():
-  tok = tokenizer.load_tokenizer(assets.fetch("llama3_tokenizer"))
+  tok = tokenizers.from_file(assets.fetch("llama3_tokenizer"))
   ids = tok.encode("The quick brown fox jumps over the lazy dog.")
   assert ids == [791, 4062, 14198, 39935, 35308, 927, 279, 16053, 5679, 13]
   assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (128000, 128001, 128256)
@@ -22,11 +22,11 @@ def test_llama3_tiktoken():
 
 
 def test_tokenizer_json_round_trip(tmp_path):
-  gguf_tok = tokenizer.load_tokenizer(assets.fetch("smollm2_gguf"))
+  gguf_tok = load.load_tokenizer("asset:smollm2_gguf")
   gguf_tok._tok.save(str(tmp_path / "tokenizer.json"))
   (tmp_path / "tokenizer_config.json").write_text(json.dumps(
       {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}))
-  tok = tokenizer.load_tokenizer(tmp_path)
+  tok = tokenizers.from_file(tmp_path)
   text = "O, that this too too solid flesh would melt 42"
   assert tok.encode(text) == gguf_tok.encode(text)
   assert (tok.bos_id, tok.eos_id) == (1, 2)
@@ -36,13 +36,13 @@ def test_tokenizer_json_round_trip(tmp_path):
 
 def test_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="neither tokenizer.json"):
-    tokenizer.load_tokenizer(tmp_path)
+    tokenizers.from_file(tmp_path)
   (tmp_path / "vocab.txt").write_text("x")
   with pytest.raises(ValueError, match="unknown tokenizer format"):
-    tokenizer.load_tokenizer(tmp_path / "vocab.txt")
+    tokenizers.from_file(tmp_path / "vocab.txt")
 
 
 def test_byte_tokenizer():
-  tok = tokenizer.load_tokenizer("bytes")
+  tok = tokenizers.from_file("bytes")
   assert tok.encode("hé", bos=True, eos=True) == [256, 104, 195, 169, 257]
   assert tok.decode(tok.encode("hé", bos=True)) == "hé"

@@ -1,7 +1,6 @@
 """The trainer: smoke run of the real CLI, parallel == serial, exact resume."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -13,16 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tequila_jax import config_lib, metrics, trainer
+from tequila_jax import checkpoint, config_lib, losses, metrics, train
+from tests import cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.py")
 
 
-def _tiny(tmp_path, **train):
+def _tiny(tmp_path, **overrides):
   config = config_lib.load_config_file(TINY)
   config.data.cache_dir = str(tmp_path / "corpora")
-  config.train.update(async_checkpoints=False, **train)
+  config.train.update(async_checkpoints=False, **overrides)
   return config
 
 
@@ -33,9 +33,7 @@ def _losses(workdir):
 
 
 def _state(workdir, step):
-  from tequila_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints",
-                                 every=1, keep=10)
+  ckpt = checkpoint.Checkpointer(workdir, every=1, keep=10)
   state = ckpt.manager.restore(step, args=__import__(
       "orbax.checkpoint").checkpoint.args.Composite(
           state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore()))
@@ -47,10 +45,7 @@ def _params(workdir, step):
   return _state(workdir, step)["params"]
 
 
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = ""  # one CPU device, like a user's laptop
-  return env
+_env = cli.env
 
 
 def test_cli_smoke_loss_falls(tmp_path):
@@ -76,10 +71,10 @@ def test_parallel_matches_single_device(tmp_path, mesh, micro):
   steps = dict(steps=6, log_every=1, checkpoint_every=6, eval_every=100,
                batch_size=16, eval_batch_size=16)
   single = _tiny(tmp_path, **steps)
-  s1 = trainer.run(single, tmp_path / "single", devices=jax.devices()[:1])
+  s1 = train.run(single, tmp_path / "single", devices=jax.devices()[:1])
   par = _tiny(tmp_path, **steps, micro_batches=micro)
   par.mesh.update(data=mesh[0], fsdp=mesh[1])
-  s8 = trainer.run(par, tmp_path / "par")
+  s8 = train.run(par, tmp_path / "par")
   a, b = _losses(tmp_path / "single"), _losses(tmp_path / "par")
   assert sorted(a) == sorted(b) == list(range(1, 7))
   np.testing.assert_allclose([b[k] for k in a], list(a.values()), rtol=2e-5)
@@ -97,21 +92,22 @@ def test_resume_is_exact(tmp_path):
     c.diagnostics.trap_steps = 4
     return c
 
-  trainer.run(config(), tmp_path / "straight")
-  first = trainer.run(config(), tmp_path / "split", stop_at=10)
+  train.run(config(), tmp_path / "straight")
+  first = train.run(config(), tmp_path / "split", stop_at=10)
   assert first["step"] == 10
-  second = trainer.run(config(), tmp_path / "split")
+  second = train.run(config(), tmp_path / "split")
   assert second["start_step"] == 10 and second["step"] == 20
   a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
   assert sorted(a) == sorted(b) == list(range(1, 21))
   # The data stream continues exactly, so every loss is bit-identical; so
   # are the diagnostics, whose trap counters travel in the checkpoint.
   assert [a[k] for k in a] == [b[k] for k in a]
-  train = lambda w: [{k: v for k, v in r.items() if k.startswith("train/")  # noqa: E731
-                      and k != "train/tokens_per_s"}
-                     for r in metrics.read_jsonl(w / "metrics.jsonl")
-                     if "train/loss" in r]
-  straight, split = train(tmp_path / "straight"), train(tmp_path / "split")
+  train_metrics = lambda w: [  # noqa: E731
+      {k: v for k, v in r.items()
+       if k.startswith("train/") and k != "train/tokens_per_s"}
+      for r in metrics.read_jsonl(w / "metrics.jsonl") if "train/loss" in r]
+  straight = train_metrics(tmp_path / "straight")
+  split = train_metrics(tmp_path / "split")
   assert straight == split
   assert straight[-1]["train/escape_rate/all"] is not None
   assert straight[-1]["train/trapped_fraction/all"] > 0
@@ -131,11 +127,11 @@ def test_resume_rebuilds_diagnostics_of_another_layout(tmp_path, caplog):
     return c
 
   workdir = tmp_path / "run"
-  trainer.run(config(False), workdir, stop_at=4)
-  trainer.run(config(True), workdir, stop_at=8)
+  train.run(config(False), workdir, stop_at=4)
+  train.run(config(True), workdir, stop_at=8)
   assert "trap counters do not fit" in caplog.text
   caplog.clear()
-  done = trainer.run(config(True, sample_size=512), workdir)
+  done = train.run(config(True, sample_size=512), workdir)
   assert done["start_step"] == 8 and done["step"] == 12
   assert "trap counters do not fit" in caplog.text
   assert _state(workdir, 12)["diag"]["dead_run"]["q_proj"].shape == (512,)
@@ -165,15 +161,15 @@ def test_sigterm_saves_and_resumes(tmp_path):
   stopped = summary["step"]
   assert (workdir / "checkpoints" / str(stopped)).exists()
   config = _tiny(tmp_path, steps=100000, log_every=1)
-  again = trainer.run(config, workdir, stop_at=stopped + 3)
+  again = train.run(config, workdir, stop_at=stopped + 3)
   assert again["start_step"] == stopped and again["step"] == stopped + 3
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = _tiny(tmp_path, steps=20, checkpoint_every=1, log_every=1)
   config.optim.update(lr=1e30, clip_norm=0.0, warmup_fraction=0.0)
-  with pytest.raises(trainer.TrainingError, match="non-finite"):
-    trainer.run(config, tmp_path / "run")
+  with pytest.raises(train.TrainingError, match="non-finite"):
+    train.run(config, tmp_path / "run")
   steps = sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir()
                  if p.name.isdigit())
   for leaf in jax.tree.leaves(_params(tmp_path / "run", steps[-1])):
@@ -183,14 +179,14 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_bad_configs_fail_before_compute(tmp_path):
   config = _tiny(tmp_path, batch_size=12)
   with pytest.raises(ValueError, match="does not split over the 8 devices"):
-    trainer.run(config, tmp_path / "a")
+    train.run(config, tmp_path / "a")
   config = _tiny(tmp_path)
   config.data.sources = str(tmp_path / "nothing/*.txt")
   with pytest.raises(ValueError, match="matches no files"):
-    trainer.run(config, tmp_path / "b")
+    train.run(config, tmp_path / "b")
   config = _tiny(tmp_path, batch_size=4, micro_batches=3)
   with pytest.raises(ValueError, match="not divisible by"):
-    trainer.run(config, tmp_path / "c")
+    train.run(config, tmp_path / "c")
   out = subprocess.run(
       [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
        "--config.train.stepz=3"], capture_output=True, text=True, env=_env(),
@@ -203,7 +199,7 @@ def test_3b_dry_run_describes_sharded_state():
   config = config_lib.load_config_file(str(ROOT / "configs" / "llama3b.py"))
   config.mesh.update(data=1, fsdp=8)
   config.train.batch_size = 8
-  d = trainer.describe(config)
+  d = train.describe(config)
   assert round(d["params"] / 1e9, 2) == 3.21
   # fp32 params + two AdamW moments + the trap counters (7 layer types x
   # 4096 sampled weights: an int32 run length and two bools) + scalars.
@@ -217,8 +213,8 @@ def test_chunked_cross_entropy_equals_full():
   h = jnp.asarray(rng.normal(size=(2, 12, 8)), jnp.float32)
   head = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
   t = jnp.asarray(rng.integers(0, 50, (2, 12)))
-  full = lambda h, w: trainer.cross_entropy(h @ w, t)  # noqa: E731
-  chunked = lambda h, w: trainer.chunked_cross_entropy(h, w, t, 4)  # noqa: E731
+  full = lambda h, w: losses.cross_entropy(h @ w, t)  # noqa: E731
+  chunked = lambda h, w: losses.chunked_cross_entropy(h, w, t, 4)  # noqa: E731
   np.testing.assert_allclose(chunked(h, head), full(h, head), rtol=1e-6)
   for a, b in zip(jax.grad(chunked, (0, 1))(h, head),
                   jax.grad(full, (0, 1))(h, head)):

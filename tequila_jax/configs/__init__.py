@@ -5,3 +5,5 @@ same files for users to read and copy (a test keeps them identical)."""
 import pathlib
 
 DIR = pathlib.Path(__file__).resolve().parent
+# What `python -m tequila_jax.train` runs without --config.
+DEFAULT = DIR / "smollm2_135m.py"

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tequila_jax import export as export_lib
+from tequila_jax.io import tqj as export_lib
 from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, dense,
                                            int8_dense, lut_layout,
                                            quantize_int8, ternary_linear)

@@ -11,10 +11,7 @@ name and shape before a model is returned, so nothing is ever half-loaded.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
-import tempfile
 from typing import Mapping
 
 import ml_dtypes
@@ -23,6 +20,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from tequila_jax.io.atomic import atomic_path
 from tequila_jax.model import PROJECTIONS, Llama, ModelConfig, abstract_model
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
@@ -254,10 +252,7 @@ def save_hf(model: Llama, directory, dtype: str = "float32",
   if directory.exists():
     raise FileExistsError(f"{directory} exists; save into a new directory.")
   tensors = model_to_tensors(model, dtype)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=directory.parent,
-                                      prefix=f".{directory.name}."))
-  try:
+  with atomic_path(directory, directory=True, replace=False) as tmp:
     shards, size = [{}], 0
     for name, arr in tensors.items():
       if max_shard_bytes and shards[-1] and size + arr.nbytes > max_shard_bytes:
@@ -280,8 +275,4 @@ def save_hf(model: Llama, directory, dtype: str = "float32",
           indent=2))
     (tmp / "config.json").write_text(
         json.dumps(config_to_hf(model.cfg, dtype), indent=2))
-    os.replace(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return directory

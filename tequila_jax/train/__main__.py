@@ -1,6 +1,6 @@
 """`python -m tequila_jax.train --config configs/X.py[:arg] [--config.k=v] --workdir DIR`
 
-Only flag parsing lives here; the training logic is `tequila_jax.trainer.run`,
+Only flag parsing lives here; the training logic is `tequila_jax.train.run`,
 importable from notebooks. Without `--config` it runs the embedded default:
 QAT continuation of the real SmolLM2-135M on Shakespeare (a few minutes on a
 laptop CPU), printing held-out perplexity before and after.
@@ -14,12 +14,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from tequila_jax.configs import DIR as CONFIG_DIR
-
-DEFAULT_CONFIG = CONFIG_DIR / "smollm2_135m.py"
+from tequila_jax import configs, train
 
 config_flags.DEFINE_config_file(
-    "config", str(DEFAULT_CONFIG), "Training config file (`path.py[:arg]`).",
+    "config", str(configs.DEFAULT), "Training config file (`path.py[:arg]`).",
     lock_config=True)
 flags.DEFINE_bool("dry_run", False, "Print parameter count and train-state "
                   "memory per device for the config's mesh, allocate nothing.")
@@ -29,17 +27,16 @@ flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here "
 
 def main(argv):
   del argv
-  from tequila_jax import trainer  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty
   logging.getLogger("tequila_jax").setLevel(logging.INFO)
   config = flags.FLAGS.config
   if flags.FLAGS.dry_run:
-    print(json.dumps(trainer.describe(config), indent=2))
+    print(json.dumps(train.describe(config), indent=2))
     return
   workdir = flags.FLAGS.workdir or str(
       pathlib.Path("runs") / pathlib.Path(
           flags.FLAGS["config"].config_filename.split(":")[0]).stem)
-  summary = trainer.run(config, workdir)
+  summary = train.run(config, workdir)
   print(json.dumps(summary, indent=2))
 
 

@@ -1,6 +1,6 @@
 """Packed ternary exports (`.tqj`): safetensors + JSON metadata.
 
-    python -m tequila_jax.export --checkpoint runs/x --out model.tqj
+Written by `python -m tequila_jax.export --checkpoint runs/x --out model.tqj`.
 
 Container invariant. For every ternary projection P in {q,k,v,o,gate,up,down}
 and decoder block l, with `codes = unpack(P.codes[l])` (int8 `[in, out]`,
@@ -28,11 +28,9 @@ Metadata (`__metadata__`, strings): `format` = "tequila_jax", `version`,
 
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import json
-import os
 import pathlib
 import tempfile
 
@@ -44,6 +42,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from tequila_jax import quant
+from tequila_jax.io import tokenizers
+from tequila_jax.io.atomic import atomic_path
 from tequila_jax.model import PROJECTIONS, Llama, ModelConfig, projection_dims
 
 FORMAT = "tequila_jax"
@@ -153,40 +153,30 @@ def _model_json(cfg: ModelConfig) -> str:
   return json.dumps(d)
 
 
-def tokenizer_metadata(spec: str) -> str:
-  """How an export rebuilds the tokenizer at `spec` (anything
-  `pretrained.load_tokenizer` takes): 'bytes', or an embedded file."""
-  if not spec:
+def tokenizer_metadata(tok: tokenizers.Tokenizer | None) -> str:
+  """How an export rebuilds `tok`: none, 'bytes', or an embedded file."""
+  if tok is None:
     return json.dumps({"kind": "none"})
-  from tequila_jax import pretrained, tokenizer  # pylint: disable=g-import-not-at-top
-  tok = pretrained.load_tokenizer(spec)
-  if isinstance(tok, tokenizer.ByteTokenizer):
+  if isinstance(tok, tokenizers.ByteTokenizer):
     return json.dumps({"kind": "bytes"})
-  if isinstance(tok, tokenizer.HFTokenizer):
+  if isinstance(tok, tokenizers.HFTokenizer):
     return json.dumps({"kind": "tokenizer.json", "json": tok.to_json(),
                        "bos": tok.bos_token, "eos": tok.eos_token})
-  if isinstance(tok, tokenizer.TiktokenTokenizer):
+  if isinstance(tok, tokenizers.TiktokenTokenizer):
     return json.dumps({"kind": "tiktoken", "model": base64.b64encode(
         pathlib.Path(tok.model_path).read_bytes()).decode()})
-  raise ExportError(f"cannot embed tokenizer {spec!r}.")
+  raise ExportError(f"cannot embed a {type(tok).__name__} in an export.")
 
 
-def write_export(model: Llama, path, *, tokenizer_spec: str = "",
+def write_export(model: Llama, path, *,
+                 tokenizer: tokenizers.Tokenizer | None = None,
                  packing: str = "2bit", float_dtype: str = "float32") -> dict:
   """Writes `path` atomically; returns a size report."""
-  path = pathlib.Path(path)
   tensors = export_tensors(model, packing, float_dtype)
   meta = {"format": FORMAT, "version": VERSION, "model": _model_json(model.cfg),
-          "packing": packing, "tokenizer": tokenizer_metadata(tokenizer_spec)}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  os.close(fd)
-  try:
+          "packing": packing, "tokenizer": tokenizer_metadata(tokenizer)}
+  with atomic_path(path) as tmp:
     save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
   return size_report(tensors, model.cfg, path)
 
 
@@ -231,20 +221,18 @@ class Export:
     q = codes.reshape(layers, groups, d_in // groups, d_out) * alpha[:, :, None]
     return q.reshape(layers, d_in, d_out)
 
-  def load_tokenizer(self):
-    from tequila_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  def load_tokenizer(self) -> tokenizers.Tokenizer:
     kind = self.tokenizer.get("kind")
     if kind == "bytes":
-      return tokenizer.ByteTokenizer()
+      return tokenizers.ByteTokenizer()
     if kind == "tokenizer.json":
-      from tokenizers import Tokenizer as Raw  # pylint: disable=g-import-not-at-top
-      return tokenizer.HFTokenizer(Raw.from_str(self.tokenizer["json"]),
-                                   self.tokenizer.get("bos"),
-                                   self.tokenizer.get("eos"))
+      return tokenizers.HFTokenizer.from_json(
+          self.tokenizer["json"], self.tokenizer.get("bos"),
+          self.tokenizer.get("eos"))
     if kind == "tiktoken":
       with tempfile.NamedTemporaryFile(suffix=".model", delete=False) as f:
         f.write(base64.b64decode(self.tokenizer["model"]))
-      return tokenizer.TiktokenTokenizer(f.name)
+      return tokenizers.TiktokenTokenizer(f.name)
     raise ExportError("this export carries no tokenizer; pass one explicitly.")
 
 
@@ -287,70 +275,3 @@ def read_export(path) -> Export:
                         f"{None if codes is None else codes.shape}, expected "
                         f"{want}; the file is damaged.")
   return export
-
-
-def parse_quant(spec: str) -> quant.QuantConfig:
-  """`METHOD,GRANULARITY,GROUP_SIZE,LAM[,STAT_DTYPE]` -> QuantConfig."""
-  parts = spec.split(",")
-  if len(parts) not in (4, 5):
-    raise SystemExit(f"--quant {spec!r}: expected METHOD,GRANULARITY,"
-                     "GROUP_SIZE,LAM[,STAT_DTYPE], e.g. "
-                     "tequila,per_group,128,1e-3,bfloat16.")
-  try:
-    return quant.QuantConfig(parts[0], parts[1], int(parts[2]),
-                             float(parts[3]),
-                             stat_dtype=parts[4] if len(parts) == 5
-                             else "float32")
-  except ValueError as e:
-    raise SystemExit(f"--quant {spec!r}: {e}") from e
-
-
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--checkpoint", required=True,
-                 help="training workdir, Hugging Face dir or .gguf")
-  p.add_argument("--out", required=True)
-  p.add_argument("--packing", default="2bit", choices=PACKINGS)
-  p.add_argument("--float_dtype", default="float32", choices=FLOAT_DTYPES)
-  p.add_argument("--step", type=int, default=None)
-  p.add_argument("--gguf", default="", help="also write a llama.cpp GGUF "
-                 "(TQ2_0 + bias tensors) to this path")
-  p.add_argument("--gguf_type", default="tq2_0", choices=("tq2_0", "tq1_0"),
-                 help="GGUF ternary tensor type (2.06 or 1.69 bits/weight)")
-  p.add_argument("--refit_scales", action="store_true",
-                 help="GGUF: fit per-256 block scales for other layouts")
-  p.add_argument("--quant", default="",
-                 help="for Hugging Face / GGUF sources, which carry no quant "
-                 "config: METHOD,GRANULARITY,GROUP_SIZE,LAM[,STAT_DTYPE] "
-                 "(e.g. tequila,per_group,128,1e-3; add ,bfloat16 for a "
-                 "checkpoint of the official code, whose alpha and delta are "
-                 "bf16)")
-  args = p.parse_args(argv)
-  from tequila_jax import pretrained  # pylint: disable=g-import-not-at-top
-  overrides = {}
-  if args.quant:
-    overrides["quant"] = parse_quant(args.quant)
-  elif not pretrained.is_workdir(args.checkpoint):
-    raise SystemExit("--quant is required for a Hugging Face or GGUF source "
-                     "(it records no quantization config).")
-  model = pretrained.load_model(args.checkpoint, args.step, **overrides)
-  report = write_export(model, args.out, tokenizer_spec=args.checkpoint,
-                        packing=args.packing, float_dtype=args.float_dtype)
-  print(json.dumps(report, indent=2))
-  print(f"wrote {args.out}: {report['file_bytes'] / 2**20:.1f} MiB, "
-        f"{report['ternary_bits_per_weight']:.3f} bits per ternary weight "
-        "(codes + scales + bias)")
-  if args.gguf:
-    from tequila_jax import gguf_export  # pylint: disable=g-import-not-at-top
-    errors = gguf_export.write_gguf(read_export(args.out), args.gguf,
-                                    refit_scales=args.refit_scales,
-                                    ternary_type=args.gguf_type)
-    report["gguf"] = errors
-    print(f"wrote {args.gguf}: {pathlib.Path(args.gguf).stat().st_size / 2**20:.1f}"
-          f" MiB; scale refit error {errors['refit_rel_error']:.2e}, fp16 "
-          f"scale rounding {errors['fp16_scale_rel_error']:.2e} (relative)")
-  return report
-
-
-if __name__ == "__main__":
-  main()

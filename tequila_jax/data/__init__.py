@@ -13,7 +13,7 @@ prefetches. The grain iterator is checkpointable, so a resumed run sees
 exactly the batches an unbroken run would.
 
 Source specs (comma-separated in `config.data.sources`):
-  asset:shakespeare               a demo corpus (tequila_jax.assets)
+  asset:shakespeare               a demo corpus (tequila_jax.io.assets)
   path/*.txt                      each file one document
   path/*.jsonl[:field]            one JSON document per line (field "text")
   path/*.parquet[:field]          a text column (needs pyarrow)
@@ -29,16 +29,15 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Iterator
 
 import grain
 import numpy as np
 import tqdm
 
-from tequila_jax import assets
-from tequila_jax.tokenizer import Tokenizer
+from tequila_jax.io import assets, load
+from tequila_jax.io.atomic import atomic_path
+from tequila_jax.io.tokenizers import Tokenizer
 
 META = "meta.json"
 
@@ -142,11 +141,8 @@ def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
   if not 0 <= eval_fraction < 1:
     raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}.")
   dtype = _token_dtype(tok.vocab_size)
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(dir=out_dir.parent,
-                                      prefix=f".{out_dir.name}."))
   counts = {"train": 0, "eval": 0, "documents": 0}
-  try:
+  with atomic_path(out_dir, directory=True) as tmp:
     with open(tmp / "train.bin", "wb") as train, \
          open(tmp / "eval.bin", "wb") as held_out, \
          tqdm.tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
@@ -182,24 +178,17 @@ def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
                 eval_fraction=eval_fraction, train_tokens=counts["train"],
                 eval_tokens=counts["eval"], documents=counts["documents"])
     (tmp / META).write_text(json.dumps(meta, indent=2))
-    if out_dir.exists():  # a stale, incomplete directory
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 
 
 def prepare_for_config(config, progress: bool = True) -> pathlib.Path:
   """The prepared corpus for a training config (cached by a hash of sources,
   tokenizer and split under `data.cache_dir`)."""
-  from tequila_jax import pretrained  # pylint: disable=g-import-not-at-top
   spec = config.data.tokenizer or config.init.checkpoint
   if not spec:
     raise DataError("no tokenizer: set data.tokenizer (a path or 'bytes') or "
                     "init.checkpoint.")
-  tok = pretrained.load_tokenizer(spec)
+  tok = load.load_tokenizer(spec)
   cache = pathlib.Path(config.data.cache_dir or
                        (assets.cache_dir() / "corpora")).expanduser()
   key = corpus_key(config.data.sources, spec, config.data.eval_fraction)
@@ -272,20 +261,3 @@ def eval_batches(corpus_dir, *, seq_len: int, batch_size: int,
         "data.eval_fraction or lower eval batch size.")
   return [np.stack([source[b * batch_size + i] for i in range(batch_size)])
           for b in range(n)]
-
-
-def main(argv):
-  """`python -m tequila_jax.data --config configs/X.py`: tokenize once."""
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  corpus = prepare_for_config(flags.FLAGS.config)
-  print(corpus)
-  print(json.dumps(read_meta(corpus), indent=2))
-
-
-if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                  lock_config=True)
-  app.run(main)

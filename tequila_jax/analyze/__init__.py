@@ -1,4 +1,5 @@
-"""`python -m tequila_jax.analyze --workdir DIR [--compare DIR2 ...]`
+"""Plots of a run's deadzone diagnostics:
+`python -m tequila_jax.analyze --workdir DIR [--compare DIR2,DIR3]`.
 
 Plots the deadzone diagnostics that training wrote to `DIR/metrics.jsonl`
 (see `tequila_jax.diagnostics`) and writes a markdown summary, several runs
@@ -18,7 +19,6 @@ side by side (e.g. AbsMean vs Tequila):
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from tequila_jax import diagnostics, metrics  # pylint: disable=wrong-import-position
+from tequila_jax import checkpoint, diagnostics, metrics  # pylint: disable=wrong-import-position
 
 FRACTIONS = ("dead_fraction", "boundary_fraction", "flip_rate",
              "crossing_rate")
@@ -44,12 +44,12 @@ class Run:
 
   def __init__(self, workdir):
     self.workdir = pathlib.Path(workdir)
-    path = self.workdir / "metrics.jsonl"
+    path = self.workdir / checkpoint.METRICS
     if not path.exists():
       raise FileNotFoundError(f"{path} not found: is {workdir} a tequila_jax "
                               "training workdir?")
     self.records = metrics.read_jsonl(path)
-    config = self.workdir / "config.json"
+    config = self.workdir / checkpoint.CONFIG
     self.config = json.loads(config.read_text()) if config.exists() else {}
     quant = self.config.get("model", {}).get("quant", {})
     method = quant.get("method", "?")
@@ -275,21 +275,3 @@ def analyze(workdirs, out=None, hist_steps=None) -> pathlib.Path:
   plot_loss(runs, out)
   (out / "summary.md").write_text(summary_table(runs))
   return out
-
-
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--compare", nargs="*", default=[])
-  p.add_argument("--out", default=None, help="default: WORKDIR/analysis")
-  p.add_argument("--hist_steps", type=int, nargs="*", default=None,
-                 help="steps whose |W|/delta histograms to plot "
-                 "(default: first and last logged)")
-  args = p.parse_args(argv)
-  out = analyze([args.workdir, *args.compare], args.out, args.hist_steps)
-  print((out / "summary.md").read_text())
-  print(f"plots in {out}")
-
-
-if __name__ == "__main__":
-  main()

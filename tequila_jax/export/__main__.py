@@ -1,0 +1,67 @@
+"""`python -m tequila_jax.export --checkpoint LOCATION --out model.tqj
+[--gguf model.gguf] [--quant.method=... --quant.group_size=...]`
+
+Writes the packed ternary export of a training workdir (or of a Hugging Face
+directory / GGUF file, given `--quant.*`, which such sources do not record)
+and prints its size report; `--gguf` also writes a llama.cpp file.
+"""
+
+import json
+import pathlib
+
+from absl import app, flags
+
+from tequila_jax import checkpoint, config_lib
+from tequila_jax.io import gguf, load, tqj
+
+flags.DEFINE_string("checkpoint", None, "Training workdir, Hugging Face dir, "
+                    ".gguf or asset:NAME.", required=True)
+flags.DEFINE_string("out", None, "The .tqj to write.", required=True)
+flags.DEFINE_enum("packing", "2bit", tqj.PACKINGS, "Code packing: 2 bits or "
+                  "base 3 (1.6 bits) per weight.")
+flags.DEFINE_enum("float_dtype", "float32", list(tqj.FLOAT_DTYPES),
+                  "Dtype of the float tensors (embeddings, norms, head).")
+flags.DEFINE_integer("step", None, "Checkpoint step of a workdir "
+                     "(default: the latest).")
+flags.DEFINE_string("gguf", "", "Also write a llama.cpp GGUF (ternary "
+                    "tensors + bias tensors) to this path.")
+flags.DEFINE_enum("gguf_type", "tq2_0", sorted(gguf.TYPES), "GGUF ternary "
+                  "tensor type (2.06 or 1.69 bits/weight).")
+flags.DEFINE_bool("refit_scales", False, "GGUF: fit per-256 block scales for "
+                  "layouts whose scales change inside a block.")
+config_lib.define_quant_flag()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  quant = config_lib.quant_from_flag(FLAGS.quant)
+  source = load.resolve(FLAGS.checkpoint)
+  if quant is None and not checkpoint.is_workdir(source):
+    raise app.UsageError(
+        "--quant.method is required for a Hugging Face or GGUF source (it "
+        "records no quantization), e.g. --quant.method=tequila "
+        "--quant.group_size=128 --quant.lam=1e-3 (add "
+        "--quant.stat_dtype=bfloat16 for a checkpoint of the official code).")
+  overrides = {"quant": quant} if quant is not None else {}
+  model = load.load_model(FLAGS.checkpoint, FLAGS.step, **overrides)
+  report = tqj.write_export(model, FLAGS.out,
+                            tokenizer=load.load_tokenizer(FLAGS.checkpoint),
+                            packing=FLAGS.packing,
+                            float_dtype=FLAGS.float_dtype)
+  print(json.dumps(report, indent=2))
+  print(f"wrote {FLAGS.out}: {report['file_bytes'] / 2**20:.1f} MiB, "
+        f"{report['ternary_bits_per_weight']:.3f} bits per ternary weight "
+        "(codes + scales + bias)")
+  if FLAGS.gguf:
+    errors = gguf.write_gguf(tqj.read_export(FLAGS.out), FLAGS.gguf,
+                             refit_scales=FLAGS.refit_scales,
+                             ternary_type=FLAGS.gguf_type)
+    size = pathlib.Path(FLAGS.gguf).stat().st_size / 2**20
+    print(f"wrote {FLAGS.gguf}: {size:.1f} MiB; scale refit error "
+          f"{errors['refit_rel_error']:.2e}, fp16 scale rounding "
+          f"{errors['fp16_scale_rel_error']:.2e} (relative)")
+
+
+if __name__ == "__main__":
+  app.run(main)

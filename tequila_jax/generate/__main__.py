@@ -1,0 +1,65 @@
+"""`python -m tequila_jax.generate --model model.tqj --prompt "..."`
+
+Streams a completion from a packed export on the CPU (pure XLA; kernel
+strategy per `--strategy`, see `tequila_jax.inference.kernels`) and reports
+prefill and decode tokens/s. `--model` may also be a training workdir, a
+Hugging Face directory or a GGUF file (float/QAT model, for comparison;
+`--quant.*` applies a quantization to the latter two).
+"""
+
+import sys
+import time
+
+import jax
+from absl import app, flags
+
+from tequila_jax import config_lib, sampling
+from tequila_jax.io import load
+
+flags.DEFINE_string("model", None, "A .tqj export, training workdir, Hugging "
+                    "Face dir, .gguf or asset:NAME.", required=True)
+flags.DEFINE_string("prompt", None, "Text to continue.", required=True)
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "exact", "lut", "int8"],
+                  "Ternary kernel of a .tqj model.")
+flags.DEFINE_enum("head", "float", ["float", "int8"], "int8: int8 output "
+                  "projection, quantizes the last hidden state (faster; "
+                  "logits ~1e-2 relative error).")
+config_lib.define_quant_flag()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  model, tok = load.load(FLAGS.model, quant=config_lib.quant_from_flag(
+      FLAGS.quant), strategy=FLAGS.strategy, head=FLAGS.head)
+  prompt = tok.encode(FLAGS.prompt, bos=tok.bos_id is not None)
+  sys.stdout.write(FLAGS.prompt)
+  sys.stdout.flush()
+  ids, shown = [], ""
+  start = time.perf_counter()
+  first = None
+  for nxt in sampling.generate(model, prompt,
+                               max_new_tokens=FLAGS.max_new_tokens,
+                               temperature=FLAGS.temperature, seed=FLAGS.seed,
+                               eos_id=tok.eos_id):
+    if first is None:
+      first = time.perf_counter()
+    ids.append(nxt)
+    text = tok.decode(ids)
+    sys.stdout.write(text[len(shown):])
+    sys.stdout.flush()
+    shown = text
+  end = time.perf_counter()
+  n = len(ids)
+  decode_rate = (n - 1) / (end - first) if n > 1 else float("nan")
+  print(f"\n\n[{len(prompt)} prompt tokens, first token after "
+        f"{(first or end) - start:.2f} s (includes compilation); {n} tokens, "
+        f"decode {decode_rate:.1f} tokens/s on {jax.devices()[0].platform}]",
+        file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)

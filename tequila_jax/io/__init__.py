@@ -1,0 +1,13 @@
+"""File formats, one module each, and one loader for all of them.
+
+- `hf`: Hugging Face LLaMA checkpoints (config.json + safetensors).
+- `gguf`: llama.cpp's GGUF, read (dequantized) and written (TQ2_0/TQ1_0),
+  its Q/K row permutation and its embedded BPE vocabulary.
+- `tqj`: the packed ternary export (`.tqj`): packing, `Export`, read/write.
+- `tokenizers`: one `Tokenizer` interface over tokenizer.json, tiktoken and
+  bytes.
+- `assets`: demo models and corpora that packages ship, pinned by sha256.
+- `load`: opens any location (training workdir, HF dir, .gguf, .tqj,
+  `asset:NAME`) as a model and its tokenizer.
+- `atomic`: write a file or directory so that it appears whole or not at all.
+"""

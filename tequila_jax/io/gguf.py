@@ -1,0 +1,403 @@
+"""GGUF, llama.cpp's format: LLaMA models read (dequantized to float) and
+ternary exports written (TQ2_0 / TQ1_0 plus bias tensors), with the
+byte-level BPE vocabulary in both directions.
+
+Reading: tensors are renamed to Hugging Face names and go through the same
+validated assembly as safetensors checkpoints (`hf.model_from_tensors`).
+llama.cpp permutes the rows of Q and K per head for its interleaved RoPE;
+`load_gguf` undoes that so the model uses the half-split layout of Hugging
+Face, and `write_gguf` applies it.
+
+Writing: TQ2_0 stores 256 weights per block as 2-bit codes and one fp16
+scale `d` (`value = code * d`), so an exact export needs one scale per 256
+inputs of a row: `per_channel` models, or `per_group` with G = 256. Other
+layouts are refused unless `refit_scales=True`, which keeps every code and
+fits each block's scale by least squares (`d = mean alpha over its non-zero
+codes`), reporting the relative error introduced. Scales are rounded to fp16
+first (an error that is reported too). Tequila's `c(W)` becomes the llama
+architecture's optional `blk.N.<proj>.bias` tensors, which stock llama.cpp
+applies. Rows must be a multiple of 256 wide (Llama-3.2 1B/3B are;
+SmolLM2's 576 is not).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import gguf
+import numpy as np
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as RawTokenizer
+
+from tequila_jax.io import hf, tokenizers
+from tequila_jax.io.atomic import atomic_path
+from tequila_jax.io.tqj import Export
+from tequila_jax.layers import rope_frequencies
+from tequila_jax.model import PROJECTIONS, Llama, ModelConfig, projection_dims
+
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+# Llama-3.x GGUFs store llama3 rope scaling only as a `rope_freqs` tensor of
+# per-frequency divisors; these are the parameter sets that produce them.
+_LLAMA3_ROPE_CANDIDATES = [
+    {"factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192} for f in (8.0, 16.0, 32.0)]
+
+
+def open_gguf(path):
+  """A `gguf.GGUFReader`, with a clear error for missing or foreign files."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"GGUF file {path} not found.")
+  try:
+    return gguf.GGUFReader(str(path))
+  except Exception as e:  # gguf raises bare ValueError/struct errors
+    raise hf.CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
+
+
+def metadata(reader) -> dict:
+  """All scalar and string metadata (arrays longer than 64 entries skipped)."""
+  out = {}
+  for key, field in reader.fields.items():
+    if len(field.data) > 64:
+      continue
+    out[key] = field.contents()
+  return out
+
+
+def gguf_array(reader, key: str):
+  field = reader.fields.get(key)
+  return None if field is None else field.contents()
+
+
+def _rope_scaling(reader, cfg_head_dim, theta):
+  tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"),
+                None)
+  if tensor is None:
+    return None
+  divisors = np.asarray(tensor.data, np.float64)
+  base = np.asarray(rope_frequencies(cfg_head_dim, theta), np.float64)
+  for cand in _LLAMA3_ROPE_CANDIDATES:
+    scaled = np.asarray(rope_frequencies(cfg_head_dim, theta, cand), np.float64)
+    if np.allclose(base / scaled, divisors, rtol=1e-4):
+      return tuple(sorted(cand.items()))
+  raise hf.CheckpointError(
+      "rope_freqs.weight does not match llama3 rope scaling with factor 8, 16 "
+      "or 32; load the Hugging Face checkpoint instead.")
+
+
+def config_from_gguf(reader, **overrides) -> ModelConfig:
+  meta = metadata(reader)
+  arch = meta.get("general.architecture")
+  if arch != "llama":
+    raise hf.CheckpointError(
+        f"GGUF architecture {arch!r} is not supported; expected 'llama'.")
+  hidden = int(meta["llama.embedding_length"])
+  heads = int(meta["llama.attention.head_count"])
+  head_dim = int(meta.get("llama.attention.key_length", hidden // heads))
+  theta = float(meta.get("llama.rope.freq_base", 10000.0))
+  vocab = meta.get("llama.vocab_size") or len(gguf_array(reader,
+                                                         "tokenizer.ggml.tokens"))
+  tied = not any(t.name == "output.weight" for t in reader.tensors)
+  fields = dict(
+      vocab_size=int(vocab), hidden_size=hidden,
+      ffn_size=int(meta["llama.feed_forward_length"]),
+      num_layers=int(meta["llama.block_count"]), num_heads=heads,
+      num_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
+      head_dim=head_dim,
+      rms_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_theta=theta, rope_scaling=_rope_scaling(reader, head_dim, theta),
+      tie_embeddings=tied,
+      max_seq_len=int(meta.get("llama.context_length", 8192)))
+  fields.update(overrides)
+  return ModelConfig(**fields)
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+  """Inverse of llama.cpp's per-head Q/K row permutation (interleaved RoPE)."""
+  rows = w.shape[0]
+  return (w.reshape(heads, rows // heads // 2, 2, *w.shape[1:])
+          .swapaxes(1, 2).reshape(w.shape))
+
+
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp's Q/K row permutation (for export)."""
+  rows = w.shape[0]
+  return (w.reshape(heads, 2, rows // heads // 2, *w.shape[1:])
+          .swapaxes(1, 2).reshape(w.shape))
+
+
+def hf_name(gguf_name: str) -> str | None:
+  if gguf_name in GLOBAL_NAMES:
+    return GLOBAL_NAMES[gguf_name]
+  parts = gguf_name.split(".")
+  if parts[0] == "blk" and len(parts) == 4 and parts[2] in LAYER_NAMES:
+    return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+  return None
+
+
+def read_tensors(reader, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Dequantized float32 tensors under Hugging Face names."""
+  out = {}
+  for t in reader.tensors:
+    if t.name == "rope_freqs.weight":
+      continue
+    name = hf_name(t.name)
+    if name is None:
+      raise hf.CheckpointError(f"GGUF tensor {t.name} has no place in a "
+                                  "LLaMA model.")
+    try:
+      arr = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type),
+                       np.float32)
+    except NotImplementedError as e:
+      raise hf.CheckpointError(
+          f"GGUF tensor {t.name} has quantization type {t.tensor_type.name}, "
+          "which the gguf package cannot dequantize; re-export it as F16, "
+          "Q8_0 or Q4_x.") from e
+    if name.endswith("q_proj.weight"):
+      arr = _unpermute(arr, cfg.num_heads)
+    elif name.endswith("k_proj.weight"):
+      arr = _unpermute(arr, cfg.num_kv_heads)
+    out[name] = arr
+  return out
+
+
+def load_gguf(path, **overrides) -> Llama:
+  """A `Llama` from a GGUF file; `overrides` replace `ModelConfig` fields."""
+  reader = open_gguf(path)
+  cfg = config_from_gguf(reader, **overrides)
+  return hf.model_from_tensors(cfg, read_tensors(reader, cfg), str(path))
+
+
+# --------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------
+
+def _gguf_pre_tokenizer(pre: str):
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre == "gpt2":
+    return byte_level
+  if pre == "smollm":
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), byte_level])
+  if pre in ("llama-bpe", "llama3"):
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tokenizers.LLAMA3_PATTERN), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (gpt2, "
+                   "smollm, llama-bpe are); pass a tokenizer.json instead.")
+
+
+def read_tokenizer(reader) -> tokenizers.HFTokenizer:
+  """The BPE vocabulary embedded in a GGUF file (`tokenizer.ggml.*`)."""
+  model = gguf_array(reader, "tokenizer.ggml.model")
+  if model != "gpt2":
+    raise ValueError(f"GGUF tokenizer model {model!r} is not supported; only "
+                     "byte-level BPE ('gpt2') is.")
+  tokens = gguf_array(reader, "tokenizer.ggml.tokens")
+  merges = [tuple(m.split(" ", 1)) for m in
+            gguf_array(reader, "tokenizer.ggml.merges")]
+  types = gguf_array(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+  tok = RawTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges,
+                                fuse_unk=False, byte_fallback=False))
+  tok.pre_tokenizer = _gguf_pre_tokenizer(
+      gguf_array(reader, "tokenizer.ggml.pre") or "gpt2")
+  tok.decoder = decoders.ByteLevel()
+  control = 3  # llama.cpp token type CONTROL
+  tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                          for i, t in enumerate(types) if t == control])
+  bos, eos = (gguf_array(reader, f"tokenizer.ggml.{k}_token_id")
+              for k in ("bos", "eos"))
+  return tokenizers.HFTokenizer(tok, tokens[bos] if bos is not None else None,
+                     tokens[eos] if eos is not None else None)
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+
+QK = 256  # weights per TQ2_0 block
+# Our projection names -> llama.cpp's (the inverse of LAYER_NAMES above).
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+              "o_proj": "attn_output", "gate_proj": "ffn_gate",
+              "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+class GGUFExportError(ValueError):
+  pass
+
+
+def _with_scales(qs: np.ndarray, d: np.ndarray) -> np.ndarray:
+  """Appends each block's fp16 scale to its code bytes `[rows, blocks, n]`."""
+  rows, blocks = qs.shape[:2]
+  scale = np.ascontiguousarray(d, np.float16).view(np.uint8).reshape(
+      rows, blocks, 2)
+  return np.concatenate([qs, scale], axis=-1).reshape(rows, -1)
+
+
+def tq2_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+  """Rows of codes `[rows, in]` and fp16 scales `[rows, in/256]` -> the
+  TQ2_0 byte layout `[rows, in/256 * 66]` (ggml's `block_tq2_0`: 64 bytes of
+  codes, byte m of each 32-byte half holding elements m, m+32, m+64, m+96 of
+  that 128-element chunk at bits 0, 2, 4, 6; then the fp16 scale)."""
+  rows, d_in = codes.shape
+  u = (codes.astype(np.int16) + 1).astype(np.uint8)
+  u = u.reshape(rows, d_in // QK, 2, 4, 32)  # block, chunk of 128, n, m
+  qs = (u[:, :, :, 0] | (u[:, :, :, 1] << 2) | (u[:, :, :, 2] << 4)
+        | (u[:, :, :, 3] << 6)).reshape(rows, d_in // QK, 64)
+  return _with_scales(qs, d)
+
+
+def tq1_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+  """Rows of codes `[rows, in]` and fp16 scales -> ggml's `block_tq1_0`
+  (1.6875 bits/weight): per 256 weights, base-3 digits of elements 0-159 as
+  5 x 32 (byte j holds elements j, 32+j, ..., 128+j, most significant first),
+  160-239 as 5 x 16 and 240-255 as 4 x 4, each byte stored as a fixed-point
+  fraction `ceil(v * 256 / 243)`; then the fp16 scale."""
+  rows, d_in = codes.shape
+  u = (codes.astype(np.uint16) + 1).reshape(rows, d_in // QK, QK)
+
+  def pack(part, digits, width):
+    p = part.reshape(rows, d_in // QK, digits, width)
+    weights = (3 ** (4 - np.arange(digits))).astype(np.uint16)[:, None]
+    v = np.sum(p * weights, axis=-2)
+    return ((v * 256 + 242) // 243).astype(np.uint8)
+
+  qs = np.concatenate([pack(u[..., :160], 5, 32), pack(u[..., 160:240], 5, 16),
+                       pack(u[..., 240:], 4, 4)], axis=-1)
+  return _with_scales(qs, d)
+
+
+TYPES = {"tq2_0": tq2_0_bytes, "tq1_0": tq1_0_bytes}
+
+
+def block_scales(codes: np.ndarray, alpha: np.ndarray, refit: bool
+                 ) -> tuple[np.ndarray, float]:
+  """Per-256-block scales `[out, in/256]` for a `[in, out]` kernel with group
+  scales `alpha [groups, out or 1]`, and the relative error of `codes * d`
+  against the exact `Q` (0 when every block lies inside one group)."""
+  d_in, d_out = codes.shape
+  full = np.broadcast_to(np.repeat(alpha, d_in // alpha.shape[0], axis=0),
+                         (d_in, d_out)).astype(np.float64)
+  blocks = full.reshape(d_in // QK, QK, d_out)
+  if np.all(blocks == blocks[:, :1, :]):
+    return blocks[:, 0, :].T.astype(np.float32), 0.0
+  if not refit:
+    raise GGUFExportError(
+        f"TQ2_0 holds one scale per {QK} weights but this model's scales "
+        f"change inside {QK}-weight blocks; export per_channel or "
+        "group_size=256 models, or pass refit_scales=True (--refit_scales) to "
+        "fit block scales, which changes the weights and reports the error.")
+  cb = codes.reshape(d_in // QK, QK, d_out).astype(np.float64)
+  qb = cb * blocks
+  d = np.sum(cb * qb, axis=1) / np.maximum(np.sum(cb * cb, axis=1), 1)
+  err = np.linalg.norm(cb * d[:, None, :] - qb) / max(np.linalg.norm(qb), 1e-30)
+  return d.T.astype(np.float32), float(err)
+
+
+def write_gguf(ex: Export, path, *, refit_scales: bool = False,
+               float_type: str = "f32", ternary_type: str = "tq2_0") -> dict:
+  """Writes a llama.cpp GGUF for an export (ternary tensors as TQ2_0 or
+  TQ1_0); returns the errors introduced."""
+  cfg = ex.cfg
+  if ternary_type not in TYPES:
+    raise ValueError(f"ternary_type {ternary_type!r}: choose one of {sorted(TYPES)}.")
+  qtype = getattr(gguf.GGMLQuantizationType, ternary_type.upper())
+  for name in PROJECTIONS:
+    d_in, _ = projection_dims(cfg, name)
+    if d_in % QK:
+      raise GGUFExportError(
+          f"{name} rows are {d_in} wide, not a multiple of {QK}: llama.cpp's "
+          "TQ2_0 cannot hold them. Use a model whose hidden and ffn sizes are "
+          f"multiples of {QK}.")
+  tok = ex.load_tokenizer()
+  if not isinstance(tok, tokenizers.HFTokenizer):
+    raise GGUFExportError("GGUF export needs a BPE tokenizer (tokenizer.json "
+                          "or GGUF vocabulary) embedded in the export.")
+  errors = {"refit_rel_error": 0.0, "fp16_scale_rel_error": 0.0}
+  with atomic_path(path) as tmp:
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.ffn_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{ternary_type.upper()}"))
+    _add_tokenizer(w, tok, cfg.vocab_size)
+    fdt = np.float16 if float_type == "f16" else np.float32
+    t = ex.tensors
+    w.add_tensor("token_embd.weight", np.asarray(t["embed"], fdt))
+    w.add_tensor("output_norm.weight", np.asarray(t["final_norm"], np.float32))
+    if "lm_head" in t:
+      w.add_tensor("output.weight", np.ascontiguousarray(
+          np.asarray(t["lm_head"], fdt).T))
+    for layer in range(cfg.num_layers):
+      w.add_tensor(f"blk.{layer}.attn_norm.weight",
+                   np.asarray(t["layers.attn_norm"][layer], np.float32))
+      w.add_tensor(f"blk.{layer}.ffn_norm.weight",
+                   np.asarray(t["layers.mlp_norm"][layer], np.float32))
+      for name, gname in GGUF_NAMES.items():
+        codes = ex.codes(name)[layer]  # [in, out]
+        alpha = t[f"layers.{name}.alpha"][layer]
+        bias = np.asarray(t[f"layers.{name}.c"][layer], np.float32)
+        d, err = block_scales(codes, alpha, refit_scales)
+        errors["refit_rel_error"] = max(errors["refit_rel_error"], err)
+        d16 = d.astype(np.float16).astype(np.float32)
+        errors["fp16_scale_rel_error"] = max(
+            errors["fp16_scale_rel_error"],
+            float(np.max(np.abs(d16 - d) / np.maximum(np.abs(d), 1e-30))))
+        rows = codes.T  # [out, in], ggml's row-major layout
+        heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(name)
+        if heads:
+          rows, d = permute(rows, heads), permute(d, heads)
+          bias = permute(bias, heads)
+        data = TYPES[ternary_type](rows, d)
+        w.add_tensor(f"blk.{layer}.{gname}.weight", data,
+                     raw_shape=data.shape, raw_dtype=qtype)
+        w.add_tensor(f"blk.{layer}.{gname}.bias", bias)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+  return errors
+
+
+def _add_tokenizer(w, tok, vocab_size: int) -> None:
+  spec = json.loads(tok.to_json())
+  model = spec["model"]
+  if model.get("type") != "BPE":
+    raise GGUFExportError("only byte-level BPE tokenizers export to GGUF.")
+  vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+  tokens = [t for t, _ in vocab]
+  added = {a["id"]: a["content"] for a in spec.get("added_tokens", [])}
+  for i, content in added.items():
+    if i >= len(tokens):
+      tokens += [f"[PAD{j}]" for j in range(len(tokens), i)] + [content]
+  tokens += [f"[PAD{j}]" for j in range(len(tokens), vocab_size)]
+  types = [3 if i in added else 1 for i in range(len(tokens))]
+  merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(tokens)
+  w.add_token_types(types)
+  w.add_token_merges(merges)
+  if tok.bos_id is not None:
+    w.add_bos_token_id(tok.bos_id)
+  if tok.eos_id is not None:
+    w.add_eos_token_id(tok.eos_id)

@@ -1,0 +1,84 @@
+"""Open any checkpoint location as a model and its tokenizer.
+
+A location is a tequila_jax training workdir (its latest checkpoint, or
+`step`), a Hugging Face checkpoint directory, a `.gguf` file, a packed `.tqj`
+export, or `asset:NAME` for a demo asset that a package ships
+(`tequila_jax.io.assets`). Tokenizers also come from a `tokenizer.json`, a
+Llama-3 `tokenizer.model`, or "bytes".
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from flax import nnx
+
+from tequila_jax import checkpoint, config_lib
+from tequila_jax import model as model_lib
+from tequila_jax.inference import PackedLlama
+from tequila_jax.io import assets, gguf, hf, tokenizers, tqj
+from tequila_jax.model import Llama
+from tequila_jax.quant import QuantConfig
+
+
+def resolve(location: str) -> pathlib.Path:
+  if location.startswith("asset:"):
+    return assets.fetch(location[len("asset:"):])
+  path = pathlib.Path(location).expanduser()
+  if not path.exists():
+    raise FileNotFoundError(
+        f"checkpoint {location!r} not found; give a training workdir, a "
+        "Hugging Face directory, a .gguf or .tqj file, or asset:NAME (one of "
+        f"{sorted(assets.ASSETS)}).")
+  return path
+
+
+def load_model(location: str, step: int | None = None, **overrides) -> Llama:
+  """The (QAT) model at `location`; `overrides` replace `ModelConfig` fields.
+  A `.tqj` export is an inference model: open it with `load`."""
+  path = resolve(location)
+  if checkpoint.is_workdir(path):
+    cfg = config_lib.to_model_config(
+        checkpoint.read_config(path).model).replace(**overrides)
+    return nnx.merge(model_lib.graphdef(cfg),
+                     checkpoint.restore_params(path, step))
+  if path.suffix == ".tqj":
+    raise ValueError(f"{path} is a packed inference export; open it with "
+                     "tequila_jax.io.load.load (a PackedLlama), not as a "
+                     "trainable model.")
+  if path.suffix == ".gguf":
+    return gguf.load_gguf(path, **overrides)
+  return hf.load_hf(path, **overrides)
+
+
+def load_tokenizer(location: str) -> tokenizers.Tokenizer:
+  """The tokenizer stored with the checkpoint at `location` (for a training
+  workdir, the one it was trained with), or a tokenizer file, or "bytes"."""
+  if location == "bytes":
+    return tokenizers.ByteTokenizer()
+  path = resolve(location)
+  if checkpoint.is_workdir(path):
+    config = checkpoint.read_config(path)
+    spec = config.data.tokenizer or config.init.checkpoint
+    if not spec:
+      raise ValueError(f"{path}/{checkpoint.CONFIG} names no tokenizer.")
+    return load_tokenizer(spec)
+  if path.suffix == ".gguf":
+    return gguf.read_tokenizer(gguf.open_gguf(path))
+  if path.suffix == ".tqj":
+    return tqj.read_export(path).load_tokenizer()
+  return tokenizers.from_file(path)
+
+
+def load(location: str, *, step: int | None = None,
+         quant: QuantConfig | None = None, strategy: str = "auto",
+         head: str = "float"):
+  """`(model, tokenizer)` at `location`. A `.tqj` export opens as a
+  `PackedLlama` (CPU inference; `strategy` and `head` as there); anything
+  else as a `Llama`, with `quant` replacing its quantization (needed for
+  Hugging Face and GGUF sources, which record none)."""
+  if str(location).endswith(".tqj"):
+    ex = tqj.read_export(resolve(location))
+    return PackedLlama(ex, strategy, head), ex.load_tokenizer()
+  overrides = {"quant": quant} if quant is not None else {}
+  return (load_model(location, step, **overrides), load_tokenizer(location))

@@ -1,0 +1,16 @@
+"""QAT training: `run(config, workdir)` and the pieces it is made of.
+
+- `step`: the pure `train_step` (gradient accumulation, AdamW, diagnostics).
+- `build`: `build_train(config)`, everything but data (mesh, optimizer,
+  shardings, initial state, compiled steps); `describe` sizes a config.
+- `loop`: `run`, the loop with checkpoints, metrics, evaluation and signals.
+
+`python -m tequila_jax.train` is the command line (`__main__.py`).
+"""
+
+from tequila_jax.train.build import Train, build_train, describe
+from tequila_jax.train.loop import TrainingError, run
+from tequila_jax.train.step import new_state, train_step
+
+__all__ = ["Train", "TrainingError", "build_train", "describe", "new_state",
+           "run", "train_step"]

@@ -1,0 +1,168 @@
+"""A training run's pieces that need no data: mesh, optimizer, shardings,
+the initial state and the compiled steps (`build_train`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from tequila_jax import config_lib, diagnostics, losses, optim, sharding
+from tequila_jax import model as model_lib
+from tequila_jax.io import load
+from tequila_jax.model import ModelConfig
+from tequila_jax.train.step import new_state, train_step
+
+# Fields that must agree between config.model and a pretrained checkpoint.
+ARCH_FIELDS = ("vocab_size", "hidden_size", "ffn_size", "num_layers",
+               "num_heads", "num_kv_heads", "head_dim", "tie_embeddings")
+# Fields of config.model that apply on top of a pretrained checkpoint.
+RUN_FIELDS = ("quant", "dtype", "scan_layers", "remat")
+
+
+def validate(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
+  """Fails early on configs that cannot run; returns local and eval batch."""
+  t = config.train
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if t.batch_size % t.micro_batches:
+    raise ValueError(f"train.batch_size={t.batch_size} is not divisible by "
+                     f"train.micro_batches={t.micro_batches}.")
+  micro = t.batch_size // t.micro_batches
+  if micro % n_dev:
+    raise ValueError(
+        f"the micro-batch of {micro} sequences (train.batch_size / "
+        f"micro_batches) does not split over the {n_dev} devices of the mesh; "
+        f"use a batch_size that is a multiple of {n_dev * t.micro_batches}.")
+  if t.batch_size % n_proc:
+    raise ValueError(f"train.batch_size={t.batch_size} does not split over "
+                     f"{n_proc} processes.")
+  eval_bs = t.eval_batch_size or micro
+  if eval_bs % n_dev:
+    raise ValueError(f"train.eval_batch_size={eval_bs} must be a multiple of "
+                     f"the {n_dev} devices.")
+  if t.loss_chunk and config.data.seq_len % t.loss_chunk:
+    raise ValueError(f"train.loss_chunk={t.loss_chunk} must divide "
+                     f"data.seq_len={config.data.seq_len}.")
+  if t.steps <= 0:
+    raise ValueError(f"train.steps must be positive, got {t.steps}.")
+  return t.batch_size // n_proc, eval_bs
+
+
+def diagnostics_config(config, model_cfg: ModelConfig
+                       ) -> diagnostics.DiagnosticsConfig | None:
+  d = config.diagnostics
+  if not d.enabled or not model_cfg.quant.is_ternary:
+    return None
+  return diagnostics.DiagnosticsConfig(
+      quant=model_cfg.quant, trap_steps=d.trap_steps,
+      sample_size=d.sample_size, hist_bins=d.hist_bins, hist_max=d.hist_max,
+      seed=config.seed)
+
+
+@dataclasses.dataclass
+class Train:
+  """Everything the steps need except data; see `build_train`."""
+  config: ml_collections.ConfigDict
+  model_cfg: ModelConfig
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation
+  lr_schedule: Callable
+  diag: diagnostics.DiagnosticsConfig | None
+  local_batch: int  # this process's rows of a training batch
+  eval_batch_size: int
+
+  @functools.cached_property
+  def graphdef(self):
+    return model_lib.graphdef(self.model_cfg)
+
+  def _fresh(self) -> dict:
+    return new_state(model_lib.init_params(self.model_cfg, self.config.seed),
+                     self.tx, self.diag)
+
+  @functools.cached_property
+  def shardings(self):
+    """A `NamedSharding` per leaf of the train state."""
+    return sharding.state_shardings(jax.eval_shape(self._fresh), self.mesh)
+
+  def abstract_state(self):
+    """The train state as `ShapeDtypeStruct`s with their shardings."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(self._fresh), self.shardings)
+
+  def init_state(self, params: dict | None = None) -> dict:
+    """The sharded initial state: random parameters from `config.seed`, or
+    around `params` (which are moved into the layout and donated)."""
+    if params is None:
+      return jax.jit(self._fresh, out_shardings=self.shardings)()
+    params = jax.device_put(params, self.shardings["params"])
+    return jax.jit(lambda p: new_state(p, self.tx, self.diag),
+                   out_shardings=self.shardings, donate_argnums=0)(params)
+
+  def step_fn(self, full_diagnostics: bool = False):
+    """The jitted, donated `train_step` (its logging-step variant if
+    `full_diagnostics`)."""
+    t = self.config.train
+    return jax.jit(
+        functools.partial(
+            train_step, graphdef=self.graphdef, tx=self.tx,
+            lr_schedule=self.lr_schedule, micro_batches=t.micro_batches,
+            diag=self.diag, full_diagnostics=full_diagnostics,
+            loss_chunk=t.loss_chunk),
+        in_shardings=(self.shardings, sharding.batch_sharding(self.mesh)),
+        out_shardings=(self.shardings, sharding.replicated(self.mesh)),
+        donate_argnums=0)
+
+  def eval_fn(self, graphdef=None):
+    """Jitted held-out loss of params on a batch (of `graphdef`'s model,
+    default this run's)."""
+    graphdef = graphdef or self.graphdef
+    return jax.jit(
+        lambda params, batch: losses.next_token_loss(params, graphdef, batch),
+        in_shardings=(self.shardings["params"],
+                      sharding.batch_sharding(self.mesh)),
+        out_shardings=sharding.replicated(self.mesh))
+
+
+def build_train(config: ml_collections.ConfigDict, *, devices=None) -> Train:
+  """The data-free half of a run: validated config, mesh, optimizer and
+  diagnostics. Nothing is allocated until `init_state`."""
+  model_cfg = config_lib.to_model_config(config.model)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  local_batch, eval_bs = validate(config, mesh)
+  tx, lr = optim.make_optimizer(config.optim, config.train.steps)
+  return Train(config, model_cfg, mesh, tx, lr,
+               diagnostics_config(config, model_cfg), local_batch, eval_bs)
+
+
+def pretrained_params(config, model_cfg: ModelConfig) -> dict:
+  """The parameters of `config.init.checkpoint`, checked against
+  `config.model`'s architecture, with its run-time settings applied."""
+  overrides = {f: getattr(model_cfg, f) for f in RUN_FIELDS}
+  model = load.load_model(config.init.checkpoint, **overrides)
+  diff = {f: (getattr(model.cfg, f), getattr(model_cfg, f))
+          for f in ARCH_FIELDS if getattr(model.cfg, f) != getattr(model_cfg, f)}
+  if diff:
+    raise ValueError(
+        f"init.checkpoint {config.init.checkpoint!r} disagrees with "
+        "config.model on " + ", ".join(
+            f"{k} (checkpoint {a}, config {b})" for k, (a, b) in diff.items()))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def describe(config: ml_collections.ConfigDict, *, devices=None) -> dict:
+  """Parameter count and train-state memory per device, without allocating."""
+  tr = build_train(config, devices=devices)
+  abstract = tr.abstract_state()
+  per_device = sum(int(np.prod(x.sharding.shard_shape(x.shape)))
+                   * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  return dict(params=model_lib.param_count(abstract["params"]),
+              mesh=dict(tr.mesh.shape), state_bytes=total,
+              state_bytes_per_device=per_device)

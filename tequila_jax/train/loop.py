@@ -1,0 +1,229 @@
+"""`run(config, workdir)`: the training loop around `train_step`.
+
+`run` builds the train state abstractly, derives its shardings over a
+`(data, fsdp)` mesh, materializes it (random or from a pretrained checkpoint)
+directly in that layout, restores the latest orbax checkpoint if there is one,
+and runs one compiled, donated step per batch. Metrics are fetched one step
+late so the host never waits on the device; a SIGTERM/SIGINT saves a
+checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from tequila_jax import checkpoint, data, diagnostics, metrics, sharding
+from tequila_jax import model as model_lib
+from tequila_jax.train.build import Train, build_train, pretrained_params
+
+log = logging.getLogger("tequila_jax")
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+def held_out_loss(eval_fn, params, batches, mesh) -> dict:
+  losses = [eval_fn(params, sharding.global_batch(b, mesh)) for b in batches]
+  loss = float(np.mean(jax.device_get(losses)))
+  return dict(loss=loss, perplexity=math.exp(min(loss, 50.0)))
+
+
+class _StopSignal:
+  """Turns SIGTERM/SIGINT into a flag that the loop checks every step."""
+
+  def __init__(self):
+    self.received = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _fail(step: int, what: str, ckpt: checkpoint.Checkpointer):
+  last = ckpt.latest_step()
+  raise TrainingError(
+      f"{what} at step {step}; stopping. The last good checkpoint "
+      f"({'step ' + str(last) if last is not None else 'none'}) in "
+      f"{ckpt.directory} is intact. Lower optim.lr or optim.clip_norm.")
+
+
+def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
+        stop_at: int | None = None) -> dict:
+  """Trains per `config` in `workdir` (resuming if it holds a checkpoint).
+
+  `stop_at` ends this invocation after that step (saving a checkpoint) while
+  keeping the schedule of `config.train.steps`, as a preemption would.
+  Returns a summary: final step, last train loss, held-out loss/perplexity
+  before (at the first step of this run) and after.
+  """
+  t = config.train
+  if t.distributed:
+    jax.distributed.initialize()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    checkpoint.write_config(workdir, config)
+  tr = build_train(config, devices=devices)
+  mesh = tr.mesh
+  if config.data.corpus_dir:  # already tokenized (e.g. carried to a cluster)
+    corpus = pathlib.Path(config.data.corpus_dir)
+  else:
+    corpus = data.prepare_for_config(config, progress=t.progress)
+  vocab = data.read_meta(corpus)["vocab_size"]
+  if vocab > tr.model_cfg.vocab_size:
+    raise ValueError(f"the corpus was tokenized with {vocab} tokens but "
+                     f"model.vocab_size is {tr.model_cfg.vocab_size}.")
+  state = tr.init_state(pretrained_params(config, tr.model_cfg)
+                        if config.init.checkpoint else None)
+  n_params = model_lib.param_count(state["params"])
+  log.info("model: %.1fM parameters; mesh %s", n_params / 1e6, dict(mesh.shape))
+
+  data_iter = data.train_iterator(
+      corpus, seq_len=config.data.seq_len, batch_size=tr.local_batch,
+      seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+  ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every,
+                                 keep=t.keep_checkpoints,
+                                 async_save=t.async_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    del state
+    state, stale = ckpt.restore(start, tr.abstract_state(), data_iter,
+                                rebuildable=("diag",))
+    if tr.diag is not None and "diag" in stale:
+      state["diag"] = jax.jit(diagnostics.init_state, static_argnums=1,
+                              out_shardings=tr.shardings["diag"])(
+                                  state["params"], tr.diag)
+      log.warning("the checkpoint's deadzone trap counters do not fit this "
+                  "version's diagnostics: they restart from step %d.", start)
+    log.info("resumed from step %d", start)
+  start = start or 0
+
+  step_fns = (tr.step_fn(), tr.step_fn(full_diagnostics=tr.diag is not None))
+  eval_fn = tr.eval_fn()
+  float_eval_fn = None
+  if config.init.checkpoint and tr.model_cfg.quant.is_ternary and start == 0:
+    float_cfg = tr.model_cfg.replace(
+        quant=dataclasses.replace(tr.model_cfg.quant, method="none"))
+    float_eval_fn = tr.eval_fn(model_lib.graphdef(float_cfg))
+  eval_data = data.eval_batches(corpus, seq_len=config.data.seq_len,
+                                batch_size=tr.eval_batch_size,
+                                max_batches=t.eval_batches)
+  writer = metrics.MetricWriter(workdir, tensorboard=t.tensorboard)
+  summary = dict(start_step=start, params=n_params)
+  try:
+    if float_eval_fn is not None:  # what the float checkpoint scores
+      summary["eval_float"] = held_out_loss(float_eval_fn, state["params"],
+                                            eval_data, mesh)
+      writer.write(start, summary["eval_float"], "eval_float")
+      log.info("pretrained float model: held-out loss %.4f perplexity %.2f",
+               summary["eval_float"]["loss"],
+               summary["eval_float"]["perplexity"])
+    summary["eval_before"] = held_out_loss(eval_fn, state["params"], eval_data,
+                                           mesh)
+    writer.write(start, summary["eval_before"], "eval")
+    log.info("step %d held-out loss %.4f perplexity %.2f", start,
+             summary["eval_before"]["loss"], summary["eval_before"]["perplexity"])
+    state, last = _loop(tr, state, data_iter, step_fns, eval_fn, eval_data,
+                        ckpt, writer, start, stop_at or t.steps)
+    summary.update(last)
+    summary["eval_after"] = held_out_loss(eval_fn, state["params"], eval_data,
+                                          mesh)
+    writer.write(summary["step"], summary["eval_after"], "eval")
+    log.info("step %d held-out loss %.4f perplexity %.2f", summary["step"],
+             summary["eval_after"]["loss"], summary["eval_after"]["perplexity"])
+  finally:
+    writer.close()
+    ckpt.close()
+  return summary
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(params)]))
+
+
+def _loop(tr: Train, state, data_iter, step_fns, eval_fn, eval_data, ckpt,
+          writer, start: int, stop_at: int):
+  config, mesh = tr.config, tr.mesh
+  t = config.train
+  step_fn, log_step_fn = step_fns
+  tokens_per_step = t.batch_size * config.data.seq_len
+  pending = None  # (step, device metrics) fetched one step late
+  last = dict(step=start, loss=float("nan"), stopped_by=None)
+  bar = tqdm.tqdm(total=t.steps, initial=start, unit="step",
+                  disable=not t.progress or jax.process_index() != 0)
+  tick, tick_step = time.perf_counter(), start
+
+  def finish(step, device_metrics):
+    nonlocal tick, tick_step
+    m = metrics.to_python(device_metrics)
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+      _fail(step, f"non-finite loss ({m['loss']}) or gradient norm "
+            f"({m['grad_norm']})", ckpt)
+    last.update(step=step, loss=m["loss"])
+    if step % t.log_every == 0 or step == t.steps:
+      now = time.perf_counter()
+      m["tokens_per_s"] = (step - tick_step) * tokens_per_step / (now - tick)
+      tick, tick_step = now, step
+      writer.write(step, m)
+      bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}",
+                      tok_s=f"{m['tokens_per_s']:.0f}")
+
+  with _StopSignal() as stop:
+    step = start
+    while step < min(t.steps, stop_at):
+      batch = sharding.global_batch(next(data_iter), mesh)
+      logging_step = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+      state, device_metrics = (log_step_fn if logging_step else step_fn)(
+          state, batch)
+      step += 1
+      bar.update(1)
+      if pending is not None:
+        finish(*pending)
+      pending = (step, device_metrics)
+      if step % t.eval_every == 0 and step < t.steps:
+        ev = held_out_loss(eval_fn, state["params"], eval_data, mesh)
+        writer.write(step, ev, "eval")
+      if (step % t.checkpoint_every == 0 or stop.received
+          or step in (t.steps, stop_at)):
+        finish(*pending)  # never checkpoint a state that is not finite
+        pending = None
+        if not bool(_all_finite(state["params"])):
+          _fail(step, "non-finite parameters after the update", ckpt)
+        ckpt.save(step, state, data_iter, force=True)
+      if stop.received:
+        log.warning("%s received: saved step %d, exiting.", stop.received, step)
+        last["stopped_by"] = stop.received
+        break
+    if pending is not None:
+      finish(*pending)
+  bar.close()
+  return state, last

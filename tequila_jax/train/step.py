@@ -1,0 +1,76 @@
+"""The pure training step and the train state it updates."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tequila_jax import diagnostics, losses
+
+
+def new_state(params: dict, tx, diag) -> dict:
+  """The train state around `params`: step, optimizer state, diagnostics."""
+  state = dict(step=jnp.zeros((), jnp.int32), params=params,
+               opt_state=tx.init(params))
+  if diag is not None:
+    state["diag"] = diagnostics.init_state(params, diag)
+  return state
+
+
+def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
+               lr_schedule: Callable, micro_batches: int,
+               diag: diagnostics.DiagnosticsConfig | None = None,
+               full_diagnostics: bool = False,
+               loss_chunk: int = 0) -> tuple[dict, dict]:
+  """One optimizer step on `batch[B, T + 1]`, averaged over `micro_batches`.
+
+  Micro-batch k takes rows k, k + m, k + 2m, ... so that every device holds an
+  equal share of every micro-batch. With `diag`, deadzone statistics are
+  returned with the metrics (the expensive ones when `full_diagnostics`).
+  """
+  params = state["params"]
+  grad_fn = jax.value_and_grad(
+      functools.partial(losses.next_token_loss, loss_chunk=loss_chunk))
+  want_gsnr = diag is not None and full_diagnostics and micro_batches >= 2
+  if micro_batches == 1:
+    loss, grads = grad_fn(params, graphdef, batch)
+  else:
+    micro = batch.reshape(-1, micro_batches, batch.shape[-1]).swapaxes(0, 1)
+
+    def accumulate(carry, xs):
+      # Running mean of the gradients (Welford; with the sum of squared
+      # deviations `m2` for the GSNR variant), numerically stable in fp32.
+      k, tokens = xs
+      loss_sum, mean, m2 = carry
+      loss, g = grad_fn(params, graphdef, tokens)
+      delta = jax.tree.map(jnp.subtract, g, mean)
+      mean = jax.tree.map(lambda m, d: m + d / (k + 1), mean, delta)
+      if want_gsnr:
+        m2 = jax.tree.map(lambda a, d, g_, m: a + d * (g_ - m), m2, delta, g,
+                          mean)
+      return (loss_sum + loss, mean, m2), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    carry = (jnp.zeros((), jnp.float32), zeros, zeros if want_gsnr else ())
+    (loss, grads, m2), _ = jax.lax.scan(
+        accumulate, carry, (jnp.arange(micro_batches), micro))
+    loss = loss / micro_batches
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  new_params = optax.apply_updates(params, updates)
+  new = dict(step=state["step"] + 1, params=new_params, opt_state=opt_state)
+  out = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+             lr=lr_schedule(state["step"]))
+  if diag is not None:
+    new["diag"], per_step = diagnostics.update(state["diag"], new_params, diag)
+    out.update(per_step)
+    if full_diagnostics:
+      grad_var = None
+      if want_gsnr:
+        grad_var = jax.tree.map(lambda a: a / (micro_batches - 1), m2)
+      out.update(diagnostics.full_metrics(
+          params, new_params, diag, grads if want_gsnr else None, grad_var))
+  return new, out
