@@ -1,6 +1,6 @@
 """CPU inference speed: packed ternary kernels vs f32 / bf16 dense XLA.
 
-    python experiments/bench_cpu_inference.py --out experiments/results/cpu_inference
+    python -m experiments.bench_cpu_inference --out experiments/results/cpu_inference
 
 Part 1, per layer, Llama-3.2-1B shapes (2048->8192, 8192->2048) at M = 1, 8,
 128: `exact`, `lut` and `int8` ternary kernels (`tequila_jax.inference`,

@@ -1,7 +1,7 @@
 """Training-step time for `none` vs `absmean` vs `tequila`, side by side.
 
-    python experiments/bench_train_step.py --config configs/tiny.py
-    python experiments/bench_train_step.py --config configs/llama1b.py \
+    python -m experiments.bench_train_step --config configs/tiny.py
+    python -m experiments.bench_train_step --config configs/llama1b.py \
         --batch 16 --seq 1024 --peak_tflops 989   # an H100, bf16 dense
 
 Every method runs the same jitted, donated `train.train_step` (AdamW) on the

@@ -1,7 +1,7 @@
 """Small-scale reproduction of the paper's claim, one command.
 
-    python experiments/reproduce_small.py --out experiments/results/reproduce_small
-    python experiments/reproduce_small.py --tiny --out /tmp/repro   # CPU smoke
+    python -m experiments.reproduce_small --out experiments/results/reproduce_small
+    python -m experiments.reproduce_small --tiny --out /tmp/repro   # CPU smoke
 
 1. Pretrains a small float LLaMA (SmolLM2's 49k BPE vocabulary) on the
    offline Shakespeare corpus.
@@ -17,7 +17,7 @@
 
 `--corpus_dir` takes a corpus prepared elsewhere (`python -m tequila_jax.data`)
 so that a GPU machine need not hold the tokenizer. Restarting skips finished
-runs (experiments/sweep.py).
+runs (experiments.sweep).
 """
 
 from __future__ import annotations

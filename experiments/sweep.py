@@ -1,8 +1,8 @@
 """Sweeps as data: one command runs a grid of training runs and tabulates them.
 
-    python experiments/sweep.py --config configs/tiny.py --sweep lambda \
+    python -m experiments.sweep --config configs/tiny.py --sweep lambda \
         --sweep seeds --set train.steps=300 --out runs/sweep_lambda
-    python experiments/sweep.py ... --parallel 4     # 4 points at a time
+    python -m experiments.sweep ... --parallel 4     # 4 points at a time
                                                     # (one GPU each if present)
 
 A sweep is a function returning config overrides (`SWEEPS`); several

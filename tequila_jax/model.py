@@ -10,6 +10,7 @@ runs prefill and one-token steps against a `KVCache`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, NamedTuple
 
 import jax
@@ -51,9 +52,21 @@ def projection_dims(cfg: "ModelConfig", name: str) -> tuple[int, int]:
           "down_proj": (f, h)}[name]
 
 
+def _checked_fields(cls, d) -> dict:
+  """`d` (a dict or ConfigDict) with unknown keys refused by name."""
+  d = dict(d)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ValueError(f"Unknown {cls.__name__} keys {unknown}; valid keys are "
+                     f"{sorted(fields)}.")
+  return d
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Architecture of a LLaMA-3 decoder (field names follow DESIGN.md §3).
+class Architecture:
+  """What a checkpoint or an export stores: the model's shapes and math,
+  its quantizer included (field names follow the LLaMA-3 config).
 
   `rope_scaling` is a tuple of `(key, value)` pairs (hashable) holding
   `factor`, `low_freq_factor`, `high_freq_factor` and
@@ -72,29 +85,57 @@ class ModelConfig:
   tie_embeddings: bool = True
   max_seq_len: int = 8192
   quant: QuantConfig = QuantConfig()
-  dtype: str = "bfloat16"
-  scan_layers: bool = True
-  remat: str = "none"
-  attention: str = "auto"  # "xla", "cudnn", or "auto" (cuDNN on GPU in bf16)
 
   def __post_init__(self):
     if isinstance(self.quant, dict) or hasattr(self.quant, "to_dict"):
-      quant = dict(self.quant)
-      object.__setattr__(self, "quant", QuantConfig(**quant))
-    if isinstance(self.rope_scaling, dict) or hasattr(self.rope_scaling, "items"):
+      object.__setattr__(self, "quant", QuantConfig(**dict(self.quant)))
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling,
+                                                        tuple):
+      items = (self.rope_scaling.items() if hasattr(self.rope_scaling, "items")
+               else self.rope_scaling)  # a dict, or pairs from JSON
       object.__setattr__(self, "rope_scaling",
-                         tuple(sorted(dict(self.rope_scaling).items())))
+                         tuple(sorted((k, v) for k, v in items)))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads} (GQA).")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+
+  @classmethod
+  def from_dict(cls, d) -> "Architecture":
+    return cls(**_checked_fields(cls, d))
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self))
+
+  @classmethod
+  def from_json(cls, text: str) -> "Architecture":
+    return cls.from_dict(json.loads(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+  """How this process runs the model; never stored with its weights."""
+  dtype: str = "bfloat16"  # compute dtype (parameters stay fp32)
+  scan_layers: bool = True
+  remat: str = "none"  # REMAT_POLICIES
+  attention: str = "auto"  # "xla", "cudnn", or "auto" (cuDNN on GPU in bf16)
+
+  def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"Unknown remat policy {self.remat!r}; choose one of "
                        f"{tuple(REMAT_POLICIES)}.")
     jnp.dtype(self.dtype)  # fails clearly on a bad dtype name
     if self.attention not in ("auto", "xla", "cudnn"):
       raise ValueError(f"attention={self.attention!r}: use auto, xla or cudnn.")
+
+  @classmethod
+  def from_dict(cls, d) -> "RunSettings":
+    return cls(**_checked_fields(cls, d))
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
 
   @property
   def attention_impl(self) -> str:
@@ -105,23 +146,49 @@ class ModelConfig:
     half = self.compute_dtype in (jnp.bfloat16, jnp.float16)
     return "cudnn" if gpu and half else "xla"
 
+
+ARCH_FIELDS = frozenset(f.name for f in dataclasses.fields(Architecture))
+RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunSettings))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """An `Architecture` and the `RunSettings` to run it with. Fields of
+  either read as attributes of the config (`cfg.hidden_size`, `cfg.dtype`);
+  training configs keep them in one flat `model` dict."""
+  arch: Architecture
+  run: RunSettings = RunSettings()
+
+  def __getattr__(self, name):
+    if name in ARCH_FIELDS:
+      return getattr(self.arch, name)
+    if name in RUN_FIELDS or name in ("compute_dtype", "attention_impl"):
+      return getattr(self.run, name)
+    raise AttributeError(name)
+
   @classmethod
   def from_dict(cls, d) -> "ModelConfig":
-    """From a dict or ml_collections ConfigDict; unknown keys are an error."""
+    """From a flat dict or ConfigDict of both halves' fields; unknown keys
+    are an error."""
     d = dict(d)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
+    unknown = sorted(set(d) - ARCH_FIELDS - RUN_FIELDS)
     if unknown:
       raise ValueError(f"Unknown model config keys {unknown}; valid keys are "
-                       f"{sorted(fields)}.")
-    return cls(**d)
+                       f"{sorted(ARCH_FIELDS | RUN_FIELDS)}.")
+    return cls(Architecture.from_dict({k: v for k, v in d.items()
+                                       if k in ARCH_FIELDS}),
+               RunSettings.from_dict({k: v for k, v in d.items()
+                                      if k in RUN_FIELDS}))
 
   def replace(self, **kw) -> "ModelConfig":
-    return dataclasses.replace(self, **kw)
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
+    """A copy with fields of either half replaced."""
+    unknown = sorted(set(kw) - ARCH_FIELDS - RUN_FIELDS)
+    if unknown:
+      raise ValueError(f"Unknown model config keys {unknown}.")
+    arch = {k: v for k, v in kw.items() if k in ARCH_FIELDS}
+    run = {k: v for k, v in kw.items() if k in RUN_FIELDS}
+    return ModelConfig(dataclasses.replace(self.arch, **arch),
+                       dataclasses.replace(self.run, **run))
 
 
 class KVCache(NamedTuple):

@@ -27,27 +27,30 @@ def schedule(name: str, *, lr: float, steps: int, warmup_fraction: float,
   """
   warmup = (math.ceil(warmup_fraction * steps) if name == "official"
             else int(round(warmup_fraction * steps)))
-  ramp = optax.linear_schedule(initial_fraction * lr, lr, max(warmup, 1))
   decay = int(round(decay_fraction * steps))
   if name in ("official", "wsd") and warmup + decay > steps:
     raise ValueError(f"warmup_fraction {warmup_fraction} + decay_fraction "
                      f"{decay_fraction} exceed 1.")
-  if name == "official":
-    return optax.join_schedules([
-        ramp,
-        optax.cosine_decay_schedule(lr, max(decay, 1), alpha=final_fraction),
-        optax.constant_schedule(final_fraction * lr),
-    ], [warmup, warmup + decay])
+  start, end = initial_fraction * lr, final_fraction * lr
+  if name == "cosine":
+    decay = steps - warmup
+  if name in ("official", "cosine") and decay > 0:
+    # optax holds the end value after the decay (the official run's tail).
+    return optax.warmup_cosine_decay_schedule(start, lr, warmup,
+                                              warmup + decay, end_value=end)
+  if name == "constant" and warmup > 0:
+    return optax.warmup_constant_schedule(start, lr, warmup)
+  # optax has no warmup-stable-decay; the rest are its degenerate cases.
+  ramp = optax.linear_schedule(start, lr, max(warmup, 1))
   if name == "wsd":
     return optax.join_schedules([
         ramp, optax.constant_schedule(lr),
-        optax.linear_schedule(lr, final_fraction * lr, max(decay, 1)),
+        optax.linear_schedule(lr, end, max(decay, 1)),
     ], [warmup, steps - decay])
-  if name == "cosine":
-    return optax.join_schedules([ramp, optax.cosine_decay_schedule(
-        lr, max(steps - warmup, 1), alpha=final_fraction)], [warmup])
+  if name in ("official", "cosine"):  # no decay steps: straight to the end
+    return optax.join_schedules([ramp, optax.constant_schedule(end)], [warmup])
   if name == "constant":
-    return optax.join_schedules([ramp, optax.constant_schedule(lr)], [warmup])
+    return optax.constant_schedule(lr)
   raise ValueError(f"Unknown schedule {name!r}; choose one of {SCHEDULES}.")
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tequila_jax import config_lib, model as model_lib, quant, train
@@ -71,7 +72,7 @@ def test_export_invariant_recovers_q_and_c_exactly(qat_model, tmp_path, packing)
     q = jax.vmap(quant.dequantize)(st.codes, st.alpha)
     np.testing.assert_array_equal(ex.quantized_kernel(name), q)
     np.testing.assert_array_equal(ex.tensors[f"layers.{name}.c"], st.c)
-  assert ex.cfg == qat_model.cfg
+  assert ex.cfg.arch == qat_model.cfg.arch  # run-time settings: not stored
   assert ex.load_tokenizer().encode("hi") == [104, 105]
 
 
@@ -157,6 +158,55 @@ def test_kernel_strategies_match_f32_reference(m, shape, groups):
       jnp.asarray(x), packed, jnp.asarray(alpha), jnp.asarray(c), "int8"))
 
 
+def test_exports_store_the_architecture_only_and_version_1_loads(
+    qat_model, tmp_path):
+  """Version 2 records no run-time settings; a version 1 file (which did:
+  dtype, scan, remat, attention) loads to the same model."""
+  path = tmp_path / "m.tqj"
+  tqj.write_export(qat_model, path)
+  ex = tqj.read_export(path)
+  other_run = qat_model.__class__(
+      qat_model.cfg.replace(remat="full", scan_layers=False), rngs=nnx.Rngs(0))
+  tqj.write_export(other_run, tmp_path / "r.tqj")
+  assert tqj.read_export(tmp_path / "r.tqj").cfg == ex.cfg
+  with safe_open(str(path), framework="numpy") as f:
+    meta = f.metadata()
+  assert meta["version"] == "2"
+  assert set(json.loads(meta["model"])) == model_lib.ARCH_FIELDS
+  assert ex.cfg.arch == qat_model.cfg.arch
+  assert ex.cfg.run == model_lib.RunSettings()  # defaults, not the writer's
+  v1_model = {**json.loads(meta["model"]), "dtype": "float32",
+              "scan_layers": False, "remat": "full", "attention": "xla"}
+  v1 = tmp_path / "v1.tqj"
+  save_file(ex.tensors, str(v1), metadata={**meta, "version": "1",
+                                           "model": json.dumps(v1_model)})
+  old = tqj.read_export(v1)
+  assert old.cfg == ex.cfg
+  for name in model_lib.PROJECTIONS:
+    np.testing.assert_array_equal(old.quantized_kernel(name),
+                                  ex.quantized_kernel(name))
+
+
+def test_model_config_halves():
+  cfg = model_lib.ModelConfig.from_dict(dict(
+      vocab_size=64, hidden_size=32, ffn_size=64, num_layers=1, num_heads=2,
+      num_kv_heads=1, head_dim=16, rope_scaling={"factor": 8.0,
+                                                 "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 64},
+      dtype="float32", remat="full"))
+  assert cfg.hidden_size == 32 and cfg.dtype == "float32"  # either half
+  assert cfg.run == model_lib.RunSettings(dtype="float32", remat="full")
+  assert model_lib.Architecture.from_json(cfg.arch.to_json()) == cfg.arch
+  again = cfg.replace(hidden_size=64, remat="none")
+  assert again.arch.hidden_size == 64 and again.run.remat == "none"
+  assert hash(again) != hash(cfg)  # static in jit
+  with pytest.raises(ValueError, match="Unknown model config keys"):
+    cfg.replace(hiden_size=3)
+  with pytest.raises(AttributeError):
+    cfg.no_such_field  # pylint: disable=pointless-statement
+
+
 def test_bad_files_are_refused(qat_model, tmp_path):
   good = tmp_path / "m.tqj"
   tqj.write_export(qat_model, good)
@@ -174,7 +224,7 @@ def test_bad_files_are_refused(qat_model, tmp_path):
           "model": json.dumps({}), "tokenizer": "{}"}
   save_file(ex.tensors, str(old), metadata=meta)
   with pytest.raises(tqj.ExportError, match="export version '0'.*reads "
-                     "version 1"):
+                     "versions 1, 2"):
     tqj.read_export(old)
   float_cfg = qat_model.cfg.replace(quant=quant.QuantConfig("none"))
   with pytest.raises(tqj.ExportError, match="no multiplication-free"):

@@ -64,3 +64,20 @@ def test_refused_layouts_and_refit(tmp_path):
   narrow = _export(tmp_path, QuantConfig("tequila", "per_channel"), hidden=192)
   with pytest.raises(gguf_lib.GGUFExportError, match="multiple of 256"):
     gguf_lib.write_gguf(narrow, tmp_path / "y.gguf")
+
+
+@pytest.mark.parametrize("ttype", gguf_lib.TYPES)
+def test_gguf_quantizer_gives_back_our_codes_and_scales(ttype):
+  """write_gguf lets gguf.quants pack codes * d (d rounded to fp16): its
+  max-abs quantizer must return exactly those codes and scales, all-zero
+  blocks and scales over many octaves included."""
+  rng = np.random.default_rng(0)
+  codes = rng.integers(-1, 2, (16, 1024)).astype(np.int8)
+  codes[0, :256] = 0
+  codes[3, 512:768] = 0
+  d = rng.lognormal(-4, 2, (16, 4)).astype(np.float16).astype(np.float32)
+  values = codes * np.repeat(d, 256, axis=1)
+  qtype = getattr(gguf.GGMLQuantizationType, ttype.upper())
+  back = gguf.quants.dequantize(gguf.quants.quantize(values, qtype), qtype)
+  np.testing.assert_array_equal(back, values)
+  np.testing.assert_array_equal(np.sign(back), codes)

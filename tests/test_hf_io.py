@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tequila_jax.io import hf, tqj
-from tests.cli import run_cli
+from tequila_jax import config_lib
 from tequila_jax import model as model_lib
+from tequila_jax.io import hf, tqj
 from tequila_jax.quant import QuantConfig
+from tequila_jax.train import build
+from tests.cli import run_cli
 from tests.reference import decode_in_steps
 
 torch = pytest.importorskip("torch")
@@ -212,3 +214,19 @@ def test_official_checkpoint_converts_to_the_official_codes(tmp_path):
                     tmp_path / "x.tqj", check=False)
   assert "--quant.method is required" in missing.stderr
   assert not (tmp_path / "x.tqj").exists()
+
+
+def test_pretrained_init_must_fit_the_config(hf_dir):
+  """A training config whose shapes differ from its init.checkpoint is
+  refused, naming the fields; fields that change no shape are allowed."""
+  config = config_lib.tiny("tequila")
+  config.init.checkpoint = str(hf_dir)
+  cfg = config_lib.to_model_config(config.model)
+  params = build.pretrained_params(config, cfg)
+  np.testing.assert_array_equal(
+      params["embed"]["embedding"],
+      np.asarray(hf.load_hf(hf_dir).embed.embedding[...]))
+  build.pretrained_params(config, cfg.replace(rms_eps=1e-6))  # no shape
+  with pytest.raises(ValueError, match=r"does not fit config.model: "
+                     r"ffn_size \(checkpoint 256, config 512\)"):
+    build.pretrained_params(config, cfg.replace(ffn_size=512))

@@ -121,7 +121,7 @@ def config_from_gguf(reader, **overrides) -> ModelConfig:
       tie_embeddings=tied,
       max_seq_len=int(meta.get("llama.context_length", 8192)))
   fields.update(overrides)
-  return ModelConfig(**fields)
+  return ModelConfig.from_dict(fields)
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -238,48 +238,10 @@ class GGUFExportError(ValueError):
   pass
 
 
-def _with_scales(qs: np.ndarray, d: np.ndarray) -> np.ndarray:
-  """Appends each block's fp16 scale to its code bytes `[rows, blocks, n]`."""
-  rows, blocks = qs.shape[:2]
-  scale = np.ascontiguousarray(d, np.float16).view(np.uint8).reshape(
-      rows, blocks, 2)
-  return np.concatenate([qs, scale], axis=-1).reshape(rows, -1)
-
-
-def tq2_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
-  """Rows of codes `[rows, in]` and fp16 scales `[rows, in/256]` -> the
-  TQ2_0 byte layout `[rows, in/256 * 66]` (ggml's `block_tq2_0`: 64 bytes of
-  codes, byte m of each 32-byte half holding elements m, m+32, m+64, m+96 of
-  that 128-element chunk at bits 0, 2, 4, 6; then the fp16 scale)."""
-  rows, d_in = codes.shape
-  u = (codes.astype(np.int16) + 1).astype(np.uint8)
-  u = u.reshape(rows, d_in // QK, 2, 4, 32)  # block, chunk of 128, n, m
-  qs = (u[:, :, :, 0] | (u[:, :, :, 1] << 2) | (u[:, :, :, 2] << 4)
-        | (u[:, :, :, 3] << 6)).reshape(rows, d_in // QK, 64)
-  return _with_scales(qs, d)
-
-
-def tq1_0_bytes(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
-  """Rows of codes `[rows, in]` and fp16 scales -> ggml's `block_tq1_0`
-  (1.6875 bits/weight): per 256 weights, base-3 digits of elements 0-159 as
-  5 x 32 (byte j holds elements j, 32+j, ..., 128+j, most significant first),
-  160-239 as 5 x 16 and 240-255 as 4 x 4, each byte stored as a fixed-point
-  fraction `ceil(v * 256 / 243)`; then the fp16 scale."""
-  rows, d_in = codes.shape
-  u = (codes.astype(np.uint16) + 1).reshape(rows, d_in // QK, QK)
-
-  def pack(part, digits, width):
-    p = part.reshape(rows, d_in // QK, digits, width)
-    weights = (3 ** (4 - np.arange(digits))).astype(np.uint16)[:, None]
-    v = np.sum(p * weights, axis=-2)
-    return ((v * 256 + 242) // 243).astype(np.uint8)
-
-  qs = np.concatenate([pack(u[..., :160], 5, 32), pack(u[..., 160:240], 5, 16),
-                       pack(u[..., 240:], 4, 4)], axis=-1)
-  return _with_scales(qs, d)
-
-
-TYPES = {"tq2_0": tq2_0_bytes, "tq1_0": tq1_0_bytes}
+# gguf.quants packs the bytes: for values codes * d with d already fp16, its
+# quantizer (d = max |w| of the block, code = round(w / d)) gives back exactly
+# our codes and scales (tests/test_gguf_export.py checks the round trip).
+TYPES = ("tq2_0", "tq1_0")
 
 
 def block_scales(codes: np.ndarray, alpha: np.ndarray, refit: bool
@@ -312,7 +274,7 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
   TQ1_0); returns the errors introduced."""
   cfg = ex.cfg
   if ternary_type not in TYPES:
-    raise ValueError(f"ternary_type {ternary_type!r}: choose one of {sorted(TYPES)}.")
+    raise ValueError(f"ternary_type {ternary_type!r}: choose one of {TYPES}.")
   qtype = getattr(gguf.GGMLQuantizationType, ternary_type.upper())
   for name in PROJECTIONS:
     d_in, _ = projection_dims(cfg, name)
@@ -365,9 +327,10 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
         rows = codes.T  # [out, in], ggml's row-major layout
         heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(name)
         if heads:
-          rows, d = permute(rows, heads), permute(d, heads)
+          rows, d16 = permute(rows, heads), permute(d16, heads)
           bias = permute(bias, heads)
-        data = TYPES[ternary_type](rows, d)
+        values = rows.astype(np.float32) * np.repeat(d16, QK, axis=1)
+        data = gguf.quants.quantize(values, qtype)
         w.add_tensor(f"blk.{layer}.{gname}.weight", data,
                      raw_shape=data.shape, raw_dtype=qtype)
         w.add_tensor(f"blk.{layer}.{gname}.bias", bias)

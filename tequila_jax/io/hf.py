@@ -89,7 +89,7 @@ def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       max_seq_len=hf.get("max_position_embeddings", 8192))
   fields.update(overrides)
-  return ModelConfig(**fields)
+  return ModelConfig.from_dict(fields)
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:

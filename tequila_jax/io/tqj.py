@@ -23,7 +23,9 @@ out]`, `layers.P.alpha` fp32 `[L, groups, out]`, `layers.P.c` fp32 `[L, out]`,
 `layers.attn_norm` / `layers.mlp_norm` `[L, hidden]`, `embed` `[vocab,
 hidden]`, `final_norm` `[hidden]`, and `lm_head` `[hidden, vocab]` if untied.
 Metadata (`__metadata__`, strings): `format` = "tequila_jax", `version`,
-`model` (ModelConfig as JSON), `packing`, `tokenizer` (how to rebuild it).
+`model` (the `Architecture` as JSON: shapes, RoPE, quantizer; no run-time
+settings), `packing`, `tokenizer` (how to rebuild it). Version 1 files, whose
+`model` also held dtype/remat/scan/attention, still load (those are ignored).
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ from safetensors.numpy import save_file
 from tequila_jax import quant
 from tequila_jax.io import tokenizers
 from tequila_jax.io.atomic import atomic_path
-from tequila_jax.model import PROJECTIONS, Llama, ModelConfig, projection_dims
+from tequila_jax.model import (ARCH_FIELDS, PROJECTIONS, Architecture, Llama,
+                               ModelConfig, projection_dims)
 
 FORMAT = "tequila_jax"
-VERSION = "1"
+VERSION = "2"
+READABLE = ("1", "2")  # version 1 also recorded run-time settings
 PACKINGS = ("2bit", "base3")
 FLOAT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}
@@ -148,11 +152,6 @@ def export_tensors(model: Llama, packing: str = "2bit",
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def _model_json(cfg: ModelConfig) -> str:
-  d = dataclasses.asdict(cfg)
-  return json.dumps(d)
-
-
 def tokenizer_metadata(tok: tokenizers.Tokenizer | None) -> str:
   """How an export rebuilds `tok`: none, 'bytes', or an embedded file."""
   if tok is None:
@@ -173,7 +172,7 @@ def write_export(model: Llama, path, *,
                  packing: str = "2bit", float_dtype: str = "float32") -> dict:
   """Writes `path` atomically; returns a size report."""
   tensors = export_tensors(model, packing, float_dtype)
-  meta = {"format": FORMAT, "version": VERSION, "model": _model_json(model.cfg),
+  meta = {"format": FORMAT, "version": VERSION, "model": model.cfg.arch.to_json(),
           "packing": packing, "tokenizer": tokenizer_metadata(tokenizer)}
   with atomic_path(path) as tmp:
     save_file(tensors, tmp, metadata=meta)
@@ -248,22 +247,21 @@ def read_export(path) -> Export:
       if meta.get("format") != FORMAT:
         raise ExportError(f"{path} is a safetensors file but not a tequila_jax "
                           "export (no format=tequila_jax metadata).")
-      if meta.get("version") != VERSION:
+      if meta.get("version") not in READABLE:
         raise ExportError(
             f"{path} is export version {meta.get('version')!r}; this "
-            f"tequila_jax reads version {VERSION}. Re-export the checkpoint "
-            "with `python -m tequila_jax.export`.")
+            f"tequila_jax reads versions {', '.join(READABLE)}. Re-export the "
+            "checkpoint with `python -m tequila_jax.export`.")
       tensors = {k: f.get_tensor(k) for k in f.keys()}
   except (SafetensorError, OSError, ValueError) as e:
     if isinstance(e, ExportError):
       raise
     raise ExportError(f"{path} is truncated or not a safetensors export "
                       f"({e}).") from e
-  model = json.loads(meta["model"])
-  model["quant"] = quant.QuantConfig(**model["quant"])
-  if model.get("rope_scaling"):
-    model["rope_scaling"] = tuple(tuple(x) for x in model["rope_scaling"])
-  cfg = ModelConfig(**model)
+  arch = json.loads(meta["model"])
+  if meta["version"] == "1":
+    arch = {k: v for k, v in arch.items() if k in ARCH_FIELDS}
+  cfg = ModelConfig(Architecture.from_dict(arch))
   export = Export(cfg, meta["packing"], tensors, json.loads(meta["tokenizer"]))
   for name in PROJECTIONS:  # shape check against the config
     d_in, d_out = projection_dims(cfg, name)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -19,11 +21,7 @@ from tequila_jax.io import load
 from tequila_jax.model import ModelConfig
 from tequila_jax.train.step import new_state, train_step
 
-# Fields that must agree between config.model and a pretrained checkpoint.
-ARCH_FIELDS = ("vocab_size", "hidden_size", "ffn_size", "num_layers",
-               "num_heads", "num_kv_heads", "head_dim", "tie_embeddings")
-# Fields of config.model that apply on top of a pretrained checkpoint.
-RUN_FIELDS = ("quant", "dtype", "scan_layers", "remat")
+log = logging.getLogger("tequila_jax")
 
 
 def validate(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
@@ -142,18 +140,26 @@ def build_train(config: ml_collections.ConfigDict, *, devices=None) -> Train:
 
 
 def pretrained_params(config, model_cfg: ModelConfig) -> dict:
-  """The parameters of `config.init.checkpoint`, checked against
-  `config.model`'s architecture, with its run-time settings applied."""
-  overrides = {f: getattr(model_cfg, f) for f in RUN_FIELDS}
-  model = load.load_model(config.init.checkpoint, **overrides)
-  diff = {f: (getattr(model.cfg, f), getattr(model_cfg, f))
-          for f in ARCH_FIELDS if getattr(model.cfg, f) != getattr(model_cfg, f)}
+  """The parameters of `config.init.checkpoint` for the model of
+  `config.model`: refused if their shapes differ; architecture fields that
+  differ without changing a shape (e.g. rms_eps rounded to fp32 in a GGUF)
+  are logged, and the run uses `config.model`'s."""
+  model = load.load_model(config.init.checkpoint, quant=model_cfg.quant)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  ours, theirs = model_cfg.arch, model.cfg.arch
+  diff = ", ".join(
+      f"{f.name} (checkpoint {getattr(theirs, f.name)}, config "
+      f"{getattr(ours, f.name)})" for f in dataclasses.fields(ours)
+      if getattr(theirs, f.name) != getattr(ours, f.name))
+  shapes = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+  if shapes(params) != shapes(jax.eval_shape(
+      lambda: model_lib.init_params(model_cfg))):
+    raise ValueError(f"init.checkpoint {config.init.checkpoint!r} does not fit "
+                     f"config.model: {diff}.")
   if diff:
-    raise ValueError(
-        f"init.checkpoint {config.init.checkpoint!r} disagrees with "
-        "config.model on " + ", ".join(
-            f"{k} (checkpoint {a}, config {b})" for k, (a, b) in diff.items()))
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    log.info("config.model differs from init.checkpoint on %s; the run uses "
+             "config.model's values.", diff)
+  return params
 
 
 def describe(config: ml_collections.ConfigDict, *, devices=None) -> dict:
