@@ -14,6 +14,13 @@ from tequila_jax.quant import QuantConfig
 default_kernel_init = nnx.initializers.lecun_normal()
 
 
+def logical_axes(*names: str | None) -> dict:
+  """Param metadata naming each axis logically ("embed", "mlp", ...); the
+  mesh axes they map to come from `sharding.RULES` when a run is laid out
+  (not at creation: `eager_sharding=False`)."""
+  return dict(out_sharding=names, eager_sharding=False)
+
+
 class TernaryDense(nnx.Module):
   """`y = x @ Q(W) [+ c(W)] [+ b]` with an fp32 latent kernel `[in, out]`.
 
@@ -27,7 +34,7 @@ class TernaryDense(nnx.Module):
                dtype=jnp.bfloat16,
                param_dtype=jnp.float32,
                kernel_init=default_kernel_init,
-               kernel_axes: tuple[str | None, str | None] | None = None,
+               kernel_axes: tuple[str | None, str | None] = (None, None),
                name: str = "TernaryDense",
                rngs: nnx.Rngs):
     shape = (in_features, out_features)
@@ -36,9 +43,8 @@ class TernaryDense(nnx.Module):
     self.quant_config = quant_config
     self.dtype = dtype
     self.name = name
-    meta = {"sharding_names": kernel_axes} if kernel_axes else {}
     self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype),
-                            **meta)
+                            **logical_axes(*kernel_axes))
     self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
                  if use_bias else None)
 
@@ -67,7 +73,8 @@ class RMSNorm(nnx.Module):
                rngs: nnx.Rngs | None = None):
     del rngs
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype),
+                           **logical_axes("embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return rms_norm(x, self.scale[...], self.eps)

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tequila_jax.layers import RMSNorm, TernaryDense, attend, rope_frequencies
+from tequila_jax.layers import (RMSNorm, TernaryDense, attend, logical_axes,
+                                rope_frequencies)
 from tequila_jax.quant import QuantConfig
 from tequila_jax.quant.matmul import QUANT_NAMES
 
@@ -210,10 +211,11 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     dense = dict(quant_config=cfg.quant, dtype=cfg.compute_dtype, rngs=rngs)
     h, n, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q_proj = TernaryDense(h, n * d, name="q_proj", **dense)
-    self.k_proj = TernaryDense(h, k * d, name="k_proj", **dense)
-    self.v_proj = TernaryDense(h, k * d, name="v_proj", **dense)
-    self.o_proj = TernaryDense(n * d, h, name="o_proj", **dense)
+    into, out = ("embed", "heads"), ("heads", "embed")
+    self.q_proj = TernaryDense(h, n * d, name="q_proj", kernel_axes=into, **dense)
+    self.k_proj = TernaryDense(h, k * d, name="k_proj", kernel_axes=into, **dense)
+    self.v_proj = TernaryDense(h, k * d, name="v_proj", kernel_axes=into, **dense)
+    self.o_proj = TernaryDense(n * d, h, name="o_proj", kernel_axes=out, **dense)
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
     self.attention_impl = cfg.attention_impl
 
@@ -231,9 +233,12 @@ class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     dense = dict(quant_config=cfg.quant, dtype=cfg.compute_dtype, rngs=rngs)
     h, f = cfg.hidden_size, cfg.ffn_size
-    self.gate_proj = TernaryDense(h, f, name="gate_proj", **dense)
-    self.up_proj = TernaryDense(h, f, name="up_proj", **dense)
-    self.down_proj = TernaryDense(f, h, name="down_proj", **dense)
+    into, out = ("embed", "mlp"), ("mlp", "embed")
+    self.gate_proj = TernaryDense(h, f, name="gate_proj", kernel_axes=into,
+                                  **dense)
+    self.up_proj = TernaryDense(h, f, name="up_proj", kernel_axes=into, **dense)
+    self.down_proj = TernaryDense(f, h, name="down_proj", kernel_axes=out,
+                                  **dense)
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -260,17 +265,20 @@ class Llama(nnx.Module):
     self.cfg = cfg
     init = nnx.initializers.normal(0.02)
     self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
-                           embedding_init=init, rngs=rngs)
+                           embedding_init=init, rngs=rngs,
+                           embedding_metadata=logical_axes("vocab", "embed"))
 
     @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs):
       return Block(cfg, rngs)
 
     self.layers = make_blocks(rngs)
     self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_eps)
     self.lm_head = None if cfg.tie_embeddings else nnx.Param(
-        init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), jnp.float32))
+        init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), jnp.float32),
+        **logical_axes("embed", "vocab"))
 
   def _inv_freq(self):
     scaling = dict(self.cfg.rope_scaling) if self.cfg.rope_scaling else None
@@ -353,6 +361,15 @@ def abstract_model(cfg: ModelConfig) -> Llama:
 def graphdef(cfg: ModelConfig):
   """The static structure to `nnx.merge` with a params dict of this model."""
   return nnx.graphdef(abstract_model(cfg))
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+  """The logical axis names of every parameter, as declared on it (a params
+  dict of tuples; stacked blocks lead with "layers")."""
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  return nnx.to_pure_dict(jax.tree.map(
+      lambda v: jax.sharding.PartitionSpec(*v.get_metadata()["out_sharding"]),
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def init_params(cfg: ModelConfig, seed: int = 0) -> dict:

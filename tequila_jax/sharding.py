@@ -1,7 +1,11 @@
 """Device mesh and shardings: data parallelism over `data`, FSDP over `fsdp`.
 
-Parameters and optimizer state are sharded along their largest dimension that
-the `fsdp` axis divides (replicated when `fsdp == 1`); batches are split over
+Parameters carry logical axis names where they are declared (`layers.py`,
+`model.py`: "vocab", "embed", "heads", "mlp", "layers"). `RULES` maps them
+to the mesh: each parameter is sharded over `fsdp` along its largest axis
+that the rules allow there and that `fsdp` divides (replicated when none
+does, or when `fsdp == 1`). AdamW's moments follow their parameter; other
+state (step, counters, diagnostics) is replicated. Batches are split over
 both axes, so every device sees its own slice of the global batch.
 """
 
@@ -9,9 +13,12 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+# Logical axis -> the mesh axis it may be sharded over (None: never).
+RULES = {"vocab": "fsdp", "embed": "fsdp", "heads": "fsdp", "mlp": "fsdp",
+         "layers": None}
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -25,26 +32,39 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   if data * fsdp != n:
     raise ValueError(f"mesh data={data} x fsdp={fsdp} != {n} devices; set "
                      "mesh.data=-1 to use them all.")
-  return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+  return jax.make_mesh((data, fsdp), BATCH_AXES,
+                       axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
-def param_spec(shape, fsdp: int) -> P:
-  """Shards the largest dimension divisible by `fsdp`; scalars replicate."""
-  if fsdp == 1 or not shape:
-    return P()
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-    if shape[dim] % fsdp == 0:
-      spec = [None] * len(shape)
-      spec[dim] = "fsdp"
-      return P(*spec)
-  return P()
-
-
-def state_shardings(abstract_state, mesh: Mesh):
-  """A `NamedSharding` per leaf of a (abstract) train state."""
+def param_spec(shape, axes: P, mesh: Mesh) -> P:
+  """The mesh layout of one parameter of logical `axes`: its largest
+  dimension (the first of equals) that `RULES` lets onto `fsdp` and that
+  `fsdp` divides; replicated if none."""
   fsdp = mesh.shape["fsdp"]
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp)), abstract_state)
+  spec = [None] * len(shape)
+  allowed = [d for d, name in enumerate(axes)
+             if RULES.get(name) == "fsdp" and shape[d] % fsdp == 0]
+  if fsdp > 1 and allowed:
+    spec[max(allowed, key=lambda d: (shape[d], -d))] = "fsdp"
+  return P(*spec)
+
+
+def state_shardings(abstract_state, mesh: Mesh, param_axes: dict):
+  """A `NamedSharding` per leaf of a (abstract) train state: parameters and
+  any state leaf whose path ends in a parameter's path (AdamW's moments) by
+  `param_spec`, everything else replicated."""
+  specs = {}
+  for path, axes in jax.tree_util.tree_flatten_with_path(param_axes)[0]:
+    specs[tuple(path)] = axes
+
+  def leaf(path, x):
+    for n in range(len(path)):
+      axes = specs.get(tuple(path[n:]))
+      if axes is not None and len(axes) == len(x.shape):
+        return NamedSharding(mesh, param_spec(x.shape, axes, mesh))
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -86,7 +86,8 @@ class Train:
   @functools.cached_property
   def shardings(self):
     """A `NamedSharding` per leaf of the train state."""
-    return sharding.state_shardings(jax.eval_shape(self._fresh), self.mesh)
+    return sharding.state_shardings(jax.eval_shape(self._fresh), self.mesh,
+                                    model_lib.param_axes(self.model_cfg))
 
   def abstract_state(self):
     """The train state as `ShapeDtypeStruct`s with their shardings."""

@@ -81,15 +81,35 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
   Returns a summary: final step, last train loss, held-out loss/perplexity
   before (at the first step of this run) and after.
   """
-  t = config.train
-  if t.distributed:
+  if config.train.distributed:
     jax.distributed.initialize()
+  tr = build_train(config, devices=devices)  # validates before any write
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
-  tr = build_train(config, devices=devices)
-  mesh = tr.mesh
+  return _run(tr, workdir, stop_at)
+
+
+def _compiled_step(tr: Train):
+  """The train step compiled ahead of the first batch, its memory logged."""
+  t = tr.config.train
+  batch = jax.ShapeDtypeStruct((t.batch_size, tr.config.data.seq_len + 1),
+                               jnp.int32, sharding=sharding.batch_sharding(
+                                   tr.mesh))
+  compiled = tr.step_fn().lower(tr.abstract_state(), batch).compile()
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    log.info("train step memory per device: arguments %.1f MiB, outputs "
+             "%.1f MiB, temporaries %.1f MiB (aliased %.1f MiB)",
+             *(getattr(mem, f"{k}_size_in_bytes", 0) / 2**20 for k in
+               ("argument", "output", "temp", "alias")))
+  return compiled
+
+
+def _run(tr: Train, workdir: pathlib.Path, stop_at: int | None) -> dict:
+  config, mesh = tr.config, tr.mesh
+  t = config.train
   if config.data.corpus_dir:  # already tokenized (e.g. carried to a cluster)
     corpus = pathlib.Path(config.data.corpus_dir)
   else:
@@ -125,7 +145,8 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
     log.info("resumed from step %d", start)
   start = start or 0
 
-  step_fns = (tr.step_fn(), tr.step_fn(full_diagnostics=tr.diag is not None))
+  step_fns = (_compiled_step(tr),
+              tr.step_fn(full_diagnostics=tr.diag is not None))
   eval_fn = tr.eval_fn()
   float_eval_fn = None
   if config.init.checkpoint and tr.model_cfg.quant.is_ternary and start == 0:
