@@ -2,14 +2,17 @@
 
     python -m experiments.bench_train_step --config configs/tiny.py
     python -m experiments.bench_train_step --config configs/llama1b.py \
-        --batch 16 --seq 1024 --peak_tflops 989   # an H100, bf16 dense
+        --batch 16 --seq 1024 --measure_peak   # an H100: MFU vs 989 spec
 
 Every method runs the same jitted, donated `train.train_step` (AdamW) on the
 same random token batch in one process, one step of each in turn (round
 robin, so machine noise hits all alike; `tequila+diag` adds the per-step
 deadzone diagnostics, `tequila+fulldiag` the logging-step variant); reports
-the median and range of `--iters` steps after warm-up, tokens/s, the ratio to `none`, model FLOPs utilization
-when `--peak_tflops` is given (6·N·tokens + attention, PaLM appendix B), and
+the median and range of `--iters` steps after warm-up, tokens/s, the ratio to
+`none`, model FLOPs utilization (6·N·tokens + attention, PaLM appendix B) over
+the device's bf16 dense **spec** peak (detected; H100 SXM 989 TFLOP/s;
+`--peak_tflops` overrides, `--measure_peak` adds a labelled column against a
+timed 8192³ matmul), and
 `compiled.memory_analysis()`. Results go to stdout (markdown) and `--out`.
 """
 
@@ -80,6 +83,19 @@ def result(c: dict, batch: int, seq: int) -> dict:
               spread=(min(c["times"]), max(c["times"])))
 
 
+# Dense bf16 spec peaks (TFLOP/s, no sparsity) by device kind: MFU's
+# denominator, as MaxText and PaLM report it. Order matters (PCIe first).
+SPEC_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0),
+                    ("GH200", 989.0), ("A100", 312.0), ("B200", 2250.0))
+
+
+def spec_peak_tflops(device_kind: str) -> float:
+  """The bf16 dense spec peak of `device_kind` (e.g. "NVIDIA H100 80GB
+  HBM3"), or 0 when unknown (CPUs: no MFU)."""
+  return next((peak for name, peak in SPEC_PEAK_TFLOPS if name in device_kind),
+              0.0)
+
+
 def measured_peak_tflops(n: int = 8192, iters: int = 20) -> float:
   a = jnp.ones((n, n), jnp.bfloat16)
   f = jax.jit(lambda x, y: x @ y)
@@ -108,14 +124,22 @@ def main():
   p.add_argument("--micro_batches", type=int, default=0,
                  help="override train.micro_batches (GSNR needs >= 2)")
   p.add_argument("--peak_tflops", type=float, default=0.0,
-                 help="peak for MFU; 0 with --measure_peak measures it")
+                 help="MFU denominator; 0 = the spec bf16 dense peak of the "
+                 "detected device (H100 SXM: 989)")
   p.add_argument("--measure_peak", action="store_true",
-                 help="time an 8192^3 bf16 matmul as the peak (GPU)")
+                 help="also time an 8192^3 bf16 matmul and show MFU against "
+                 "it in a second, labelled column")
   p.add_argument("--out", default="")
   args = p.parse_args()
-  if args.measure_peak and not args.peak_tflops:
-    args.peak_tflops = measured_peak_tflops()
-    print(f"measured bf16 matmul peak: {args.peak_tflops:.0f} TFLOP/s")
+  kind = jax.devices()[0].device_kind
+  source = "given" if args.peak_tflops else f"bf16 dense spec of {kind!r}"
+  args.peak_tflops = args.peak_tflops or spec_peak_tflops(kind)
+  measured = measured_peak_tflops() if args.measure_peak else 0.0
+  line = (f"MFU against {args.peak_tflops:.0f} TFLOP/s ({source})"
+          if args.peak_tflops else f"no spec peak known for {kind!r}: no MFU")
+  if measured:
+    line += f"; measured 8192^3 bf16 matmul: {measured:.0f} TFLOP/s"
+  print(line)
   def config():
     c = config_lib.load_config_file(args.config)
     if args.micro_batches:
@@ -135,13 +159,20 @@ def main():
   print(f"\n{args.config} batch={args.batch} seq={args.seq} "
         f"devices={jax.devices()} jax={jax.__version__} "
         f"host={platform.processor() or platform.machine()}")
+  extra = f" MFU (measured {measured:.0f}) |" if measured else ""
+  spec_label = (f"MFU (spec {args.peak_tflops:.0f})" if args.peak_tflops
+                else "MFU")
   print("| method | step ms (median) | min–max ms | tokens/s | vs "
-        f"{rows[0]['method']} | MFU | temp MiB | peak GiB (process, all) |")
-  print("|---|---|---|---|---|---|---|---|")
+        f"{rows[0]['method']} | {spec_label} |{extra} "
+        "temp MiB | peak GiB (process, all) |")
+  print("|---|---|---|---|---|---|" + ("---|" if measured else "") + "---|---|")
   for r in rows:
-    mfu = (f"{r['flops_per_step'] / r['step_s'] / (args.peak_tflops * 1e12):.1%}"
-           if args.peak_tflops else "-")
-    r["mfu"] = mfu
+    flops = r["flops_per_step"] / r["step_s"]
+    r["mfu"] = flops / (args.peak_tflops * 1e12) if args.peak_tflops else None
+    r["mfu_measured_peak"] = flops / (measured * 1e12) if measured else None
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+    if measured:
+      mfu += f" | {r['mfu_measured_peak']:.1%}"
     temp = f"{r['temp_bytes'] / 2**20:.0f}" if r["temp_bytes"] is not None else "-"
     print(f"| {r['method']} | {r['step_s'] * 1e3:.1f} | "
           f"{r['spread'][0] * 1e3:.1f}–{r['spread'][1] * 1e3:.1f} | "
@@ -150,7 +181,8 @@ def main():
              if stats.get("peak_bytes_in_use") else "- |"))
   if args.out:
     with open(args.out, "w") as f:
-      json.dump(dict(args=vars(args), jax=jax.__version__,
+      json.dump(dict(args=vars(args), measured_peak_tflops=measured or None,
+                     device_kind=kind, jax=jax.__version__,
                      devices=[str(d) for d in jax.devices()], rows=rows), f,
                 indent=2)
 
