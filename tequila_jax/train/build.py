@@ -84,16 +84,21 @@ class Train:
                      self.tx, self.diag)
 
   @functools.cached_property
+  def _shapes(self):
+    """The train state's shapes and dtypes (traced once)."""
+    return jax.eval_shape(self._fresh)
+
+  @functools.cached_property
   def shardings(self):
     """A `NamedSharding` per leaf of the train state."""
-    return sharding.state_shardings(jax.eval_shape(self._fresh), self.mesh,
+    return sharding.state_shardings(self._shapes, self.mesh,
                                     model_lib.param_axes(self.model_cfg))
 
   def abstract_state(self):
     """The train state as `ShapeDtypeStruct`s with their shardings."""
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(self._fresh), self.shardings)
+        self._shapes, self.shardings)
 
   def init_state(self, params: dict | None = None) -> dict:
     """The sharded initial state: random parameters from `config.seed`, or
