@@ -122,7 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
       sources="asset:shakespeare",  # comma-separated specs, see data.py
       tokenizer="",  # "" = the init checkpoint's; a path; or "bytes"
       seq_len=1024,
-      eval_fraction=0.02,  # tail of every document held out
+      eval_fraction=0.02,  # share held out, see split
+      split="documents",  # hold out whole documents; "tail": each one's end
       max_documents=0,  # 0 = all
       cache_dir="",  # tokenized corpora; "" = ~/.cache/tequila_jax/corpora
       corpus_dir="",  # use this prepared corpus as is (skips tokenization)

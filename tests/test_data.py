@@ -12,9 +12,9 @@ TOK = tokenizers.from_file("bytes")
 BOS, EOS = TOK.bos_id, TOK.eos_id
 
 
-def _prepare(tmp_path, sources, eval_fraction=0.1, name="c"):
+def _prepare(tmp_path, sources, eval_fraction=0.1, name="c", split="tail"):
   return data.prepare(sources, TOK, tmp_path / name, tokenizer_name="bytes",
-                      eval_fraction=eval_fraction, progress=False)
+                      eval_fraction=eval_fraction, split=split, progress=False)
 
 
 def _stream(corpus, split):
@@ -35,6 +35,54 @@ def test_text_files_packed_with_separators_and_held_out_tails(tmp_path):
   np.testing.assert_array_equal(train, [BOS] + [97] * 46 + [BOS] + [98] * 28)
   np.testing.assert_array_equal(_stream(corpus, "eval"),
                                 [97] * 4 + [EOS] + [98] * 2 + [EOS])
+
+
+def test_documents_split_holds_out_whole_documents_per_source(tmp_path):
+  (tmp_path / "p").mkdir()
+  (tmp_path / "q").mkdir()
+  prose = {f"p/{i}.txt": f"prose document {i} " * (i + 1) for i in range(20)}
+  tech = {f"q/{i}.txt": f"tech {i}" for i in range(4)}
+  for name, text in {**prose, **tech, "q/dup.txt": " tech 0 "}.items():
+    (tmp_path / name).write_text(text)
+  spec = f"{tmp_path}/p/*.txt,{tmp_path}/q/*.txt"
+  corpus = _prepare(tmp_path, spec, eval_fraction=0.1, split="documents")
+  meta = data.read_meta(corpus)
+  p, q = meta["per_source"]
+  # round(0.1 * 20) = 2 prose documents; 4 tech documents give round(0.4)=0,
+  # raised to 1; the whitespace-only variant of "tech 0" is a duplicate.
+  assert (p["eval_documents"], q["eval_documents"]) == (2, 1)
+  assert (q["documents"], q["duplicates"], meta["duplicates"]) == (4, 1, 1)
+  wrap = lambda t: [BOS, *t.encode(), EOS]  # noqa: E731
+  held = [t for t in prose.values() if wrap(t) in _split_docs(
+      _stream(corpus, "eval")[:p["eval_tokens"]])]
+  assert len(held) == 2  # whole documents, in the prose source's range
+  train = _split_docs(_stream(corpus, "train"))
+  assert not any(wrap(t) in train for t in held)  # no part of them trains
+  assert len(train) == 20 + 4 - 3
+  assert data.eval_sources(corpus) == [p["name"], q["name"]]
+  windows = data.PackedWindows(corpus, "eval", 4, source=q["name"])
+  np.testing.assert_array_equal(
+      windows[0], _stream(corpus, "eval")[q["eval_offset"]:][:5])
+  # The choice depends on the documents' content, not on the source order.
+  again = _prepare(tmp_path, f"{tmp_path}/q/*.txt,{tmp_path}/p/*.txt",
+                   eval_fraction=0.1, split="documents", name="d")
+  q2, p2 = data.read_meta(again)["per_source"]
+  assert (p2["eval_tokens"], q2["eval_tokens"]) == (p["eval_tokens"],
+                                                    q["eval_tokens"])
+  with pytest.raises(data.DataError, match="single document"):
+    _prepare(tmp_path, f"{tmp_path}/p/1.txt", split="documents", name="e")
+  with pytest.raises(data.DataError, match="no held-out source"):
+    data.PackedWindows(corpus, "eval", 4, source="nope")
+
+
+def _split_docs(stream) -> list[list[int]]:
+  docs, current = [], []
+  for t in stream.tolist():
+    current.append(t)
+    if t == EOS:
+      docs.append(current)
+      current = []
+  return docs
 
 
 def test_jsonl_parquet_and_arrayrecord_sources(tmp_path):

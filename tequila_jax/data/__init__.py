@@ -2,11 +2,17 @@
 
 `prepare` tokenizes a corpus once (with a progress bar) into a directory:
 
-    meta.json            sources, tokenizer, vocab size, token counts
+    meta.json            sources, tokenizer, split, token counts, and per
+                         source: documents, duplicates, held-out offset,
+                         package provenance and licence
     train.bin, eval.bin  flat token streams (uint16 if the vocabulary fits)
 
-Every document becomes `[BOS] tokens [EOS]`; the final `eval_fraction` of each
-document's tokens goes to the held-out stream. Streams are packed into
+Every document becomes `[BOS] tokens [EOS]`. The held-out stream takes whole
+documents (`data.split="documents"`, the default: a share `eval_fraction` of
+every source's documents, chosen by content hash) or the final
+`eval_fraction` of each document (`"tail"`); each source's held-out tokens
+are contiguous, so its loss can be read on its own. Exact duplicate
+documents are kept once. Streams are packed into
 fixed-length windows of `seq_len + 1` tokens (no padding), which grain
 shuffles with a seed (anew each epoch), shards by process, batches and
 prefetches. The grain iterator is checkpointable, so a resumed run sees
@@ -126,64 +132,140 @@ def _token_dtype(vocab_size: int):
   return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
 
 
-def corpus_key(sources: str, tokenizer_name: str, eval_fraction: float) -> str:
-  text = json.dumps([sources, tokenizer_name, eval_fraction])
+SPLITS = ("documents", "tail")
+_SPLIT_BLOCK = 10_000  # documents ranked together for the held-out choice
+
+
+def corpus_key(sources: str, tokenizer_name: str, eval_fraction: float,
+               split: str = "documents", max_documents: int = 0) -> str:
+  text = json.dumps([sources, tokenizer_name, eval_fraction, split,
+                     max_documents])
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def source_name(spec: str) -> str:
+  """The name a source's figures go by: the asset's name, else the spec."""
+  return spec.split(":", 1)[1] if spec.startswith("asset:") else spec
+
+
+def held_out_documents(digests: list[bytes], fraction: float,
+                       first: bool = True) -> set[int]:
+  """Which documents of a block (up to 10,000 of one source, in reading
+  order) are held out whole: the round(fraction·n) with the smallest content
+  hashes, at least one in a source's first block of two or more, never all:
+  deterministic, and independent of the order of the sources."""
+  k = round(fraction * len(digests))
+  if first and fraction > 0 and len(digests) > 1:
+    k = max(k, 1)
+  ranked = sorted(range(len(digests)), key=digests.__getitem__)
+  return set(ranked[:min(k, len(digests) - 1)])
+
+
+def _provenance(spec: str) -> dict:
+  if spec.startswith("asset:") and spec[6:] in assets.ASSETS:
+    return assets.provenance(spec[6:])
+  return {}
+
+
 def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
-            eval_fraction: float = 0.02, max_documents: int = 0,
-            batch_docs: int = 64, progress: bool = True) -> pathlib.Path:
-  """Tokenizes `sources` into `out_dir` (atomic; reused if already there)."""
+            eval_fraction: float = 0.02, split: str = "documents",
+            max_documents: int = 0, batch_docs: int = 64,
+            progress: bool = True) -> pathlib.Path:
+  """Tokenizes `sources` into `out_dir` (atomic; reused if already there).
+
+  `split="documents"` holds out whole documents of every source
+  (`held_out_documents`), so the held-out stream is text the model never
+  saw any part of; `"tail"` holds out the last `eval_fraction` of each
+  document's tokens. Either way the held-out tokens of each source are
+  contiguous in eval.bin, at the offsets meta.json gives per source, and
+  exact duplicate documents (after whitespace normalisation) are kept once.
+  """
   out_dir = pathlib.Path(out_dir)
   if (out_dir / META).exists():
     return out_dir
   if not 0 <= eval_fraction < 1:
     raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}.")
+  if split not in SPLITS:
+    raise DataError(f"data.split must be one of {SPLITS}, got {split!r}.")
   dtype = _token_dtype(tok.vocab_size)
-  counts = {"train": 0, "eval": 0, "documents": 0}
+  specs = [s.strip() for s in sources.split(",") if s.strip()]
+  seen: set[bytes] = set()
+  table, total_docs = [], 0
   with atomic_path(out_dir, directory=True) as tmp:
     with open(tmp / "train.bin", "wb") as train, \
          open(tmp / "eval.bin", "wb") as held_out, \
          tqdm.tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
+      eval_offset = 0
+      for spec in specs:
+        row = dict(name=source_name(spec), spec=spec, documents=0,
+                   duplicates=0, eval_documents=0, train_tokens=0,
+                   eval_tokens=0, eval_offset=eval_offset, **_provenance(spec))
 
-      def flush(docs):
-        for ids in tok.encode_batch(docs, bos=tok.bos_id is not None,
-                                    eos=tok.eos_id is not None):
-          ids = np.asarray(ids, dtype)
-          n_eval = int(len(ids) * eval_fraction)
-          train.write(ids[:len(ids) - n_eval].tobytes())
-          held_out.write(ids[len(ids) - n_eval:].tobytes())
-          counts["train"] += len(ids) - n_eval
-          counts["eval"] += n_eval
-        counts["documents"] += len(docs)
-        bar.update(len(docs))
-        bar.set_postfix(tokens=counts["train"] + counts["eval"])
+        def flush(docs, digests, first):
+          if (split == "documents" and eval_fraction > 0 and first
+              and len(docs) == 1):
+            raise DataError(
+                f"data source {spec!r} has a single document, so no whole "
+                "document can be held out; give it as several files or set "
+                "data.split=tail (the end of each document held out).")
+          chosen = (held_out_documents(digests, eval_fraction, first)
+                    if split == "documents" else set())
+          row["documents"] += len(docs)
+          row["eval_documents"] += len(chosen)
+          for start in range(0, len(docs), batch_docs):
+            batch = docs[start:start + batch_docs]
+            encoded = tok.encode_batch(batch, bos=tok.bos_id is not None,
+                                       eos=tok.eos_id is not None)
+            for i, ids in enumerate(encoded, start):
+              ids = np.asarray(ids, dtype)
+              n_eval = (len(ids) if i in chosen else
+                        int(len(ids) * eval_fraction) if split == "tail"
+                        else 0)
+              train.write(ids[:len(ids) - n_eval].tobytes())
+              held_out.write(ids[len(ids) - n_eval:].tobytes())
+              row["train_tokens"] += len(ids) - n_eval
+              row["eval_tokens"] += n_eval
+            bar.update(len(batch))
+            bar.set_postfix(source=row["name"][-24:])
 
-      docs = []
-      for spec in filter(None, (s.strip() for s in sources.split(","))):
+        docs, digests, first = [], [], True
         for doc in iter_documents(spec):
-          docs.append(doc)
-          if len(docs) == batch_docs:
-            flush(docs)
-            docs = []
-          if max_documents and counts["documents"] + len(docs) >= max_documents:
+          if max_documents and total_docs >= max_documents:
             break
-      if docs:
-        flush(docs)
-    if counts["train"] == 0:
+          digest = hashlib.sha256(" ".join(doc.split()).encode()).digest()
+          if digest in seen:
+            row["duplicates"] += 1
+            continue
+          seen.add(digest)
+          docs.append(doc)
+          digests.append(digest)
+          total_docs += 1
+          if len(docs) == _SPLIT_BLOCK:
+            flush(docs, digests, first)
+            docs, digests, first = [], [], False
+        if docs:
+          flush(docs, digests, first)
+        eval_offset += row["eval_tokens"]
+        table.append(row)
+    train_tokens = sum(r["train_tokens"] for r in table)
+    if train_tokens == 0:
       raise DataError(f"data sources {sources!r} produced no tokens.")
     meta = dict(sources=sources, tokenizer=tokenizer_name,
                 vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name,
-                eval_fraction=eval_fraction, train_tokens=counts["train"],
-                eval_tokens=counts["eval"], documents=counts["documents"])
+                eval_fraction=eval_fraction, split=split,
+                max_documents=max_documents, train_tokens=train_tokens,
+                eval_tokens=sum(r["eval_tokens"] for r in table),
+                documents=total_docs,
+                duplicates=sum(r["duplicates"] for r in table),
+                per_source=table)
     (tmp / META).write_text(json.dumps(meta, indent=2))
   return out_dir
 
 
 def prepare_for_config(config, progress: bool = True) -> pathlib.Path:
-  """The prepared corpus for a training config (cached by a hash of sources,
-  tokenizer and split under `data.cache_dir`)."""
+  """The prepared corpus for a training config (cached under
+  `data.cache_dir` by a hash of the sources, tokenizer, split and
+  max_documents)."""
   spec = config.data.tokenizer or config.init.checkpoint
   if not spec:
     raise DataError("no tokenizer: set data.tokenizer (a path or 'bytes') or "
@@ -191,9 +273,11 @@ def prepare_for_config(config, progress: bool = True) -> pathlib.Path:
   tok = load.load_tokenizer(spec)
   cache = pathlib.Path(config.data.cache_dir or
                        (assets.cache_dir() / "corpora")).expanduser()
-  key = corpus_key(config.data.sources, spec, config.data.eval_fraction)
+  key = corpus_key(config.data.sources, spec, config.data.eval_fraction,
+                   config.data.split, config.data.max_documents)
   corpus = prepare(config.data.sources, tok, cache / key, tokenizer_name=spec,
                    eval_fraction=config.data.eval_fraction,
+                   split=config.data.split,
                    max_documents=config.data.max_documents, progress=progress)
   return corpus
 
@@ -207,14 +291,29 @@ def read_meta(corpus_dir) -> dict:
   return json.loads(path.read_text())
 
 
-class PackedWindows(grain.sources.RandomAccessDataSource):
-  """Window i = tokens[i*seq_len : (i+1)*seq_len + 1] of a token stream."""
+def eval_sources(corpus_dir) -> list[str]:
+  """The names of the sources that hold held-out tokens, in order."""
+  return [r["name"] for r in read_meta(corpus_dir).get("per_source", [])
+          if r["eval_tokens"]]
 
-  def __init__(self, corpus_dir, split: str, seq_len: int):
+
+class PackedWindows(grain.sources.RandomAccessDataSource):
+  """Window i = tokens[i*seq_len : (i+1)*seq_len + 1] of a token stream
+  (the held-out stream of one source only, given `source`)."""
+
+  def __init__(self, corpus_dir, split: str, seq_len: int,
+               source: str | None = None):
     meta = read_meta(corpus_dir)
     self._path = str(pathlib.Path(corpus_dir) / f"{split}.bin")
     self._dtype = np.dtype(meta["dtype"])
-    self._n = meta[f"{split}_tokens"]
+    self._start, self._n = 0, meta[f"{split}_tokens"]
+    if source is not None:
+      rows = {r["name"]: r for r in meta.get("per_source", [])}
+      if split != "eval" or source not in rows:
+        raise DataError(f"{corpus_dir} has no held-out source {source!r}; "
+                        f"it has {sorted(rows)}.")
+      self._start, self._n = (rows[source]["eval_offset"],
+                              rows[source]["eval_tokens"])
     self._seq_len = seq_len
     self._tokens = None
 
@@ -224,7 +323,7 @@ class PackedWindows(grain.sources.RandomAccessDataSource):
   def __getitem__(self, i: int) -> np.ndarray:
     if self._tokens is None:  # opened lazily: the source is pickled by grain
       self._tokens = np.memmap(self._path, self._dtype, mode="r")
-    start = int(i) * self._seq_len
+    start = self._start + int(i) * self._seq_len
     return np.asarray(self._tokens[start:start + self._seq_len + 1], np.int32)
 
   def __repr__(self):
