@@ -91,10 +91,13 @@ def commit() -> str:
     return "unknown"
 
 
-def run_point(config_spec, overrides: dict, workdir: pathlib.Path) -> dict:
+def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
+              evaluate_fn=None) -> dict:
   """Trains one point (resuming if interrupted) and writes its summary.json.
 
-  `config_spec` is a config file spec or a function returning a ConfigDict.
+  `config_spec` is a config file spec or a function returning a ConfigDict;
+  `evaluate_fn(model, config, corpus_dir) -> dict` adds figures of its own
+  (computed on the trained model) to the summary.
   """
   # Imported here so that the sweep's parent process never loads jax.
   import jax  # pylint: disable=g-import-not-at-top
@@ -112,11 +115,14 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path) -> dict:
     for key in SUMMARY_KEYS:
       if record.get(f"train/{key}") is not None:
         last[key] = record[f"train/{key}"]
+  model = load.load_model(str(workdir))
+  corpus = (config.data.corpus_dir or
+            data.prepare_for_config(config, progress=False))
   losses = evaluate.window_losses(
-      load.load_model(str(workdir)),
-      config.data.corpus_dir or data.prepare_for_config(config, progress=False),
-      seq_len=config.data.seq_len, max_windows=MAX_EVAL_WINDOWS,
+      model, corpus, seq_len=config.data.seq_len,
+      max_windows=MAX_EVAL_WINDOWS,
       batch_size=config.train.eval_batch_size or 8)
+  extra = evaluate_fn(model, config, corpus) if evaluate_fn else {}
   result = dict(name=workdir.name, overrides=overrides,
                 eval_loss=summary["eval_after"]["loss"],
                 eval_perplexity=summary["eval_after"]["perplexity"],
@@ -124,6 +130,8 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path) -> dict:
                 wall_s=time.time() - start, **last,
                 heldout_window_loss=float(losses.mean()),
                 heldout_window_losses=losses.tolist(),
+                eval_float=summary.get("eval_float"),
+                eval_before=summary.get("eval_before"), **extra,
                 config=json.loads(config.to_json()), commit=commit(),
                 hardware=hardware())
   with atomic_path(workdir / "summary.json") as tmp:  # a finished point
@@ -133,7 +141,7 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path) -> dict:
 
 def run_sweep(config_spec, points: list[dict], out: pathlib.Path, *,
               fixed: dict | None = None, parallel: int = 1,
-              reference: str | None = None) -> list[dict]:
+              reference: str | None = None, evaluate_fn=None) -> list[dict]:
   """Runs every point (named by its own overrides; `fixed` applies to all)."""
   out.mkdir(parents=True, exist_ok=True)
   fixed = fixed or {}
@@ -143,8 +151,11 @@ def run_sweep(config_spec, points: list[dict], out: pathlib.Path, *,
   if parallel <= 1:
     for i, p in enumerate(todo):
       print(f"[{i + 1}/{len(todo)}] {point_name(p)}", flush=True)
-      run_point(config_spec, {**fixed, **p}, out / point_name(p))
+      run_point(config_spec, {**fixed, **p}, out / point_name(p),
+                evaluate_fn=evaluate_fn)
   else:
+    if evaluate_fn:
+      raise ValueError("evaluate_fn runs in this process: use parallel=1.")
     _run_parallel(config_spec, todo, fixed, out, parallel)
   results = [json.loads((out / point_name(p) / "summary.json").read_text())
              for p in points]

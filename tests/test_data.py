@@ -48,17 +48,21 @@ def test_documents_split_holds_out_whole_documents_per_source(tmp_path):
   corpus = _prepare(tmp_path, spec, eval_fraction=0.1, split="documents")
   meta = data.read_meta(corpus)
   p, q = meta["per_source"]
-  # round(0.1 * 20) = 2 prose documents; 4 tech documents give round(0.4)=0,
-  # raised to 1; the whitespace-only variant of "tech 0" is a duplicate.
-  assert (p["eval_documents"], q["eval_documents"]) == (2, 1)
+  # The whitespace-only variant of "tech 0" is a duplicate.
   assert (q["documents"], q["duplicates"], meta["duplicates"]) == (4, 1, 1)
   wrap = lambda t: [BOS, *t.encode(), EOS]  # noqa: E731
   held = [t for t in prose.values() if wrap(t) in _split_docs(
       _stream(corpus, "eval")[:p["eval_tokens"]])]
-  assert len(held) == 2  # whole documents, in the prose source's range
+  assert len(held) == p["eval_documents"] >= 1  # whole documents, in range
   train = _split_docs(_stream(corpus, "train"))
   assert not any(wrap(t) in train for t in held)  # no part of them trains
-  assert len(train) == 20 + 4 - 3
+  assert len(train) == 24 - p["eval_documents"] - q["eval_documents"]
+  # Held out in hash order until 10% of the characters: the last one taken
+  # crossed the line.
+  chars = sum(map(len, prose.values()))
+  assert sum(map(len, held)) >= 0.1 * chars
+  assert min(sum(map(len, held)) - len(t) for t in held) < 0.1 * chars
+  assert q["eval_documents"] == 1  # "tech 0".."tech 3": one is over 10%
   assert data.eval_sources(corpus) == [p["name"], q["name"]]
   windows = data.PackedWindows(corpus, "eval", 4, source=q["name"])
   np.testing.assert_array_equal(
@@ -73,6 +77,16 @@ def test_documents_split_holds_out_whole_documents_per_source(tmp_path):
     _prepare(tmp_path, f"{tmp_path}/p/1.txt", split="documents", name="e")
   with pytest.raises(data.DataError, match="no held-out source"):
     data.PackedWindows(corpus, "eval", 4, source="nope")
+
+
+def test_held_out_choice_rules():
+  digests = [bytes([b]) for b in (5, 1, 4, 2, 3)]
+  assert data.held_out_documents(digests, [10] * 5, 0.25) == {1, 3}
+  assert data.held_out_documents(digests, [10] * 5, 0.01) == {1}
+  assert data.held_out_documents(digests, [10] * 5, 0.01, first=False) == {1}
+  assert data.held_out_documents(digests, [10] * 5, 0.99) == {1, 2, 3, 4}
+  assert data.held_out_documents(digests[:1], [10], 0.5) == set()
+  assert data.held_out_documents(digests, [10] * 5, 0.0) == set()
 
 
 def _split_docs(stream) -> list[list[int]]:

@@ -148,17 +148,22 @@ def source_name(spec: str) -> str:
   return spec.split(":", 1)[1] if spec.startswith("asset:") else spec
 
 
-def held_out_documents(digests: list[bytes], fraction: float,
-                       first: bool = True) -> set[int]:
+def held_out_documents(digests: list[bytes], sizes: list[int],
+                       fraction: float, first: bool = True) -> set[int]:
   """Which documents of a block (up to 10,000 of one source, in reading
-  order) are held out whole: the round(fraction·n) with the smallest content
-  hashes, at least one in a source's first block of two or more, never all:
-  deterministic, and independent of the order of the sources."""
-  k = round(fraction * len(digests))
-  if first and fraction > 0 and len(digests) > 1:
-    k = max(k, 1)
-  ranked = sorted(range(len(digests)), key=digests.__getitem__)
-  return set(ranked[:min(k, len(digests) - 1)])
+  order) are held out whole: in the order of their content hashes, until
+  they hold `fraction` of the block's characters; at least one in a
+  source's first block of two or more, never all. Deterministic, and
+  independent of the order of the sources."""
+  if fraction <= 0 or len(digests) < 2:
+    return set()
+  chosen, held, goal = set(), 0, fraction * sum(sizes)
+  for i in sorted(range(len(digests)), key=digests.__getitem__):
+    if held >= goal and (chosen or not first) or len(chosen) == len(digests) - 1:
+      break
+    chosen.add(i)
+    held += sizes[i]
+  return chosen
 
 
 def _provenance(spec: str) -> dict:
@@ -208,7 +213,8 @@ def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
                 f"data source {spec!r} has a single document, so no whole "
                 "document can be held out; give it as several files or set "
                 "data.split=tail (the end of each document held out).")
-          chosen = (held_out_documents(digests, eval_fraction, first)
+          chosen = (held_out_documents(digests, [len(d) for d in docs],
+                                       eval_fraction, first)
                     if split == "documents" else set())
           row["documents"] += len(docs)
           row["eval_documents"] += len(chosen)
@@ -350,7 +356,8 @@ def train_iterator(corpus_dir, *, seq_len: int, batch_size: int, seed: int,
 
 def eval_batches(corpus_dir, *, seq_len: int, batch_size: int,
                  max_batches: int) -> list[np.ndarray]:
-  """The first `max_batches` held-out batches, in order (deterministic)."""
+  """`max_batches` held-out batches of windows spread evenly over the whole
+  held-out stream (so that every source is represented), deterministic."""
   source = PackedWindows(corpus_dir, "eval", seq_len)
   n = min(max_batches, len(source) // batch_size)
   if n == 0:
@@ -358,5 +365,6 @@ def eval_batches(corpus_dir, *, seq_len: int, batch_size: int,
         f"the held-out split has {len(source)} windows of {seq_len + 1} "
         f"tokens, fewer than one batch of {batch_size}; raise "
         "data.eval_fraction or lower eval batch size.")
-  return [np.stack([source[b * batch_size + i] for i in range(batch_size)])
+  picks = np.linspace(0, len(source) - 1, n * batch_size).round().astype(int)
+  return [np.stack([source[i] for i in picks[b * batch_size:(b + 1) * batch_size]])
           for b in range(n)]

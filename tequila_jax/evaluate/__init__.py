@@ -5,7 +5,8 @@
 
 `--checkpoint` is anything `tequila_jax.io.load` opens (a training workdir,
 a Hugging Face directory, a `.gguf` file or `asset:NAME`). A task file holds one JSON object
-per line: `{"context": str, "choices": [str, ...], "label": int}`. Each
+per line: `{"context": str, "choices": [str, ...], "label": int}` (and
+optionally `context_ids` / `choice_ids`, the same tokenized, used as given). Each
 choice is scored by the summed log-likelihood of its tokens after the
 context; `acc` picks the largest sum and `acc_norm` the largest sum divided
 by the choice's length in characters, as lm-eval defines them. For lm-eval's
@@ -82,10 +83,13 @@ def multiple_choice(model: Llama, tok: Tokenizer, examples: list[dict], *,
   """lm-eval's `acc` and `acc_norm` over `examples` (see module doc)."""
   requests, owners = [], []
   for e, ex in enumerate(examples):
-    ctx = tok.encode(ex["context"], bos=tok.bos_id is not None)
-    for choice in ex["choices"]:
-      requests.append((ctx, tok.encode(choice)))
-      owners.append(e)
+    if "context_ids" in ex:  # tokenized ahead (no tokenizer needed here)
+      pairs = [(ex["context_ids"], ids) for ids in ex["choice_ids"]]
+    else:
+      ctx = tok.encode(ex["context"], bos=tok.bos_id is not None)
+      pairs = [(ctx, tok.encode(choice)) for choice in ex["choices"]]
+    requests += pairs
+    owners += [e] * len(pairs)
   scores = loglikelihoods(model, requests, batch_size=batch_size)
   acc = acc_norm = 0
   per_example = []
@@ -132,11 +136,13 @@ def perplexity(model: Llama, tok: Tokenizer, texts: Sequence[str], *,
 
 
 def window_losses(model: Llama, corpus_dir, *, seq_len: int,
-                  batch_size: int = 8, max_windows: int = 0) -> np.ndarray:
+                  batch_size: int = 8, max_windows: int = 0,
+                  source: str | None = None) -> np.ndarray:
   """Mean next-token loss of every held-out window of a prepared corpus
-  (`data.PackedWindows`, in order; the first `max_windows` if > 0): the
-  per-window figures a paired comparison of two models resamples."""
-  source = data.PackedWindows(corpus_dir, "eval", seq_len)
+  (`data.PackedWindows`, in order; the first `max_windows` if > 0; one
+  source's held-out stream only, given `source`): the per-window figures a
+  paired comparison of two models resamples."""
+  source = data.PackedWindows(corpus_dir, "eval", seq_len, source=source)
   n = min(len(source), max_windows) if max_windows else len(source)
   if n == 0:
     raise ValueError(f"{corpus_dir} holds no held-out window of {seq_len + 1} "

@@ -1,0 +1,72 @@
+"""The SmolLM2 reproduction's pipeline end to end at CPU scale (a tiny
+random model on Shakespeare bytes), its cloze items and its statistics."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import reproduce_smollm2 as rep
+from tequila_jax import data
+from tequila_jax.io import tokenizers
+
+TOK = tokenizers.from_file("bytes")
+
+
+def test_smoke_pipeline_writes_the_report(tmp_path):
+  rep.main(["smoke", "--out", str(tmp_path)])
+  report = tmp_path / "report"
+  got = json.loads((report / "results.json").read_text())
+  assert set(got["runs"]) == {"absmean-s0", "tequila-s0", "float-s0"}
+  for row in got["runs"].values():
+    assert np.isfinite(row["loss"]) and 0 <= row["cloze_acc"] <= 1
+    assert set(row["per_source"]) == {"shakespeare"}
+    assert row["tokens"] == 3072 and row["tokens_per_s"] > 0
+  t = got["paired"]["tequila"]
+  assert t["ci95"][0] <= t["delta_loss"] <= t["ci95"][1]
+  assert t["items"] == 40 and t["gap_share"]["windows"] == t["windows"]
+  assert t["verdict"] in ("inconclusive", "tequila better", "absmean better")
+  assert got["runs"]["tequila-s0"]["trapped"] is not None
+  assert "## Verdict" in (report / "results.md").read_text()
+  for png in ("results.png", "trapping.png", "gsnr.png", "loss.png"):
+    assert (report / png).stat().st_size > 1000
+  # A second `run` finds every run done; `report` alone rebuilds the same.
+  rep.main(["run", "--smoke", "--out", str(tmp_path), "--runs", "tequila-s0"])
+  rep.main(["report", "--out", str(tmp_path), "--results", str(tmp_path / "r2")])
+  assert json.loads((tmp_path / "r2" / "results.json").read_text()) == got
+
+
+def test_cloze_items_come_from_held_out_documents(tmp_path):
+  sentences = [f"Sentence number {i} of document {d} says something here."
+               for d in range(6) for i in range(12)]
+  for d in range(6):
+    (tmp_path / f"{d}.txt").write_text(" ".join(sentences[d * 12:(d + 1) * 12]))
+  corpus = data.prepare(f"{tmp_path}/*.txt", TOK, tmp_path / "c",
+                        tokenizer_name="bytes", eval_fraction=0.3,
+                        progress=False)
+  held = TOK.decode(np.fromfile(corpus / "eval.bin", np.uint16).tolist())
+  held_docs = data.read_meta(corpus)["per_source"][0]["eval_documents"]
+  assert len(rep.build_cloze(corpus, TOK, 500)) == 11 * held_docs  # all
+  items = rep.build_cloze(corpus, TOK, 15)
+  assert items == rep.build_cloze(corpus, TOK, 15)  # deterministic
+  assert len(items) == 15
+  for ex in items:
+    answer = ex["choices"][ex["label"]].strip()
+    assert len(set(ex["choices"])) == 4
+    assert ex["context"].split(". ")[-1].rstrip(".") in held
+    assert f"{ex['context']} {answer}" in held  # the true continuation
+    assert all(c.strip() in held for c in ex["choices"])  # held out only
+    assert ex["context_ids"] == TOK.encode(ex["context"], bos=True)
+
+
+def test_gap_share_against_a_direct_computation():
+  rng = np.random.default_rng(0)
+  absmean = rng.normal(3.0, 0.1, 64)
+  float_ = absmean - 0.2 + rng.normal(0, 0.01, 64)
+  tequila = absmean - 0.05 + rng.normal(0, 0.01, 64)
+  mk = lambda v: [dict(overrides={"seed": 0}, heldout_window_losses=v)]  # noqa: E731
+  got = rep.gap_share({"absmean": mk(absmean), "float": mk(float_),
+                       "tequila": mk(tequila)}, "tequila")
+  want = (absmean - tequila).mean() / (absmean - float_).mean()
+  assert got["share"] == pytest.approx(want, rel=1e-12)
+  assert got["ci95"][0] < want < got["ci95"][1] and got["ci95"][1] < 0.5
