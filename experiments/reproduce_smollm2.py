@@ -7,25 +7,32 @@ every run with the same data order, and compared paired on held-out whole
 documents, per source, and on a 4-way next-sentence cloze.
 
     python -m experiments.reproduce_smollm2 prepare --out DIR   # CPU, once
+    python -m experiments.reproduce_smollm2 pack --out DIR      # for a GPU
     python -m experiments.reproduce_smollm2 run --out DIR --runs absmean-s0,tequila-s0
-    python -m experiments.reproduce_smollm2 report --out DIR
+    python -m experiments.reproduce_smollm2 collect --out DIR --to RESULTS
+    python -m experiments.reproduce_smollm2 report --out RESULTS --results RESULTS
     python -m experiments.reproduce_smollm2 smoke --out DIR     # all, tiny, CPU
 
-`prepare` tokenizes the corpus, builds the cloze items from held-out
-documents and packs what a GPU machine needs into DIR/device/ (see
-experiments/results/reproduce_smollm2/README.md for the device commands).
-`run` trains the named runs (`RUNS`, priority order) and resumes unfinished
-ones; a finished run leaves DIR/runs/NAME/{summary,config}.json and
-metrics.jsonl, all `report` reads. `pretrained` scores the starting model.
+`prepare` tokenizes the corpus and builds the cloze items from held-out
+documents; `pack` splits what a GPU machine needs into parts that travel
+(.device/reproduce_smollm2/; experiments/results/reproduce_smollm2/README.md
+has the device commands). `run` trains the named runs (`RUNS`, priority
+order) and resumes unfinished ones; a finished run leaves
+DIR/runs/NAME/{summary,config}.json and metrics.jsonl, which `collect`
+copies out and `report` reads. `pretrained` scores the starting model.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import pathlib
 import re
+import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -33,6 +40,7 @@ import numpy as np
 from experiments import sweep
 from tequila_jax import config_lib
 from tequila_jax.configs import smollm2_135m
+from tequila_jax.quant import QuantConfig
 
 SOURCES = ("shakespeare", "austen", "bible_kjv", "jargon", "gcide",
            "python_docs", "linux_docs", "perl_docs", "postgresql_docs")
@@ -51,6 +59,8 @@ RUNS = {  # in priority order; sN = data-order seed N
     "tequila_dynamic-s0": {"model.quant.method": "tequila_dynamic",
                            "seed": 0},
 }
+DEVICE_WHEELS = ("grain==0.2.18", "array-record==0.8.1", "portpicker",
+                 "ml-collections==1.1.0", "gguf==0.19.0", "tensorboardX==2.6.5")
 PRETRAINED = "pretrained"  # the starting model, scored without training
 MAX_WINDOWS_PER_SOURCE = 128
 CLOZE_ITEMS = 2400
@@ -77,7 +87,7 @@ def make_config(*, smoke: bool, corpus_dir: str, init: str, tokens: int,
   config.optim = config_lib.llama32_qat("1b").optim
   config.data.update(corpus_dir=corpus_dir, eval_fraction=EVAL_FRACTION)
   window = config.train.batch_size * config.data.seq_len
-  steps = max(4, math.ceil(tokens / window))
+  steps = max(8, math.ceil(tokens / window))  # the official warmup + decay fit
   config.train.update(steps=steps, log_every=max(1, min(10, steps // 40)),
                       eval_every=max(1, steps // 4), eval_batches=8,
                       eval_batch_size=16 if not smoke else 8,
@@ -108,7 +118,8 @@ def held_out_figures(model, config, corpus_dir, cloze: list[dict],
 
 
 def run(out: pathlib.Path, names: list[str], *, smoke: bool, tokens: int,
-        init: str, max_windows: int) -> None:
+        init: str, max_windows: int, max_items: int = 0,
+        overrides: dict | None = None) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from tequila_jax import evaluate  # pylint: disable=g-import-not-at-top
   from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
@@ -119,8 +130,14 @@ def run(out: pathlib.Path, names: list[str], *, smoke: bool, tokens: int,
   corpus = out / "corpus"
   cloze = [json.loads(line) for line in
            (out / "cloze.jsonl").read_text().splitlines()]
-  make = lambda: make_config(smoke=smoke, corpus_dir=str(corpus), init=init,  # noqa: E731
-                             tokens=tokens, gpu=jax.default_backend() == "gpu")
+  cloze = cloze[:max_items or None]
+
+  def make():
+    config = make_config(smoke=smoke, corpus_dir=str(corpus), init=init,
+                         tokens=tokens, gpu=jax.default_backend() == "gpu")
+    config.update_from_flattened_dict(overrides or {})
+    return config
+
   evaluate_fn = lambda model, config, corpus_dir: held_out_figures(  # noqa: E731
       model, config, corpus_dir, cloze, max_windows)
   for name in names:
@@ -132,17 +149,64 @@ def run(out: pathlib.Path, names: list[str], *, smoke: bool, tokens: int,
     if name == PRETRAINED:
       if smoke:
         raise SystemExit("--smoke trains a random model: no pretrained run.")
-      config, model = make(), load.load_model(init)
+      config = make()
+      model = load.load_model(init, quant=QuantConfig(method="none"),
+                              dtype=config.model.dtype)
       losses = evaluate.window_losses(
           model, corpus, seq_len=config.data.seq_len,
-          max_windows=sweep.MAX_EVAL_WINDOWS,
+          max_windows=16 * max_windows,
           batch_size=config.train.eval_batch_size)
       workdir.mkdir(parents=True, exist_ok=True)
       (workdir / "summary.json").write_text(json.dumps(dict(
           name=name, overrides={}, heldout_window_losses=losses.tolist(),
           **evaluate_fn(model, config, corpus)), indent=2))
       continue
-    sweep.run_point(make, RUNS[name], workdir, evaluate_fn=evaluate_fn)
+    sweep.run_point(make, RUNS[name], workdir, evaluate_fn=evaluate_fn,
+                    max_eval_windows=16 * max_windows)
+
+
+def collect(out: pathlib.Path, to: pathlib.Path) -> None:
+  """Copies what `report` reads of every finished run (no checkpoints)."""
+  for summary in sorted(out.glob("runs/*/summary.json")):
+    dest = to / "runs" / summary.parent.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.json", "config.json", "metrics.jsonl"):
+      if (summary.parent / name).exists():
+        shutil.copy(summary.parent / name, dest / name)
+    print(f"collected {summary.parent.name}")
+
+
+def pack(out: pathlib.Path, dest: pathlib.Path, init: str,
+         part_bytes: int = 48 << 20) -> None:
+  """What a GPU machine needs, in parts that travel one call each (64 MiB
+  a call, code included): 1/ the corpus and cloze items (tar.xz) and the
+  wheels it lacks, then the GGUF split in `part_bytes` pieces with its
+  sha256 in the last part."""
+  from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
+  if dest.exists():
+    shutil.rmtree(dest)
+  first = dest / "1"
+  (first / "wheels").mkdir(parents=True)
+  subprocess.run(["tar", "-C", str(out), "-cJf", str(first / "corpus.tar.xz"),
+                  "corpus", "cloze.jsonl"], check=True)
+  subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
+                  "--no-deps", "--only-binary=:all:", "--python-version",
+                  "3.12", "--implementation", "cp", "--platform",
+                  "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+                  "--platform", "manylinux2014_x86_64", "-d",
+                  str(first / "wheels"), *DEVICE_WHEELS], check=True)
+  gguf = load.resolve(init)
+  blob = gguf.read_bytes()
+  parts = [blob[i:i + part_bytes] for i in range(0, len(blob), part_bytes)]
+  for i, part in enumerate(parts):
+    folder = dest / str(i + 2)
+    folder.mkdir()
+    (folder / f"gguf.part{i}").write_bytes(part)
+  (dest / str(len(parts) + 1) / "gguf.sha256").write_text(
+      hashlib.sha256(blob).hexdigest() + "\n")
+  for folder in sorted(dest.iterdir()):
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    print(f"{folder}: {size / 2**20:.1f} MiB")
 
 
 # --------------------------------------------------------------------------
@@ -473,7 +537,8 @@ def _plot(out, runs, paired, sources, results):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("command", choices=("prepare", "run", "report", "smoke"))
+  p.add_argument("command", choices=("prepare", "pack", "run", "collect",
+                                     "report", "smoke"))
   p.add_argument("--out", required=True, help="working directory")
   p.add_argument("--results", default="",
                  help="where report writes (default: OUT/report)")
@@ -485,7 +550,15 @@ def main(argv=None):
                  help="the pretrained model (a path to the GGUF on a device)")
   p.add_argument("--cloze_items", type=int, default=CLOZE_ITEMS)
   p.add_argument("--max_windows", type=int, default=MAX_WINDOWS_PER_SOURCE,
-                 help="held-out windows scored per source")
+                 help="held-out windows scored per source (x16 overall)")
+  p.add_argument("--max_items", type=int, default=0,
+                 help="score only the first N cloze items (0: all)")
+  p.add_argument("--set", action="append", default=[],
+                 help="config override for every run, key=value (e.g. a "
+                 "CPU check: --set train.batch_size=2 --set data.seq_len=128)")
+  p.add_argument("--to", default="", help="collect: where to copy results")
+  p.add_argument("--device_dir", default=".device/reproduce_smollm2",
+                 help="pack: where the parts go (git-ignored)")
   p.add_argument("--smoke", action="store_true",
                  help="tiny random model on Shakespeare bytes (CPU, CI)")
   args = p.parse_args(argv)
@@ -499,10 +572,17 @@ def main(argv=None):
     names = (["absmean-s0", "tequila-s0", "float-s0"]
              if args.command == "smoke" else args.runs.split(","))
     start = time.time()
+    overrides = {k: sweep.parse_value(v) for k, v in
+                 (kv.split("=", 1) for kv in args.set)}
     run(out, names, smoke=smoke, tokens=int(args.tokens if args.command != "smoke"
-                                            else 8 * 64 * 6),
-        init=args.init, max_windows=args.max_windows)
+                                            else 8 * 64 * 8),
+        init=args.init, max_windows=args.max_windows,
+        max_items=args.max_items, overrides=overrides)
     print(f"runs took {time.time() - start:.0f} s", flush=True)
+  if args.command == "pack":
+    pack(out, pathlib.Path(args.device_dir), args.init)
+  if args.command == "collect":
+    collect(out, pathlib.Path(args.to))
   if args.command in ("report", "smoke"):
     print(summarize(out, results))
 

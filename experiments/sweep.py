@@ -92,7 +92,8 @@ def commit() -> str:
 
 
 def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
-              evaluate_fn=None) -> dict:
+              evaluate_fn=None, max_eval_windows: int = MAX_EVAL_WINDOWS
+              ) -> dict:
   """Trains one point (resuming if interrupted) and writes its summary.json.
 
   `config_spec` is a config file spec or a function returning a ConfigDict;
@@ -120,7 +121,7 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
             data.prepare_for_config(config, progress=False))
   losses = evaluate.window_losses(
       model, corpus, seq_len=config.data.seq_len,
-      max_windows=MAX_EVAL_WINDOWS,
+      max_windows=max_eval_windows,
       batch_size=config.train.eval_batch_size or 8)
   extra = evaluate_fn(model, config, corpus) if evaluate_fn else {}
   result = dict(name=workdir.name, overrides=overrides,

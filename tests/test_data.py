@@ -67,6 +67,13 @@ def test_documents_split_holds_out_whole_documents_per_source(tmp_path):
   windows = data.PackedWindows(corpus, "eval", 4, source=q["name"])
   np.testing.assert_array_equal(
       windows[0], _stream(corpus, "eval")[q["eval_offset"]:][:5])
+  # In-training eval batches spread over the whole held-out stream: the
+  # first window and the last (in the last source) are both scored.
+  every = data.PackedWindows(corpus, "eval", 4)
+  rows = np.concatenate(data.eval_batches(corpus, seq_len=4, batch_size=2,
+                                          max_batches=2))
+  np.testing.assert_array_equal(rows[0], every[0])
+  np.testing.assert_array_equal(rows[-1], every[len(every) - 1])
   # The choice depends on the documents' content, not on the source order.
   again = _prepare(tmp_path, f"{tmp_path}/q/*.txt,{tmp_path}/p/*.txt",
                    eval_fraction=0.1, split="documents", name="d")

@@ -21,7 +21,7 @@ def test_smoke_pipeline_writes_the_report(tmp_path):
   for row in got["runs"].values():
     assert np.isfinite(row["loss"]) and 0 <= row["cloze_acc"] <= 1
     assert set(row["per_source"]) == {"shakespeare"}
-    assert row["tokens"] == 3072 and row["tokens_per_s"] > 0
+    assert row["tokens"] == 4096 and row["tokens_per_s"] > 0
   t = got["paired"]["tequila"]
   assert t["ci95"][0] <= t["delta_loss"] <= t["ci95"][1]
   assert t["items"] == 40 and t["gap_share"]["windows"] == t["windows"]
