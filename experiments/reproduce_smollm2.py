@@ -64,6 +64,7 @@ DEVICE_WHEELS = ("grain==0.2.18", "array-record==0.8.1", "portpicker",
 PRETRAINED = "pretrained"  # the starting model, scored without training
 MAX_WINDOWS_PER_SOURCE = 128
 CLOZE_ITEMS = 2400
+MIN_EVIDENCE_TOKENS = 1_000_000  # below this a report is a pipeline check
 
 
 # --------------------------------------------------------------------------
@@ -446,6 +447,11 @@ def summarize(out: pathlib.Path, results: pathlib.Path) -> str:
       paired["tequila_per_source"] = per_source
       lines.append("")
   verdict = _claim(paired)
+  tokens = min(row["tokens"] for n, row in table.items() if n != PRETRAINED)
+  if tokens < MIN_EVIDENCE_TOKENS:
+    verdict = (f"*Pipeline check only: {tokens:,} training tokens per run "
+               f"(under {MIN_EVIDENCE_TOKENS:,}) is no evidence either "
+               "way.* " + verdict)
   lines += ["## Verdict", "", verdict, ""]
   text = "\n".join(lines)
   results.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ def test_smoke_pipeline_writes_the_report(tmp_path):
   assert t["items"] == 40 and t["gap_share"]["windows"] == t["windows"]
   assert t["verdict"] in ("inconclusive", "tequila better", "absmean better")
   assert got["runs"]["tequila-s0"]["trapped"] is not None
-  assert "## Verdict" in (report / "results.md").read_text()
+  assert "## Verdict\n\n*Pipeline check only" in (report / "results.md").read_text()
   for png in ("results.png", "trapping.png", "gsnr.png", "loss.png"):
     assert (report / png).stat().st_size > 1000
   # A second `run` finds every run done; `report` alone rebuilds the same.
