@@ -245,6 +245,19 @@ def test_export_and_generate_clis(tmp_path):
                 "To be", "--max_new_tokens", "5")
   assert gen.stdout.startswith("To be") and "5 tokens" in gen.stderr
   assert "decode" in gen.stderr and "tokens/s" in gen.stderr
+  # --hf_out alone writes a Hugging Face LLaMA with biases, which exports
+  # back to the same .tqj tensors.
+  out = run_cli("export", "--checkpoint", tmp_path / "run", "--hf_out",
+                tmp_path / "hf").stdout
+  assert "a Hugging Face LLaMA with biases" in out
+  run_cli("export", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "b.tqj")
+  a, b = tqj.read_export(tmp_path / "m.tqj"), tqj.read_export(tmp_path / "b.tqj")
+  for name in a.tensors:
+    np.testing.assert_array_equal(a.tensors[name], b.tensors[name], name)
+  assert b.load_tokenizer().encode("hi") == [104, 105]
+  gen = run_cli("generate", "--model", tmp_path / "hf", "--prompt", "To be",
+                "--max_new_tokens", "3", "--strategy", "exact")
+  assert gen.stdout.startswith("To be") and "3 tokens" in gen.stderr
 
 
 def test_q8k_emulation_by_hand():

@@ -3,13 +3,17 @@
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 from tequila_jax import config_lib
 from tequila_jax import model as model_lib
-from tequila_jax.io import hf, tqj
+from tequila_jax.inference import PackedLlama
+from tequila_jax.io import hf, load, tqj
 from tequila_jax.quant import QuantConfig
 from tequila_jax.train import build
 from tests.cli import run_cli
@@ -230,3 +234,68 @@ def test_pretrained_init_must_fit_the_config(hf_dir):
   with pytest.raises(ValueError, match=r"does not fit config.model: "
                      r"ffn_size \(checkpoint 256, config 512\)"):
     build.pretrained_params(config, cfg.replace(ffn_size=512))
+
+
+def _tequila_model(tie=True):
+  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model).replace(
+      quant=QuantConfig("tequila", group_size=64, lam=0.05),
+      tie_embeddings=tie)
+  m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
+  state = nnx.state(m, nnx.Param)  # off init, so that C(W) is not tiny
+  nnx.update(m, jax.tree.map(lambda a: a + 0.02 * jax.random.normal(
+      jax.random.key(1), a.shape), state))
+  return m
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_ternary_hf_export_runs_in_transformers_and_converts_back(tmp_path, tie):
+  model = _tequila_model(tie)
+  export = tqj.build_export(model)
+  out = hf.save_ternary_hf(export, tmp_path / "hf")
+  config = json.loads((out / "config.json").read_text())
+  assert config["attention_bias"] and config["mlp_bias"]
+  tokens = _tokens(2, 40)
+  want = np.asarray(model(tokens))  # our QAT forward: x·Q + C(W)
+  got = _torch_logits(out, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # Back: codes = sign(Q), α = |Q| per group, c = the bias, exactly.
+  back = hf.read_ternary_hf(out)
+  for name in model_lib.PROJECTIONS:
+    np.testing.assert_array_equal(back.codes(name), export.codes(name))
+    np.testing.assert_array_equal(back.quantized_kernel(name),
+                                  export.quantized_kernel(name))
+    np.testing.assert_array_equal(back.tensors[f"layers.{name}.c"],
+                                  export.tensors[f"layers.{name}.c"])
+  assert back.cfg.arch == export.cfg.arch
+  packed = PackedLlama(load.read_inference_export(str(out)), "exact")
+  np.testing.assert_allclose(np.asarray(packed(tokens)), want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
+
+
+def test_ternary_hf_in_bfloat16_keeps_the_codes(tmp_path):
+  model = _tequila_model()
+  export = tqj.build_export(model)
+  out = hf.save_ternary_hf(export, tmp_path / "hf", dtype="bfloat16")
+  back = hf.read_ternary_hf(out)
+  for name in model_lib.PROJECTIONS:
+    np.testing.assert_array_equal(back.codes(name), export.codes(name))
+    alpha = export.tensors[f"layers.{name}.alpha"]
+    np.testing.assert_array_equal(  # α rounded to bf16 once, per group
+        back.tensors[f"layers.{name}.alpha"][alpha > 0],
+        alpha.astype(ml_dtypes.bfloat16).astype(np.float32)[alpha > 0])
+
+
+def test_ternary_hf_refusals(tmp_path):
+  out = hf.save_ternary_hf(tqj.build_export(_tequila_model()), tmp_path / "hf")
+  with pytest.raises(hf.CheckpointError, match="inference model"):
+    load.load_model(str(out))
+  with pytest.raises(hf.CheckpointError, match="not ternary with groups of 128"):
+    hf.read_ternary_hf(out, QuantConfig("tequila", group_size=128))
+  config = json.loads((out / "config.json").read_text())
+  del config[hf.TERNARY_KEY]
+  (out / "config.json").write_text(json.dumps(config))
+  with pytest.raises(hf.CheckpointError, match="--quant.group_size"):
+    hf.read_ternary_hf(out)
+  assert hf.read_ternary_hf(out, QuantConfig("tequila", group_size=64)).cfg
+  with pytest.raises(FileExistsError):
+    hf.save_ternary_hf(tqj.build_export(_tequila_model()), out)

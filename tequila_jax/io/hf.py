@@ -10,6 +10,7 @@ name and shape before a model is returned, so nothing is ever half-loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Mapping
@@ -20,8 +21,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from tequila_jax.io import tqj
 from tequila_jax.io.atomic import atomic_path
 from tequila_jax.model import PROJECTIONS, Llama, ModelConfig, abstract_model
+from tequila_jax.quant import QuantConfig
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
           "float16": np.float16}
@@ -57,8 +60,12 @@ def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
                           "supported; tequila_jax loads LLaMA checkpoints.")
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
-      raise CheckpointError(f"config.json sets {flag}=true; LLaMA-3 has no "
-                            "projection biases and tequila_jax loads none.")
+      raise CheckpointError(
+          f"config.json sets {flag}=true; LLaMA-3 has no projection biases "
+          "and tequila_jax trains none. A ternary export with biases "
+          "(C(W)) is an inference model: open it with "
+          "tequila_jax.io.load.load, or convert it with `python -m "
+          "tequila_jax.export --checkpoint DIR --out model.tqj`.")
   if hf.get("hidden_act", "silu") != "silu":
     raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported "
                           "(LLaMA uses silu).")
@@ -251,7 +258,15 @@ def save_hf(model: Llama, directory, dtype: str = "float32",
   directory = pathlib.Path(directory)
   if directory.exists():
     raise FileExistsError(f"{directory} exists; save into a new directory.")
-  tensors = model_to_tensors(model, dtype)
+  _write_checkpoint(directory, model_to_tensors(model, dtype),
+                    config_to_hf(model.cfg, dtype), max_shard_bytes)
+  return directory
+
+
+def _write_checkpoint(directory: pathlib.Path, tensors: dict, config: dict,
+                      max_shard_bytes: int | None = None,
+                      extra_files: Mapping[str, str] | None = None) -> None:
+  """config.json + (sharded) safetensors (+ extra text files), atomically."""
   with atomic_path(directory, directory=True, replace=False) as tmp:
     shards, size = [{}], 0
     for name, arr in tensors.items():
@@ -273,6 +288,139 @@ def save_hf(model: Llama, directory, dtype: str = "float32",
       (tmp / "model.safetensors.index.json").write_text(json.dumps(
           {"metadata": {"total_size": total}, "weight_map": weight_map},
           indent=2))
-    (tmp / "config.json").write_text(
-        json.dumps(config_to_hf(model.cfg, dtype), indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for name, text in (extra_files or {}).items():
+      (tmp / name).write_text(text)
+
+
+# --------------------------------------------------------------------------
+# Ternary models as standard LLaMA checkpoints with biases
+# --------------------------------------------------------------------------
+
+TERNARY_KEY = "tequila_jax_ternary"  # config.json: how the weights were made
+_BIAS_NAMES = {p: LAYER_NAMES[(block, p, "kernel")].replace(".weight", ".bias")
+               for p, block in PROJECTIONS.items()}
+
+
+def is_ternary_hf(directory) -> bool:
+  """A Hugging Face directory whose projections carry biases (the ternary
+  export form, or a checkpoint tequila_jax cannot train from)."""
+  path = pathlib.Path(directory) / "config.json"
+  if not path.exists():
+    return False
+  hf = json.loads(path.read_text())
+  return bool(hf.get("attention_bias") or hf.get("mlp_bias"))
+
+
+def save_ternary_hf(export: tqj.Export, directory, *, dtype: str = "float32",
+                    max_shard_bytes: int | None = None) -> pathlib.Path:
+  """Writes a ternary export as a standard `LlamaForCausalLM` checkpoint that
+  any runtime loads unchanged: each projection's weight is the dequantized
+  Q = codes · α (in `dtype`), its bias C(W) (`attention_bias` and
+  `mlp_bias` true; zero where λ = 0), plus the tokenizer files when the
+  export carries a `tokenizer.json`. It runs at float speed: it is for
+  compatibility and evaluation; `.tqj` and GGUF are the fast paths.
+  """
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}.")
+  directory = pathlib.Path(directory)
+  if directory.exists():
+    raise FileExistsError(f"{directory} exists; save into a new directory.")
+  cfg, t, np_dtype = export.cfg, export.tensors, DTYPES[dtype]
+  tensors = {}
+  cast = lambda a: np.ascontiguousarray(np.asarray(a, np.float32).astype(np_dtype))  # noqa: E731
+  q = {p: export.quantized_kernel(p) for p in PROJECTIONS}
+  for i in range(cfg.num_layers):
+    layer = f"model.layers.{i}."
+    for p in PROJECTIONS:
+      tensors[layer + LAYER_NAMES[(PROJECTIONS[p], p, "kernel")]] = cast(q[p][i].T)
+      tensors[layer + _BIAS_NAMES[p]] = cast(t[f"layers.{p}.c"][i])
+    tensors[layer + "input_layernorm.weight"] = cast(t["layers.attn_norm"][i])
+    tensors[layer + "post_attention_layernorm.weight"] = cast(
+        t["layers.mlp_norm"][i])
+  tensors["model.embed_tokens.weight"] = cast(t["embed"])
+  tensors["model.norm.weight"] = cast(t["final_norm"])
+  if "lm_head" in t:
+    tensors["lm_head.weight"] = cast(np.asarray(t["lm_head"]).T)
+  config = config_to_hf(cfg, dtype)
+  config.update(attention_bias=True, mlp_bias=True, **{TERNARY_KEY: {
+      "quant": dataclasses.asdict(cfg.quant), "packing": export.packing,
+      "note": "weights are codes x alpha per group, biases C(W): convert "
+              "back with `python -m tequila_jax.export --checkpoint DIR "
+              "--out model.tqj`"}})
+  extra, kind = {}, export.tokenizer.get("kind")
+  if kind in ("bytes", "none"):  # no Hugging Face form: recorded for us
+    config[TERNARY_KEY]["tokenizer"] = {"kind": kind}
+  if kind == "tokenizer.json":
+    extra["tokenizer.json"] = export.tokenizer["json"]
+    extra["tokenizer_config.json"] = json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": export.tokenizer.get("bos"),
+        "eos_token": export.tokenizer.get("eos")}, indent=2)
+  _write_checkpoint(directory, tensors, config, max_shard_bytes, extra)
   return directory
+
+
+def read_ternary_hf(directory, quant: QuantConfig | None = None) -> tqj.Export:
+  """The `.tqj` export of a ternary Hugging Face directory (as
+  `save_ternary_hf` writes): codes = sign(Q), α = |Q| per group, c = the
+  bias, exactly. The latent weights are gone, so this is an inference
+  model, not a training start. `quant` is needed only when config.json does
+  not record the group layout."""
+  directory = pathlib.Path(directory)
+  hf = json.loads((directory / "config.json").read_text())
+  recorded = hf.get(TERNARY_KEY, {}).get("quant")
+  if quant is None and recorded is None:
+    raise CheckpointError(
+        f"{directory} has projection biases but records no ternary layout "
+        f"({TERNARY_KEY} in config.json); pass --quant.method and "
+        "--quant.group_size (or --quant.granularity=per_channel).")
+  quant = quant or QuantConfig(**recorded)
+  plain = {k: v for k, v in hf.items() if k not in ("attention_bias",
+                                                    "mlp_bias")}
+  cfg = config_from_hf(plain, quant=quant)
+  tensors = read_safetensors(directory)
+  out = {}
+  for p in PROJECTIONS:
+    weight = LAYER_NAMES[(PROJECTIONS[p], p, "kernel")]
+    names = [f"model.layers.{i}.{weight}" for i in range(cfg.num_layers)]
+    biases = [f"model.layers.{i}.{_BIAS_NAMES[p]}" for i in range(cfg.num_layers)]
+    missing = [n for n in names + biases if n not in tensors]
+    if missing:
+      raise CheckpointError(f"{directory} lacks {missing[:3]}: not a ternary "
+                            "export with biases.")
+    q = np.stack([np.asarray(tensors[n], np.float32).T for n in names])
+    d_in = q.shape[1]
+    group = d_in if quant.granularity == "per_channel" else quant.group_size
+    if d_in % group:
+      raise CheckpointError(f"{p}: {d_in} inputs are not a multiple of the "
+                            f"group size {group}.")
+    grouped = q.reshape(q.shape[0], d_in // group, group, q.shape[2])
+    alpha = np.abs(grouped).max(axis=2)
+    codes = np.sign(grouped).astype(np.int8)
+    if not np.array_equal(np.abs(grouped), np.abs(codes) * alpha[:, :, None]):
+      raise CheckpointError(
+          f"{directory}: {p} is not ternary with groups of {group} (a group "
+          "holds magnitudes other than 0 and one α); check --quant.group_size.")
+    out[f"layers.{p}.codes"] = tqj.pack_2bit(codes.reshape(q.shape))
+    out[f"layers.{p}.alpha"] = alpha.astype(np.float32)
+    out[f"layers.{p}.c"] = np.stack(
+        [np.asarray(tensors[n], np.float32) for n in biases])
+  per_layer = lambda name: np.stack([  # noqa: E731
+      tensors[f"model.layers.{i}.{name}"] for i in range(cfg.num_layers)])
+  out["layers.attn_norm"] = per_layer("input_layernorm.weight")
+  out["layers.mlp_norm"] = per_layer("post_attention_layernorm.weight")
+  out["embed"] = tensors["model.embed_tokens.weight"]
+  out["final_norm"] = tensors["model.norm.weight"]
+  if not cfg.tie_embeddings:
+    out["lm_head"] = np.ascontiguousarray(tensors["lm_head.weight"].T)
+  tok = directory / "tokenizer.json"
+  tokenizer = hf.get(TERNARY_KEY, {}).get("tokenizer", {"kind": "none"})
+  if tok.exists():
+    tc = directory / "tokenizer_config.json"
+    special = json.loads(tc.read_text()) if tc.exists() else {}
+    tokenizer = {"kind": "tokenizer.json", "json": tok.read_text(),
+                 "bos": special.get("bos_token"), "eos": special.get("eos_token")}
+  return tqj.Export(ModelConfig(cfg.arch), "2bit",
+                    {k: np.ascontiguousarray(v) for k, v in out.items()},
+                    tokenizer)

@@ -70,15 +70,26 @@ def load_tokenizer(location: str) -> tokenizers.Tokenizer:
   return tokenizers.from_file(path)
 
 
+def read_inference_export(location: str,
+                          quant: QuantConfig | None = None) -> tqj.Export:
+  """The packed export held by a `.tqj` file or a ternary Hugging Face
+  directory (`hf.read_ternary_hf`)."""
+  path = resolve(location)
+  if path.suffix == ".tqj":
+    return tqj.read_export(path)
+  return hf.read_ternary_hf(path, quant)
+
+
 def load(location: str, *, step: int | None = None,
          quant: QuantConfig | None = None, strategy: str = "auto",
          head: str = "float"):
-  """`(model, tokenizer)` at `location`. A `.tqj` export opens as a
-  `PackedLlama` (CPU inference; `strategy` and `head` as there); anything
-  else as a `Llama`, with `quant` replacing its quantization (needed for
-  Hugging Face and GGUF sources, which record none)."""
-  if str(location).endswith(".tqj"):
-    ex = tqj.read_export(resolve(location))
+  """`(model, tokenizer)` at `location`. A `.tqj` export, or a ternary Hugging
+  Face export (projection biases = C(W)), opens as a `PackedLlama` (CPU
+  inference; `strategy` and `head` as there); anything else as a `Llama`,
+  with `quant` replacing its quantization (needed for Hugging Face and GGUF
+  sources, which record none)."""
+  if str(location).endswith(".tqj") or hf.is_ternary_hf(resolve(location)):
+    ex = read_inference_export(location, quant)
     return PackedLlama(ex, strategy, head), ex.load_tokenizer()
   overrides = {"quant": quant} if quant is not None else {}
   return (load_model(location, step, **overrides), load_tokenizer(location))

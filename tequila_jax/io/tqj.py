@@ -167,16 +167,33 @@ def tokenizer_metadata(tok: tokenizers.Tokenizer | None) -> str:
   raise ExportError(f"cannot embed a {type(tok).__name__} in an export.")
 
 
+def build_export(model: Llama, *,
+                 tokenizer: tokenizers.Tokenizer | None = None,
+                 packing: str = "2bit", float_dtype: str = "float32"
+                 ) -> "Export":
+  """The export of a (QAT) model, in memory (see the module invariant)."""
+  return Export(ModelConfig(model.cfg.arch), packing,
+                export_tensors(model, packing, float_dtype),
+                json.loads(tokenizer_metadata(tokenizer)))
+
+
+def save_export(export: "Export", path) -> dict:
+  """Writes `export` to `path` atomically; returns a size report."""
+  meta = {"format": FORMAT, "version": VERSION,
+          "model": export.cfg.arch.to_json(), "packing": export.packing,
+          "tokenizer": json.dumps(export.tokenizer)}
+  with atomic_path(path) as tmp:
+    save_file(export.tensors, tmp, metadata=meta)
+  return size_report(export.tensors, export.cfg, path)
+
+
 def write_export(model: Llama, path, *,
                  tokenizer: tokenizers.Tokenizer | None = None,
                  packing: str = "2bit", float_dtype: str = "float32") -> dict:
-  """Writes `path` atomically; returns a size report."""
-  tensors = export_tensors(model, packing, float_dtype)
-  meta = {"format": FORMAT, "version": VERSION, "model": model.cfg.arch.to_json(),
-          "packing": packing, "tokenizer": tokenizer_metadata(tokenizer)}
-  with atomic_path(path) as tmp:
-    save_file(tensors, tmp, metadata=meta)
-  return size_report(tensors, model.cfg, path)
+  """Writes the export of `model` to `path` atomically; returns a size
+  report."""
+  return save_export(build_export(model, tokenizer=tokenizer, packing=packing,
+                                  float_dtype=float_dtype), path)
 
 
 def size_report(tensors: dict, cfg: ModelConfig, path=None) -> dict:
