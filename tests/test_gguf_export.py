@@ -81,3 +81,43 @@ def test_gguf_quantizer_gives_back_our_codes_and_scales(ttype):
   back = gguf.quants.dequantize(gguf.quants.quantize(values, qtype), qtype)
   np.testing.assert_array_equal(back, values)
   np.testing.assert_array_equal(np.sign(back), codes)
+
+
+def test_llama3_rope_and_head_dim_reach_the_gguf(tmp_path):
+  """rope_freqs.weight as llama.cpp's converter defines it (per frequency:
+  1 above the high-frequency wavelength, `factor` below the low one, smooth
+  in between), and head_dim != hidden / heads written as key/value length."""
+  scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 64}
+  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model).replace(
+      hidden_size=512, ffn_size=512, num_heads=8, num_kv_heads=1, head_dim=32,
+      vocab_size=49152, tie_embeddings=False, rope_theta=500000.0,
+      rope_scaling=tuple(sorted(scaling.items())),
+      quant=QuantConfig("tequila", "per_channel", lam=0.05))
+  m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
+  tqj.write_export(m, tmp_path / "m.tqj",
+                   tokenizer=load.load_tokenizer("asset:smollm2_gguf"))
+  gguf_lib.write_gguf(tqj.read_export(tmp_path / "m.tqj"), tmp_path / "m.gguf")
+  reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+  meta = gguf_lib.metadata(reader)
+  assert meta["llama.attention.key_length"] == 32
+  assert meta["llama.attention.value_length"] == 32
+  got = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+  freqs = 1.0 / 500000.0 ** (np.arange(0, 32, 2) / 32)
+  old, low, high = 64, 1.0, 4.0
+  want = []
+  for f in freqs:
+    wavelen = 2 * np.pi / f
+    if wavelen < old / high:
+      want.append(1.0)
+    elif wavelen > old / low:
+      want.append(32.0)
+    else:
+      smooth = (old / wavelen - low) / (high - low)
+      want.append(1 / ((1 - smooth) / 32.0 + smooth))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert 1.0 in want and 32.0 in want and len(set(want)) > 2  # all 3 regimes
+  back = gguf_lib.config_from_gguf(reader)
+  for field in ("head_dim", "num_kv_heads", "rope_scaling", "rope_theta",
+                "tie_embeddings"):
+    assert getattr(back, field) == getattr(cfg, field), field

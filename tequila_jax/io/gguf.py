@@ -55,6 +55,10 @@ _LLAMA3_ROPE_CANDIDATES = [
      "original_max_position_embeddings": 8192} for f in (8.0, 16.0, 32.0)]
 
 
+# Our exports also record the llama3 parameters (llama.cpp reads the tensor).
+ROPE_SCALING_KEY = "tequila_jax.rope_scaling"
+
+
 def open_gguf(path):
   """A `gguf.GGUFReader`, with a clear error for missing or foreign files."""
   path = pathlib.Path(path)
@@ -88,7 +92,10 @@ def _rope_scaling(reader, cfg_head_dim, theta):
     return None
   divisors = np.asarray(tensor.data, np.float64)
   base = np.asarray(rope_frequencies(cfg_head_dim, theta), np.float64)
-  for cand in _LLAMA3_ROPE_CANDIDATES:
+  recorded = reader.fields.get(ROPE_SCALING_KEY)
+  candidates = ([json.loads(recorded.contents())] if recorded is not None
+                else _LLAMA3_ROPE_CANDIDATES)
+  for cand in candidates:
     scaled = np.asarray(rope_frequencies(cfg_head_dim, theta, cand), np.float64)
     if np.allclose(base / scaled, divisors, rtol=1e-4):
       return tuple(sorted(cand.items()))
@@ -268,6 +275,16 @@ def block_scales(codes: np.ndarray, alpha: np.ndarray, refit: bool
   return d.T.astype(np.float32), float(err)
 
 
+def rope_freq_factors(cfg) -> np.ndarray:
+  """llama.cpp's `rope_freqs.weight` for Llama-3 rope scaling: per frequency,
+  the factor it divides the unscaled frequency by (ggml_rope_ext's
+  freq_factors), i.e. unscaled / scaled inverse frequency of our RoPE."""
+  plain = np.asarray(rope_frequencies(cfg.head_dim, cfg.rope_theta), np.float64)
+  scaled = np.asarray(rope_frequencies(cfg.head_dim, cfg.rope_theta,
+                                       dict(cfg.rope_scaling)), np.float64)
+  return (plain / scaled).astype(np.float32)
+
+
 def write_gguf(ex: Export, path, *, refit_scales: bool = False,
                float_type: str = "f32", ternary_type: str = "tq2_0") -> dict:
   """Writes a llama.cpp GGUF for an export (ternary tensors as TQ2_0 or
@@ -298,6 +315,9 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
     w.add_head_count_kv(cfg.num_kv_heads)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_rope_dimension_count(cfg.head_dim)
+    # llama.cpp assumes hidden / heads unless told (head_dim may differ).
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{ternary_type.upper()}"))
@@ -306,6 +326,9 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
     t = ex.tensors
     w.add_tensor("token_embd.weight", np.asarray(t["embed"], fdt))
     w.add_tensor("output_norm.weight", np.asarray(t["final_norm"], np.float32))
+    if cfg.rope_scaling:
+      w.add_tensor("rope_freqs.weight", rope_freq_factors(cfg))
+      w.add_string(ROPE_SCALING_KEY, json.dumps(dict(cfg.rope_scaling)))
     if "lm_head" in t:
       w.add_tensor("output.weight", np.ascontiguousarray(
           np.asarray(t["lm_head"], fdt).T))
