@@ -11,7 +11,8 @@ tokens/s (median per-token time over >= 20 tokens) and weight memory of a
 random-init model of `--decode_config`'s architecture (default Llama-3.2-1B)
 exported as ternary vs the same weights in f32 and bf16. Ratios are dense
 time / ternary time. Writes `results.json` and `results.md` to `--out`. Set
-GLIBC_TUNABLES as in DESIGN.md §4 yourself if wanted; the value in effect is
+GLIBC_TUNABLES (e.g. glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:
+glibc.malloc.trim_threshold=2000000000) yourself if wanted; the value in effect is
 printed.
 """
 

@@ -53,17 +53,45 @@ def test_ternary_gguf_round_trip(tmp_path, quant, ttype):
   assert len(gguf_lib.gguf_array(reader, "tokenizer.ggml.tokens")) == 49152
 
 
+@pytest.mark.parametrize("quant,hidden", [
+    (QuantConfig("tequila", "per_group", 64, lam=0.05), 256),
+    (QuantConfig("tequila", "per_group", 128, lam=0.05), 256),
+    (QuantConfig("tequila", "per_group", 64, lam=0.05), 576)],
+    ids=["g64", "g128", "smollm2-width"])
+def test_q4_0_holds_groups_and_widths_tq2_0_cannot(tmp_path, quant, hidden):
+  ex = _export(tmp_path, quant, hidden=hidden)
+  errors = gguf_lib.write_gguf(ex, tmp_path / "m.gguf")
+  assert set(errors["tensor_types"]) == {"q4_0"}
+  assert errors["refit_rel_error"] == 0
+  reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+  tensors = {t.name: t for t in reader.tensors}
+  for name, gname in gguf_lib.GGUF_NAMES.items():
+    heads = {"q_proj": 4, "k_proj": 2}.get(name)
+    for layer in range(ex.cfg.num_layers):
+      t = tensors[f"blk.{layer}.{gname}.weight"]
+      assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+      rows = gguf.quants.dequantize(t.data, t.tensor_type)  # ggml's reading
+      if heads:
+        rows = gguf_lib._unpermute(rows, heads)
+      alpha16 = ex.tensors[f"layers.{name}.alpha"][layer].astype(
+          np.float16).astype(np.float32)
+      codes = ex.codes(name)[layer]
+      want = (codes.reshape(alpha16.shape[0], -1, codes.shape[1])
+              * alpha16[:, None]).reshape(codes.shape).T
+      np.testing.assert_array_equal(rows, want)  # -α stays -α
+  assert gguf_lib.BITS["q4_0"] == 4.5
+
+
 def test_refused_layouts_and_refit(tmp_path):
   ex = _export(tmp_path, QuantConfig("tequila", "per_group", 64))
-  with pytest.raises(gguf_lib.GGUFExportError, match="one scale per 256"):
-    gguf_lib.write_gguf(ex, tmp_path / "x.gguf")
-  assert not (tmp_path / "x.gguf").exists()
-  assert not list(tmp_path.glob(".x.gguf*"))
   errors = gguf_lib.write_gguf(ex, tmp_path / "x.gguf", refit_scales=True)
+  assert set(errors["tensor_types"]) == {"tq2_0"}  # forced, scales fitted
   assert 0 < errors["refit_rel_error"] < 0.5
-  narrow = _export(tmp_path, QuantConfig("tequila", "per_channel"), hidden=192)
-  with pytest.raises(gguf_lib.GGUFExportError, match="multiple of 256"):
-    gguf_lib.write_gguf(narrow, tmp_path / "y.gguf")
+  odd = _export(tmp_path, QuantConfig("tequila", "per_channel"), hidden=208)
+  with pytest.raises(gguf_lib.GGUFExportError, match="multiple of 32"):
+    gguf_lib.write_gguf(odd, tmp_path / "y.gguf")
+  assert not (tmp_path / "y.gguf").exists()
+  assert not list(tmp_path.glob(".y.gguf*"))
 
 
 @pytest.mark.parametrize("ttype", gguf_lib.TYPES)

@@ -35,8 +35,9 @@ flags.DEFINE_string("gguf", "", "Also write a llama.cpp GGUF (ternary "
                     "tensors + bias tensors) to this path.")
 flags.DEFINE_enum("gguf_type", "tq2_0", sorted(gguf.TYPES), "GGUF ternary "
                   "tensor type (2.06 or 1.69 bits/weight).")
-flags.DEFINE_bool("refit_scales", False, "GGUF: fit per-256 block scales for "
-                  "layouts whose scales change inside a block.")
+flags.DEFINE_bool("refit_scales", False, "GGUF: force --gguf_type with "
+                  "fitted per-256 block scales where scales change inside a "
+                  "block (default: such tensors are written exactly as Q4_0).")
 config_lib.define_quant_flag()
 FLAGS = flags.FLAGS
 
@@ -77,7 +78,10 @@ def main(argv):
     size = pathlib.Path(FLAGS.gguf).stat().st_size / 2**20
     print(f"wrote {FLAGS.gguf}: {size:.1f} MiB; scale refit error "
           f"{errors['refit_rel_error']:.2e}, fp16 scale rounding "
-          f"{errors['fp16_scale_rel_error']:.2e} (relative)")
+          f"{errors['fp16_scale_rel_error']:.2e} (relative); ternary "
+          "weights per type: " + ", ".join(
+              f"{k.upper()} {n:,} ({gguf.BITS[k]:.2f} bits/weight)"
+              for k, n in errors["tensor_types"].items()))
   if FLAGS.hf_out:
     hf.save_ternary_hf(export, FLAGS.hf_out, dtype=FLAGS.hf_dtype)
     print(f"wrote {FLAGS.hf_out}: a Hugging Face LLaMA with biases "

@@ -275,6 +275,30 @@ def block_scales(codes: np.ndarray, alpha: np.ndarray, refit: bool
   return d.T.astype(np.float32), float(err)
 
 
+Q4 = 32  # weights per Q4_0 block
+BITS = {"tq2_0": 66 * 8 / 256, "tq1_0": 54 * 8 / 256, "q4_0": 18 * 8 / 32}
+
+
+def _one_scale_per_block(alpha: np.ndarray, d_in: int, block: int) -> bool:
+  """Whether every `block`-weight run of a row lies inside one scale group."""
+  group = d_in // alpha.shape[0]
+  return d_in % block == 0 and (group % block == 0 or alpha.shape[0] == 1)
+
+
+def pack_q4_0(rows: np.ndarray, d: np.ndarray) -> np.ndarray:
+  """ggml Q4_0 bytes `[out, in/32 * 18]` holding `rows * d` exactly for
+  ternary `rows` `[out, in]` (int) and fp16-representable block scales `d`
+  `[out, in/32]`: per block the fp16 scale, then 16 bytes whose low nibbles
+  are weights 0-15 and high nibbles 16-31, stored as code + 8 (ggml reads
+  (q - 8) * d). The `gguf` package's Q4_0 quantizer would map -α to -0.875α."""
+  out, d_in = rows.shape
+  q = (np.asarray(rows, np.int16) + 8).astype(np.uint8).reshape(out, -1, Q4)
+  qs = q[..., :Q4 // 2] | (q[..., Q4 // 2:] << 4)
+  scale = np.ascontiguousarray(d.astype(np.float16)).view(np.uint8).reshape(
+      out, d_in // Q4, 2)
+  return np.concatenate([scale, qs], axis=-1).reshape(out, -1)
+
+
 def rope_freq_factors(cfg) -> np.ndarray:
   """llama.cpp's `rope_freqs.weight` for Llama-3 rope scaling: per frequency,
   the factor it divides the unscaled frequency by (ggml_rope_ext's
@@ -287,24 +311,28 @@ def rope_freq_factors(cfg) -> np.ndarray:
 
 def write_gguf(ex: Export, path, *, refit_scales: bool = False,
                float_type: str = "f32", ternary_type: str = "tq2_0") -> dict:
-  """Writes a llama.cpp GGUF for an export (ternary tensors as TQ2_0 or
-  TQ1_0); returns the errors introduced."""
+  """Writes a llama.cpp GGUF for an export; returns the errors introduced and
+  the weights per tensor type. A projection whose 256-weight blocks each
+  have one scale (per-channel, or G a multiple of 256) is written as
+  `ternary_type` (TQ2_0 2.06 / TQ1_0 1.69 bits per weight); any other whose
+  32-weight blocks do (G = 32, 64, 128, ...; widths such as 576) as Q4_0,
+  which holds codes × α exactly at 4.5 bits; `refit_scales` forces the
+  ternary type with fitted block scales instead."""
   cfg = ex.cfg
   if ternary_type not in TYPES:
     raise ValueError(f"ternary_type {ternary_type!r}: choose one of {TYPES}.")
-  qtype = getattr(gguf.GGMLQuantizationType, ternary_type.upper())
   for name in PROJECTIONS:
     d_in, _ = projection_dims(cfg, name)
-    if d_in % QK:
+    if d_in % Q4:
       raise GGUFExportError(
-          f"{name} rows are {d_in} wide, not a multiple of {QK}: llama.cpp's "
-          "TQ2_0 cannot hold them. Use a model whose hidden and ffn sizes are "
-          f"multiples of {QK}.")
+          f"{name} rows are {d_in} wide, not a multiple of {Q4}: no llama.cpp "
+          f"type holds them exactly (TQ2_0/TQ1_0 need {QK}, Q4_0 {Q4}).")
   tok = ex.load_tokenizer()
   if not isinstance(tok, tokenizers.HFTokenizer):
     raise GGUFExportError("GGUF export needs a BPE tokenizer (tokenizer.json "
                           "or GGUF vocabulary) embedded in the export.")
-  errors = {"refit_rel_error": 0.0, "fp16_scale_rel_error": 0.0}
+  errors = {"refit_rel_error": 0.0, "fp16_scale_rel_error": 0.0,
+            "tensor_types": {}}
   with atomic_path(path) as tmp:
     w = gguf.GGUFWriter(tmp, "llama")
     w.add_block_count(cfg.num_layers)
@@ -341,8 +369,15 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
         codes = ex.codes(name)[layer]  # [in, out]
         alpha = t[f"layers.{name}.alpha"][layer]
         bias = np.asarray(t[f"layers.{name}.c"][layer], np.float32)
-        d, err = block_scales(codes, alpha, refit_scales)
-        errors["refit_rel_error"] = max(errors["refit_rel_error"], err)
+        d_in = codes.shape[0]
+        kind = (ternary_type if refit_scales or _one_scale_per_block(
+            alpha, d_in, QK) else "q4_0")
+        if kind == "q4_0":  # exact: one α per 32-weight block
+          d = np.broadcast_to(np.repeat(alpha, d_in // alpha.shape[0], axis=0)[
+              ::Q4], (d_in // Q4, codes.shape[1])).T.astype(np.float32)
+        else:
+          d, err = block_scales(codes, alpha, refit_scales)
+          errors["refit_rel_error"] = max(errors["refit_rel_error"], err)
         d16 = d.astype(np.float16).astype(np.float32)
         errors["fp16_scale_rel_error"] = max(
             errors["fp16_scale_rel_error"],
@@ -352,11 +387,17 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
         if heads:
           rows, d16 = permute(rows, heads), permute(d16, heads)
           bias = permute(bias, heads)
-        values = rows.astype(np.float32) * np.repeat(d16, QK, axis=1)
-        data = gguf.quants.quantize(values, qtype)
+        qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+        if kind == "q4_0":
+          data = pack_q4_0(rows, d16)
+        else:
+          values = rows.astype(np.float32) * np.repeat(d16, QK, axis=1)
+          data = gguf.quants.quantize(values, qtype)
         w.add_tensor(f"blk.{layer}.{gname}.weight", data,
                      raw_shape=data.shape, raw_dtype=qtype)
         w.add_tensor(f"blk.{layer}.{gname}.bias", bias)
+        types = errors["tensor_types"]
+        types[kind] = types.get(kind, 0) + codes.size
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
