@@ -30,24 +30,8 @@ def test_ternary_gguf_round_trip(tmp_path, quant, ttype):
   ex = _export(tmp_path, quant)
   errors = gguf_lib.write_gguf(ex, tmp_path / "m.gguf", ternary_type=ttype)
   assert errors["refit_rel_error"] == 0 and errors["fp16_scale_rel_error"] < 1e-3
-  reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
-  tensors = {t.name: t for t in reader.tensors}
-  for name, gname in gguf_lib.GGUF_NAMES.items():
-    heads = {"q_proj": 4, "k_proj": 2}.get(name)
-    for layer in range(ex.cfg.num_layers):
-      t = tensors[f"blk.{layer}.{gname}.weight"]
-      assert t.tensor_type == getattr(gguf.GGMLQuantizationType, ttype.upper())
-      rows = gguf.quants.dequantize(t.data, t.tensor_type)
-      bias = np.asarray(tensors[f"blk.{layer}.{gname}.bias"].data)
-      if heads:
-        rows, bias = gguf_lib._unpermute(rows, heads), gguf_lib._unpermute(bias, heads)
-      alpha16 = ex.tensors[f"layers.{name}.alpha"][layer].astype(
-          np.float16).astype(np.float32)
-      codes = ex.codes(name)[layer]
-      want = (codes.reshape(alpha16.shape[0], -1, codes.shape[1])
-              * alpha16[:, None]).reshape(codes.shape).T
-      np.testing.assert_array_equal(rows, want)
-      np.testing.assert_array_equal(bias, ex.tensors[f"layers.{name}.c"][layer])
+  reader = _check_tensors(ex, tmp_path / "m.gguf",
+                          getattr(gguf.GGMLQuantizationType, ttype.upper()))
   meta = gguf_lib.metadata(reader)
   assert meta["llama.block_count"] == ex.cfg.num_layers
   assert len(gguf_lib.gguf_array(reader, "tokenizer.ggml.tokens")) == 49152
@@ -63,23 +47,32 @@ def test_q4_0_holds_groups_and_widths_tq2_0_cannot(tmp_path, quant, hidden):
   errors = gguf_lib.write_gguf(ex, tmp_path / "m.gguf")
   assert set(errors["tensor_types"]) == {"q4_0"}
   assert errors["refit_rel_error"] == 0
-  reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+  _check_tensors(ex, tmp_path / "m.gguf", gguf.GGMLQuantizationType.Q4_0)
+  assert gguf_lib.BITS["q4_0"] == 4.5
+
+
+def _check_tensors(ex, path, qtype):
+  """ggml's dequantization of every projection equals codes x fp16(α), and
+  its bias tensor equals c (Q/K rows in llama.cpp's order)."""
+  reader = gguf.GGUFReader(str(path))
   tensors = {t.name: t for t in reader.tensors}
   for name, gname in gguf_lib.GGUF_NAMES.items():
     heads = {"q_proj": 4, "k_proj": 2}.get(name)
     for layer in range(ex.cfg.num_layers):
       t = tensors[f"blk.{layer}.{gname}.weight"]
-      assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
-      rows = gguf.quants.dequantize(t.data, t.tensor_type)  # ggml's reading
+      assert t.tensor_type == qtype
+      rows = gguf.quants.dequantize(t.data, t.tensor_type)
+      bias = np.asarray(tensors[f"blk.{layer}.{gname}.bias"].data)
       if heads:
-        rows = gguf_lib._unpermute(rows, heads)
+        rows, bias = gguf_lib._unpermute(rows, heads), gguf_lib._unpermute(bias, heads)
       alpha16 = ex.tensors[f"layers.{name}.alpha"][layer].astype(
           np.float16).astype(np.float32)
       codes = ex.codes(name)[layer]
       want = (codes.reshape(alpha16.shape[0], -1, codes.shape[1])
               * alpha16[:, None]).reshape(codes.shape).T
       np.testing.assert_array_equal(rows, want)  # -α stays -α
-  assert gguf_lib.BITS["q4_0"] == 4.5
+      np.testing.assert_array_equal(bias, ex.tensors[f"layers.{name}.c"][layer])
+  return reader
 
 
 def test_refused_layouts_and_refit(tmp_path):
