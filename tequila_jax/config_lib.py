@@ -54,7 +54,7 @@ def model_config(**fields) -> ml_collections.ConfigDict:
 
 
 def llama32(size: str) -> ml_collections.ConfigDict:
-  """Exact Llama-3.2 1B / 3B dimensions (DESIGN.md §3)."""
+  """Exact Llama-3.2 1B / 3B dimensions (the published configs)."""
   dims = {"1b": dict(hidden_size=2048, num_layers=16, num_heads=32,
                      head_dim=64),
           "3b": dict(hidden_size=3072, num_layers=28, num_heads=24,

@@ -1,4 +1,4 @@
-"""Deadzone diagnostics (DESIGN.md §1.7), computed inside the jitted step.
+"""Deadzone diagnostics (definitions in the README's "Deadzone diagnostics"), computed inside the jitted step.
 
 Per ternary layer type (q_proj ... down_proj; each a `[blocks, in, out]`
 stack) as `NAME/<type>`, and over the whole model as `NAME/all` (weighted by

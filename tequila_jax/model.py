@@ -1,7 +1,7 @@
 """A LLaMA-3 style decoder whose seven projections are `TernaryDense`.
 
-Embeddings, the (tied) output head and the RMSNorms stay in float (DESIGN.md
-§1.5). Decoder blocks are stored stacked along a leading layer axis and run
+Embeddings, the (tied) output head and the RMSNorms stay in float, as in
+the paper. Decoder blocks are stored stacked along a leading layer axis and run
 with `lax.scan` (or a Python loop when `scan_layers=False`), optionally under
 `jax.checkpoint`. `Llama.__call__` is the training forward; `Llama.decode`
 runs prefill and one-token steps against a `KVCache`.

@@ -1,4 +1,4 @@
-"""Independent numpy formulations of DESIGN.md §1 used as test oracles."""
+"""Independent numpy formulations of the Tequila math used as test oracles."""
 
 import numpy as np
 

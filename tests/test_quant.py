@@ -1,4 +1,4 @@
-"""The quantizers and quantized matmuls against DESIGN.md §1, exactly."""
+"""The quantizers and quantized matmuls against the Tequila math, exactly."""
 
 import functools
 

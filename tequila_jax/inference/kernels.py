@@ -1,4 +1,4 @@
-"""Ternary linear layers on packed 2-bit codes, in plain XLA (DESIGN.md §4).
+"""Ternary linear layers on packed 2-bit codes, in plain XLA.
 
 All strategies compute `y = x @ Q + c` for `Q = codes * alpha` (per input
 group of G) from the packed bytes of `tequila_jax.export` (`2bit` layout):
@@ -98,7 +98,7 @@ def quantize_int8(x: jax.Array, axis: int = -1):
 
 def _two_rows(x):
   """Pads a one-row `[1, in]` operand to two rows: XLA:CPU's one-row bf16 and
-  int8 dots take a slow path (DESIGN.md §4; ~8x and ~12x here)."""
+  int8 dots take a slow path (~8x and ~12x here)."""
   return jnp.pad(x, ((0, 1), (0, 0))) if x.shape[0] == 1 else x
 
 

@@ -11,7 +11,7 @@ STAT_DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-  """How a `[in, out]` kernel is ternarized (DESIGN.md §1).
+  """How a `[in, out]` kernel is ternarized (Tequila, arXiv 2509.23809).
 
   Attributes:
     method: one of `METHODS` (§1.4).

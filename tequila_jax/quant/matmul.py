@@ -1,4 +1,4 @@
-"""Quantized matmuls `y = x @ kernel` for every method of DESIGN.md §1.4.
+"""Quantized matmuls `y = x @ kernel` for every method of `QuantConfig`.
 
 `absmean`, `twn` and `tequila` share one `jax.custom_vjp` on the kernel,
 `quantize_kernel`, which makes `Q(W)` and the Tequila bias `c(W)` in one pass
@@ -28,7 +28,7 @@ QUANT_NAMES = ("quantized_kernel", "tequila_bias")
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def quantize_kernel(w: jax.Array, cfg: QuantConfig, dtype
                     ) -> tuple[jax.Array, jax.Array]:
-  """`(Q(W) in dtype, c(W) in fp32)` with the gradient of DESIGN.md §1.3."""
+  """`(Q(W) in dtype, c(W) in fp32)` with the Tequila gradient (arXiv 2509.23809)."""
   return _qk_fwd(w, cfg, dtype)[0]
 
 

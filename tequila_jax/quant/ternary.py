@@ -1,4 +1,4 @@
-"""Ternary codes and scales of a `[in, out]` kernel (DESIGN.md §1.1), pure JAX.
+"""Ternary codes and scales of a `[in, out]` kernel (absmean, Tequila arXiv 2509.23809), pure JAX.
 
 Scales `alpha` have shape `[num_groups, out]` for `per_group`, `[1, out]` for
 `per_channel` and `[1, 1]` for `per_tensor`; for every weight
