@@ -1,4 +1,4 @@
-"""Llama-3.2-3B with Tequila QAT (the published recipe, DESIGN.md §1.6).
+"""Llama-3.2-3B with Tequila QAT (the published recipe of arXiv 2509.23809).
 
 Set `init.checkpoint` to the Hugging Face checkpoint directory and
 `data.sources` to the corpus; `configs/llama3b.py:absmean` picks a method.
