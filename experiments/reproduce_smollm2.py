@@ -331,11 +331,14 @@ def _bootstrap(stat, arrays, resamples=10_000, seed=0):
   return float(lo), float(hi)
 
 
-def _paired(runs_a, runs_b, key):
+def _paired(runs_a, runs_b, key, source=None):
   """Per-window (or per-item) values of A minus B, averaged over the seeds
-  both have (same seed = same data order)."""
+  both have (same seed = same data order); `source` picks one source's
+  windows of `source_window_losses`."""
+  value = ((lambda r: r[key]) if source is None else  # noqa: E731
+           (lambda r: r[key][source]))
   b = {r["overrides"].get("seed", 0): r for r in runs_b}
-  diffs = [np.asarray(r[key], float) - np.asarray(b[s][key], float)
+  diffs = [np.asarray(value(r), float) - np.asarray(value(b[s]), float)
            for r in runs_a if (s := r["overrides"].get("seed", 0)) in b]
   return np.mean(diffs, axis=0), len(diffs)
 
@@ -438,7 +441,8 @@ def summarize(out: pathlib.Path, results: pathlib.Path) -> str:
                 "| source | Δ loss | 95% CI | verdict |", "|---|---|---|---|"]
       per_source = {}
       for s in sources:
-        d, _ = _paired_source(groups["tequila"], groups["absmean"], s)
+        d, _ = _paired(groups["tequila"], groups["absmean"],
+                       "source_window_losses", source=s)
         lo, hi = _bootstrap(np.mean, [d])
         per_source[s] = dict(delta_loss=float(d.mean()), ci95=(lo, hi))
         lines.append(f"| {s}{' (prose)' if s in PROSE else ''} | "
@@ -472,14 +476,6 @@ def _median_speed(workdir: pathlib.Path) -> float | None:
   speeds = [r["train/tokens_per_s"] for r in metrics.read_jsonl(path)
             if r.get("train/tokens_per_s")][1:]
   return float(np.median(speeds)) if speeds else None
-
-
-def _paired_source(runs_a, runs_b, source):
-  b = {r["overrides"].get("seed", 0): r for r in runs_b}
-  diffs = [np.asarray(r["source_window_losses"][source]) - np.asarray(
-      b[s]["source_window_losses"][source])
-           for r in runs_a if (s := r["overrides"].get("seed", 0)) in b]
-  return np.mean(diffs, axis=0), len(diffs)
 
 
 def _claim(paired: dict) -> str:
