@@ -40,18 +40,37 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> None:
   (pathlib.Path(workdir) / CONFIG).write_text(config.to_json(indent=2))
 
 
-def restore_params(workdir, step: int | None = None) -> dict:
-  """The parameters of a training run at `step` (default: the latest)."""
-  manager = ocp.CheckpointManager(
-      (pathlib.Path(workdir) / CHECKPOINTS).absolute(),
-      item_names=("state", "data"))
+def restore_state(workdir, step: int | None = None) -> dict:
+  """The train state of a run at `step` (default: the latest), on this
+  host's first device, whatever topology (devices, hosts) saved it."""
+  directory = (pathlib.Path(workdir) / CHECKPOINTS).absolute()
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{workdir}/{CHECKPOINTS} holds no checkpoint.")
+  target = _on_one_device(_saved_layout(directory, step))
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
+      state=ocp.args.StandardRestore(target)))
   manager.close()
-  return restored["state"]["params"]
+  return restored["state"]
+
+
+def restore_params(workdir, step: int | None = None) -> dict:
+  """The parameters of a training run at `step` (default: the latest)."""
+  return restore_state(workdir, step)["params"]
+
+
+def _saved_layout(directory: pathlib.Path, step: int) -> dict:
+  """The saved state's tree of array metadata (shapes, dtypes)."""
+  with ocp.StandardCheckpointer() as reader:
+    return dict(reader.metadata(directory / str(step) / "state").item_metadata)
+
+
+def _on_one_device(tree):
+  """`ShapeDtypeStruct`s of a metadata tree, on this host's first device."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
 
 class Checkpointer:
@@ -83,19 +102,14 @@ class Checkpointer:
     whose saved layout differs from `abstract_state`'s (a checkpoint of
     another version, or saved with that entry off) is left out of the result
     and named in the stale keys, for the caller to rebuild."""
-    with ocp.StandardCheckpointer() as reader:
-      saved = reader.metadata(self.directory / str(step) / "state").item_metadata
+    saved = _saved_layout(self.directory, step)
     abstract, stale = dict(abstract_state), []
     for key in rebuildable:
       if _layout(saved.get(key)) == _layout(abstract.get(key)):
         continue
       stale.append(key)
       if key in saved:  # restore what is on disk, then drop it
-        replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract[key] = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                           sharding=replicated),
-            dict(saved[key]))
+        abstract[key] = _on_one_device(dict(saved[key]))
       else:
         abstract.pop(key, None)
     restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -106,12 +120,6 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def abstract_with_shardings(abstract_state, shardings):
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state, shardings)
 
 
 def _layout(tree) -> list | None:

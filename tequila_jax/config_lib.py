@@ -136,7 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10, eval_every=500, eval_batches=8, eval_batch_size=0,
       checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
       progress=True, tensorboard=True,
-      distributed=False))  # call jax.distributed.initialize() (multi-host)
+      parallelism="gspmd",  # or "shard_map" (explicit data parallelism)
+      # Several processes (hosts): jax.distributed.initialize() with these
+      # ("", 0, -1: detected from SLURM/Open MPI/Kubernetes or JAX_* vars).
+      distributed=False, coordinator_address="", num_processes=0,
+      process_id=-1))
   # Generic AdamW defaults; the official run's settings are `llama32_qat`'s.
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="wsd",  # optim.SCHEDULES

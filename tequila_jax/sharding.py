@@ -78,3 +78,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
   """A global array from this process's rows of the batch (multi-host safe)."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local)
+
+
+def replicated_batch(full: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A global array from a whole batch that every process holds (held-out
+  batches): each device takes its rows of it."""
+  return jax.make_array_from_callback(full.shape, batch_sharding(mesh),
+                                      lambda index: full[index])

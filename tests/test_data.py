@@ -155,11 +155,14 @@ def test_iterator_shuffles_shards_and_resumes(tmp_path):
   assert len(set(rows[:epoch * 4])) == epoch * 4  # an epoch has no repeats
   assert rows[:8] != first_rows(data.train_iterator(corpus, **{**kw, "seed": 4}), 2)
   assert rows[:epoch * 4] != rows[epoch * 4:]  # reshuffled next epoch
-  p0 = first_rows(data.train_iterator(corpus, **kw, process_index=0,
-                                      process_count=2), 5)
-  p1 = first_rows(data.train_iterator(corpus, **kw, process_index=1,
-                                      process_count=2), 5)
-  assert not set(p0) & set(p1)
+  # Two processes of 2 rows each: disjoint, and together, batch by batch,
+  # the global batches of 4 rows that one process reads.
+  shards = [first_rows(data.train_iterator(corpus, **{**kw, "batch_size": 2},
+                                           process_index=p, process_count=2),
+                       5) for p in (0, 1)]
+  assert not set(shards[0]) & set(shards[1])
+  assert [r for b in range(5) for s in shards for r in s[2 * b:2 * b + 2]
+          ] == rows[:20]
   it = data.train_iterator(corpus, **kw)
   first_rows(it, 7)
   state = it.get_state()

@@ -33,12 +33,7 @@ def _losses(workdir):
 
 
 def _state(workdir, step):
-  ckpt = checkpoint.Checkpointer(workdir, every=1, keep=10)
-  state = ckpt.manager.restore(step, args=__import__(
-      "orbax.checkpoint").checkpoint.args.Composite(
-          state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore()))
-  ckpt.close()
-  return state["state"]
+  return checkpoint.restore_state(workdir, step)
 
 
 def _params(workdir, step):
@@ -65,14 +60,16 @@ def test_cli_smoke_loss_falls(tmp_path):
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("mesh, micro", [((8, 1), 1), ((2, 4), 1), ((1, 8), 2)],
-                         ids=["data8", "data2_fsdp4", "fsdp8_accum2"])
-def test_parallel_matches_single_device(tmp_path, mesh, micro):
+@pytest.mark.parametrize(
+    "mesh, micro, parallelism",
+    [((2, 4), 1, "gspmd"), ((1, 8), 2, "gspmd"), ((8, 1), 2, "shard_map")],
+    ids=["data2_fsdp4", "fsdp8_accum2", "shard_map_data8_accum2"])
+def test_parallel_matches_single_device(tmp_path, mesh, micro, parallelism):
   steps = dict(steps=6, log_every=1, checkpoint_every=6, eval_every=100,
                batch_size=16, eval_batch_size=16)
   single = _tiny(tmp_path, **steps)
   s1 = train.run(single, tmp_path / "single", devices=jax.devices()[:1])
-  par = _tiny(tmp_path, **steps, micro_batches=micro)
+  par = _tiny(tmp_path, **steps, micro_batches=micro, parallelism=parallelism)
   par.mesh.update(data=mesh[0], fsdp=mesh[1])
   s8 = train.run(par, tmp_path / "par")
   a, b = _losses(tmp_path / "single"), _losses(tmp_path / "par")
@@ -187,6 +184,14 @@ def test_bad_configs_fail_before_compute(tmp_path):
   config = _tiny(tmp_path, batch_size=4, micro_batches=3)
   with pytest.raises(ValueError, match="not divisible by"):
     train.run(config, tmp_path / "c")
+  config = _tiny(tmp_path, parallelism="shard_map")
+  config.mesh.fsdp = 2
+  with pytest.raises(ValueError, match="parallelism='gspmd' for FSDP"):
+    train.run(config, tmp_path / "d")
+  config = _tiny(tmp_path, parallelism="pmap")
+  with pytest.raises(ValueError, match="choose one of"):
+    train.run(config, tmp_path / "e")
+  assert not any((tmp_path / k).exists() for k in "acde")
   out = subprocess.run(
       [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
        "--config.train.stepz=3"], capture_output=True, text=True, env=_env(),

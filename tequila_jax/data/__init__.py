@@ -14,8 +14,8 @@ every source's documents, chosen by content hash) or the final
 are contiguous, so its loss can be read on its own. Exact duplicate
 documents are kept once. Streams are packed into
 fixed-length windows of `seq_len + 1` tokens (no padding), which grain
-shuffles with a seed (anew each epoch), shards by process, batches and
-prefetches. The grain iterator is checkpointable, so a resumed run sees
+shuffles with a seed (anew each epoch) and batches; each process reads only
+its rows of every global batch. The grain iterator prefetches. The grain iterator is checkpointable, so a resumed run sees
 exactly the batches an unbroken run would.
 
 Source specs (comma-separated in `config.data.sources`):
@@ -340,7 +340,8 @@ def train_iterator(corpus_dir, *, seq_len: int, batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1,
                    num_threads: int = 2, prefetch: int = 8):
   """A checkpointable iterator of `[batch_size, seq_len + 1]` int32 batches
-  (this process's share of the global batch), looping over epochs."""
+  (this process's share, `batch_size` rows, of a global batch of
+  `batch_size * process_count`), looping over epochs."""
   source = PackedWindows(corpus_dir, "train", seq_len)
   if len(source) < batch_size * process_count:
     raise DataError(
@@ -348,8 +349,12 @@ def train_iterator(corpus_dir, *, seq_len: int, batch_size: int, seed: int,
         f"tokens, fewer than one global batch of {batch_size * process_count}"
         "; use a larger corpus or a smaller batch_size/seq_len.")
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  ds = ds[process_index::process_count]
+  # Process p reads rows [p * batch_size, (p + 1) * batch_size) of every
+  # global batch, and only those: the global batch is the one a single
+  # process would read.
   ds = ds.batch(batch_size, drop_remainder=True)
+  if process_count > 1:
+    ds = ds[process_index::process_count]
   return iter(ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=prefetch)))
 

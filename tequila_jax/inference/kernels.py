@@ -37,7 +37,7 @@ STRATEGIES = ("exact", "lut", "int8", "q8k", "auto")
 # XLA:CPU's YNNPACK fusions for dots only, not for reductions (see `lut`).
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-_SHIFTS = jnp.asarray([0, 2, 4, 6], jnp.uint8)
+_SHIFTS = np.asarray([0, 2, 4, 6], np.uint8)
 # _BYTE_CODES[b, j] = code of input j (0..3) in byte b.
 _BYTE_CODES = ((np.arange(256)[:, None] >> (2 * np.arange(4))) & 3).astype(
     np.float32) - 1.0

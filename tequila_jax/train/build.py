@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from tequila_jax import config_lib, diagnostics, losses, optim, sharding
 from tequila_jax import model as model_lib
@@ -22,6 +23,7 @@ from tequila_jax.model import ModelConfig
 from tequila_jax.train.step import new_state, train_step
 
 log = logging.getLogger("tequila_jax")
+PARALLELISM = ("gspmd", "shard_map")
 
 
 def validate(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
@@ -47,6 +49,14 @@ def validate(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
   if t.loss_chunk and config.data.seq_len % t.loss_chunk:
     raise ValueError(f"train.loss_chunk={t.loss_chunk} must divide "
                      f"data.seq_len={config.data.seq_len}.")
+  if t.parallelism not in PARALLELISM:
+    raise ValueError(f"train.parallelism={t.parallelism!r}: choose one of "
+                     f"{PARALLELISM}.")
+  if t.parallelism == "shard_map" and mesh.shape["fsdp"] > 1:
+    raise ValueError(
+        f"train.parallelism='shard_map' is data parallelism: every device "
+        f"holds the whole state, but mesh.fsdp={mesh.shape['fsdp']} shards "
+        "it. Use parallelism='gspmd' for FSDP, or mesh.fsdp=1.")
   if t.steps <= 0:
     raise ValueError(f"train.steps must be positive, got {t.steps}.")
   return t.batch_size // n_proc, eval_bs
@@ -111,14 +121,22 @@ class Train:
 
   def step_fn(self, full_diagnostics: bool = False):
     """The jitted, donated `train_step` (its logging-step variant if
-    `full_diagnostics`)."""
+    `full_diagnostics`): over the whole batch, laid out by XLA from the
+    shardings (`train.parallelism="gspmd"`), or per device under
+    `jax.shard_map` with explicit gradient averaging ("shard_map")."""
     t = self.config.train
+    step = functools.partial(
+        train_step, graphdef=self.graphdef, tx=self.tx,
+        lr_schedule=self.lr_schedule, micro_batches=t.micro_batches,
+        diag=self.diag, full_diagnostics=full_diagnostics,
+        loss_chunk=t.loss_chunk)
+    if t.parallelism == "shard_map":  # the state is replicated (validate)
+      step = jax.shard_map(
+          functools.partial(step, axis_name=sharding.BATCH_AXES),
+          mesh=self.mesh, in_specs=(P(), P(sharding.BATCH_AXES)),
+          out_specs=(P(), P()), check_vma=False)
     return jax.jit(
-        functools.partial(
-            train_step, graphdef=self.graphdef, tx=self.tx,
-            lr_schedule=self.lr_schedule, micro_batches=t.micro_batches,
-            diag=self.diag, full_diagnostics=full_diagnostics,
-            loss_chunk=t.loss_chunk),
+        step,
         in_shardings=(self.shardings, sharding.batch_sharding(self.mesh)),
         out_shardings=(self.shardings, sharding.replicated(self.mesh)),
         donate_argnums=0)

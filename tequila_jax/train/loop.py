@@ -35,7 +35,8 @@ class TrainingError(RuntimeError):
 
 
 def held_out_loss(eval_fn, params, batches, mesh) -> dict:
-  losses = [eval_fn(params, sharding.global_batch(b, mesh)) for b in batches]
+  losses = [eval_fn(params, sharding.replicated_batch(b, mesh))
+            for b in batches]
   loss = float(np.mean(jax.device_get(losses)))
   return dict(loss=loss, perplexity=math.exp(min(loss, 50.0)))
 
@@ -82,13 +83,27 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
   before (at the first step of this run) and after.
   """
   if config.train.distributed:
-    jax.distributed.initialize()
+    initialize_distributed(config.train)
   tr = build_train(config, devices=devices)  # validates before any write
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
   return _run(tr, workdir, stop_at)
+
+
+def initialize_distributed(t: ml_collections.ConfigDict) -> None:
+  """JAX's multi-controller runtime (`jax.distributed.initialize`) for this
+  process, once; unset fields are detected from the cluster (SLURM, Open
+  MPI, Kubernetes) or JAX's environment variables."""
+  if jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(
+      coordinator_address=t.coordinator_address or None,
+      num_processes=t.num_processes or None,
+      process_id=None if t.process_id < 0 else t.process_id)
+  log.info("process %d of %d: %d local devices of %d", jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def _compiled_step(tr: Train):
@@ -145,8 +160,9 @@ def _run(tr: Train, workdir: pathlib.Path, stop_at: int | None) -> dict:
     log.info("resumed from step %d", start)
   start = start or 0
 
-  step_fns = (_compiled_step(tr),
-              tr.step_fn(full_diagnostics=tr.diag is not None))
+  compiled = _compiled_step(tr)  # logging steps differ only by diagnostics
+  step_fns = (compiled, compiled if tr.diag is None
+              else tr.step_fn(full_diagnostics=True))
   eval_fn = tr.eval_fn()
   float_eval_fn = None
   if config.init.checkpoint and tr.model_cfg.quant.is_ternary and start == 0:

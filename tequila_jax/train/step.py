@@ -25,16 +25,30 @@ def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
                lr_schedule: Callable, micro_batches: int,
                diag: diagnostics.DiagnosticsConfig | None = None,
                full_diagnostics: bool = False,
-               loss_chunk: int = 0) -> tuple[dict, dict]:
+               loss_chunk: int = 0,
+               axis_name: str | tuple[str, ...] | None = None
+               ) -> tuple[dict, dict]:
   """One optimizer step on `batch[B, T + 1]`, averaged over `micro_batches`.
 
   Micro-batch k takes rows k, k + m, k + 2m, ... so that every device holds an
   equal share of every micro-batch. With `diag`, deadzone statistics are
   returned with the metrics (the expensive ones when `full_diagnostics`).
+
+  Under `shard_map`, `batch` is this device's rows and `axis_name` the mesh
+  axes they are split over: each micro-batch's loss and gradients are
+  averaged over them (`lax.pmean`), so that every device applies the same
+  update to its replica of the state (what GSPMD derives from shardings).
   """
   params = state["params"]
-  grad_fn = jax.value_and_grad(
+  value_and_grad = jax.value_and_grad(
       functools.partial(losses.next_token_loss, loss_chunk=loss_chunk))
+
+  def grad_fn(params, graphdef, tokens):
+    loss, grads = value_and_grad(params, graphdef, tokens)
+    if axis_name is not None:
+      loss, grads = jax.lax.pmean((loss, grads), axis_name)
+    return loss, grads
+
   want_gsnr = diag is not None and full_diagnostics and micro_batches >= 2
   if micro_batches == 1:
     loss, grads = grad_fn(params, graphdef, batch)
