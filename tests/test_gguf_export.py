@@ -1,5 +1,7 @@
 """GGUF export: TQ2_0 codes + fp16 block scales + bias tensors, read back."""
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ from flax import nnx
 
 from tequila_jax import config_lib
 from tequila_jax.io import gguf as gguf_lib
-from tequila_jax.io import load, tqj
+from tequila_jax.io import load, tokenizers, tqj
 from tequila_jax import model as model_lib
 from tequila_jax.quant import QuantConfig
 
@@ -34,6 +36,8 @@ def test_ternary_gguf_round_trip(tmp_path, quant, ttype):
                           getattr(gguf.GGMLQuantizationType, ttype.upper()))
   meta = gguf_lib.metadata(reader)
   assert meta["llama.block_count"] == ex.cfg.num_layers
+  assert meta["general.file_type"] == getattr(gguf.LlamaFileType,
+                                              f"MOSTLY_{ttype.upper()}")
   assert len(gguf_lib.gguf_array(reader, "tokenizer.ggml.tokens")) == 49152
 
 
@@ -46,8 +50,60 @@ def test_q4_0_holds_groups_and_widths_tq2_0_cannot(tmp_path, quant, hidden):
   errors = gguf_lib.write_gguf(ex, tmp_path / "m.gguf")
   assert set(errors["tensor_types"]) == {"q4_0"}
   assert errors["refit_rel_error"] == 0
-  _check_tensors(ex, tmp_path / "m.gguf", gguf.GGMLQuantizationType.Q4_0)
+  reader = _check_tensors(ex, tmp_path / "m.gguf",
+                          gguf.GGMLQuantizationType.Q4_0)
   assert gguf_lib.BITS["q4_0"] == 4.5
+  assert gguf_lib.metadata(reader)["general.file_type"] == (
+      gguf.LlamaFileType.MOSTLY_Q4_0)
+
+
+# Strings that tokenizers split differently: contractions, digit runs,
+# whitespace runs in code, JSON punctuation, unicode and emoji.
+TRICKY = [
+    "I'm sure you'll see they'd've LOVED it", "3.14159 and 1234567890",
+    "def f(x):\n    return  x  *  2\n\n\n", '{"a": [1, 2], "b": null}',
+    "naïve café — Zürich, 東京, Москва", "emoji 🤖🎉 and 👩‍👩‍👧",
+    "tabs\there\t\tand  double  spaces   ", "<|im_start|>user\nhi<|im_end|>",
+    "e-mail: a.b@c.org, URL https://x.y/z?q=1&r=2", "  leading spaces",
+]
+
+
+def test_gguf_carries_the_source_tokenizer(tmp_path):
+  """The export's GGUF holds the source GGUF's tokenizer keys (llama.cpp's
+  pre-tokenizer type, token types, BOS policy, special ids, chat template)
+  and the vocabulary read back tokenizes as the source does."""
+  ex = _export(tmp_path, QuantConfig("tequila", "per_channel", lam=0.05))
+  gguf_lib.write_gguf(ex, tmp_path / "m.gguf")
+  source = gguf.GGUFReader(str(load.resolve("asset:smollm2_gguf")))
+  ours = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+  for key in ("tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token",
+              "tokenizer.ggml.add_space_prefix", "tokenizer.ggml.token_type",
+              "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+              "tokenizer.ggml.padding_token_id",
+              "tokenizer.ggml.unknown_token_id", "tokenizer.chat_template"):
+    assert (gguf_lib.gguf_array(ours, key) ==
+            gguf_lib.gguf_array(source, key)), key
+  want = load.load_tokenizer("asset:smollm2_gguf")
+  got = gguf_lib.read_tokenizer(ours)
+  assert got.encode_batch(TRICKY) == want.encode_batch(TRICKY)
+  # The same settings survive tokenizer_config.json (the HF export's).
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "tokenizer.json").write_text(got.to_json())
+  (tmp_path / "hf" / "tokenizer_config.json").write_text(
+      json.dumps(got.hf_config()))
+  back = load.load_tokenizer(str(tmp_path / "hf"))
+  assert back.settings == want.settings and set(want.settings) == set(
+      back.SETTINGS)
+  assert back.encode_batch(TRICKY) == want.encode_batch(TRICKY)
+
+
+def test_pre_tokenizers_llama_cpp_lacks_are_refused():
+  from tokenizers import Tokenizer as Raw, models, pre_tokenizers
+  raw = Raw(models.BPE())
+  raw.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok = tokenizers.HFTokenizer(raw)
+  with pytest.raises(gguf_lib.GGUFExportError, match="llama.cpp would split"):
+    gguf_lib.llama_cpp_pre_type(tok)
 
 
 def _check_tensors(ex, path, qtype):

@@ -192,18 +192,47 @@ def load_gguf(path, **overrides) -> Llama:
 # --------------------------------------------------------------------------
 
 def _gguf_pre_tokenizer(pre: str):
+  """The `tokenizers` pre-tokenizer of a llama.cpp pre-tokenizer type."""
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   if pre == "gpt2":
     return byte_level
   if pre == "smollm":
     return pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True), byte_level])
-  if pre in ("llama-bpe", "llama3"):
+  if pre == "llama-bpe":
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(tokenizers.LLAMA3_PATTERN), "isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (gpt2, "
-                   "smollm, llama-bpe are); pass a tokenizer.json instead.")
+  raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported "
+                   f"({', '.join(PRE_TYPES)} are); pass a tokenizer.json "
+                   "instead.")
+
+
+PRE_TYPES = ("gpt2", "smollm", "llama-bpe")
+
+
+def _ids_relevant(spec):
+  """A pre-tokenizer's JSON without `trim_offsets` (offsets, not ids)."""
+  if isinstance(spec, dict):
+    return {k: _ids_relevant(v) for k, v in spec.items() if k != "trim_offsets"}
+  if isinstance(spec, list):
+    return [_ids_relevant(v) for v in spec]
+  return spec
+
+
+def llama_cpp_pre_type(tok: tokenizers.HFTokenizer) -> str:
+  """The llama.cpp pre-tokenizer type (`tokenizer.ggml.pre`) that splits text
+  as `tok` does; refused when llama.cpp would split it differently."""
+  ours = _ids_relevant(json.loads(tok.to_json()).get("pre_tokenizer"))
+  for pre in PRE_TYPES:
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = _gguf_pre_tokenizer(pre)
+    if _ids_relevant(json.loads(raw.to_str())["pre_tokenizer"]) == ours:
+      return pre
+  raise GGUFExportError(
+      "the tokenizer's pre-tokenizer matches none that llama.cpp implements "
+      f"here ({', '.join(PRE_TYPES)}): llama.cpp would split text into other "
+      "tokens than the model was trained on.")
 
 
 def read_tokenizer(reader) -> tokenizers.HFTokenizer:
@@ -224,10 +253,12 @@ def read_tokenizer(reader) -> tokenizers.HFTokenizer:
   control = 3  # llama.cpp token type CONTROL
   tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                           for i, t in enumerate(types) if t == control])
-  bos, eos = (gguf_array(reader, f"tokenizer.ggml.{k}_token_id")
-              for k in ("bos", "eos"))
-  return tokenizers.HFTokenizer(tok, tokens[bos] if bos is not None else None,
-                     tokens[eos] if eos is not None else None)
+  token = lambda key: (None if (i := gguf_array(  # noqa: E731
+      reader, f"tokenizer.ggml.{key}_token_id")) is None else tokens[i])
+  return tokenizers.HFTokenizer(tok, token("bos"), token("eos"), dict(
+      chat_template=gguf_array(reader, "tokenizer.chat_template"),
+      add_bos=gguf_array(reader, "tokenizer.ggml.add_bos_token"),
+      pad=token("padding"), unk=token("unknown")))
 
 
 # --------------------------------------------------------------------------
@@ -348,7 +379,6 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{ternary_type.upper()}"))
     _add_tokenizer(w, tok, cfg.vocab_size)
     fdt = np.float16 if float_type == "f16" else np.float32
     t = ex.tensors
@@ -398,6 +428,9 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
         w.add_tensor(f"blk.{layer}.{gname}.bias", bias)
         types = errors["tensor_types"]
         types[kind] = types.get(kind, 0) + codes.size
+    # The file's type names the type that holds most projection weights.
+    main = max(errors["tensor_types"], key=errors["tensor_types"].get)
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{main.upper()}"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -406,25 +439,41 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
 
 
 def _add_tokenizer(w, tok, vocab_size: int) -> None:
+  """The `tokenizer.*` keys llama.cpp reads: vocabulary, merges, token types,
+  pre-tokenizer type, special tokens, BOS policy and chat template."""
   spec = json.loads(tok.to_json())
   model = spec["model"]
   if model.get("type") != "BPE":
     raise GGUFExportError("only byte-level BPE tokenizers export to GGUF.")
+  pre = llama_cpp_pre_type(tok)
   vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
   tokens = [t for t, _ in vocab]
-  added = {a["id"]: a["content"] for a in spec.get("added_tokens", [])}
-  for i, content in added.items():
+  added = {a["id"]: a for a in spec.get("added_tokens", [])}
+  for i, a in sorted(added.items()):
     if i >= len(tokens):
-      tokens += [f"[PAD{j}]" for j in range(len(tokens), i)] + [content]
+      tokens += [f"[PAD{j}]" for j in range(len(tokens), i)] + [a["content"]]
   tokens += [f"[PAD{j}]" for j in range(len(tokens), vocab_size)]
-  types = [3 if i in added else 1 for i in range(len(tokens))]
+  def token_type(i):  # llama.cpp's; the [PADj] fillers are unused
+    if i in added:
+      special = added[i].get("special")
+      return gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+    return gguf.TokenType.NORMAL if i < len(vocab) else gguf.TokenType.UNUSED
+
+  types = [token_type(i) for i in range(len(tokens))]
   merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
   w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre("default")
+  w.add_tokenizer_pre(pre)
   w.add_token_list(tokens)
   w.add_token_types(types)
   w.add_token_merges(merges)
-  if tok.bos_id is not None:
-    w.add_bos_token_id(tok.bos_id)
-  if tok.eos_id is not None:
-    w.add_eos_token_id(tok.eos_id)
+  w.add_add_space_prefix(False)
+  w.add_add_bos_token(bool(tok.settings.get("add_bos", False)))
+  ids = dict(bos=tok.bos_id, eos=tok.eos_id)
+  for key in ("pad", "unk"):
+    if tok.settings.get(key) in tokens:
+      ids[key] = tokens.index(tok.settings[key])
+  for key, i in ids.items():
+    if i is not None:
+      getattr(w, f"add_{key}_token_id")(i)
+  if "chat_template" in tok.settings:
+    w.add_chat_template(tok.settings["chat_template"])

@@ -21,7 +21,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tequila_jax.io import tqj
+from tequila_jax.io import tokenizers, tqj
 from tequila_jax.io.atomic import atomic_path
 from tequila_jax.model import PROJECTIONS, Llama, ModelConfig, abstract_model
 from tequila_jax.quant import QuantConfig
@@ -353,10 +353,8 @@ def save_ternary_hf(export: tqj.Export, directory, *, dtype: str = "float32",
     config[TERNARY_KEY]["tokenizer"] = {"kind": kind}
   if kind == "tokenizer.json":
     extra["tokenizer.json"] = export.tokenizer["json"]
-    extra["tokenizer_config.json"] = json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": export.tokenizer.get("bos"),
-        "eos_token": export.tokenizer.get("eos")}, indent=2)
+    extra["tokenizer_config.json"] = json.dumps(
+        export.load_tokenizer().hf_config(), indent=2)
   _write_checkpoint(directory, tensors, config, max_shard_bytes, extra)
   return directory
 
@@ -417,10 +415,7 @@ def read_ternary_hf(directory, quant: QuantConfig | None = None) -> tqj.Export:
   tok = directory / "tokenizer.json"
   tokenizer = hf.get(TERNARY_KEY, {}).get("tokenizer", {"kind": "none"})
   if tok.exists():
-    tc = directory / "tokenizer_config.json"
-    special = json.loads(tc.read_text()) if tc.exists() else {}
-    tokenizer = {"kind": "tokenizer.json", "json": tok.read_text(),
-                 "bos": special.get("bos_token"), "eos": special.get("eos_token")}
+    tokenizer = json.loads(tqj.tokenizer_metadata(tokenizers.from_file(tok)))
   return tqj.Export(ModelConfig(cfg.arch), "2bit",
                     {k: np.ascontiguousarray(v) for k, v in out.items()},
                     tokenizer)

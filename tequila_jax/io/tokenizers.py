@@ -54,14 +54,25 @@ class Tokenizer:
 
 
 class HFTokenizer(Tokenizer):
-  """A Hugging Face `tokenizers.Tokenizer` (special tokens are not split)."""
+  """A Hugging Face `tokenizers.Tokenizer` (special tokens are not split).
 
-  def __init__(self, tok, bos: str | None = None, eos: str | None = None):
+  `settings` carries what runtimes need beyond the vocabulary, from the
+  source's tokenizer_config.json or GGUF keys, into exports:
+  `chat_template` (str), `add_bos` (bool: runtimes prepend BOS), `pad`
+  and `unk` (token strings).
+  """
+
+  SETTINGS = ("chat_template", "add_bos", "pad", "unk")
+
+  def __init__(self, tok, bos: str | None = None, eos: str | None = None,
+               settings: dict | None = None):
     self._tok = tok
     self.bos_token, self.eos_token = bos, eos
     self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
     self.bos_id = tok.token_to_id(bos) if bos else None
     self.eos_id = tok.token_to_id(eos) if eos else None
+    self.settings = {k: v for k, v in (settings or {}).items()
+                     if k in self.SETTINGS and v is not None}
 
   def _encode_batch(self, texts):
     return [e.ids for e in self._tok.encode_batch(list(texts),
@@ -72,13 +83,23 @@ class HFTokenizer(Tokenizer):
 
   @classmethod
   def from_json(cls, text: str, bos: str | None = None,
-                eos: str | None = None) -> "HFTokenizer":
+                eos: str | None = None, settings: dict | None = None
+                ) -> "HFTokenizer":
     """From tokenizer.json text (as embedded in exports)."""
-    return cls(RawTokenizer.from_str(text), bos, eos)
+    return cls(RawTokenizer.from_str(text), bos, eos, settings)
 
   def to_json(self) -> str:
     """The tokenizer.json text (for embedding in exports)."""
     return self._tok.to_str()
+
+  def hf_config(self) -> dict:
+    """The tokenizer_config.json that `from_file` reads back."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast",
+              "bos_token": self.bos_token, "eos_token": self.eos_token}
+    names = dict(add_bos="add_bos_token", pad="pad_token", unk="unk_token",
+                 chat_template="chat_template")
+    config.update({names[k]: v for k, v in self.settings.items()})
+    return config
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -134,14 +155,15 @@ def from_file(path) -> Tokenizer:
   if not path.exists():
     raise FileNotFoundError(f"tokenizer file {path} not found.")
   if path.suffix == ".json":
-    special = {}
     cfg_path = path.parent / "tokenizer_config.json"
-    if cfg_path.exists():
-      cfg = json.loads(cfg_path.read_text())
-      for key in ("bos_token", "eos_token"):
-        val = cfg.get(key)
-        special[key[:3]] = val.get("content") if isinstance(val, dict) else val
-    return HFTokenizer(RawTokenizer.from_file(str(path)), **special)
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    token = lambda key: (cfg[key].get("content") if isinstance(  # noqa: E731
+        cfg.get(key), dict) else cfg.get(key))
+    return HFTokenizer(
+        RawTokenizer.from_file(str(path)), token("bos_token"),
+        token("eos_token"), dict(chat_template=cfg.get("chat_template"),
+                                 add_bos=cfg.get("add_bos_token"),
+                                 pad=token("pad_token"), unk=token("unk_token")))
   if path.suffix == ".model":
     return TiktokenTokenizer(path)
   raise ValueError(f"{path}: unknown tokenizer format; expected "

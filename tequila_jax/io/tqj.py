@@ -160,7 +160,8 @@ def tokenizer_metadata(tok: tokenizers.Tokenizer | None) -> str:
     return json.dumps({"kind": "bytes"})
   if isinstance(tok, tokenizers.HFTokenizer):
     return json.dumps({"kind": "tokenizer.json", "json": tok.to_json(),
-                       "bos": tok.bos_token, "eos": tok.eos_token})
+                       "bos": tok.bos_token, "eos": tok.eos_token,
+                       "settings": tok.settings})
   if isinstance(tok, tokenizers.TiktokenTokenizer):
     return json.dumps({"kind": "tiktoken", "model": base64.b64encode(
         pathlib.Path(tok.model_path).read_bytes()).decode()})
@@ -244,7 +245,7 @@ class Export:
     if kind == "tokenizer.json":
       return tokenizers.HFTokenizer.from_json(
           self.tokenizer["json"], self.tokenizer.get("bos"),
-          self.tokenizer.get("eos"))
+          self.tokenizer.get("eos"), self.tokenizer.get("settings"))
     if kind == "tiktoken":
       with tempfile.NamedTemporaryFile(suffix=".model", delete=False) as f:
         f.write(base64.b64decode(self.tokenizer["model"]))
