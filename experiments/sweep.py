@@ -111,6 +111,8 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
   config.update_from_flattened_dict(overrides)
   start = time.time()
   summary = train.run(config, workdir, devices=jax.devices()[:1])
+  if summary["stopped_by"]:  # checkpointed, not finished: rerun resumes it
+    raise SystemExit(train.exit_code(summary))
   last = {}
   for record in metrics.read_jsonl(workdir / checkpoint.METRICS):
     for key in SUMMARY_KEYS:
@@ -167,6 +169,7 @@ def run_sweep(config_spec, points: list[dict], out: pathlib.Path, *,
 def _run_parallel(config_spec, todo, fixed, out, parallel):
   """Points in subprocesses, at most `parallel` at once, one GPU each."""
   import jax  # pylint: disable=g-import-not-at-top
+  from tequila_jax import train  # pylint: disable=g-import-not-at-top
   gpus = jax.device_count() if jax.default_backend() == "gpu" else 0
   running: dict[int, subprocess.Popen] = {}
   queue = list(todo)
@@ -183,6 +186,10 @@ def _run_parallel(config_spec, todo, fixed, out, parallel):
         print(f"started {point_name(p)} (slot {slot})", flush=True)
     for slot, proc in list(running.items()):
       if proc.poll() is not None:
+        if proc.returncode in train.STOPPED_EXIT_CODES:
+          raise SystemExit(f"a sweep point was stopped by a signal (exit "
+                           f"{proc.returncode}) after a checkpoint; rerun the "
+                           "sweep to resume it.")
         if proc.returncode:
           raise SystemExit(f"a sweep point failed (exit {proc.returncode}); "
                            "rerun the sweep to retry it.")

@@ -1,7 +1,8 @@
 """A training workdir and the orbax checkpoints in it.
 
 The layout, known only here: `WORKDIR/config.json` (the run's config),
-`WORKDIR/metrics.jsonl` (+ `tensorboard/`), `WORKDIR/checkpoints/STEP/`.
+`WORKDIR/metrics.jsonl` (+ `tensorboard/`), `WORKDIR/checkpoints/STEP/`,
+`WORKDIR/lock` (held by the run that is using the workdir).
 
 One `CheckpointManager` holds, per step, `state` (params, optimizer state,
 step; restored straight into the sharded layout) and `data` (the grain
@@ -12,8 +13,13 @@ renames it when complete, so an interrupted save never looks valid.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
+import os
 import pathlib
+import socket
 
 import grain
 import jax
@@ -24,6 +30,40 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
+LOCK = "lock"
+
+
+class WorkdirInUse(RuntimeError):
+  pass
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+  """Exclusive use of `workdir` by one run, for the duration of the block.
+
+  An `flock` on `WORKDIR/lock`, which names its holder: the kernel drops it
+  when the holder exits, however it exits, so a lock file left by a killed
+  run never blocks the next one.
+  """
+  path = pathlib.Path(workdir) / LOCK
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise WorkdirInUse(
+          f"{workdir} is in use by {holder}: wait for that run to finish or "
+          "stop it, or train in another --workdir.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def is_workdir(path) -> bool:

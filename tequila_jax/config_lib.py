@@ -90,6 +90,43 @@ def llama32_qat(size: str, method: str = "tequila") -> ml_collections.ConfigDict
   return config
 
 
+# Fields a resumed run may change: how it runs, not what it computes.
+RUN_TIME_FIELDS = (
+    "model.scan_layers", "model.remat", "model.attention",
+    "train.micro_batches", "train.loss_chunk", "train.log_every",
+    "train.eval_every", "train.eval_batches", "train.eval_batch_size",
+    "train.checkpoint_every", "train.keep_checkpoints",
+    "train.async_checkpoints", "train.progress", "train.tensorboard",
+    "train.parallelism", "train.distributed", "train.coordinator_address",
+    "train.num_processes", "train.process_id", "train.allow_config_change",
+    "data.cache_dir", "data.num_threads", "data.prefetch", "mesh.",
+    "diagnostics.")
+
+
+def _flat(tree, prefix="") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  return {k: v for key, sub in tree.items()
+          for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def config_changes(stored: ml_collections.ConfigDict,
+                   config: ml_collections.ConfigDict) -> list[str]:
+  """`field: stored -> new` for every field of `config` that differs from a
+  run's `stored` config and is not a run-time field (fields the stored
+  config lacks, from an older version, take their defaults)."""
+  old, new = _flat(stored.to_dict()), _flat(config.to_dict())
+  return [f"{k}: {old[k]!r} -> {v!r}" for k, v in sorted(new.items())
+          if k in old and _normal(old[k]) != _normal(v)
+          and not any(k == f or (f.endswith(".") and k.startswith(f))
+                      for f in RUN_TIME_FIELDS)]
+
+
+def _normal(value):
+  """JSON's view of a value (a stored config is read back from JSON)."""
+  return list(map(_normal, value)) if isinstance(value, (list, tuple)) else value
+
+
 def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig.from_dict(model.to_dict())
 
@@ -140,7 +177,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Several processes (hosts): jax.distributed.initialize() with these
       # ("", 0, -1: detected from SLURM/Open MPI/Kubernetes or JAX_* vars).
       distributed=False, coordinator_address="", num_processes=0,
-      process_id=-1))
+      process_id=-1,
+      # Resuming refuses a config that changes what the run computes (the
+      # model, data, optimizer, seed: not RUN_TIME_FIELDS) unless this is set.
+      allow_config_change=False))
   # Generic AdamW defaults; the official run's settings are `llama32_qat`'s.
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="wsd",  # optim.SCHEDULES

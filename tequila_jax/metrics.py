@@ -12,6 +12,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from tequila_jax import checkpoint
+from tequila_jax.io.atomic import atomic_path
 
 
 def to_python(metrics: dict) -> dict:
@@ -24,17 +25,27 @@ def to_python(metrics: dict) -> dict:
 
 
 class MetricWriter:
+  """Appends to `WORKDIR/metrics.jsonl` (and TensorBoard). A run resumed at
+  `resume_step` first drops what the interrupted run logged after it (and
+  its held-out records at it, which the resumed run writes again), so that
+  no step appears twice."""
 
-  def __init__(self, workdir, *, tensorboard: bool = True):
+  def __init__(self, workdir, *, tensorboard: bool = True,
+               resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self._jsonl = self._tb = None
     if not self.enabled:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / checkpoint.METRICS, "a", encoding="utf-8")
-    if tensorboard:
-      self._tb = SummaryWriter(str(workdir / checkpoint.TENSORBOARD))
+    path = workdir / checkpoint.METRICS
+    if resume_step is not None and path.exists():
+      _truncate(path, resume_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
+    if tensorboard:  # TensorBoard hides events at and after purge_step
+      self._tb = SummaryWriter(
+          str(workdir / checkpoint.TENSORBOARD),
+          purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: dict, prefix: str = "train"):
     if not self.enabled:
@@ -56,5 +67,20 @@ class MetricWriter:
 
 
 def read_jsonl(path) -> list[dict]:
+  """The records of a metrics file (a line torn by a killed run is skipped)."""
+  records = []
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
+
+
+def _truncate(path: pathlib.Path, step: int) -> None:
+  keep = [r for r in read_jsonl(path) if r["step"] < step or (
+      r["step"] == step and not any(k.startswith("eval") for k in r))]
+  with atomic_path(path) as tmp:
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep),
+                   encoding="utf-8")

@@ -64,8 +64,10 @@ class Run:
     self.trap_steps = d.get("trap_steps")
 
   def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-    pts = [(r["step"], r[key]) for r in self.records
-           if isinstance(r.get(key), (int, float))]
+    # The last value per step, in step order (metrics files written before
+    # resumes truncated them may repeat steps).
+    pts = sorted({r["step"]: r[key] for r in self.records
+                  if isinstance(r.get(key), (int, float))}.items())
     if not pts:
       return np.zeros(0), np.zeros(0)
     steps, values = zip(*pts)

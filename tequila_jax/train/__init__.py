@@ -9,8 +9,9 @@
 """
 
 from tequila_jax.train.build import Train, build_train, describe
-from tequila_jax.train.loop import TrainingError, run
+from tequila_jax.train.loop import (STOPPED_EXIT_CODES, TrainingError,
+                                    exit_code, run)
 from tequila_jax.train.step import new_state, train_step
 
-__all__ = ["Train", "TrainingError", "build_train", "describe", "new_state",
-           "run", "train_step"]
+__all__ = ["STOPPED_EXIT_CODES", "Train", "TrainingError", "build_train",
+           "describe", "exit_code", "new_state", "run", "train_step"]

@@ -38,6 +38,7 @@ def main(argv):
           flags.FLAGS["config"].config_filename.split(":")[0]).stem)
   summary = train.run(config, workdir)
   print(json.dumps(summary, indent=2))
+  return train.exit_code(summary)  # 143 / 130 when a signal stopped it
 
 
 if __name__ == "__main__":

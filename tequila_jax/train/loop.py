@@ -10,6 +10,7 @@ checkpoint and exits cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -23,7 +24,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from tequila_jax import checkpoint, data, diagnostics, metrics, sharding
+from tequila_jax import (checkpoint, config_lib, data, diagnostics, metrics,
+                         sharding)
 from tequila_jax import model as model_lib
 from tequila_jax.train.build import Train, build_train, pretrained_params
 
@@ -65,6 +67,17 @@ class _StopSignal:
       signal.signal(sig, old)
 
 
+# A run stopped by SIGINT / SIGTERM after its checkpoint exits 128 + signal.
+STOPPED_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+def exit_code(summary: dict) -> int:
+  """The exit status for a run's summary: 0 when it finished or reached
+  `stop_at`, 130 / 143 when a signal stopped it (resumable)."""
+  stopped = summary.get("stopped_by")
+  return 128 + signal.Signals[stopped].value if stopped else 0
+
+
 def _fail(step: int, what: str, ckpt: checkpoint.Checkpointer):
   last = ckpt.latest_step()
   raise TrainingError(
@@ -84,12 +97,48 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
   """
   if config.train.distributed:
     initialize_distributed(config.train)
-  tr = build_train(config, devices=devices)  # validates before any write
+  # Everything that can refuse the command does so before anything is written.
+  tr = build_train(config, devices=devices)
   workdir = pathlib.Path(workdir)
+  check_resumed_config(config, workdir)
+  corpus = _corpus(tr)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    checkpoint.write_config(workdir, config)
-  return _run(tr, workdir, stop_at)
+  main = jax.process_index() == 0
+  with checkpoint.workdir_lock(workdir) if main else contextlib.nullcontext():
+    if main:
+      checkpoint.write_config(workdir, config)
+    return _run(tr, workdir, corpus, stop_at)
+
+
+def check_resumed_config(config: ml_collections.ConfigDict, workdir) -> None:
+  """Refuses to resume the run in `workdir` with a config that changes what
+  it computes (`config_lib.RUN_TIME_FIELDS` may change), unless
+  `train.allow_config_change`."""
+  if not checkpoint.is_workdir(workdir):
+    return
+  changes = config_lib.config_changes(checkpoint.read_config(workdir), config)
+  if not changes:
+    return
+  if not config.train.allow_config_change:
+    raise ValueError(
+        f"{workdir} holds a run whose config differs in what it computes: "
+        f"{'; '.join(changes)}. Resume with its config (drop these "
+        "overrides), train in another --workdir, or pass "
+        "--config.train.allow_config_change=True to change them on purpose.")
+  log.warning("resuming with a changed config (train.allow_config_change): "
+              "%s", "; ".join(changes))
+
+
+def _corpus(tr: Train) -> pathlib.Path:
+  """The run's tokenized corpus (prepared now unless `data.corpus_dir`)."""
+  config = tr.config
+  corpus = (pathlib.Path(config.data.corpus_dir) if config.data.corpus_dir
+            else data.prepare_for_config(config, progress=config.train.progress))
+  vocab = data.read_meta(corpus)["vocab_size"]
+  if vocab > tr.model_cfg.vocab_size:
+    raise ValueError(f"the corpus was tokenized with {vocab} tokens but "
+                     f"model.vocab_size is {tr.model_cfg.vocab_size}.")
+  return corpus
 
 
 def initialize_distributed(t: ml_collections.ConfigDict) -> None:
@@ -122,17 +171,10 @@ def _compiled_step(tr: Train):
   return compiled
 
 
-def _run(tr: Train, workdir: pathlib.Path, stop_at: int | None) -> dict:
+def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
+         stop_at: int | None) -> dict:
   config, mesh = tr.config, tr.mesh
   t = config.train
-  if config.data.corpus_dir:  # already tokenized (e.g. carried to a cluster)
-    corpus = pathlib.Path(config.data.corpus_dir)
-  else:
-    corpus = data.prepare_for_config(config, progress=t.progress)
-  vocab = data.read_meta(corpus)["vocab_size"]
-  if vocab > tr.model_cfg.vocab_size:
-    raise ValueError(f"the corpus was tokenized with {vocab} tokens but "
-                     f"model.vocab_size is {tr.model_cfg.vocab_size}.")
   state = tr.init_state(pretrained_params(config, tr.model_cfg)
                         if config.init.checkpoint else None)
   n_params = model_lib.param_count(state["params"])
@@ -172,7 +214,8 @@ def _run(tr: Train, workdir: pathlib.Path, stop_at: int | None) -> dict:
   eval_data = data.eval_batches(corpus, seq_len=config.data.seq_len,
                                 batch_size=tr.eval_batch_size,
                                 max_batches=t.eval_batches)
-  writer = metrics.MetricWriter(workdir, tensorboard=t.tensorboard)
+  writer = metrics.MetricWriter(workdir, tensorboard=t.tensorboard,
+                                resume_step=start)
   summary = dict(start_step=start, params=n_params)
   try:
     if float_eval_fn is not None:  # what the float checkpoint scores
