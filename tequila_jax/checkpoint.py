@@ -25,6 +25,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -128,6 +129,19 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def set_aside(self, step: int, why: str) -> str:
+    """Renames step's checkpoint to `WHY-STEP` (kept for inspection, no
+    longer a step); returns what was done."""
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(self.directory / f"{why}-{step}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set_aside {step}")
+    self.manager.reload()
+    return f"moved checkpoints/{step} to checkpoints/{why}-{step}"
 
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     return self.manager.save(step, args=ocp.args.Composite(

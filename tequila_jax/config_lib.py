@@ -99,6 +99,7 @@ RUN_TIME_FIELDS = (
     "train.async_checkpoints", "train.progress", "train.tensorboard",
     "train.parallelism", "train.distributed", "train.coordinator_address",
     "train.num_processes", "train.process_id", "train.allow_config_change",
+    "train.restore_step",
     "data.cache_dir", "data.num_threads", "data.prefetch", "mesh.",
     "diagnostics.")
 
@@ -180,7 +181,8 @@ def base_config() -> ml_collections.ConfigDict:
       process_id=-1,
       # Resuming refuses a config that changes what the run computes (the
       # model, data, optimizer, seed: not RUN_TIME_FIELDS) unless this is set.
-      allow_config_change=False))
+      allow_config_change=False,
+      restore_step=-1))  # resume from this checkpoint step (-1: the latest)
   # Generic AdamW defaults; the official run's settings are `llama32_qat`'s.
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="wsd",  # optim.SCHEDULES

@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tequila_jax import checkpoint, config_lib, losses, metrics, train
@@ -230,9 +231,10 @@ def test_chunked_cross_entropy_equals_full():
 def test_workdir_guards_and_metrics_after_a_crash(tmp_path):
   """A resumed run refuses a config that changes what it computes and a
   workdir another run holds, before writing anything; a stale lock does not
-  block; metrics logged after the last checkpoint are not duplicated."""
+  block; metrics logged after the last checkpoint are not duplicated; a
+  checkpoint with non-finite parameters is set aside for the one before."""
   workdir = tmp_path / "run"
-  kw = dict(steps=6, checkpoint_every=2, log_every=1, eval_every=2)
+  kw = dict(steps=8, checkpoint_every=2, log_every=1, eval_every=2)
   train.run(_tiny(tmp_path, **kw), workdir, stop_at=4)
   shutil.rmtree(workdir / "checkpoints" / "4")  # as if killed before saving 4
   files = lambda: {p.name: p.read_bytes() for p in workdir.iterdir()  # noqa: E731
@@ -252,10 +254,22 @@ def test_workdir_guards_and_metrics_after_a_crash(tmp_path):
   assert files() == before
 
   (workdir / "lock").write_text("pid 999999 on a-host-that-died\n")
-  summary = train.run(_tiny(tmp_path, **{**kw, "log_every": 2}), workdir)
+  summary = train.run(_tiny(tmp_path, **{**kw, "log_every": 2}), workdir,
+                      stop_at=6)  # log_every is a run-time field
   assert summary["start_step"] == 2 and summary["step"] == 6
+
+  state = checkpoint.restore_state(workdir, 6)  # a bit flip made a NaN
+  state["params"]["embed"]["embedding"] = (
+      state["params"]["embed"]["embedding"].at[3, 5].set(np.nan))
+  shutil.rmtree(workdir / "checkpoints" / "6" / "state")
+  with ocp.StandardCheckpointer() as writer:
+    writer.save(workdir / "checkpoints" / "6" / "state", state)
+  summary = train.run(_tiny(tmp_path, **kw), workdir)
+  assert summary["start_step"] == 4 and summary["step"] == 8
+  assert (workdir / "checkpoints" / "damaged-6").is_dir()
+
   records = metrics.read_jsonl(workdir / "metrics.jsonl")
   for prefix in ("train/loss", "eval/loss"):
     steps = [r["step"] for r in records if prefix in r]
     assert steps == sorted(set(steps)), (prefix, steps)
-  assert [r["step"] for r in records if "eval/loss" in r] == [0, 2, 4, 6]
+  assert [r["step"] for r in records if "eval/loss" in r] == [0, 2, 4, 6, 8]

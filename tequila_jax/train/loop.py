@@ -188,11 +188,10 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
   ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every,
                                  keep=t.keep_checkpoints,
                                  async_save=t.async_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
+  start = None
+  if ckpt.steps():
     del state
-    state, stale = ckpt.restore(start, tr.abstract_state(), data_iter,
-                                rebuildable=("diag",))
+    state, start, stale = _restore(tr, ckpt, data_iter)
     if tr.diag is not None and "diag" in stale:
       state["diag"] = jax.jit(diagnostics.init_state, static_argnums=1,
                               out_shardings=tr.shardings["diag"])(
@@ -242,6 +241,37 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
     writer.close()
     ckpt.close()
   return summary
+
+
+def _restore(tr: Train, ckpt: checkpoint.Checkpointer, data_iter):
+  """`(state, step, stale keys)` of the checkpoint to resume from:
+  `train.restore_step`, or the latest; one that cannot be read or holds
+  non-finite parameters is set aside (renamed) and the one before it tried.
+  Checkpoints after a chosen `restore_step` are set aside too."""
+  steps, chosen = ckpt.steps(), tr.config.train.restore_step
+  if chosen >= 0:
+    if chosen not in steps:
+      raise ValueError(f"train.restore_step={chosen}: {ckpt.directory} holds "
+                       f"steps {steps}.")
+    for later in [s for s in steps if s > chosen]:
+      log.warning("train.restore_step=%d: %s", chosen,
+                  ckpt.set_aside(later, "superseded"))
+    steps = [s for s in steps if s <= chosen]
+  for step in reversed(steps):
+    try:
+      state, stale = ckpt.restore(step, tr.abstract_state(), data_iter,
+                                  rebuildable=("diag",))
+    except Exception as e:  # pylint: disable=broad-except
+      problem = f"cannot be read ({type(e).__name__}: {str(e)[:200]})"
+    else:
+      if bool(_all_finite(state["params"])):
+        return state, step, stale
+      problem = "holds non-finite parameters"
+    log.error("the checkpoint of step %d %s: %s", step, problem,
+              ckpt.set_aside(step, "damaged"))
+  raise TrainingError(f"no checkpoint in {ckpt.directory} can be restored "
+                      "(see the errors above); move the directory away to "
+                      "start afresh.")
 
 
 @jax.jit
