@@ -159,9 +159,10 @@ def test_kernel_strategies_match_f32_reference(m, shape, groups):
 
 
 def test_exports_store_the_architecture_only_and_version_1_loads(
-    qat_model, tmp_path):
-  """Version 2 records no run-time settings; a version 1 file (which did:
-  dtype, scan, remat, attention) loads to the same model."""
+    qat_model, tmp_path, caplog):
+  """Version 3 records no run-time settings; a version 1 file (which did:
+  dtype, scan, remat, attention; and no checksums) loads to the same model,
+  with a warning that it cannot be verified."""
   path = tmp_path / "m.tqj"
   tqj.write_export(qat_model, path)
   ex = tqj.read_export(path)
@@ -171,16 +172,18 @@ def test_exports_store_the_architecture_only_and_version_1_loads(
   assert tqj.read_export(tmp_path / "r.tqj").cfg == ex.cfg
   with safe_open(str(path), framework="numpy") as f:
     meta = f.metadata()
-  assert meta["version"] == "2"
+  assert meta["version"] == "3"
   assert set(json.loads(meta["model"])) == model_lib.ARCH_FIELDS
   assert ex.cfg.arch == qat_model.cfg.arch
   assert ex.cfg.run == model_lib.RunSettings()  # defaults, not the writer's
   v1_model = {**json.loads(meta["model"]), "dtype": "float32",
               "scan_layers": False, "remat": "full", "attention": "xla"}
   v1 = tmp_path / "v1.tqj"
-  save_file(ex.tensors, str(v1), metadata={**meta, "version": "1",
+  v1_meta = {k: v for k, v in meta.items() if k != "checksums"}
+  save_file(ex.tensors, str(v1), metadata={**v1_meta, "version": "1",
                                            "model": json.dumps(v1_model)})
   old = tqj.read_export(v1)
+  assert "carries no checksums" in caplog.text
   assert old.cfg == ex.cfg
   for name in model_lib.PROJECTIONS:
     np.testing.assert_array_equal(old.quantized_kernel(name),
@@ -224,8 +227,19 @@ def test_bad_files_are_refused(qat_model, tmp_path):
           "model": json.dumps({}), "tokenizer": "{}"}
   save_file(ex.tensors, str(old), metadata=meta)
   with pytest.raises(tqj.ExportError, match="export version '0'.*reads "
-                     "versions 1, 2"):
+                     "versions 1, 2, 3"):
     tqj.read_export(old)
+  flipped = tmp_path / "flipped.tqj"
+  raw = bytearray(good.read_bytes())
+  raw[-3] ^= 0x40  # one bit of the last tensor's data
+  flipped.write_bytes(bytes(raw))
+  with pytest.raises(tqj.ExportError, match="corrupted: tensors.*checksums"):
+    tqj.read_export(flipped)
+  ex.tensors["layers.up_proj.alpha"][0, 0, 1] = np.nan
+  with pytest.raises(tqj.ExportError, match="layers.up_proj.alpha holds 1 "
+                     "non-finite"):
+    tqj.save_export(ex, tmp_path / "nan.tqj")
+  assert not (tmp_path / "nan.tqj").exists()
   float_cfg = qat_model.cfg.replace(quant=quant.QuantConfig("none"))
   with pytest.raises(tqj.ExportError, match="no multiplication-free"):
     tqj.export_tensors(model_lib.Llama(float_cfg, rngs=nnx.Rngs(0)))

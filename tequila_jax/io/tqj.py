@@ -24,15 +24,19 @@ out]`, `layers.P.alpha` fp32 `[L, groups, out]`, `layers.P.c` fp32 `[L, out]`,
 hidden]`, `final_norm` `[hidden]`, and `lm_head` `[hidden, vocab]` if untied.
 Metadata (`__metadata__`, strings): `format` = "tequila_jax", `version`,
 `model` (the `Architecture` as JSON: shapes, RoPE, quantizer; no run-time
-settings), `packing`, `tokenizer` (how to rebuild it). Version 1 files, whose
-`model` also held dtype/remat/scan/attention, still load (those are ignored).
+settings), `packing`, `tokenizer` (how to rebuild it), `checksums` (sha256
+of every tensor's bytes, checked on reading). Version 1 and 2 files (no
+checksums: loaded with a warning; version 1's `model` also held
+dtype/remat/scan/attention, which are ignored) still load.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
+import logging
 import pathlib
 import tempfile
 
@@ -49,9 +53,11 @@ from tequila_jax.io.atomic import atomic_path
 from tequila_jax.model import (ARCH_FIELDS, PROJECTIONS, Architecture, Llama,
                                ModelConfig, projection_dims)
 
+log = logging.getLogger("tequila_jax")
 FORMAT = "tequila_jax"
-VERSION = "2"
-READABLE = ("1", "2")  # version 1 also recorded run-time settings
+VERSION = "3"
+# Version 1 also recorded run-time settings; versions 1-2 carry no checksums.
+READABLE = ("1", "2", "3")
 PACKINGS = ("2bit", "base3")
 FLOAT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}
@@ -172,17 +178,38 @@ def build_export(model: Llama, *,
                  tokenizer: tokenizers.Tokenizer | None = None,
                  packing: str = "2bit", float_dtype: str = "float32"
                  ) -> "Export":
-  """The export of a (QAT) model, in memory (see the module invariant)."""
-  return Export(ModelConfig(model.cfg.arch), packing,
-                export_tensors(model, packing, float_dtype),
+  """The export of a (QAT) model, in memory (see the module invariant);
+  refused if any tensor is not finite."""
+  tensors = export_tensors(model, packing, float_dtype)
+  refuse_non_finite(tensors)
+  return Export(ModelConfig(model.cfg.arch), packing, tensors,
                 json.loads(tokenizer_metadata(tokenizer)))
 
 
+def refuse_non_finite(tensors: dict) -> None:
+  for name, t in tensors.items():
+    if t.dtype.kind == "f" or t.dtype == ml_dtypes.bfloat16:
+      bad = int(np.size(t) - np.isfinite(np.asarray(t, np.float32)).sum())
+      if bad:
+        raise ExportError(
+            f"tensor {name} holds {bad} non-finite values: the checkpoint is "
+            "damaged or training diverged. Export an earlier step (--step).")
+
+
+def checksum(array: np.ndarray) -> str:
+  """sha256 of a tensor's bytes (C order), as stored in version-3 exports."""
+  return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
 def save_export(export: "Export", path) -> dict:
-  """Writes `export` to `path` atomically; returns a size report."""
+  """Writes `export` to `path` atomically; returns a size report. Refuses
+  non-finite tensors before writing."""
+  refuse_non_finite(export.tensors)
   meta = {"format": FORMAT, "version": VERSION,
           "model": export.cfg.arch.to_json(), "packing": export.packing,
-          "tokenizer": json.dumps(export.tokenizer)}
+          "tokenizer": json.dumps(export.tokenizer),
+          "checksums": json.dumps({k: checksum(v) for k, v in
+                                   sorted(export.tensors.items())})}
   with atomic_path(path) as tmp:
     save_file(export.tensors, tmp, metadata=meta)
   return size_report(export.tensors, export.cfg, path)
@@ -276,6 +303,17 @@ def read_export(path) -> Export:
       raise
     raise ExportError(f"{path} is truncated or not a safetensors export "
                       f"({e}).") from e
+  if "checksums" in meta:
+    sums = json.loads(meta["checksums"])
+    bad = sorted(k for k in tensors if sums.get(k) != checksum(tensors[k]))
+    if bad or set(sums) != set(tensors):
+      raise ExportError(
+          f"{path} is corrupted: tensors {bad or sorted(set(sums) ^ set(tensors))}"
+          " do not match their checksums. Copy it again or re-export it.")
+  else:
+    log.warning("%s is export version %s, which carries no checksums: its "
+                "tensors cannot be verified (re-export to add them).", path,
+                meta["version"])
   arch = json.loads(meta["model"])
   if meta["version"] == "1":
     arch = {k: v for k, v in arch.items() if k in ARCH_FIELDS}
