@@ -163,6 +163,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_fraction=0.02,  # share held out, see split
       split="documents",  # hold out whole documents; "tail": each one's end
       max_documents=0,  # 0 = all
+      errors="strict",  # bytes that are not UTF-8: "strict" refuses, "replace"
       cache_dir="",  # tokenized corpora; "" = ~/.cache/tequila_jax/corpora
       corpus_dir="",  # use this prepared corpus as is (skips tokenization)
       num_threads=2, prefetch=8))

@@ -183,3 +183,50 @@ def test_errors(tmp_path):
     data.read_meta(tmp_path)
   with pytest.raises(data.DataError, match="matches no files"):
     _prepare(tmp_path, str(tmp_path / "none*.txt"), name="n")
+
+
+def test_corpora_are_keyed_by_content_and_options(tmp_path):
+  """Changing max_documents or editing a source prepares a new corpus
+  (the key hashes both); the manifest records what the key hashes."""
+  from tequila_jax import config_lib
+  for i in range(4):
+    (tmp_path / f"d{i}.txt").write_text(f"document {i} " * 50)
+  config = config_lib.tiny()
+  config.data.update(sources=str(tmp_path / "d*.txt"),
+                     cache_dir=str(tmp_path / "cache"), max_documents=3)
+  three = data.prepare_for_config(config, progress=False)
+  assert data.read_meta(three)["documents"] == 3
+  config.data.max_documents = 0
+  everything = data.prepare_for_config(config, progress=False)
+  assert everything != three and data.read_meta(everything)["documents"] == 4
+  assert data.prepare_for_config(config, progress=False) == everything
+  (tmp_path / "d1.txt").write_text("edited " * 80)
+  edited = data.prepare_for_config(config, progress=False)
+  assert edited != everything
+  meta = data.read_meta(edited)
+  assert meta["train_tokens"] + meta["eval_tokens"] != (
+      data.read_meta(everything)["train_tokens"] +
+      data.read_meta(everything)["eval_tokens"])
+  files = [f for f, *_ in meta["key_inputs"]["sources"][0][1:]]
+  assert files == [str(tmp_path / f"d{i}.txt") for i in range(4)]
+
+
+def test_bad_bytes_are_named_not_replaced(tmp_path):
+  (tmp_path / "ok.txt").write_text("fine text\n")
+  (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait")
+  (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+  (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b",\n')
+  with pytest.raises(data.DataError, match=r"latin1.txt is not UTF-8 text: "
+                     r"byte 3 .*data.errors=replace"):
+    _prepare(tmp_path, str(tmp_path / "*.txt"))
+  with pytest.raises(data.DataError, match=r"blob.bin .*(not UTF-8|NUL)"):
+    _prepare(tmp_path, str(tmp_path / "blob.bin"), name="b")
+  with pytest.raises(data.DataError, match=r"bad.jsonl:2 is not valid JSON"):
+    _prepare(tmp_path, str(tmp_path / "bad.jsonl"), name="j")
+  assert not (tmp_path / "c").exists()  # nothing half-written
+  corpus = data.prepare(str(tmp_path / "*.txt"), TOK, tmp_path / "r",
+                        tokenizer_name="bytes", eval_fraction=0.0,
+                        errors="replace", progress=False)
+  assert "caf\ufffd au lait" in bytes(
+      _stream(corpus, "train")[_stream(corpus, "train") < 256].astype(
+          np.uint8)).decode()

@@ -70,28 +70,64 @@ def _expand(pattern: str) -> list[str]:
   return files
 
 
-def iter_documents(spec: str) -> Iterator[str]:
-  """Yields the documents of one source spec (module docstring)."""
+def _decode(data: bytes, where: str, errors: str) -> str:
+  try:
+    text = data.decode("utf-8", errors=errors)
+  except UnicodeDecodeError as e:
+    raise DataError(
+        f"{where} is not UTF-8 text: byte {e.start} ({data[e.start:e.start + 4]!r}"
+        ") cannot be decoded. Convert it, leave it out of data.sources, or set "
+        "data.errors=replace to replace undecodable bytes.") from None
+  if "\x00" in text and errors == "strict":
+    raise DataError(f"{where} holds NUL bytes (at {text.index(chr(0))}): a "
+                    "binary file? Leave it out of data.sources, or set "
+                    "data.errors=replace to read it anyway.")
+  return text
+
+
+def _source_pattern(spec: str) -> str | None:
+  """The file pattern of a file-based source spec (None: asset, hf)."""
+  if spec.startswith(("asset:", "hf:")):
+    return None
+  if spec.startswith("arrayrecord:"):
+    return spec[12:]
+  if ".jsonl" in spec or ".parquet" in spec:
+    return _split_field(spec)[0]
+  return spec
+
+
+def iter_documents(spec: str, errors: str = "strict") -> Iterator[str]:
+  """Yields the documents of one source spec (module docstring); bytes that
+  are not UTF-8 raise a `DataError` naming the file and offset unless
+  `errors="replace"`."""
+  if errors not in ERRORS:
+    raise DataError(f"data.errors must be one of {ERRORS}, got {errors!r}.")
   if spec.startswith("asset:"):
     for f in sorted(assets.fetch(spec[6:]).glob("*.txt")):
-      yield f.read_text(encoding="utf-8", errors="replace")
+      yield f.read_text(encoding="utf-8", errors="replace")  # pinned texts
   elif spec.startswith("arrayrecord:"):
     source = grain.sources.ArrayRecordDataSource(_expand(spec[12:]))
     for i in range(len(source)):
-      yield bytes(source[i]).decode("utf-8", errors="replace")
+      yield _decode(bytes(source[i]), f"{spec} record {i}", errors)
   elif spec.startswith("hf:"):
     yield from _hf_documents(spec[3:])
   elif ".jsonl" in spec:
     pattern, field = _split_field(spec)
     for f in _expand(pattern):
-      with open(f, encoding="utf-8") as fh:
-        for n, line in enumerate(fh):
-          if line.strip():
+      with open(f, "rb") as fh:
+        for n, raw in enumerate(fh):
+          line = _decode(raw, f"{f}:{n + 1}", errors)
+          if not line.strip():
+            continue
+          try:
             doc = json.loads(line)
-            if field not in doc:
-              raise DataError(f"{f}:{n + 1} has no field {field!r}; name it "
-                              f"as {pattern}:FIELD.")
-            yield doc[field]
+          except json.JSONDecodeError as e:
+            raise DataError(f"{f}:{n + 1} is not valid JSON ({e.msg}, column "
+                            f"{e.colno}); fix or remove the line.") from None
+          if not isinstance(doc, dict) or field not in doc:
+            raise DataError(f"{f}:{n + 1} has no field {field!r}; name it "
+                            f"as {pattern}:FIELD.")
+          yield doc[field]
   elif ".parquet" in spec:
     pattern, field = _split_field(spec)
     try:
@@ -102,7 +138,7 @@ def iter_documents(spec: str) -> Iterator[str]:
       yield from pq.read_table(f, columns=[field]).column(field).to_pylist()
   else:
     for f in _expand(spec):
-      yield pathlib.Path(f).read_text(encoding="utf-8", errors="replace")
+      yield _decode(pathlib.Path(f).read_bytes(), f, errors)
 
 
 def _hf_documents(spec: str) -> Iterator[str]:
@@ -133,14 +169,39 @@ def _token_dtype(vocab_size: int):
 
 
 SPLITS = ("documents", "tail")
+ERRORS = ("strict", "replace")  # data.errors: undecodable bytes refused/replaced
+CORPUS_FORMAT = 2  # bumped when prepare's output changes for the same inputs
 _SPLIT_BLOCK = 10_000  # documents ranked together for the held-out choice
 
 
+def fingerprint(spec: str) -> list:
+  """What identifies the bytes behind a source or tokenizer spec without
+  reading them: each file's path, size and modification time (a demo asset
+  is pinned by its name; an `hf:` dataset is known by its name only)."""
+  pattern = _source_pattern(spec)
+  if pattern is None:
+    return [spec]
+  path = pathlib.Path(os.path.expanduser(pattern))
+  files = (sorted(str(p) for p in path.rglob("*") if p.is_file())
+           if path.is_dir() else glob.glob(str(path)) if not path.exists()
+           else [str(path)])
+  return [spec] + [[f, st.st_size, st.st_mtime_ns]
+                   for f in sorted(files) for st in [os.stat(f)]]
+
+
 def corpus_key(sources: str, tokenizer_name: str, eval_fraction: float,
-               split: str = "documents", max_documents: int = 0) -> str:
-  text = json.dumps([sources, tokenizer_name, eval_fraction, split,
-                     max_documents])
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
+               split: str = "documents", max_documents: int = 0,
+               errors: str = "strict") -> tuple[str, dict]:
+  """The cache key of a prepared corpus and what it hashes: everything that
+  changes its bytes, the sources' and tokenizer's files (`fingerprint`)
+  included, so that an edited source is tokenized anew."""
+  inputs = dict(
+      sources=[fingerprint(s.strip()) for s in sources.split(",") if s.strip()],
+      tokenizer=fingerprint(tokenizer_name), eval_fraction=eval_fraction,
+      split=split, max_documents=max_documents, errors=errors,
+      format=CORPUS_FORMAT)
+  text = json.dumps(inputs, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16], inputs
 
 
 def source_name(spec: str) -> str:
@@ -174,8 +235,9 @@ def _provenance(spec: str) -> dict:
 
 def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
             eval_fraction: float = 0.02, split: str = "documents",
-            max_documents: int = 0, batch_docs: int = 64,
-            progress: bool = True) -> pathlib.Path:
+            max_documents: int = 0, errors: str = "strict",
+            batch_docs: int = 64, progress: bool = True,
+            key_inputs: dict | None = None) -> pathlib.Path:
   """Tokenizes `sources` into `out_dir` (atomic; reused if already there).
 
   `split="documents"` holds out whole documents of every source
@@ -184,6 +246,7 @@ def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
   document's tokens. Either way the held-out tokens of each source are
   contiguous in eval.bin, at the offsets meta.json gives per source, and
   exact duplicate documents (after whitespace normalisation) are kept once.
+  `key_inputs` (what the cache key hashes) is recorded in meta.json.
   """
   out_dir = pathlib.Path(out_dir)
   if (out_dir / META).exists():
@@ -235,7 +298,7 @@ def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
             bar.set_postfix(source=row["name"][-24:])
 
         docs, digests, first = [], [], True
-        for doc in iter_documents(spec):
+        for doc in iter_documents(spec, errors):
           if max_documents and total_docs >= max_documents:
             break
           digest = hashlib.sha256(" ".join(doc.split()).encode()).digest()
@@ -263,7 +326,7 @@ def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
                 eval_tokens=sum(r["eval_tokens"] for r in table),
                 documents=total_docs,
                 duplicates=sum(r["duplicates"] for r in table),
-                per_source=table)
+                per_source=table, key_inputs=key_inputs)
     (tmp / META).write_text(json.dumps(meta, indent=2))
   return out_dir
 
@@ -279,13 +342,13 @@ def prepare_for_config(config, progress: bool = True) -> pathlib.Path:
   tok = load.load_tokenizer(spec)
   cache = pathlib.Path(config.data.cache_dir or
                        (assets.cache_dir() / "corpora")).expanduser()
-  key = corpus_key(config.data.sources, spec, config.data.eval_fraction,
-                   config.data.split, config.data.max_documents)
-  corpus = prepare(config.data.sources, tok, cache / key, tokenizer_name=spec,
-                   eval_fraction=config.data.eval_fraction,
-                   split=config.data.split,
-                   max_documents=config.data.max_documents, progress=progress)
-  return corpus
+  d = config.data
+  key, inputs = corpus_key(d.sources, spec, d.eval_fraction, d.split,
+                           d.max_documents, d.errors)
+  return prepare(d.sources, tok, cache / key, tokenizer_name=spec,
+                 eval_fraction=d.eval_fraction, split=d.split,
+                 max_documents=d.max_documents, errors=d.errors,
+                 progress=progress, key_inputs=inputs)
 
 
 def read_meta(corpus_dir) -> dict:
