@@ -50,8 +50,11 @@ def generate(model, prompt: Sequence[int], *, max_new_tokens: int,
   The prompt is cut from the left to leave room in `model.cfg.max_seq_len`.
   """
   limit = model.cfg.max_seq_len
-  prompt = list(prompt)[-(limit - max_new_tokens):] if max_new_tokens < limit \
-      else list(prompt)[-1:]
+  if not 0 < max_new_tokens < limit:
+    raise ValueError(
+        f"max_new_tokens={max_new_tokens}: the model's context holds "
+        f"{limit} tokens, prompt included; ask for 1 to {limit - 1}.")
+  prompt = list(prompt)[-(limit - max_new_tokens):]
   cache = model.init_cache(1, min(limit, len(prompt) + max_new_tokens))
   step = _stepper(model)
   logits, cache = step(jnp.asarray([prompt], jnp.int32), cache)

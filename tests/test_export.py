@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from tequila_jax import config_lib, model as model_lib, quant, train
 from tequila_jax.io import tokenizers, tqj
-from tests.cli import run_cli
+from tests.cli import ROOT, run_cli
 from tequila_jax.inference import DenseLlama, PackedLlama, kernels
 from tests.reference import decode_in_steps
 
@@ -272,6 +272,23 @@ def test_export_and_generate_clis(tmp_path):
   gen = run_cli("generate", "--model", tmp_path / "hf", "--prompt", "To be",
                 "--max_new_tokens", "3", "--strategy", "exact")
   assert gen.stdout.startswith("To be") and "3 tokens" in gen.stderr
+  # Expected errors: one line, the cause then the fix, exit 2; --verbose
+  # shows the traceback.
+  too_many = ("generate", "--model", tmp_path / "m.tqj", "--prompt", "To be",
+              "--max_new_tokens", "256")  # tiny: max_seq_len 256
+  for args, want in [
+      (too_many, "max_new_tokens=256: the model's context holds 256 tokens"),
+      (("export", "--checkpoint", tmp_path / "nope", "--out", tmp_path / "x"),
+       "not found"),
+      (("train", f"--config={ROOT}/configs/tiny.py",
+        "--config.train.micro_batches=3", f"--workdir={tmp_path}/run"),
+       "not divisible by train.micro_batches=3")]:
+    bad = run_cli(*args, check=False)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and want in lines[-1], bad.stderr[-2000:]
+    assert lines[-1].startswith("error: ") and "Traceback" not in bad.stderr
+  verbose = run_cli(*too_many, "--verbose", check=False)
+  assert verbose.returncode != 0 and "Traceback" in verbose.stderr
 
 
 def test_q8k_emulation_by_hand():

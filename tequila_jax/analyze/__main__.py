@@ -1,9 +1,9 @@
 """`python -m tequila_jax.analyze --workdir DIR [--compare DIR2,DIR3]`:
 deadzone plots and a summary table (see `tequila_jax.analyze`)."""
 
-from absl import app, flags
+from absl import flags
 
-from tequila_jax import analyze
+from tequila_jax import analyze, cli
 
 flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
 flags.DEFINE_list("compare", [], "Further workdirs, side by side.")
@@ -22,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

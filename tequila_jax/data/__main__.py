@@ -3,10 +3,10 @@ corpus once into the cache (progress bar) and print where it is."""
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from tequila_jax import data
+from tequila_jax import cli, data
 
 config_flags.DEFINE_config_file("config", None, "Training config file "
                                 "(`path.py[:arg]`).", lock_config=True)
@@ -21,4 +21,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

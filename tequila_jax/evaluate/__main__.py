@@ -5,9 +5,9 @@ multiple-choice accuracy (see `tequila_jax.evaluate`), printed as JSON."""
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
-from tequila_jax import config_lib, data, evaluate
+from tequila_jax import cli, config_lib, data, evaluate
 from tequila_jax.io import load
 
 flags.DEFINE_string("checkpoint", None, "Training workdir, Hugging Face dir, "
@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,7 +15,7 @@ import pathlib
 
 from absl import app, flags
 
-from tequila_jax import checkpoint, config_lib
+from tequila_jax import checkpoint, cli, config_lib
 from tequila_jax.io import gguf, hf, load, tqj
 
 flags.DEFINE_string("checkpoint", None, "Training workdir, Hugging Face dir, "
@@ -89,4 +89,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

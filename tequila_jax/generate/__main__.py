@@ -11,9 +11,9 @@ import sys
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from tequila_jax import config_lib, sampling
+from tequila_jax import cli, config_lib, sampling
 from tequila_jax.io import load
 
 flags.DEFINE_string("model", None, "A .tqj export, training workdir, Hugging "
@@ -62,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,11 +10,11 @@ import json
 import logging
 import pathlib
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from tequila_jax import configs, train
+from tequila_jax import cli, configs, train
 
 config_flags.DEFINE_config_file(
     "config", str(configs.DEFAULT), "Training config file (`path.py[:arg]`).",
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

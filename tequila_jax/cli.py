@@ -1,0 +1,49 @@
+"""What every `python -m tequila_jax.X` command shares: expected errors
+(bad config, missing file, shape mismatch, disk full, ...) end the command
+with one line, the cause and then the fix, and exit status 2; `--verbose`
+shows their traceback. Anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import errno
+import sys
+
+from absl import app, flags
+
+from tequila_jax.checkpoint import WorkdirInUse
+from tequila_jax.io.assets import AssetError
+from tequila_jax.io.texts import TextError
+from tequila_jax.train.loop import TrainingError
+
+flags.DEFINE_bool("verbose", False, "Show the traceback of expected errors.")
+
+EXPECTED = (ValueError, OSError, TrainingError, WorkdirInUse, AssetError,
+            TextError)
+EXIT_ERROR = 2
+
+
+def message(error: BaseException) -> str:
+  """The one line an expected error prints."""
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    return (f"disk full writing {error.filename or 'a file'}: free space or "
+            "write elsewhere (nothing partial was kept).")
+  if isinstance(error, FileNotFoundError) and not error.args[1:]:
+    return str(error)
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text
+
+
+def run(main) -> None:
+  """`absl.app.run(main)`, with expected errors as one line on stderr."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except EXPECTED as e:
+      if flags.FLAGS.verbose:
+        raise
+      print(f"error: {message(e)} (--verbose shows the traceback)",
+            file=sys.stderr)
+      return EXIT_ERROR
+
+  app.run(guarded)
