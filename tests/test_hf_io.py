@@ -299,3 +299,10 @@ def test_ternary_hf_refusals(tmp_path):
   assert hf.read_ternary_hf(out, QuantConfig("tequila", group_size=64)).cfg
   with pytest.raises(FileExistsError):
     hf.save_ternary_hf(tqj.build_export(_tequila_model()), out)
+
+
+def test_sources_without_quantization_load_as_float(hf_dir):
+  assert load.load_model(str(hf_dir)).cfg.quant.describe() == "none (float)"
+  quant = QuantConfig("tequila", group_size=32, lam=1e-3)
+  model = load.load_model(str(hf_dir), quant=quant)
+  assert model.cfg.quant.describe() == "tequila per_group G=32 λ=0.001"

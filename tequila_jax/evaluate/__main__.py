@@ -30,7 +30,7 @@ def main(argv):
   del argv
   model, tok = load.load(FLAGS.checkpoint, step=FLAGS.step,
                          quant=config_lib.quant_from_flag(FLAGS.quant))
-  results = {}
+  results = {"quantization": model.cfg.quant.describe()}
   if FLAGS.text:
     docs = [doc for spec in FLAGS.text for doc in data.iter_documents(spec)]
     docs = docs[:FLAGS.max_documents or None]

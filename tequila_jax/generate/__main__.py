@@ -57,7 +57,8 @@ def main(argv):
   decode_rate = (n - 1) / (end - first) if n > 1 else float("nan")
   print(f"\n\n[{len(prompt)} prompt tokens, first token after "
         f"{(first or end) - start:.2f} s (includes compilation); {n} tokens, "
-        f"decode {decode_rate:.1f} tokens/s on {jax.devices()[0].platform}]",
+        f"decode {decode_rate:.1f} tokens/s on {jax.devices()[0].platform}; "
+        f"quantization {model.cfg.quant.describe()}]",
         file=sys.stderr)
 
 

@@ -35,6 +35,7 @@ from tequila_jax.io.atomic import atomic_path
 from tequila_jax.io.tqj import Export
 from tequila_jax.layers import rope_frequencies
 from tequila_jax.model import PROJECTIONS, Llama, ModelConfig, projection_dims
+from tequila_jax.quant import QuantConfig
 
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -127,7 +128,8 @@ def config_from_gguf(reader, **overrides) -> ModelConfig:
       rope_theta=theta, rope_scaling=_rope_scaling(reader, head_dim, theta),
       tie_embeddings=tied,
       max_seq_len=int(meta.get("llama.context_length", 8192)))
-  fields.update(overrides)
+  # The checkpoint is the float model it records; `quant=` ternarizes it.
+  fields.update({"quant": QuantConfig("none"), **overrides})
   return ModelConfig.from_dict(fields)
 
 

@@ -95,7 +95,8 @@ def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
       rope_theta=float(rope["rope_theta"]), rope_scaling=scaling,
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       max_seq_len=hf.get("max_position_embeddings", 8192))
-  fields.update(overrides)
+  # The checkpoint is the float model it records; `quant=` ternarizes it.
+  fields.update({"quant": QuantConfig("none"), **overrides})
   return ModelConfig.from_dict(fields)
 
 

@@ -86,8 +86,8 @@ def load(location: str, *, step: int | None = None,
   """`(model, tokenizer)` at `location`. A `.tqj` export, or a ternary Hugging
   Face export (projection biases = C(W)), opens as a `PackedLlama` (CPU
   inference; `strategy` and `head` as there); anything else as a `Llama`,
-  with `quant` replacing its quantization (needed for Hugging Face and GGUF
-  sources, which record none)."""
+  with `quant` replacing its quantization (Hugging Face and GGUF sources
+  record none: they load as the float model unless `quant` is given)."""
   if str(location).endswith(".tqj") or hf.is_ternary_hf(resolve(location)):
     ex = read_inference_export(location, quant)
     return PackedLlama(ex, strategy, head), ex.load_tokenizer()

@@ -57,6 +57,21 @@ class QuantConfig:
   def is_ternary(self) -> bool:
     return self.method != "none"
 
+  def describe(self) -> str:
+    """One line for logs and reports, e.g. 'tequila per_group G=64 λ=0.001'."""
+    if not self.is_ternary:
+      return "none (float)"
+    parts = [self.method, self.granularity]
+    if self.granularity == "per_group":
+      parts.append(f"G={self.group_size}")
+    if self.method.startswith("tequila"):
+      parts.append(f"λ={self.lam:g}")
+    if self.method == "minima":
+      parts.append(f"eps={self.eps:g}")
+    if self.stat_dtype != "float32":
+      parts.append(f"stats in {self.stat_dtype}")
+    return " ".join(parts)
+
   @property
   def bias_lam(self) -> float:
     """λ of the input-independent bias c(W): non-zero only for `tequila`."""
