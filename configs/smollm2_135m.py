@@ -19,6 +19,7 @@ def get_config(method: str = "tequila"):
   config.data.seq_len = 128
   # Bounded to ~10 minutes on a 2-core CPU (~3.5 s per 1k-token step).
   config.train.update(steps=150, batch_size=8, log_every=5, eval_every=50,
-                      eval_batches=4, checkpoint_every=50)
+                      eval_batches=4, checkpoint_every=50,
+                      keep_checkpoints=1)  # 1.6 GB each (params + AdamW)
   config.optim.update(lr=1e-3, warmup_fraction=0.05, decay_fraction=0.3)
   return config

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tequila_jax import config_lib, evaluate, train
+from tequila_jax import checkpoint, config_lib, data, evaluate, train
 from tequila_jax.io import load, tokenizers
 from tests.cli import run_cli
 from tequila_jax.model import Llama
@@ -83,10 +83,17 @@ def test_cli_on_a_training_workdir(trained):
   run_cli("evaluate", "--checkpoint", trained / "run", "--tasks",
           trained / "tiny_mc.jsonl", "--text", "asset:shakespeare",
           "--max_documents", "1", "--seq_len", "64", "--out",
-          trained / "r.json")
+          trained / "r.json", "--heldout")
   out = json.loads((trained / "r.json").read_text())
   assert out["tiny_mc"]["n"] == 3
   assert 1 < out["perplexity"]["perplexity"] < 258
+  assert out["quantization"] == "tequila per_group G=64 λ=0.001"
+  # --heldout: every held-out window of the run's own corpus.
+  corpus = data.prepare_for_config(checkpoint.read_config(trained / "run"))
+  want = evaluate.window_losses(load.load_model(str(trained / "run")), corpus,
+                                seq_len=64)
+  assert out["heldout"]["windows"] == len(want)
+  np.testing.assert_allclose(out["heldout"]["loss"], want.mean(), rtol=1e-5)
   with pytest.raises(ValueError, match="lacks"):
     bad = trained / "bad.jsonl"
     bad.write_text('{"context": "x"}')

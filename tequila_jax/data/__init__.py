@@ -262,7 +262,8 @@ def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
   with atomic_path(out_dir, directory=True) as tmp:
     with open(tmp / "train.bin", "wb") as train, \
          open(tmp / "eval.bin", "wb") as held_out, \
-         tqdm.tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
+         tqdm.tqdm(desc="tokenizing", unit="doc",
+                   disable=None if progress else True) as bar:  # TTY only
       eval_offset = 0
       for spec in specs:
         row = dict(name=source_name(spec), spec=spec, documents=0,

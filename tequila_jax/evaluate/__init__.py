@@ -21,6 +21,7 @@ from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from tequila_jax import data, losses
 from tequila_jax.io.tokenizers import Tokenizer
@@ -108,7 +109,8 @@ def _window_nll(model: Llama, window, n: int, batch_size: int) -> np.ndarray:
   windows `window(0) ... window(n - 1)`, each `seq_len + 1` tokens, scored
   `batch_size` at a time (the last batch padded)."""
   out = []
-  for start in range(0, n, batch_size):
+  for start in tqdm.trange(0, n, batch_size, desc="scoring", unit="batch",
+                           disable=None):  # a bar on a terminal only
     rows = [np.asarray(window(w), np.int32)
             for w in range(start, min(start + batch_size, n))]
     real = len(rows)

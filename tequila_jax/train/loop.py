@@ -289,7 +289,10 @@ def _loop(tr: Train, state, data_iter, step_fns, eval_fn, eval_data, ckpt,
   pending = None  # (step, device metrics) fetched one step late
   last = dict(step=start, loss=float("nan"), stopped_by=None)
   bar = tqdm.tqdm(total=t.steps, initial=start, unit="step",
-                  disable=not t.progress or jax.process_index() != 0)
+                  # None: a bar on a terminal only; logs get one line per
+                  # logging step instead (below).
+                  disable=None if t.progress and jax.process_index() == 0
+                  else True)
   tick, tick_step = time.perf_counter(), start
 
   def finish(step, device_metrics):
@@ -306,6 +309,9 @@ def _loop(tr: Train, state, data_iter, step_fns, eval_fn, eval_data, ckpt,
       writer.write(step, m)
       bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}",
                       tok_s=f"{m['tokens_per_s']:.0f}")
+      if bar.disable and t.progress:
+        log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", step, t.steps,
+                 m["loss"], m["lr"], m["tokens_per_s"])
 
   with _StopSignal() as stop:
     step = start
