@@ -320,43 +320,17 @@ def _group(name: str) -> str:
   return name.rsplit("-s", 1)[0]
 
 
-def _bootstrap(stat, arrays, resamples=10_000, seed=0):
-  """Percentile 95% interval of `stat(*arrays)` resampling the shared
-  index (windows or items) of the paired arrays."""
-  rng = np.random.default_rng(seed)
-  n = len(arrays[0])
-  values = [stat(*(a[idx] for a in arrays))
-            for idx in rng.integers(0, n, (resamples, n))]
-  lo, hi = np.nanpercentile(values, [2.5, 97.5])
-  return float(lo), float(hi)
-
-
-def _paired(runs_a, runs_b, key, source=None):
-  """Per-window (or per-item) values of A minus B, averaged over the seeds
-  both have (same seed = same data order); `source` picks one source's
-  windows of `source_window_losses`."""
-  value = ((lambda r: r[key]) if source is None else  # noqa: E731
-           (lambda r: r[key][source]))
-  b = {r["overrides"].get("seed", 0): r for r in runs_b}
-  diffs = [np.asarray(value(r), float) - np.asarray(value(b[s]), float)
-           for r in runs_a if (s := r["overrides"].get("seed", 0)) in b]
-  return np.mean(diffs, axis=0), len(diffs)
-
-
-def _verdict(lo, hi, better, worse):
-  return "inconclusive" if lo <= 0 <= hi else (better if hi < 0 else worse)
-
-
 def gap_share(groups: dict[str, list[dict]], method: str) -> dict | None:
   """(L_absmean − L_method) / (L_absmean − L_float), per held-out window
   paired across runs, with a bootstrap interval over the windows."""
   if not {"absmean", "float", method} <= set(groups):
     return None
   key = "heldout_window_losses"
-  closed, seeds = _paired(groups["absmean"], groups[method], key)
-  gap, _ = _paired(groups["absmean"], groups["float"], key)
+  closed, seeds = sweep.paired(groups["absmean"], groups[method],
+                               lambda r: r[key])
+  gap, _ = sweep.paired(groups["absmean"], groups["float"], lambda r: r[key])
   share = lambda c, g: c.mean() / g.mean()  # noqa: E731
-  lo, hi = _bootstrap(share, [closed, gap])
+  lo, hi = sweep.bootstrap_ci(share, [closed, gap])
   return dict(share=float(share(closed, gap)), ci95=(lo, hi),
               gap_nats=float(gap.mean()), seeds=seeds, windows=len(gap))
 
@@ -418,13 +392,16 @@ def summarize(out: pathlib.Path, results: pathlib.Path) -> str:
     for g in groups:
       if g == "absmean":
         continue
-      d, seeds = _paired(groups[g], groups["absmean"], "heldout_window_losses")
-      lo, hi = _bootstrap(np.mean, [d])
-      c, _ = _paired(groups[g], groups["absmean"], "cloze_correct")
-      clo, chi = _bootstrap(np.mean, [c])
+      d, seeds = sweep.paired(groups[g], groups["absmean"],
+                              lambda r: r["heldout_window_losses"])
+      lo, hi = sweep.bootstrap_ci(np.mean, [d])
+      c, _ = sweep.paired(groups[g], groups["absmean"],
+                          lambda r: r["cloze_correct"])
+      clo, chi = sweep.bootstrap_ci(np.mean, [c])
       share = gap_share(groups, g)
       paired[g] = dict(delta_loss=float(d.mean()), ci95=(lo, hi),
-                       verdict=_verdict(lo, hi, f"{g} better", "absmean better"),
+                       verdict=sweep.verdict(lo, hi, f"{g} better",
+                                             "absmean better"),
                        delta_cloze=float(c.mean()), cloze_ci95=(clo, chi),
                        gap_share=share, seeds=seeds, windows=len(d),
                        items=len(c))
@@ -441,13 +418,13 @@ def summarize(out: pathlib.Path, results: pathlib.Path) -> str:
                 "| source | Δ loss | 95% CI | verdict |", "|---|---|---|---|"]
       per_source = {}
       for s in sources:
-        d, _ = _paired(groups["tequila"], groups["absmean"],
-                       "source_window_losses", source=s)
-        lo, hi = _bootstrap(np.mean, [d])
+        d, _ = sweep.paired(groups["tequila"], groups["absmean"],
+                            lambda r, s=s: r["source_window_losses"][s])
+        lo, hi = sweep.bootstrap_ci(np.mean, [d])
         per_source[s] = dict(delta_loss=float(d.mean()), ci95=(lo, hi))
         lines.append(f"| {s}{' (prose)' if s in PROSE else ''} | "
                      f"{d.mean():+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
-                     f"{_verdict(lo, hi, 'tequila better', 'absmean better')} |")
+                     f"{sweep.verdict(lo, hi, 'tequila better', 'absmean better')} |")
       paired["tequila_per_source"] = per_source
       lines.append("")
   verdict = _claim(paired)

@@ -197,28 +197,48 @@ def _run_parallel(config_spec, todo, fixed, out, parallel):
     time.sleep(1)
 
 
+def paired(runs_a: list[dict], runs_b: list[dict], value
+           ) -> tuple[np.ndarray, int]:
+  """`(per-window or per-item value(A) − value(B), seeds)`: the difference
+  averaged over the seeds both groups have (same seed = same data order);
+  `value(run)` is the array to pair, e.g. its held-out window losses."""
+  b_by_seed = {r["overrides"].get("seed", 0): r for r in runs_b}
+  diffs = [np.asarray(value(r), float) - np.asarray(value(b_by_seed[s]), float)
+           for r in runs_a if (s := r["overrides"].get("seed", 0)) in b_by_seed]
+  if not diffs:
+    raise ValueError("no seed is shared by the two groups: nothing to pair.")
+  return np.mean(diffs, axis=0), len(diffs)
+
+
+def bootstrap_ci(stat, arrays: list[np.ndarray], resamples: int = 10_000,
+                 seed: int = 0) -> tuple[float, float]:
+  """Percentile 95% interval of `stat(*arrays)`, resampling the index the
+  paired arrays share (windows or items; not the few seeds)."""
+  rng = np.random.default_rng(seed)
+  n = len(arrays[0])
+  values = [stat(*(a[idx] for a in arrays))
+            for idx in rng.integers(0, n, (resamples, n))]
+  lo, hi = np.nanpercentile(values, [2.5, 97.5])
+  return float(lo), float(hi)
+
+
+def verdict(lo: float, hi: float, better: str, worse: str) -> str:
+  """"inconclusive" when the interval of A − B contains 0, else who wins."""
+  return "inconclusive" if lo <= 0 <= hi else (better if hi < 0 else worse)
+
+
 def paired_difference(results_a: list[dict], results_b: list[dict], *,
                       names: tuple[str, str] = ("A", "B"),
                       resamples: int = 10_000, seed: int = 0) -> dict:
   """Held-out loss of A minus B, paired: the same seed (= the same data
-  order) and the same held-out windows. Per window, the difference is
-  averaged over the seeds both have; a percentile bootstrap over the windows
-  (not over the few seeds) gives the 95% interval. "inconclusive" when the
-  interval contains 0."""
-  b_by_seed = {r["overrides"].get("seed", 0): r for r in results_b}
-  diffs = [np.asarray(r["heldout_window_losses"]) - np.asarray(
-      b_by_seed[s]["heldout_window_losses"])
-           for r in results_a if (s := r["overrides"].get("seed", 0)) in b_by_seed]
-  if not diffs:
-    raise ValueError("no seed is shared by the two groups: nothing to pair.")
-  d = np.mean(diffs, axis=0)
-  rng = np.random.default_rng(seed)
-  boot = d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1)
-  lo, hi = np.percentile(boot, [2.5, 97.5])
-  verdict = ("inconclusive" if lo <= 0 <= hi else
-             f"{names[0] if hi < 0 else names[1]} better")
-  return dict(mean=float(d.mean()), ci95=(float(lo), float(hi)),
-              seeds=len(diffs), windows=len(d), verdict=verdict)
+  order) and the same held-out windows, with a bootstrap 95% interval over
+  the windows."""
+  d, seeds = paired(results_a, results_b,
+                    lambda r: r["heldout_window_losses"])
+  lo, hi = bootstrap_ci(np.mean, [d], resamples, seed)
+  return dict(mean=float(d.mean()), ci95=(lo, hi), seeds=seeds,
+              windows=len(d), verdict=verdict(lo, hi, f"{names[0]} better",
+                                              f"{names[1]} better"))
 
 
 def paired_table(groups: dict[str, list[dict]], reference: str) -> str:
