@@ -138,8 +138,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                                               cache_length, 1)
   v_all = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype),
                                               cache_length, 1)
-  kv_pos = jnp.arange(k_all.shape[1])
+  return attend_cache(q, k_all, v_all, positions), (k_all, v_all)
+
+
+def attend_cache(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+  """Causal grouped-query attention of rotated `q[B, T, N, D]` at
+  `positions[B, T]` over cached (rotated) keys/values `[B, S, K, D]`, whose
+  slot s holds position s; any prefix of the cache that covers the
+  positions gives the same result. Returns `out[B, T, N * D]`."""
+  b, t = q.shape[:2]
+  kv_pos = jnp.arange(k_cache.shape[1])
   mask = kv_pos[None, None, None, :] <= positions[:, None, :, None]
-  out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype),
-                                     v_all.astype(q.dtype), mask=mask)
-  return out.reshape(b, t, -1), (k_all, v_all)
+  out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype),
+                                     v_cache.astype(q.dtype), mask=mask)
+  return out.reshape(b, t, -1)

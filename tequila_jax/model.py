@@ -203,8 +203,9 @@ class KVCache(NamedTuple):
   def init(cls, cfg: ModelConfig, batch: int, max_len: int | None = None):
     max_len = max_len or cfg.max_seq_len
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, cfg.compute_dtype)
-    return cls(zeros, zeros, jnp.zeros((), jnp.int32))
+    return cls(jnp.zeros(shape, cfg.compute_dtype),  # two buffers: decoders
+               jnp.zeros(shape, cfg.compute_dtype),  # update them in place
+               jnp.zeros((), jnp.int32))
 
 
 class Attention(nnx.Module):

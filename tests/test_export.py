@@ -88,6 +88,16 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   stepped, _ = decode_in_steps(PackedLlama.load(path, "lut"), tokens, 20, 32)
   np.testing.assert_allclose(stepped, want, rtol=1e-4,
                              atol=1e-4 * np.abs(want).max())
+  # The cache's capacity changes nothing: attention reads its filled prefix
+  # (256 positions here, the smallest size, of 32 or 1,000), written in place.
+  lut = PackedLlama.load(path, "lut")
+  roomy, _ = decode_in_steps(lut, tokens, 20, 1000)
+  np.testing.assert_array_equal(roomy, decode_in_steps(lut, tokens, 20, 256)[0])
+  np.testing.assert_allclose(roomy, stepped, rtol=1e-6,
+                             atol=1e-6 * np.abs(want).max())
+  with pytest.raises(ValueError, match="holds 20 positions; decoding to "
+                     "position 24 would overrun"):
+    lut.decode(tokens, lut.init_cache(2, 20))
   # `auto` prefills the 2 x 24 = 48 tokens with int8 activations.
   auto = np.asarray(PackedLlama.load(path, "auto")(tokens))
   assert np.linalg.norm(auto - want) / np.linalg.norm(want) < 5e-2

@@ -27,9 +27,13 @@ from tequila_jax.io import tqj as export_lib
 from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, dense,
                                            int8_dense, lut_layout,
                                            quantize_int8, ternary_linear)
-from tequila_jax.layers import attend, rms_norm, rope_frequencies
+from tequila_jax.layers import (apply_rope, attend_cache, rms_norm,
+                                rope_frequencies)
 from tequila_jax.model import PROJECTIONS, KVCache, ModelConfig
 
+# Attention reads the cache's filled prefix rounded up to a power of two of at
+# least this many positions (a compilation per size).
+ATTEND_MIN = 256
 # Projections that read the same input run as one kernel call (one table).
 _FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"),
           "gate_up": ("gate_proj", "up_proj"),
@@ -54,13 +58,26 @@ class _Decoder:
     options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
     self._decode = jax.jit(functools.partial(_decode, cfg=self.cfg,
                                              linear=self._linear),
+                           static_argnames="attend_len", donate_argnums=3,
                            compiler_options=options)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
     return KVCache.init(self.cfg, batch, max_len)
 
   def decode(self, tokens: jax.Array, cache: KVCache):
-    return self._decode(self.params, self.inv_freq, tokens, cache)
+    """Logits of `tokens[B, T]` after the cache's positions, and the cache
+    with them written. The cache is updated in place (it is donated: use the
+    returned one) and attention reads only its filled prefix, rounded up to
+    a power of two >= `ATTEND_MIN` (one compilation per size), so a step
+    costs the same whatever the cache's capacity."""
+    end, capacity = int(cache.length) + tokens.shape[1], cache.k.shape[2]
+    if end > capacity:
+      raise ValueError(f"the KV cache holds {capacity} positions; decoding "
+                       f"to position {end} would overrun it. Use "
+                       "init_cache(batch, max_len) with a larger max_len.")
+    attend_len = min(capacity, max(ATTEND_MIN, 1 << (end - 1).bit_length()))
+    return self._decode(self.params, self.inv_freq, tokens, cache,
+                        attend_len=attend_len)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Full-sequence logits (a prefill into a fresh cache)."""
@@ -171,7 +188,7 @@ class DenseLlama(_Decoder):
 
 
 def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
-            linear: Callable):
+            linear: Callable, attend_len: int):
   b, t = tokens.shape
   positions = cache.length + jnp.broadcast_to(jnp.arange(t), tokens.shape)
   x = params["embed"][tokens].astype(jnp.float32)
@@ -182,12 +199,18 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
     h = rms_norm(x, params["attn_norm"][i], cfg.rms_eps)
     q, k, v = jnp.split(linear(h, layer["qkv"]), [q_size, q_size + kv_size],
                         axis=-1)
-    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions,
+                   inv_freq)
+    k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions,
+                   inv_freq)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    out, (k_i, v_i) = attend(q, k, v, positions, inv_freq,
-                             (k_all[i], v_all[i]), cache.length)
-    k_all, v_all = k_all.at[i].set(k_i), v_all.at[i].set(v_i)
+    # Only the new positions are written (in place: the cache is donated),
+    # and only the filled prefix is read.
+    at = (i, 0, cache.length, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+    out = attend_cache(q, k_all[i, :, :attend_len], v_all[i, :, :attend_len],
+                       positions)
     x = x + linear(out, layer["o"])
     h = rms_norm(x, params["mlp_norm"][i], cfg.rms_eps)
     gate, up = jnp.split(linear(h, layer["gate_up"]), 2, axis=-1)
