@@ -10,7 +10,8 @@ called round robin in one process. Part 2, end to end: greedy decode
 tokens/s (median per-token time over >= 20 tokens) and weight memory of a
 random-init model of `--decode_config`'s architecture (default Llama-3.2-1B)
 exported as ternary vs the same weights in f32 and bf16. Ratios are dense
-time / ternary time. Writes `results.json` and `results.md` to `--out`. Set
+time / ternary time. Part 3: one decode step at position 128 with KV caches
+of 256, 1,024 and 4,096 slots (the cost must not follow the capacity). Writes `results.json` and `results.md` to `--out`. Set
 GLIBC_TUNABLES (e.g. glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:
 glibc.malloc.trim_threshold=2000000000) yourself if wanted; the value in effect is
 printed.
@@ -186,6 +187,46 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
   return rows
 
 
+def bench_capacity(config: str, rounds: int, position: int = 128,
+                   capacities=(256, 1024, 4096)) -> list[dict]:
+  """Time of one decode step at `position` with caches of several
+  capacities (same model, `lut`), called round robin; the filled part is
+  the same, so the times should be too."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from tequila_jax import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  from tequila_jax.inference import PackedLlama  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.to_model_config(config_lib.load_config_file(
+      config).model).replace(max_seq_len=max(capacities), dtype="float32")
+  with tempfile.TemporaryDirectory() as tmp:
+    tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), f"{tmp}/m.tqj")
+    model = PackedLlama.load(f"{tmp}/m.tqj", "lut")
+  prompt = jnp.ones((1, position), jnp.int32)
+  token = jnp.ones((1, 1), jnp.int32)
+  filled = {}
+  for c in capacities:  # compile, and a cache filled to `position`
+    filled[c] = model.decode(prompt, model.init_cache(1, c))[1]
+    jax.block_until_ready(model.decode(token, filled[c])[0])
+    filled[c] = model.decode(prompt, model.init_cache(1, c))[1]
+  times = {c: [] for c in capacities}
+  for _ in range(rounds):
+    for c in capacities:
+      # The step donates its cache: time it on a copy made beforehand.
+      cache = jax.tree.map(jnp.copy, filled[c])
+      jax.block_until_ready(cache)
+      t0 = time.perf_counter()
+      jax.block_until_ready(model.decode(token, cache)[0])
+      times[c].append(time.perf_counter() - t0)
+  base = statistics.median(times[capacities[0]])
+  rows = [dict(capacity=c, position=position,
+               ms=1e3 * statistics.median(t), min_ms=1e3 * min(t),
+               max_ms=1e3 * max(t), vs_smallest=statistics.median(t) / base,
+               samples=len(t)) for c, t in times.items()]
+  for r in rows:
+    print(json.dumps(r), flush=True)
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--iters", type=int, default=20)
@@ -198,6 +239,8 @@ def main():
                  help="tokens per generation; per-token times are medianed")
   p.add_argument("--runs", type=int, default=2, help="generations per model")
   p.add_argument("--skip_layers", action="store_true")
+  p.add_argument("--capacity_rounds", type=int, default=30,
+                 help="decode steps timed per cache capacity (0: skip)")
   args = p.parse_args()
   machine = dict(cpus=os.cpu_count(), processor=platform.processor(),
                  platform=platform.platform(), jax=jax.__version__,
@@ -207,6 +250,8 @@ def main():
   layers = [] if args.skip_layers else bench_layers(args.iters)
   decode = [] if args.skip_decode else bench_decode(
       args.decode_config, args.tokens, args.runs)
+  capacity = (bench_capacity(args.decode_config, args.capacity_rounds)
+              if args.capacity_rounds else [])
   lines = ["| layer | M | f32 ms | bf16 ms | exact ms | lut ms | int8 ms | "
            "best vs f32 | best vs bf16 | floor ms (f32 GB/s) | best / floor |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -244,13 +289,22 @@ def main():
               f"{decode[1]['head_logits_rel_error']:.1e}): "
               f"{tern_i8 / best['float32']:.2f}x f32, "
               f"{tern_i8 / best['bfloat16']:.2f}x bf16."]
+  if capacity:
+    lines += ["", f"One decode step at position {capacity[0]['position']} "
+              "against the KV cache's capacity (ternary `lut`, median of "
+              f"{capacity[0]['samples']} steps, round robin):", "",
+              "| cache slots | ms/step | range | vs smallest |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['capacity']} | {r['ms']:.1f} | {r['min_ms']:.1f}–"
+              f"{r['max_ms']:.1f} | {r['vs_smallest']:.2f}x |" for r in capacity]
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
-        dict(machine=machine, layers=layers, decode=decode), indent=2))
+        dict(machine=machine, layers=layers, decode=decode,
+             capacity=capacity), indent=2))
     (out / "results.md").write_text(
         f"Machine: {json.dumps(machine)}\n\n" + text)
 
