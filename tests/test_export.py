@@ -107,6 +107,13 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   assert np.mean(int8_head.argmax(-1) == want.argmax(-1)) > 0.9
   with pytest.raises(ValueError, match="head 'fp8'"):
     PackedLlama.load(path, head="fp8")
+  # A bf16 export keeps its embedding (the tied head) bf16 at run time:
+  # half the bytes, logits within bf16 rounding of the hidden state.
+  tqj.write_export(qat_model, tmp_path / "bf16.tqj", float_dtype="bfloat16")
+  bf16 = PackedLlama.load(tmp_path / "bf16.tqj", "exact")
+  assert bf16.params["embed"].dtype == jnp.bfloat16
+  bf16_logits = np.asarray(bf16(tokens))
+  assert np.linalg.norm(bf16_logits - got) / np.linalg.norm(got) < 1e-2
   # A base3 export is repacked to 2 bits at load: the same logits.
   tqj.write_export(qat_model, tmp_path / "b3.tqj", packing="base3")
   np.testing.assert_array_equal(
@@ -310,3 +317,17 @@ def test_q8k_emulation_by_hand():
   want = np.array([32, -127, 64]) * (2.0 / 127)
   np.testing.assert_allclose(got[0, :3], want, rtol=1e-6)
   assert not got[0, 3:].any()
+
+
+def test_disk_full_reads_as_one_line(tmp_path):
+  """ENOSPC while writing an export: one line that names it, and the
+  atomic write leaves nothing behind."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from tequila_jax import cli  # pylint: disable=g-import-not-at-top
+  from tequila_jax.io.atomic import atomic_path  # pylint: disable=g-import-not-at-top
+  with pytest.raises(OSError) as e:
+    with atomic_path(tmp_path / "m.tqj") as tmp:
+      tmp.write_bytes(b"partial")
+      raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+  assert cli.message(e.value).startswith("disk full writing ")
+  assert list(tmp_path.iterdir()) == []

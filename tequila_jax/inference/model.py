@@ -145,9 +145,12 @@ class PackedLlama(_Decoder):
             lut_layout, groups=layer["alpha"].shape[1]))(jnp.asarray(packed))
       else:
         layer["packed"] = jnp.asarray(packed)
-    self.params = _float_params(t, layers, np.float32)
+    # The embedding and head stay in the export's float dtype (a bf16
+    # export holds half the bytes at run time too); compute is fp32.
+    self.params = _float_params(t, layers, t["embed"].dtype)
     if head == "int8":
-      w_t, w_scale = quantize_int8(self.params["head_t"])  # per vocab row
+      w_t, w_scale = quantize_int8(  # per vocab row
+          self.params["head_t"].astype(jnp.float32))
       self.params["head_t"] = {"w_t": w_t, "scale": w_scale[:, 0]}
     self._compile()
 
