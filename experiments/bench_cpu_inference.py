@@ -11,7 +11,9 @@ tokens/s (median per-token time over >= 20 tokens) and weight memory of a
 random-init model of `--decode_config`'s architecture (default Llama-3.2-1B)
 exported as ternary vs the same weights in f32 and bf16. Ratios are dense
 time / ternary time. Part 3: one decode step at position 128 with KV caches
-of 256, 1,024 and 4,096 slots (the cost must not follow the capacity). Writes `results.json` and `results.md` to `--out`. Set
+of 256, 1,024 and 4,096 slots (the cost must not follow the capacity).
+Part 4: against llama.cpp (llama-cpp-python) on the same exported weights:
+prefill at 128 and 512 tokens, decode at 128, 1,024 and 4,096 positions. Writes `results.json` and `results.md` to `--out`. Set
 GLIBC_TUNABLES (e.g. glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:
 glibc.malloc.trim_threshold=2000000000) yourself if wanted; the value in effect is
 printed.
@@ -227,6 +229,86 @@ def bench_capacity(config: str, rounds: int, position: int = 128,
   return rows
 
 
+def bench_llama_cpp(config: str, rounds: int, contexts=(128, 1024, 4096),
+                    prompts=(128, 512)) -> list[dict]:
+  """Our `PackedLlama` (`auto`) and llama.cpp (llama-cpp-python, the
+  `llamacpp` extra) on the same ternary weights: a random-init model of
+  `config`'s architecture with the SmolLM2 vocabulary (so that the tokenizer
+  embeds in the GGUF), per-channel scales (TQ2_0 holds them exactly),
+  exported by `write_export` + `write_gguf`. Prefill tokens/s at `prompts`
+  and one decode step at each of `contexts` filled positions, the two
+  runtimes alternating; medians and ranges over `rounds`."""
+  import llama_cpp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from tequila_jax import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  from tequila_jax.inference import PackedLlama  # pylint: disable=g-import-not-at-top
+  from tequila_jax.io import gguf, load  # pylint: disable=g-import-not-at-top
+  from tequila_jax.quant import QuantConfig  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  capacity = max(contexts) + 8
+  cfg = config_lib.to_model_config(config_lib.load_config_file(
+      config).model).replace(
+          vocab_size=49152, max_seq_len=capacity, dtype="float32",
+          tie_embeddings=True, quant=QuantConfig("tequila", "per_channel"))
+  with tempfile.TemporaryDirectory() as tmp:
+    tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), f"{tmp}/m.tqj",
+                     tokenizer=load.load_tokenizer("asset:smollm2_gguf"))
+    ours = PackedLlama.load(f"{tmp}/m.tqj", "auto")
+    gguf.write_gguf(tqj.read_export(f"{tmp}/m.tqj"), f"{tmp}/m.gguf")
+    theirs = llama_cpp.Llama(model_path=f"{tmp}/m.gguf", n_ctx=capacity,
+                             n_batch=max(prompts), n_threads=os.cpu_count(),
+                             verbose=False)
+  ids = list(np.random.default_rng(0).integers(10, 40000, capacity))
+
+  def ours_prefill(n):
+    jax.block_until_ready(ours(jnp.asarray([ids[:n]])))
+
+  def theirs_prefill(n):
+    theirs.reset()
+    theirs.eval(ids[:n])
+
+  def ours_step(n, filled):  # a copy: the step donates its cache
+    cache = jax.tree.map(jnp.copy, filled)
+    jax.block_until_ready(cache)
+    t0 = time.perf_counter()
+    jax.block_until_ready(ours.decode(jnp.asarray([[ids[n]]]), cache)[0])
+    return time.perf_counter() - t0
+
+  def theirs_step(n):
+    theirs.n_tokens = n  # drop the previous step's token, keep the prompt
+    t0 = time.perf_counter()
+    theirs.eval([ids[n]])
+    return time.perf_counter() - t0
+
+  rows = []
+  for n in prompts:
+    times = {"ours": [], "llama.cpp": []}
+    for r in range(rounds + 1):  # round 0 compiles / warms up
+      for name, fn in (("ours", ours_prefill), ("llama.cpp", theirs_prefill)):
+        t0 = time.perf_counter()
+        fn(n)
+        if r:
+          times[name].append(time.perf_counter() - t0)
+    rows += [dict(kind="prefill", tokens=n, runtime=k,
+                  tokens_per_s=n / statistics.median(t),
+                  range=(n / max(t), n / min(t))) for k, t in times.items()]
+  for n in contexts:
+    filled = ours.decode(jnp.asarray([ids[:n]]), ours.init_cache(1, capacity))[1]
+    theirs_prefill(n)
+    times = {"ours": [], "llama.cpp": []}
+    for r in range(rounds + 1):
+      t_ours, t_theirs = ours_step(n, filled), theirs_step(n)
+      if r:
+        times["ours"].append(t_ours)
+        times["llama.cpp"].append(t_theirs)
+    rows += [dict(kind="decode", tokens=n, runtime=k,
+                  tokens_per_s=1 / statistics.median(t),
+                  range=(1 / max(t), 1 / min(t))) for k, t in times.items()]
+  for r in rows:
+    print(json.dumps(r), flush=True)
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--iters", type=int, default=20)
@@ -241,6 +323,9 @@ def main():
   p.add_argument("--skip_layers", action="store_true")
   p.add_argument("--capacity_rounds", type=int, default=30,
                  help="decode steps timed per cache capacity (0: skip)")
+  p.add_argument("--llama_cpp_rounds", type=int, default=10,
+                 help="rounds of the llama.cpp comparison (0: skip; skipped "
+                 "with a note without llama-cpp-python)")
   args = p.parse_args()
   machine = dict(cpus=os.cpu_count(), processor=platform.processor(),
                  platform=platform.platform(), jax=jax.__version__,
@@ -252,6 +337,15 @@ def main():
       args.decode_config, args.tokens, args.runs)
   capacity = (bench_capacity(args.decode_config, args.capacity_rounds)
               if args.capacity_rounds else [])
+  versus, versus_note = [], ""
+  if args.llama_cpp_rounds:
+    try:
+      import llama_cpp  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      versus_note = ("llama.cpp comparison skipped: pip install -e "
+                     "\".[llamacpp]\" (llama-cpp-python) to run it.")
+    else:
+      versus = bench_llama_cpp(args.decode_config, args.llama_cpp_rounds)
   lines = ["| layer | M | f32 ms | bf16 ms | exact ms | lut ms | int8 ms | "
            "best vs f32 | best vs bf16 | floor ms (f32 GB/s) | best / floor |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -297,6 +391,24 @@ def main():
               "|---|---|---|---|"]
     lines += [f"| {r['capacity']} | {r['ms']:.1f} | {r['min_ms']:.1f}–"
               f"{r['max_ms']:.1f} | {r['vs_smallest']:.2f}x |" for r in capacity]
+  if versus or versus_note:
+    lines += ["", f"Against llama.cpp on the same ternary weights "
+              f"({pathlib.Path(args.decode_config).name} architecture, SmolLM2 "
+              "vocabulary, per-channel TQ2_0; ours `auto`), alternating, "
+              "tokens/s median (range):", ""]
+    if versus_note:
+      lines.append(versus_note)
+    else:
+      lines += ["| | tokens | ours | llama.cpp | ours / llama.cpp |",
+                "|---|---|---|---|---|"]
+      by = {(r["kind"], r["tokens"], r["runtime"]): r for r in versus}
+      for kind, n in sorted({(r["kind"], r["tokens"]) for r in versus},
+                            key=lambda k: (k[0] != "prefill", k[1])):
+        a, b = by[(kind, n, "ours")], by[(kind, n, "llama.cpp")]
+        cell = lambda r: (f"{r['tokens_per_s']:.1f} ({r['range'][0]:.1f}–"  # noqa: E731
+                          f"{r['range'][1]:.1f})")
+        lines.append(f"| {kind} | {n} | {cell(a)} | {cell(b)} | "
+                     f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x |")
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out:
@@ -304,7 +416,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
         dict(machine=machine, layers=layers, decode=decode,
-             capacity=capacity), indent=2))
+             capacity=capacity, llama_cpp=versus), indent=2))
     (out / "results.md").write_text(
         f"Machine: {json.dumps(machine)}\n\n" + text)
 
