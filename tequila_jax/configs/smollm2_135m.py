@@ -17,7 +17,7 @@ def get_config(method: str = "tequila"):
   config.model.dtype = "float32"  # CPU: bf16 matmuls are slower than fp32
   config.init.checkpoint = "asset:smollm2_gguf"
   config.data.seq_len = 128
-  # Bounded to ~10 minutes on a 2-core CPU (~3.5 s per 1k-token step).
+  # ~32 minutes on a 2-core CPU (~12 s per 1k-token step with diagnostics).
   config.train.update(steps=150, batch_size=8, log_every=5, eval_every=50,
                       eval_batches=4, checkpoint_every=50,
                       keep_checkpoints=1)  # 1.6 GB each (params + AdamW)

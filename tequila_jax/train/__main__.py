@@ -2,8 +2,8 @@
 
 Only flag parsing lives here; the training logic is `tequila_jax.train.run`,
 importable from notebooks. Without `--config` it runs the embedded default:
-QAT continuation of the real SmolLM2-135M on Shakespeare (a few minutes on a
-laptop CPU), printing held-out perplexity before and after.
+QAT continuation of the real SmolLM2-135M on Shakespeare (about half an
+hour on a 2-core CPU), printing held-out perplexity before and after.
 """
 
 import json
