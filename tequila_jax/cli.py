@@ -27,10 +27,7 @@ def message(error: BaseException) -> str:
   if isinstance(error, OSError) and error.errno == errno.ENOSPC:
     return (f"disk full writing {error.filename or 'a file'}: free space or "
             "write elsewhere (nothing partial was kept).")
-  if isinstance(error, FileNotFoundError) and not error.args[1:]:
-    return str(error)
-  text = " ".join(str(error).split()) or type(error).__name__
-  return text
+  return " ".join(str(error).split()) or type(error).__name__
 
 
 def run(main) -> None:

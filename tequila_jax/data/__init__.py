@@ -15,7 +15,8 @@ are contiguous, so its loss can be read on its own. Exact duplicate
 documents are kept once. Streams are packed into
 fixed-length windows of `seq_len + 1` tokens (no padding), which grain
 shuffles with a seed (anew each epoch) and batches; each process reads only
-its rows of every global batch. The grain iterator prefetches. The grain iterator is checkpointable, so a resumed run sees
+its rows of every global batch. The grain iterator prefetches and is
+checkpointable, so a resumed run sees
 exactly the batches an unbroken run would.
 
 Source specs (comma-separated in `config.data.sources`):
@@ -182,9 +183,12 @@ def fingerprint(spec: str) -> list:
   if pattern is None:
     return [spec]
   path = pathlib.Path(os.path.expanduser(pattern))
-  files = (sorted(str(p) for p in path.rglob("*") if p.is_file())
-           if path.is_dir() else glob.glob(str(path)) if not path.exists()
-           else [str(path)])
+  if path.is_dir():  # e.g. a tokenizer directory
+    files = [str(p) for p in path.rglob("*") if p.is_file()]
+  elif path.exists():
+    files = [str(path)]
+  else:  # a glob, or a name such as "bytes" (no files)
+    files = glob.glob(str(path))
   return [spec] + [[f, st.st_size, st.st_mtime_ns]
                    for f in sorted(files) for st in [os.stat(f)]]
 
