@@ -32,7 +32,7 @@ def _stepper(model):
     return lambda tokens, cache: decode(state, tokens, cache)
 
   def step(tokens, cache):  # e.g. inference.PackedLlama (already jitted)
-    logits, cache = model.decode(tokens, cache)
+    logits, cache = model.decode(tokens, cache, logits="last")
     return logits[:, -1], cache
 
   return step

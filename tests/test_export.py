@@ -84,6 +84,13 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   exact = PackedLlama.load(path, "exact")
   got = np.asarray(exact(tokens))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  # A prompt's prefill runs the head on its last position only.
+  last, _ = exact.decode(tokens, exact.init_cache(2, 24), logits="last")
+  assert last.shape == (2, 1, want.shape[-1])
+  np.testing.assert_allclose(last[:, 0], got[:, -1], rtol=1e-6,
+                             atol=1e-6 * np.abs(want).max())
+  with pytest.raises(ValueError, match="logits='first'"):
+    exact.decode(tokens, exact.init_cache(2, 24), logits="first")
   # Prefill + one-token steps through the cache, LUT kernels for M = 1.
   stepped, _ = decode_in_steps(PackedLlama.load(path, "lut"), tokens, 20, 32)
   np.testing.assert_allclose(stepped, want, rtol=1e-4,
@@ -147,8 +154,10 @@ def test_dense_baseline_equals_float_llama(qat_model):
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 13])
-@pytest.mark.parametrize("shape, groups", [((256, 37), 4), ((128, 96), 1),
-                                           ((64, 5), 2)])
+@pytest.mark.parametrize("shape, groups", [
+    ((256, 37), 4), ((128, 96), 1), ((64, 5), 2),
+    # Several `lut` blocks per group: G=256; per-channel 384 and 576 wide.
+    ((512, 24), 2), ((384, 16), 1), ((576, 8), 1)])
 def test_kernel_strategies_match_f32_reference(m, shape, groups):
   rng = np.random.default_rng(m)
   codes = rng.integers(-1, 2, shape).astype(np.int8)

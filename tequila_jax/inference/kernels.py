@@ -7,13 +7,15 @@ group of G) from the packed bytes of `tequila_jax.export` (`2bit` layout):
   math in fp32 (up to dot summation order).
 - `lut` (decode, small M): T-MAC style table lookup. Per token, the partial
   sums of every 4-input chunk for all 256 byte values are computed once
-  (`[in/4, 256]`), gathered by weight byte, reduced per group, scaled by
-  alpha. Activations stay fp32: exact up to summation order. Shaped for
-  XLA:CPU's code generator (each step measured): bytes in `lut_layout` order
-  (made once at load: group-major, a column's bytes of one group
-  contiguous), so that the gathers and the in-group sum are one loop with no
-  `[in/4, out]` temporary; that sum as pairwise halvings (independent adds);
-  the sum over groups as a reduce-window, which stays out of that loop. Jit
+  (`[in/4, 256]`), gathered by weight byte, reduced per block of 128 inputs
+  (whatever the group size), per group, scaled by alpha. Activations stay
+  fp32: exact up to summation order. Shaped for XLA:CPU's code generator
+  (each step measured): bytes in `lut_layout` order (made once at load:
+  block-major, a column's 32 bytes of one block contiguous, so its table
+  slice fits L1), so that the gathers and the in-block sum are one loop with
+  no `[in/4, out]` temporary; that sum as pairwise halvings (independent
+  adds); the sums over blocks and groups as reduce-windows, which stay out
+  of that loop. Jit
   with `CPU_COMPILER_OPTIONS` (PackedLlama does): by default XLA:CPU hands
   the in-group sum to YNNPACK and materializes the gathered values.
 - `int8` (batches, M >= 8): codes as int8 (unpacked once at load: 1
@@ -59,30 +61,49 @@ def _exact(x, packed, alpha, c):
   return jnp.dot(x, q, precision="highest") + c
 
 
+# The `lut` kernel's block: this many inputs (or the gcd with the group
+# size) per pass, i.e. a table of 32 x 256 fp32 (32 KiB, one core's L1) while
+# each column's 32 bytes are gathered. Larger blocks measured up to 2x slower
+# (per-channel layouts gathered from a 512 KiB table).
+LUT_BLOCK = 128
+
+
+def lut_block(d_in: int, groups: int) -> int:
+  """Inputs per `lut` block: gcd(group size, LUT_BLOCK), a multiple of 4."""
+  if d_in % groups or (d_in // groups) % 4:
+    raise ValueError(f"{d_in} inputs in {groups} groups: the group size must "
+                     "be a whole multiple of 4.")
+  return int(np.gcd(d_in // groups, LUT_BLOCK))
+
+
 def lut_layout(packed: jax.Array, groups: int) -> jax.Array:
-  """Packed `[in/4, out]` -> the `lut` kernel's order `[groups, out, in/4/groups]`
-  (each column's bytes of one input group contiguous). Same bytes, reordered."""
+  """Packed `[in/4, out]` -> the `lut` kernel's order `[blocks, out, bytes]`
+  (each column's bytes of one `lut_block` contiguous). Same bytes, reordered."""
   k, d_out = packed.shape
-  if k % groups:
-    raise ValueError(f"{k} packed rows do not split into {groups} input "
-                     "groups; the group size must be a multiple of 4.")
-  return packed.reshape(groups, k // groups, d_out).transpose(0, 2, 1)
+  per_block = lut_block(4 * k, groups) // 4
+  return packed.reshape(k // per_block, per_block, d_out).transpose(0, 2, 1)
 
 
 def _lut_one(x, lut_bytes, alpha, c):
   """x `[in]` -> `[out]` by table lookup over bytes in `lut_layout` order."""
   table = x.reshape(-1, 4) @ jnp.asarray(_BYTE_CODES).T  # [in/4, 256]
-  groups, _, per_group = lut_bytes.shape
-  row = jnp.arange(groups * per_group, dtype=jnp.int32).reshape(groups, 1, -1)
+  blocks, _, per_block = lut_bytes.shape
+  row = jnp.arange(blocks * per_block, dtype=jnp.int32).reshape(blocks, 1, -1)
   flat = lut_bytes.astype(jnp.int32) + row * 256
   partial = table.reshape(-1).at[flat].get(mode="promise_in_bounds")
   # Pairwise halving: XLA:CPU emits independent adds, not one serial chain.
   while partial.shape[-1] > 4 and partial.shape[-1] % 2 == 0:
     half = partial.shape[-1] // 2
     partial = partial[..., :half] + partial[..., half:]
-  scaled = partial.sum(axis=-1) * alpha  # [groups, out]
-  # The sum over groups as a reduce-window, which XLA:CPU does not fuse with
-  # the gathers above; fused, the whole kernel becomes one slow loop (1.5x).
+  partial = partial.sum(axis=-1)  # [blocks, out]
+  # Sums over blocks as reduce-windows, which XLA:CPU does not fuse with the
+  # gathers above; fused, the whole kernel becomes one slow loop (1.5x).
+  groups = alpha.shape[0]
+  per_group = blocks // groups
+  if per_group > 1:
+    partial = jax.lax.reduce_window(partial, 0.0, jax.lax.add,
+                                    (per_group, 1), (per_group, 1))
+  scaled = partial * alpha  # [groups, out]
   window = groups // 2 if groups % 2 == 0 else groups
   partial_sums = jax.lax.reduce_window(scaled, 0.0, jax.lax.add,
                                        (window, 1), (window, 1))

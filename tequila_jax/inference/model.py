@@ -58,18 +58,23 @@ class _Decoder:
     options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
     self._decode = jax.jit(functools.partial(_decode, cfg=self.cfg,
                                              linear=self._linear),
-                           static_argnames="attend_len", donate_argnums=3,
+                           static_argnames=("attend_len", "last_only"),
+                           donate_argnums=3,
                            compiler_options=options)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
     return KVCache.init(self.cfg, batch, max_len)
 
-  def decode(self, tokens: jax.Array, cache: KVCache):
-    """Logits of `tokens[B, T]` after the cache's positions, and the cache
-    with them written. The cache is updated in place (it is donated: use the
-    returned one) and attention reads only its filled prefix, rounded up to
-    a power of two >= `ATTEND_MIN` (one compilation per size), so a step
-    costs the same whatever the cache's capacity."""
+  def decode(self, tokens: jax.Array, cache: KVCache, logits: str = "all"):
+    """Logits of `tokens[B, T]` after the cache's positions (`[B, T, V]`;
+    `logits="last"`: `[B, 1, V]`, the head run on the last position only, as
+    a prompt's prefill needs), and the cache with them written. The cache is
+    updated in place (it is donated: use the returned one) and attention
+    reads only its filled prefix, rounded up to a power of two >=
+    `ATTEND_MIN` (one compilation per size), so a step costs the same
+    whatever the cache's capacity."""
+    if logits not in ("all", "last"):
+      raise ValueError(f"logits={logits!r}: choose 'all' or 'last'.")
     end, capacity = int(cache.length) + tokens.shape[1], cache.k.shape[2]
     if end > capacity:
       raise ValueError(f"the KV cache holds {capacity} positions; decoding "
@@ -77,7 +82,7 @@ class _Decoder:
                        "init_cache(batch, max_len) with a larger max_len.")
     attend_len = min(capacity, max(ATTEND_MIN, 1 << (end - 1).bit_length()))
     return self._decode(self.params, self.inv_freq, tokens, cache,
-                        attend_len=attend_len)
+                        attend_len=attend_len, last_only=logits == "last")
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Full-sequence logits (a prefill into a fresh cache)."""
@@ -191,7 +196,7 @@ class DenseLlama(_Decoder):
 
 
 def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
-            linear: Callable, attend_len: int):
+            linear: Callable, attend_len: int, last_only: bool):
   b, t = tokens.shape
   positions = cache.length + jnp.broadcast_to(jnp.arange(t), tokens.shape)
   x = params["embed"][tokens].astype(jnp.float32)
@@ -218,11 +223,13 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
     h = rms_norm(x, params["mlp_norm"][i], cfg.rms_eps)
     gate, up = jnp.split(linear(h, layer["gate_up"]), 2, axis=-1)
     x = x + linear(jax.nn.silu(gate) * up, layer["down"])
+  if last_only:
+    x = x[:, -1:]
   x = rms_norm(x, params["final_norm"], cfg.rms_eps)
   head = params["head_t"]
   if isinstance(head, dict):  # int8 head
-    logits = int8_dense(x.reshape(b * t, -1), head["w_t"], head["scale"])
-    logits = logits.reshape(b, t, -1)
+    logits = int8_dense(x.reshape(-1, x.shape[-1]), head["w_t"], head["scale"])
+    logits = logits.reshape(b, x.shape[1], -1)
   else:
     logits = dense(x, head, transposed=True)
   return logits, KVCache(k_all, v_all, cache.length + t)
