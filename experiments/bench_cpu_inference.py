@@ -12,8 +12,13 @@ random-init model of `--decode_config`'s architecture (default Llama-3.2-1B)
 exported as ternary vs the same weights in f32 and bf16. Ratios are dense
 time / ternary time. Part 3: one decode step at position 128 with KV caches
 of 256, 1,024 and 4,096 slots (the cost must not follow the capacity).
-Part 4: against llama.cpp (llama-cpp-python) on the same exported weights:
-prefill at 128 and 512 tokens, decode at 128, 1,024 and 4,096 positions. Writes `results.json` and `results.md` to `--out`. Set
+Part 4: against llama.cpp (llama-cpp-python) on the same exported weights,
+per-channel (TQ2_0) and G=128 (Q4_0): prefill at 128 and 512 tokens (and
+our bf16 DenseLlama), decode at 128, 1,024 and 4,096 positions (and ours
+alone). Part 5: where a decode step's time goes, per op, beside each op's
+bandwidth floor. Part 6: what PackedLlama holds per layout, strategy,
+embedding and alpha dtype. Writes `results.json` and `results.md` to
+`--out`. Set
 GLIBC_TUNABLES (e.g. glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:
 glibc.malloc.trim_threshold=2000000000) yourself if wanted; the value in effect is
 printed.
@@ -38,9 +43,11 @@ from tequila_jax.inference import kernels
 from tequila_jax.io import tqj
 
 
-def time_side_by_side(fns: dict, iters: int, warmup: int = 3) -> dict:
-  """Median seconds of each `name -> (fn, args)`, calls interleaved round
-  robin so that drift in the machine's speed hits every candidate alike."""
+def time_side_by_side(fns: dict, iters: int, warmup: int = 3,
+                      keep_all: bool = False) -> dict:
+  """Median seconds of each `name -> (fn, args)` (every time if `keep_all`),
+  calls interleaved round robin so that drift in the machine's speed hits
+  every candidate alike."""
   for fn, args in fns.values():
     for _ in range(warmup):
       jax.block_until_ready(fn(*args))
@@ -50,6 +57,8 @@ def time_side_by_side(fns: dict, iters: int, warmup: int = 3) -> dict:
       t0 = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - t0)
+  if keep_all:
+    return times
   return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -133,7 +142,7 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
     base3 = tqj.size_report(tqj.export_tensors(qat, "base3"), cfg)
     del qat
     packed = PackedLlama.load(f"{tmp}/m.tqj", "lut")
-    packed_i8 = PackedLlama.load(f"{tmp}/m.tqj", "lut", head="int8")
+    packed_i8 = PackedLlama.load(f"{tmp}/m.tqj", "lut", embed="int8")
   n_params = sum(x.size for x in jax.tree.leaves(params))
   sizes = dict(decode_config=config, params=n_params,
                **{k: v for k, v in report.items() if v},
@@ -150,7 +159,7 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
                      read_mib_per_token=(read_bytes or weight_bytes) / 2**20))
     print(json.dumps(rows[-1]), flush=True)
 
-  record("ternary (lut)", packed, report["tensor_bytes"], tokens, runs)
+  record("ternary (lut)", packed, packed.memory()["total"], tokens, runs)
   head_t = packed.params["head_t"]
   hidden = jax.random.normal(jax.random.key(0), (1, head_t.shape[1]))
   want = hidden @ head_t.T
@@ -158,11 +167,8 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
                            packed_i8.params["head_t"]["scale"])
   head_error = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
   del packed
-  # Weights: the export's bytes (+ the int8 copy of the head it builds).
-  # Per token it reads the int8 head instead of the fp32 one.
-  record("ternary (lut) + int8 head", packed_i8,
-         report["tensor_bytes"] + head_t.size, tokens, runs,
-         read_bytes=report["tensor_bytes"] - 3 * head_t.size)
+  record("ternary (lut) + int8 embedding/head", packed_i8,
+         packed_i8.memory()["total"], tokens, runs)
   rows[-1]["head_logits_rel_error"] = head_error  # on a random hidden state
   del packed_i8
   float_model = model_lib.abstract_model(
@@ -229,83 +235,245 @@ def bench_capacity(config: str, rounds: int, position: int = 128,
   return rows
 
 
+def _random_export(config: str, path, **changes):
+  """Writes a random-init ternary export of `config`'s architecture with
+  `changes` (ModelConfig fields) and the SmolLM2 tokenizer; returns its cfg."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from tequila_jax import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.to_model_config(config_lib.load_config_file(
+      config).model).replace(dtype="float32", **changes)
+  tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), path,
+                   tokenizer=load.load_tokenizer("asset:smollm2_gguf"))
+  return cfg
+
+
+def read_bandwidth(mib: int = 512, iters: int = 10) -> float:
+  """Bytes/s that a jitted sum over a `mib` MiB fp32 array reads (median)."""
+  a = jnp.ones((mib * 2**18,), jnp.float32)
+  t = time_side_by_side({"sum": (jax.jit(jnp.sum), (a,))}, iters)["sum"]
+  return a.nbytes / t
+
+
+def bench_decode_ops(config: str, rounds: int, position: int = 128,
+                     layouts=(("per_channel", None), ("per_group", 128))
+                     ) -> list[dict]:
+  """Where a decode step's time goes: one step at `position` (cache of
+  1,024) and each op of it timed alone with the model's own arrays (layer
+  fused projections through `ternary_linear` over every layer's arrays in
+  one executable, attention over the attended prefix likewise, the head),
+  all round robin; `rest` is the step minus
+  the ops (norms, RoPE, cache writes, embedding, dispatch). Floor: the
+  bytes an op reads at `read_bandwidth`. 1B-class shape with the SmolLM2
+  vocabulary (tied fp32 embedding), `auto` (= `lut` at one token)."""
+  from tequila_jax.inference import PackedLlama, model as inf_model  # pylint: disable=g-import-not-at-top
+  from tequila_jax.layers import attend_cache  # pylint: disable=g-import-not-at-top
+  from tequila_jax.quant import QuantConfig  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  bandwidth = read_bandwidth()
+  kernel_jit = functools.partial(jax.jit,
+                                 compiler_options=kernels.CPU_COMPILER_OPTIONS)
+  rows = []
+  for granularity, group in layouts:
+    quant = QuantConfig("tequila", granularity, group_size=group or 128)
+    with tempfile.TemporaryDirectory() as tmp:
+      cfg = _random_export(config, f"{tmp}/m.tqj", vocab_size=49152,
+                           max_seq_len=1024, tie_embeddings=True, quant=quant)
+      model = PackedLlama.load(f"{tmp}/m.tqj", "auto")
+    layers = model.params["layers"]
+    rng = np.random.default_rng(0)
+    vec = lambda n: jnp.asarray(rng.normal(size=(1, n)), jnp.float32)  # noqa: E731
+    # Each op over all layers' own arrays in one executable, as in the step
+    # (no per-call dispatch; each layer's weights read from memory).
+    every_layer = lambda op: kernel_jit(  # noqa: E731
+        lambda x, per_layer: sum(op(x, a) for a in per_layer))
+    fns, reads = {}, {}
+    for name, entry in layers[0].items():
+      d_in = entry["lut"].shape[0] * entry["lut"].shape[2] * 4
+      fns[name] = (every_layer(model._linear),  # pylint: disable=protected-access
+                   (vec(d_in), [layer[name] for layer in layers]))
+      reads[name] = cfg.num_layers * sum(entry[k].nbytes
+                                         for k in ("lut", "alpha", "c"))
+    attend = max(inf_model.ATTEND_MIN, 1 << position.bit_length())
+    kv = [jnp.asarray(rng.normal(size=(2, 1, attend, cfg.num_kv_heads,
+                                       cfg.head_dim)), jnp.float32)
+          for _ in range(cfg.num_layers)]
+    q = jnp.asarray(rng.normal(size=(1, 1, cfg.num_heads, cfg.head_dim)),
+                    jnp.float32)
+    fns["attention"] = (every_layer(lambda q, kv: attend_cache(
+        q, kv[0], kv[1], jnp.full((1, 1), position))), (q, kv))
+    reads["attention"] = sum(a.nbytes for a in kv)
+    head = model.params["head_t"]
+    fns["head"] = (kernel_jit(functools.partial(kernels.dense,
+                                                transposed=True)),
+                   (vec(cfg.hidden_size), head))
+    reads["head"] = head.nbytes
+    filled = model.decode(jnp.ones((1, position), jnp.int32),
+                          model.init_cache(1, 1024))[1]
+    token = jnp.ones((1, 1), jnp.int32)
+
+    def step(filled=filled, model=model):  # a copy: the step donates it
+      cache = jax.tree.map(jnp.copy, filled)
+      return model.decode(token, cache)[0]
+    fns["step"] = (step, ())
+    times = time_side_by_side(fns, rounds, keep_all=True)
+    step_ms = 1e3 * statistics.median(times.pop("step"))
+    parts = {}
+    for name, t in times.items():
+      parts[name] = dict(op=name, ms=1e3 * statistics.median(t),
+                         min_ms=1e3 * min(t), max_ms=1e3 * max(t),
+                         floor_ms=reads[name] / bandwidth * 1e3)
+    rest = step_ms - sum(r["ms"] for r in parts.values())
+    label = granularity if not group else f"G={group}"
+    for r in [*parts.values(), dict(op="rest", ms=rest),
+              dict(op="step", ms=step_ms,
+                   floor_ms=sum(r["floor_ms"] for r in parts.values()))]:
+      r.update(layout=label, share=r["ms"] / step_ms,
+               read_gbs=bandwidth / 1e9, position=position)
+      rows.append(r)
+      print(json.dumps(r), flush=True)
+  return rows
+
+
+MEMORY_VARIANTS = (  # strategy, embed, alpha_dtype
+    ("lut", "float", "float32"), ("lut", "float", "float16"),
+    ("int8", "float", "float32"), ("auto", "float", "float32"),
+    ("lut", "int8", "float16"), ("auto", "int8", "float16"))
+
+
+def bench_memory(config: str,
+                 layouts=(("per_group", 128), ("per_group", 256),
+                          ("per_channel", None))) -> list[dict]:
+  """What `PackedLlama` holds (`memory()`) for a random-init bf16 export of
+  `config`'s architecture, per layout and `MEMORY_VARIANTS`."""
+  from tequila_jax.inference import PackedLlama  # pylint: disable=g-import-not-at-top
+  from tequila_jax.quant import QuantConfig  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from tequila_jax import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  rows = []
+  for granularity, group in layouts:
+    cfg = config_lib.to_model_config(config_lib.load_config_file(
+        config).model).replace(quant=QuantConfig(
+            "tequila", granularity, group_size=group or 128))
+    with tempfile.TemporaryDirectory() as tmp:
+      tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)),
+                       f"{tmp}/m.tqj", float_dtype="bfloat16")
+      for strategy, embed, alpha_dtype in MEMORY_VARIANTS:
+        m = PackedLlama.load(f"{tmp}/m.tqj", strategy, embed, alpha_dtype)
+        rows.append(dict(layout=f"G={group}" if group else granularity,
+                         strategy=strategy, embed=embed if embed == "int8"
+                         else "bf16", alpha=alpha_dtype, **m.memory()))
+        del m
+        print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
 def bench_llama_cpp(config: str, rounds: int, contexts=(128, 1024, 4096),
-                    prompts=(128, 512)) -> list[dict]:
+                    prompts=(128, 512),
+                    layouts=(("per_channel", None), ("per_group", 128))
+                    ) -> list[dict]:
   """Our `PackedLlama` (`auto`) and llama.cpp (llama-cpp-python, the
   `llamacpp` extra) on the same ternary weights: a random-init model of
   `config`'s architecture with the SmolLM2 vocabulary (so that the tokenizer
-  embeds in the GGUF), per-channel scales (TQ2_0 holds them exactly),
-  exported by `write_export` + `write_gguf`. Prefill tokens/s at `prompts`
-  and one decode step at each of `contexts` filled positions, the two
-  runtimes alternating; medians and ranges over `rounds`."""
+  embeds in the GGUF), per layout of `layouts`, exported by `write_export` +
+  `write_gguf` (per-channel: TQ2_0; G=128: Q4_0, which holds codes x alpha
+  exactly). Prefill tokens/s at `prompts` (last position's logits, as
+  llama.cpp's eval), with our bf16 `DenseLlama` of the same shape in the
+  rotation; one decode step at each of `contexts` filled positions; the
+  runtimes alternating, and ours alone at the first context; medians and
+  ranges over `rounds`."""
   import llama_cpp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from tequila_jax import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
-  from tequila_jax.inference import PackedLlama  # pylint: disable=g-import-not-at-top
-  from tequila_jax.io import gguf, load  # pylint: disable=g-import-not-at-top
+  from tequila_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from tequila_jax.inference import DenseLlama, PackedLlama  # pylint: disable=g-import-not-at-top
+  from tequila_jax.io import gguf  # pylint: disable=g-import-not-at-top
   from tequila_jax.quant import QuantConfig  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   capacity = max(contexts) + 8
-  cfg = config_lib.to_model_config(config_lib.load_config_file(
-      config).model).replace(
-          vocab_size=49152, max_seq_len=capacity, dtype="float32",
-          tie_embeddings=True, quant=QuantConfig("tequila", "per_channel"))
-  with tempfile.TemporaryDirectory() as tmp:
-    tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), f"{tmp}/m.tqj",
-                     tokenizer=load.load_tokenizer("asset:smollm2_gguf"))
-    ours = PackedLlama.load(f"{tmp}/m.tqj", "auto")
-    gguf.write_gguf(tqj.read_export(f"{tmp}/m.tqj"), f"{tmp}/m.gguf")
-    theirs = llama_cpp.Llama(model_path=f"{tmp}/m.gguf", n_ctx=capacity,
-                             n_batch=max(prompts), n_threads=os.cpu_count(),
-                             verbose=False)
   ids = list(np.random.default_rng(0).integers(10, 40000, capacity))
+  rows, dense = [], None
 
-  def ours_prefill(n):
-    jax.block_until_ready(ours(jnp.asarray([ids[:n]])))
+  def prefill(model, n):  # the last position's logits, as llama.cpp's eval
+    jax.block_until_ready(model.decode(jnp.asarray([ids[:n]]),
+                                       model.init_cache(1, n), logits="last"))
 
-  def theirs_prefill(n):
-    theirs.reset()
-    theirs.eval(ids[:n])
-
-  def ours_step(n, filled):  # a copy: the step donates its cache
+  def step(model, n, filled):  # a copy: the step donates its cache
     cache = jax.tree.map(jnp.copy, filled)
     jax.block_until_ready(cache)
     t0 = time.perf_counter()
-    jax.block_until_ready(ours.decode(jnp.asarray([[ids[n]]]), cache)[0])
+    jax.block_until_ready(model.decode(jnp.asarray([[ids[n]]]), cache)[0])
     return time.perf_counter() - t0
 
-  def theirs_step(n):
-    theirs.n_tokens = n  # drop the previous step's token, keep the prompt
-    t0 = time.perf_counter()
-    theirs.eval([ids[n]])
-    return time.perf_counter() - t0
+  def summary(kind, n, runtime, times, **extra):
+    rows.append(dict(kind=kind, tokens=n, runtime=runtime,
+                     tokens_per_s=(1 if kind == "decode" else n) /
+                     statistics.median(times),
+                     range=((1 if kind == "decode" else n) / max(times),
+                            (1 if kind == "decode" else n) / min(times)),
+                     **extra))
+    print(json.dumps(rows[-1]), flush=True)
 
-  rows = []
-  for n in prompts:
-    times = {"ours": [], "llama.cpp": []}
-    for r in range(rounds + 1):  # round 0 compiles / warms up
-      for name, fn in (("ours", ours_prefill), ("llama.cpp", theirs_prefill)):
-        t0 = time.perf_counter()
-        fn(n)
+  for granularity, group in layouts:
+    layout = f"G={group}" if group else granularity
+    quant = QuantConfig("tequila", granularity, group_size=group or 128)
+    with tempfile.TemporaryDirectory() as tmp:
+      cfg = _random_export(config, f"{tmp}/m.tqj", vocab_size=49152,
+                           max_seq_len=capacity, tie_embeddings=True,
+                           quant=quant)
+      ours = PackedLlama.load(f"{tmp}/m.tqj", "auto")
+      types = gguf.write_gguf(tqj.read_export(f"{tmp}/m.tqj"),
+                              f"{tmp}/m.gguf")["tensor_types"]
+      theirs = llama_cpp.Llama(model_path=f"{tmp}/m.gguf", n_ctx=capacity,
+                               n_batch=max(prompts), n_threads=os.cpu_count(),
+                               verbose=False)
+    fmt = "/".join(sorted(t for t in types if t.lower() not in ("f32", "f16")))
+    if dense is None:  # the float baseline: weights' values do not matter
+      dense = DenseLlama(model_lib.Llama(cfg.replace(
+          quant=QuantConfig("none")), rngs=nnx.Rngs(0)), "bfloat16")
+      runners = {"bf16 DenseLlama": lambda n: prefill(dense, n)}
+    else:
+      runners = {}
+
+    def theirs_prefill(n, theirs=theirs):
+      theirs.reset()
+      theirs.eval(ids[:n])
+
+    def theirs_step(n, theirs=theirs):
+      theirs.n_tokens = n  # drop the previous step's token, keep the prompt
+      t0 = time.perf_counter()
+      theirs.eval([ids[n]])
+      return time.perf_counter() - t0
+
+    runners = {"ours": lambda n, ours=ours: prefill(ours, n),
+               "llama.cpp": theirs_prefill, **runners}
+    for n in prompts:
+      times = {name: [] for name in runners}
+      for r in range(rounds + 1):  # round 0 compiles / warms up
+        for name, fn in runners.items():
+          t0 = time.perf_counter()
+          fn(n)
+          if r:
+            times[name].append(time.perf_counter() - t0)
+      for name, t in times.items():
+        summary("prefill", n, name, t, layout=layout, format=fmt)
+    for i, n in enumerate(contexts):
+      filled = ours.decode(jnp.asarray([ids[:n]]),
+                           ours.init_cache(1, capacity))[1]
+      theirs_prefill(n)
+      times = {"ours": [], "llama.cpp": []}
+      for r in range(rounds + 1):
+        t_ours, t_theirs = step(ours, n, filled), theirs_step(n)
         if r:
-          times[name].append(time.perf_counter() - t0)
-    rows += [dict(kind="prefill", tokens=n, runtime=k,
-                  tokens_per_s=n / statistics.median(t),
-                  range=(n / max(t), n / min(t))) for k, t in times.items()]
-  for n in contexts:
-    filled = ours.decode(jnp.asarray([ids[:n]]), ours.init_cache(1, capacity))[1]
-    theirs_prefill(n)
-    times = {"ours": [], "llama.cpp": []}
-    for r in range(rounds + 1):
-      t_ours, t_theirs = ours_step(n, filled), theirs_step(n)
-      if r:
-        times["ours"].append(t_ours)
-        times["llama.cpp"].append(t_theirs)
-    rows += [dict(kind="decode", tokens=n, runtime=k,
-                  tokens_per_s=1 / statistics.median(t),
-                  range=(1 / max(t), 1 / min(t))) for k, t in times.items()]
-  for r in rows:
-    print(json.dumps(r), flush=True)
+          times["ours"].append(t_ours)
+          times["llama.cpp"].append(t_theirs)
+      if i == 0:  # ours alone: nothing else runs between its steps
+        step(ours, n, filled)
+        times["ours alone"] = [step(ours, n, filled) for _ in range(rounds)]
+      for name, t in times.items():
+        summary("decode", n, name, t, layout=layout, format=fmt)
+      del filled
+    del ours, theirs
   return rows
 
 
@@ -323,6 +491,10 @@ def main():
   p.add_argument("--skip_layers", action="store_true")
   p.add_argument("--capacity_rounds", type=int, default=30,
                  help="decode steps timed per cache capacity (0: skip)")
+  p.add_argument("--skip_ops", action="store_true",
+                 help="skip the per-op profile of a decode step")
+  p.add_argument("--ops_rounds", type=int, default=20)
+  p.add_argument("--skip_memory", action="store_true")
   p.add_argument("--llama_cpp_rounds", type=int, default=10,
                  help="rounds of the llama.cpp comparison (0: skip; skipped "
                  "with a note without llama-cpp-python)")
@@ -337,6 +509,9 @@ def main():
       args.decode_config, args.tokens, args.runs)
   capacity = (bench_capacity(args.decode_config, args.capacity_rounds)
               if args.capacity_rounds else [])
+  ops = ([] if args.skip_ops else
+         bench_decode_ops(args.decode_config, args.ops_rounds))
+  memory = [] if args.skip_memory else bench_memory(args.decode_config)
   versus, versus_note = [], ""
   if args.llama_cpp_rounds:
     try:
@@ -359,7 +534,7 @@ def main():
   if decode:
     tern = decode[0]["tokens_per_s"]
     best = {r["model"]: r["tokens_per_s"] for r in decode}
-    tern_i8 = best["ternary (lut) + int8 head"]
+    tern_i8 = best["ternary (lut) + int8 embedding/head"]
     lines += ["", f"End to end, {pathlib.Path(args.decode_config).name} "
               "architecture (random init), greedy decode, median per token:", "",
               "| model | tokens/s | ms/token | samples | weights MiB | "
@@ -378,7 +553,7 @@ def main():
                           f"{r['vs_floor']:.1f}x it" for r in decode
                           if "floor_ms" in r) + "."]
     lines += ["", f"Ternary vs f32: {tern / best['float32']:.2f}x; "
-              f"vs bf16: {tern / best['bfloat16']:.2f}x. With the int8 head "
+              f"vs bf16: {tern / best['bfloat16']:.2f}x. With the int8 embedding/head "
               f"(quantizes the last hidden state; logits rel. error "
               f"{decode[1]['head_logits_rel_error']:.1e}): "
               f"{tern_i8 / best['float32']:.2f}x f32, "
@@ -394,21 +569,60 @@ def main():
   if versus or versus_note:
     lines += ["", f"Against llama.cpp on the same ternary weights "
               f"({pathlib.Path(args.decode_config).name} architecture, SmolLM2 "
-              "vocabulary, per-channel TQ2_0; ours `auto`), alternating, "
-              "tokens/s median (range):", ""]
+              "vocabulary; ours `auto`), alternating, tokens/s median "
+              "(range); prefill also against our bf16 DenseLlama, decode also "
+              "ours alone:", ""]
     if versus_note:
       lines.append(versus_note)
     else:
-      lines += ["| | tokens | ours | llama.cpp | ours / llama.cpp |",
-                "|---|---|---|---|---|"]
-      by = {(r["kind"], r["tokens"], r["runtime"]): r for r in versus}
-      for kind, n in sorted({(r["kind"], r["tokens"]) for r in versus},
-                            key=lambda k: (k[0] != "prefill", k[1])):
-        a, b = by[(kind, n, "ours")], by[(kind, n, "llama.cpp")]
-        cell = lambda r: (f"{r['tokens_per_s']:.1f} ({r['range'][0]:.1f}–"  # noqa: E731
-                          f"{r['range'][1]:.1f})")
-        lines.append(f"| {kind} | {n} | {cell(a)} | {cell(b)} | "
-                     f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x |")
+      lines += ["| layout (llama.cpp type) | | tokens | ours | llama.cpp | "
+                "ours / llama.cpp | bf16 DenseLlama | ours / bf16 | ours alone |",
+                "|---|---|---|---|---|---|---|---|---|"]
+      by = {(r["layout"], r["kind"], r["tokens"], r["runtime"]): r
+            for r in versus}
+      cell = lambda r: (f"{r['tokens_per_s']:.1f} ({r['range'][0]:.1f}–"  # noqa: E731
+                        f"{r['range'][1]:.1f})" if r else "-")
+      keys = dict.fromkeys((r["layout"], r["kind"], r["tokens"])
+                           for r in versus)
+      dense = {r["tokens"]: r for r in versus
+               if r["runtime"] == "bf16 DenseLlama"}
+      for layout, kind, n in keys:
+        ours, theirs = (by[(layout, kind, n, k)] for k in ("ours", "llama.cpp"))
+        bf16 = dense.get(n) if kind == "prefill" else None
+        alone = by.get((layout, kind, n, "ours alone"))
+        vs_bf16 = (f"{ours['tokens_per_s'] / bf16['tokens_per_s']:.2f}x"
+                   if bf16 else "-")
+        lines.append(
+            f"| {layout} ({ours['format']}) | {kind} | {n} | {cell(ours)} | "
+            f"{cell(theirs)} | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
+            f" | {cell(bf16)} | {vs_bf16} | {cell(alone)} |")
+  if ops:
+    lines += ["", f"Where a decode step's time goes (position "
+              f"{ops[0]['position']}, SmolLM2 vocabulary, fp32 tied head; "
+              "each op over every layer in one executable, median (range) "
+              "of rounds; floor: the bytes it reads at "
+              f"{ops[0]['read_gbs']:.1f} GB/s, a jitted sum's read rate):", "",
+              "| layout | op | ms per token | range | share | floor ms | "
+              "x floor |", "|---|---|---|---|---|---|---|"]
+    for r in ops:
+      rng_ = (f"{r['min_ms']:.1f}–{r['max_ms']:.1f}" if "min_ms" in r else "-")
+      floor = r.get("floor_ms")
+      lines.append(f"| {r['layout']} | {r['op']} | {r['ms']:.1f} | {rng_} | "
+                   f"{r['share']:.0%} | "
+                   + (f"{floor:.1f} | {r['ms'] / floor:.1f}x |" if floor
+                      else "- | - |"))
+  if memory:
+    lines += ["", f"What PackedLlama holds, {pathlib.Path(args.decode_config).name}"
+              " architecture, bf16 export (MiB; bits per ternary weight: the "
+              "decode form = 2-bit bytes + alpha + c; all held adds `int8`/"
+              "`auto`'s int8 codes for batched calls):", "",
+              "| layout | strategy | embedding/head | alpha | ternary MiB | "
+              "embedding/head MiB | total MiB | bits/weight (decode) | "
+              "bits/weight (all held) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layout']} | {r['strategy']} | {r['embed']} | {r['alpha']} "
+              f"| {r['ternary'] / 2**20:.0f} | {r['embed_head'] / 2**20:.0f} | "
+              f"{r['total'] / 2**20:.0f} | {r['bits_per_ternary_weight']:.3f} | "
+              f"{r['bits_per_ternary_weight_all_held']:.3f} |" for r in memory]
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out:
@@ -416,7 +630,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
         dict(machine=machine, layers=layers, decode=decode,
-             capacity=capacity, llama_cpp=versus), indent=2))
+             capacity=capacity, ops=ops, memory=memory, llama_cpp=versus),
+        indent=2))
     (out / "results.md").write_text(
         f"Machine: {json.dumps(machine)}\n\n" + text)
 

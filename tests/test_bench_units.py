@@ -1,5 +1,7 @@
 """MFU is reported against the chip's spec peak, not a measured one."""
 
+import pytest
+
 from experiments import bench_train_step
 from tequila_jax import config_lib
 from tests.cli import ROOT
@@ -20,3 +22,28 @@ def test_committed_1b_run_in_spec_units():
   flops = bench_train_step.model_flops_per_token(cfg, 1024)
   assert abs(flops / 1e9 - 7.817) < 1e-3
   assert round(100 * 53_847 * flops / 989e12, 1) == 42.6
+
+
+def test_cpu_inference_memory_and_op_profile_parts(tmp_path):
+  """Parts 5 and 6 of bench_cpu_inference on the tiny architecture: fp16
+  alpha saves 16 / G bits per weight, `auto` holds 8 more (int8 codes), and
+  the per-op profile times every op of a decode step."""
+  from experiments import bench_cpu_inference  # pylint: disable=g-import-not-at-top
+  tiny = str(ROOT / "configs/tiny.py")
+  rows = {(r["layout"], r["strategy"], r["embed"], r["alpha"]): r
+          for r in bench_cpu_inference.bench_memory(
+              tiny, layouts=(("per_group", 64),))}
+  bits = lambda *k: rows[("G=64", *k)]["bits_per_ternary_weight"]  # noqa: E731
+  assert bits("lut", "bf16", "float32") - bits("lut", "bf16", "float16") == (
+      pytest.approx(16 / 64))
+  auto = rows[("G=64", "auto", "bf16", "float32")]
+  assert auto["bits_per_ternary_weight_all_held"] == pytest.approx(
+      auto["bits_per_ternary_weight"] + 8)
+  assert (rows[("G=64", "lut", "int8", "float16")]["embed_head"] * 2 ==
+          rows[("G=64", "lut", "bf16", "float16")]["embed_head"] +
+          2 * 4 * 512)  # int8 + a fp32 scale per row vs bf16, vocab 512
+  ops = bench_cpu_inference.bench_decode_ops(
+      tiny, rounds=2, position=8, layouts=(("per_group", 64),))
+  assert {r["op"] for r in ops} == {"qkv", "o", "gate_up", "down",
+                                    "attention", "head", "rest", "step"}
+  assert all(r["ms"] > 0 for r in ops if r["op"] != "rest")

@@ -108,12 +108,27 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   # `auto` prefills the 2 x 24 = 48 tokens with int8 activations.
   auto = np.asarray(PackedLlama.load(path, "auto")(tokens))
   assert np.linalg.norm(auto - want) / np.linalg.norm(want) < 5e-2
-  # The int8 head quantizes weights per vocab row and the hidden state.
-  int8_head = np.asarray(PackedLlama.load(path, "exact", head="int8")(tokens))
-  assert np.linalg.norm(int8_head - want) / np.linalg.norm(want) < 2e-2
-  assert np.mean(int8_head.argmax(-1) == want.argmax(-1)) > 0.9
-  with pytest.raises(ValueError, match="head 'fp8'"):
-    PackedLlama.load(path, head="fp8")
+  # The int8 embedding/head: per vocab row, one table when tied; the head
+  # quantizes the hidden state.
+  int8 = PackedLlama.load(path, "exact", embed="int8")
+  assert int8.params["head_t"] is int8.params["embed"]
+  vocab, hidden = qat_model.cfg.vocab_size, qat_model.cfg.hidden_size
+  assert int8.memory()["embed_head"] == vocab * hidden + 4 * vocab
+  int8_logits = np.asarray(int8(tokens))
+  assert np.linalg.norm(int8_logits - want) / np.linalg.norm(want) < 2e-2
+  assert np.mean(int8_logits.argmax(-1) == want.argmax(-1)) > 0.9
+  with pytest.raises(ValueError, match="embed 'fp8'"):
+    PackedLlama.load(path, embed="fp8")
+  # fp16 alpha: exactly the fp32 model with alpha rounded to fp16, and
+  # 16 / G bits less per weight (G = 64 here).
+  half = PackedLlama.load(path, "exact", alpha_dtype="float16")
+  rounded = tqj.read_export(path)
+  for key in [k for k in rounded.tensors if k.endswith(".alpha")]:
+    rounded.tensors[key] = rounded.tensors[key].astype(np.float16).astype(
+        np.float32)
+  np.testing.assert_array_equal(half(tokens), PackedLlama(rounded, "exact")(tokens))
+  assert (exact.memory()["bits_per_ternary_weight"] -
+          half.memory()["bits_per_ternary_weight"]) == pytest.approx(16 / 64)
   # A bf16 export keeps its embedding (the tied head) bf16 at run time:
   # half the bytes, logits within bf16 rounding of the hidden state.
   tqj.write_export(qat_model, tmp_path / "bf16.tqj", float_dtype="bfloat16")

@@ -24,9 +24,12 @@ flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("strategy", "auto", ["auto", "exact", "lut", "int8"],
                   "Ternary kernel of a .tqj model.")
-flags.DEFINE_enum("head", "float", ["float", "int8"], "int8: int8 output "
-                  "projection, quantizes the last hidden state (faster; "
-                  "logits ~1e-2 relative error).")
+flags.DEFINE_enum("embed", "float", ["float", "int8"], "int8: embedding and "
+                  "output head as int8 with per-row scales (a quarter of fp32's "
+                  "memory; the head quantizes the last hidden state: logits "
+                  "~1e-2 relative error).")
+flags.DEFINE_enum("alpha_dtype", "float32", ["float32", "float16"],
+                  "How the group scales are held (float16: half the bytes).")
 config_lib.define_quant_flag()
 FLAGS = flags.FLAGS
 
@@ -34,7 +37,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   model, tok = load.load(FLAGS.model, quant=config_lib.quant_from_flag(
-      FLAGS.quant), strategy=FLAGS.strategy, head=FLAGS.head)
+      FLAGS.quant), strategy=FLAGS.strategy, embed=FLAGS.embed,
+      alpha_dtype=FLAGS.alpha_dtype)
   prompt = tok.encode(FLAGS.prompt, bos=tok.bos_id is not None)
   sys.stdout.write(FLAGS.prompt)
   sys.stdout.flush()

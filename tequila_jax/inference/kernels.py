@@ -178,10 +178,12 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
 
   `codes` (int8 `[in, out]`, unpacked once) serves the `int8` strategy and
   `lut` (= `lut_layout(packed, groups)`) the `lut` strategy; each is derived
-  on the fly when not given (`packed` may then be None).
+  on the fly when not given (`packed` may then be None). `alpha` may be held
+  in fp16 (half the bytes); it is widened to fp32 here.
   """
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  alpha = alpha.astype(jnp.float32)
   m = x2.shape[0]
   if strategy == "auto":
     strategy = "lut" if m < 8 else "int8"

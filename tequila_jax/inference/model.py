@@ -27,8 +27,7 @@ from tequila_jax.io import tqj as export_lib
 from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, dense,
                                            int8_dense, lut_layout,
                                            quantize_int8, ternary_linear)
-from tequila_jax.layers import (apply_rope, attend_cache, rms_norm,
-                                rope_frequencies)
+from tequila_jax.layers import apply_rope, rms_norm, rope_frequencies
 from tequila_jax.model import PROJECTIONS, KVCache, ModelConfig
 
 # Attention reads the cache's filled prefix rounded up to a power of two of at
@@ -63,7 +62,13 @@ class _Decoder:
                            compiler_options=options)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-    return KVCache.init(self.cfg, batch, max_len)
+    """An empty cache, keys/values `[layers, batch, kv_heads, max_len,
+    head_dim]`: heads before positions (not `Llama`'s order), so that
+    attention reads each head's prefix without a transpose."""
+    shape = (self.cfg.num_layers, batch, self.cfg.num_kv_heads,
+             max_len or self.cfg.max_seq_len, self.cfg.head_dim)
+    return KVCache(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32),
+                   jnp.zeros((), jnp.int32))
 
   def decode(self, tokens: jax.Array, cache: KVCache, logits: str = "all"):
     """Logits of `tokens[B, T]` after the cache's positions (`[B, T, V]`;
@@ -75,7 +80,7 @@ class _Decoder:
     whatever the cache's capacity."""
     if logits not in ("all", "last"):
       raise ValueError(f"logits={logits!r}: choose 'all' or 'last'.")
-    end, capacity = int(cache.length) + tokens.shape[1], cache.k.shape[2]
+    end, capacity = int(cache.length) + tokens.shape[1], cache.k.shape[3]
     if end > capacity:
       raise ValueError(f"the KV cache holds {capacity} positions; decoding "
                        f"to position {end} would overrun it. Use "
@@ -111,22 +116,35 @@ def _float_params(t: dict, layers: dict, dtype) -> dict:
           "final_norm": f32(t["final_norm"]), "head_t": head_t}
 
 
-HEADS = ("float", "int8")
+EMBEDS = ("float", "int8")
+ALPHA_DTYPES = ("float32", "float16")
+
+
+def _int8_rows(w: jax.Array) -> dict:
+  """`[vocab, hidden]` as int8 with one fp32 scale per row (absmax / 127)."""
+  w_t, scale = quantize_int8(w.astype(jnp.float32))
+  return {"w_t": w_t, "scale": scale[:, 0]}
 
 
 class PackedLlama(_Decoder):
   """A packed ternary export, projections by `ternary_linear(strategy)`.
 
-  `head="int8"` holds the output projection as int8 with one scale per
-  vocabulary entry and **quantizes the final hidden state to int8** (logits
-  ~1e-2 relative error; tests/test_export.py bounds it); the default keeps
-  the export's float head (fp32 compute).
+  `embed`: `float` keeps the embedding and head in the export's float dtype
+  (bf16 exports stay bf16; compute is fp32); `int8` holds them as int8 with
+  one scale per vocabulary row (one table when tied): lookups dequantize
+  their rows, and the head **quantizes the final hidden state to int8**
+  (`int8_dense`; logits ~1e-2 relative error, tests/test_export.py bounds
+  it). `alpha_dtype="float16"` holds the group scales in fp16 (rounded once
+  at load; compute stays fp32). `memory()` says what each part holds.
   """
 
   def __init__(self, export: export_lib.Export, strategy: str = "auto",
-               head: str = "float"):
-    if head not in HEADS:
-      raise ValueError(f"head {head!r}: choose one of {HEADS}.")
+               embed: str = "float", alpha_dtype: str = "float32"):
+    if embed not in EMBEDS:
+      raise ValueError(f"embed {embed!r}: choose one of {EMBEDS}.")
+    if alpha_dtype not in ALPHA_DTYPES:
+      raise ValueError(f"alpha_dtype {alpha_dtype!r}: choose one of "
+                       f"{ALPHA_DTYPES}.")
     self.cfg = export.cfg.replace(dtype="float32")
     self.strategy = strategy
     t = export.tensors
@@ -141,7 +159,7 @@ class PackedLlama(_Decoder):
       packed = (cat("codes", parts) if export.packing == "2bit"
                 else export_lib.pack_2bit(codes))
       layer = layers[name] = {
-          "alpha": jnp.asarray(cat("alpha", parts), jnp.float32),
+          "alpha": jnp.asarray(cat("alpha", parts), alpha_dtype),
           "c": jnp.asarray(cat("c", parts), jnp.float32)}
       if int8_codes:
         layer["codes"] = jnp.asarray(codes)
@@ -150,19 +168,45 @@ class PackedLlama(_Decoder):
             lut_layout, groups=layer["alpha"].shape[1]))(jnp.asarray(packed))
       else:
         layer["packed"] = jnp.asarray(packed)
-    # The embedding and head stay in the export's float dtype (a bf16
-    # export holds half the bytes at run time too); compute is fp32.
     self.params = _float_params(t, layers, t["embed"].dtype)
-    if head == "int8":
-      w_t, w_scale = quantize_int8(  # per vocab row
-          self.params["head_t"].astype(jnp.float32))
-      self.params["head_t"] = {"w_t": w_t, "scale": w_scale[:, 0]}
+    if embed == "int8":
+      tied = self.params["head_t"] is self.params["embed"]
+      self.params["embed"] = _int8_rows(self.params["embed"])
+      self.params["head_t"] = (self.params["embed"] if tied
+                               else _int8_rows(self.params["head_t"]))
     self._compile()
 
   @classmethod
-  def load(cls, path, strategy: str = "auto",
-           head: str = "float") -> "PackedLlama":
-    return cls(export_lib.read_export(path), strategy, head)
+  def load(cls, path, strategy: str = "auto", embed: str = "float",
+           alpha_dtype: str = "float32") -> "PackedLlama":
+    return cls(export_lib.read_export(path), strategy, embed, alpha_dtype)
+
+  def memory(self) -> dict:
+    """Bytes held, by part (a tied head counts once): `ternary` (the
+    projections' codes in every form held: `lut` / `packed` bytes, `codes`
+    int8, plus alpha and c), `embed_head`, `other` (norms); and
+    `bits_per_ternary_weight` for the decode form (`lut`/`packed`, alpha,
+    c) and with everything the strategy holds."""
+    n_weights, decode_bytes, all_bytes = 0, 0, 0
+    for layer in self.params["layers"]:
+      for entry in layer.values():
+        d_in = (entry["codes"].shape[0] if "codes" in entry else
+                4 * (entry["lut"].shape[0] * entry["lut"].shape[2]
+                     if "lut" in entry else entry["packed"].shape[0]))
+        n_weights += d_in * entry["c"].shape[-1]
+        held = {k: v.nbytes for k, v in entry.items()}
+        all_bytes += sum(held.values())
+        decode_bytes += sum(v for k, v in held.items() if k != "codes")
+    embed_head = {id(a): a.nbytes for a in jax.tree.leaves(
+        [self.params["embed"], self.params["head_t"]])}
+    other = sum(self.params[k].nbytes
+                for k in ("attn_norm", "mlp_norm", "final_norm"))
+    return {"ternary": all_bytes, "embed_head": sum(embed_head.values()),
+            "other": other,
+            "total": all_bytes + sum(embed_head.values()) + other,
+            "ternary_weights": n_weights,
+            "bits_per_ternary_weight": 8 * decode_bytes / n_weights,
+            "bits_per_ternary_weight_all_held": 8 * all_bytes / n_weights}
 
   def _linear(self, h, entry):
     return ternary_linear(h, entry.get("packed"), entry["alpha"], entry["c"],
@@ -195,11 +239,34 @@ class DenseLlama(_Decoder):
     return dense(h, entry["w"])
 
 
+def _attend(q, k, v, positions):
+  """Causal grouped-query attention of rotated `q[B, T, N, D]` at
+  `positions[B, T]` over cached keys/values `[B, K, S, D]` (slot s holds
+  position s) -> `[B, T, N * D]`; `layers.attend_cache`'s math with the
+  heads-major cache, so no operand is transposed."""
+  b, t, n, d = q.shape
+  heads, per = k.shape[1], n // k.shape[1]
+  # Queries of one KV head, [B, K, G * T, D]: row r is group r // T, token r % T.
+  qg = q.reshape(b, t, heads, per, d).transpose(0, 2, 3, 1, 4)
+  qg = qg.reshape(b, heads, per * t, d)
+  scores = jnp.einsum("bkqd,bksd->bkqs", qg, k) / np.sqrt(d).astype(np.float32)
+  rows = jnp.tile(positions, (1, per))  # [B, G * T]
+  mask = jnp.arange(k.shape[2]) <= rows[:, None, :, None]
+  probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+  return out.reshape(b, heads, per, t, d).transpose(0, 3, 1, 2, 4).reshape(
+      b, t, n * d)
+
+
 def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
             linear: Callable, attend_len: int, last_only: bool):
   b, t = tokens.shape
   positions = cache.length + jnp.broadcast_to(jnp.arange(t), tokens.shape)
-  x = params["embed"][tokens].astype(jnp.float32)
+  embed = params["embed"]
+  if isinstance(embed, dict):  # int8 rows, one scale each
+    x = embed["w_t"][tokens].astype(jnp.float32) * embed["scale"][tokens][..., None]
+  else:
+    x = embed[tokens].astype(jnp.float32)
   q_size = cfg.num_heads * cfg.head_dim
   kv_size = cfg.num_kv_heads * cfg.head_dim
   k_all, v_all = cache.k, cache.v
@@ -210,15 +277,15 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
     q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions,
                    inv_freq)
     k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions,
-                   inv_freq)
-    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+                   inv_freq).transpose(0, 2, 1, 3)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(0, 2, 1, 3)
     # Only the new positions are written (in place: the cache is donated),
     # and only the filled prefix is read.
-    at = (i, 0, cache.length, 0, 0)
-    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-    out = attend_cache(q, k_all[i, :, :attend_len], v_all[i, :, :attend_len],
-                       positions)
+    at = (i, 0, 0, cache.length, 0)
+    k_all = jax.lax.dynamic_update_slice(k_all, k[None], at)
+    v_all = jax.lax.dynamic_update_slice(v_all, v[None], at)
+    out = _attend(q, k_all[i, :, :, :attend_len], v_all[i, :, :, :attend_len],
+                  positions)
     x = x + linear(out, layer["o"])
     h = rms_norm(x, params["mlp_norm"][i], cfg.rms_eps)
     gate, up = jnp.split(linear(h, layer["gate_up"]), 2, axis=-1)
