@@ -52,10 +52,22 @@ def next_token_loss(params, graphdef, tokens: jax.Array,
   return cross_entropy(model(inputs), targets)
 
 
-@nnx.jit
-def score_tokens(model, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """For every t: log p(tokens[:, t + 1] | tokens[:, :t + 1]) and whether that
-  token is the argmax, `[B, T - 1]` each, from one forward pass."""
+def _score(model, tokens):
   logits = model(tokens[:, :-1])
   return (-token_nll(logits, tokens[:, 1:]),
           logits.argmax(-1) == tokens[:, 1:])
+
+
+_score_nnx = nnx.jit(_score)
+_score_logits = jax.jit(lambda logits, targets: (
+    -token_nll(logits, targets), logits.argmax(-1) == targets))
+
+
+def score_tokens(model, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """For every t: log p(tokens[:, t + 1] | tokens[:, :t + 1]) and whether that
+  token is the argmax, `[B, T - 1]` each, from one forward pass. `model` is
+  a `Llama` or any callable tokens -> logits (e.g. `PackedLlama`, which
+  compiles itself)."""
+  if isinstance(model, nnx.Module):
+    return _score_nnx(model, tokens)
+  return _score_logits(model(tokens[:, :-1]), tokens[:, 1:])

@@ -199,6 +199,22 @@ def test_kernel_strategies_match_f32_reference(m, shape, groups):
       jnp.asarray(x), packed, jnp.asarray(alpha), jnp.asarray(c), "int8"))
 
 
+def test_int8_dense_leaves_only_the_weights_rounding():
+  """The int8 head quantizes activations as value + residual: with an
+  outlier that makes one int8 term coarse (absmax 40x the rest), the result
+  still equals x @ dequantized(W) to ~1e-4."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 64)).astype(np.float32)
+  x[:, 5] = 40.0
+  w = rng.normal(size=(96, 64)).astype(np.float32)
+  w_t, scale = kernels.quantize_int8(jnp.asarray(w))
+  want = x @ (np.asarray(w_t, np.float32) * np.asarray(scale)).T
+  got = np.asarray(kernels.int8_dense(jnp.asarray(x), w_t, scale[:, 0]))
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-4
+  one = np.asarray(kernels.int8_dense(jnp.asarray(x[:1]), w_t, scale[:, 0]))
+  np.testing.assert_allclose(one, got[:1], rtol=1e-6, atol=1e-6)
+
+
 def test_exports_store_the_architecture_only_and_version_1_loads(
     qat_model, tmp_path, caplog):
   """Version 3 records no run-time settings; a version 1 file (which did:
