@@ -41,7 +41,7 @@ VARIANTS = {
 }
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True, help="a training workdir")
   p.add_argument("--seq_len", type=int, default=512)
@@ -49,7 +49,7 @@ def main():
   p.add_argument("--max_windows", type=int, default=64,
                  help="held-out windows scored (0: all)")
   p.add_argument("--out", default="")
-  args = p.parse_args()
+  args = p.parse_args(argv)
   workdir = load.resolve(args.workdir)
   if not checkpoint.is_workdir(workdir):
     raise SystemExit(f"{workdir} is not a training workdir (no config.json "

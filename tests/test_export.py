@@ -10,10 +10,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from experiments import inference_precision
 from tequila_jax import config_lib, model as model_lib, quant, train
+from tequila_jax.inference import DenseLlama, PackedLlama, kernels
 from tequila_jax.io import tokenizers, tqj
 from tests.cli import ROOT, run_cli
-from tequila_jax.inference import DenseLlama, PackedLlama, kernels
 from tests.reference import decode_in_steps
 
 SHAPES = [(128, 128), (128, 64), (256, 128), (2048, 8192), (8192, 2048),
@@ -316,6 +317,18 @@ def test_export_and_generate_clis(tmp_path):
                 "To be", "--max_new_tokens", "5")
   assert gen.stdout.startswith("To be") and "5 tokens" in gen.stderr
   assert "decode" in gen.stderr and "tokens/s" in gen.stderr
+  gen = run_cli("generate", "--model", tmp_path / "m.tqj", "--prompt",
+                "To be", "--max_new_tokens", "3", "--embed", "int8",
+                "--alpha_dtype", "float16")
+  assert gen.stdout.startswith("To be") and "3 tokens" in gen.stderr
+  # Each run-time precision scored on the run's held-out windows.
+  inference_precision.main(["--workdir", str(tmp_path / "run"), "--seq_len",
+                            "64", "--max_windows", "4", "--out",
+                            str(tmp_path / "precision")])
+  rows = json.loads((tmp_path / "precision/results.json").read_text())
+  assert [r["variant"] for r in rows] == list(inference_precision.VARIANTS)
+  assert rows[0]["logits_rel_error"] == 0 and all(
+      r["verdict"] in ("better", "worse", "inconclusive") for r in rows[1:])
   # --hf_out alone writes a Hugging Face LLaMA with biases, which exports
   # back to the same .tqj tensors.
   out = run_cli("export", "--checkpoint", tmp_path / "run", "--hf_out",
