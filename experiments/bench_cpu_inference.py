@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import pathlib
@@ -504,14 +505,19 @@ def main():
                  xla_flags=os.environ.get("XLA_FLAGS", ""),
                  glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
   print(json.dumps(machine))
-  layers = [] if args.skip_layers else bench_layers(args.iters)
-  decode = [] if args.skip_decode else bench_decode(
-      args.decode_config, args.tokens, args.runs)
-  capacity = (bench_capacity(args.decode_config, args.capacity_rounds)
+  # Each part's models should die with it: collect them and drop the compiled
+  # steps that reference them. (All parts in one process were OOM-killed at
+  # 24 GB in part 3 before this; on a small machine run parts separately.)
+  released = lambda rows: (gc.collect(), jax.clear_caches(), rows)[-1]  # noqa: E731
+  layers = [] if args.skip_layers else released(bench_layers(args.iters))
+  decode = [] if args.skip_decode else released(bench_decode(
+      args.decode_config, args.tokens, args.runs))
+  capacity = (released(bench_capacity(args.decode_config, args.capacity_rounds))
               if args.capacity_rounds else [])
   ops = ([] if args.skip_ops else
-         bench_decode_ops(args.decode_config, args.ops_rounds))
-  memory = [] if args.skip_memory else bench_memory(args.decode_config)
+         released(bench_decode_ops(args.decode_config, args.ops_rounds)))
+  memory = ([] if args.skip_memory else
+            released(bench_memory(args.decode_config)))
   versus, versus_note = [], ""
   if args.llama_cpp_rounds:
     try:
