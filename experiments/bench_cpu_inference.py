@@ -478,58 +478,15 @@ def bench_llama_cpp(config: str, rounds: int, contexts=(128, 1024, 4096),
   return rows
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--iters", type=int, default=20)
-  p.add_argument("--out", default="")
-  p.add_argument("--skip_decode", action="store_true")
-  p.add_argument("--decode_config", default=str(
-      pathlib.Path(__file__).resolve().parent.parent / "configs/llama1b.py"),
-                 help="architecture of the end-to-end model (random init)")
-  p.add_argument("--tokens", type=int, default=33,
-                 help="tokens per generation; per-token times are medianed")
-  p.add_argument("--runs", type=int, default=2, help="generations per model")
-  p.add_argument("--skip_layers", action="store_true")
-  p.add_argument("--capacity_rounds", type=int, default=30,
-                 help="decode steps timed per cache capacity (0: skip)")
-  p.add_argument("--skip_ops", action="store_true",
-                 help="skip the per-op profile of a decode step")
-  p.add_argument("--ops_rounds", type=int, default=20)
-  p.add_argument("--skip_memory", action="store_true")
-  p.add_argument("--llama_cpp_rounds", type=int, default=10,
-                 help="rounds of the llama.cpp comparison (0: skip; skipped "
-                 "with a note without llama-cpp-python)")
-  args = p.parse_args()
-  machine = dict(cpus=os.cpu_count(), processor=platform.processor(),
-                 platform=platform.platform(), jax=jax.__version__,
-                 xla_flags=os.environ.get("XLA_FLAGS", ""),
-                 glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
-  print(json.dumps(machine))
-  # Each part's models should die with it: collect them and drop the compiled
-  # steps that reference them. (All parts in one process were OOM-killed at
-  # 24 GB in part 3 before this; on a small machine run parts separately.)
-  released = lambda rows: (gc.collect(), jax.clear_caches(), rows)[-1]  # noqa: E731
-  layers = [] if args.skip_layers else released(bench_layers(args.iters))
-  decode = [] if args.skip_decode else released(bench_decode(
-      args.decode_config, args.tokens, args.runs))
-  capacity = (released(bench_capacity(args.decode_config, args.capacity_rounds))
-              if args.capacity_rounds else [])
-  ops = ([] if args.skip_ops else
-         released(bench_decode_ops(args.decode_config, args.ops_rounds)))
-  memory = ([] if args.skip_memory else
-            released(bench_memory(args.decode_config)))
-  versus, versus_note = [], ""
-  if args.llama_cpp_rounds:
-    try:
-      import llama_cpp  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    except ImportError:
-      versus_note = ("llama.cpp comparison skipped: pip install -e "
-                     "\".[llamacpp]\" (llama-cpp-python) to run it.")
-    else:
-      versus = bench_llama_cpp(args.decode_config, args.llama_cpp_rounds)
+def render(results: dict, decode_config: str) -> str:
+  """The markdown tables of `results` (results.json's keys)."""
+  layers, decode = results.get("layers", []), results.get("decode", [])
+  capacity, ops = results.get("capacity", []), results.get("ops", [])
+  memory, versus = results.get("memory", []), results.get("llama_cpp", [])
+  versus_note = results.get("llama_cpp_note", "")
   lines = ["| layer | M | f32 ms | bf16 ms | exact ms | lut ms | int8 ms | "
            "best vs f32 | best vs bf16 | floor ms (f32 GB/s) | best / floor |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|"] if layers else []
   for r in layers:
     get = lambda k, r=r: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
     lines.append(f"| {r['shape']} | {r['m']} | {get('f32_ms')} | "
@@ -541,7 +498,7 @@ def main():
     tern = decode[0]["tokens_per_s"]
     best = {r["model"]: r["tokens_per_s"] for r in decode}
     tern_i8 = best["ternary (lut) + int8 embedding/head"]
-    lines += ["", f"End to end, {pathlib.Path(args.decode_config).name} "
+    lines += ["", f"End to end, {pathlib.Path(decode_config).name} "
               "architecture (random init), greedy decode, median per token:", "",
               "| model | tokens/s | ms/token | samples | weights MiB | "
               "ternary (f32 head) speed-up |", "|---|---|---|---|---|---|"]
@@ -560,8 +517,9 @@ def main():
                           if "floor_ms" in r) + "."]
     lines += ["", f"Ternary vs f32: {tern / best['float32']:.2f}x; "
               f"vs bf16: {tern / best['bfloat16']:.2f}x. With the int8 embedding/head "
-              f"(quantizes the last hidden state; logits rel. error "
-              f"{decode[1]['head_logits_rel_error']:.1e}): "
+              f"(int8 dot, hidden state as value + residual; head logits rel. "
+              f"error {decode[1]['head_logits_rel_error']:.1e} on a random "
+              "hidden state, nan: not recorded): "
               f"{tern_i8 / best['float32']:.2f}x f32, "
               f"{tern_i8 / best['bfloat16']:.2f}x bf16."]
   if capacity:
@@ -574,7 +532,7 @@ def main():
               f"{r['max_ms']:.1f} | {r['vs_smallest']:.2f}x |" for r in capacity]
   if versus or versus_note:
     lines += ["", f"Against llama.cpp on the same ternary weights "
-              f"({pathlib.Path(args.decode_config).name} architecture, SmolLM2 "
+              f"({pathlib.Path(decode_config).name} architecture, SmolLM2 "
               "vocabulary; ours `auto`), alternating, tokens/s median "
               "(range); prefill also against our bf16 DenseLlama, decode also "
               "ours alone:", ""]
@@ -618,7 +576,7 @@ def main():
                    + (f"{floor:.1f} | {r['ms'] / floor:.1f}x |" if floor
                       else "- | - |"))
   if memory:
-    lines += ["", f"What PackedLlama holds, {pathlib.Path(args.decode_config).name}"
+    lines += ["", f"What PackedLlama holds, {pathlib.Path(decode_config).name}"
               " architecture, bf16 export (MiB; bits per ternary weight: the "
               "decode form = 2-bit bytes + alpha + c; all held adds `int8`/"
               "`auto`'s int8 codes for batched calls):", "",
@@ -629,17 +587,93 @@ def main():
               f"| {r['ternary'] / 2**20:.0f} | {r['embed_head'] / 2**20:.0f} | "
               f"{r['total'] / 2**20:.0f} | {r['bits_per_ternary_weight']:.3f} | "
               f"{r['bits_per_ternary_weight_all_held']:.3f} |" for r in memory]
-  text = "\n".join(lines) + "\n"
+  return "\n".join(lines) + "\n"
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--out", default="")
+  p.add_argument("--skip_decode", action="store_true")
+  p.add_argument("--decode_config", default=str(
+      pathlib.Path(__file__).resolve().parent.parent / "configs/llama1b.py"),
+                 help="architecture of the end-to-end model (random init)")
+  p.add_argument("--tokens", type=int, default=33,
+                 help="tokens per generation; per-token times are medianed")
+  p.add_argument("--runs", type=int, default=2, help="generations per model")
+  p.add_argument("--skip_layers", action="store_true")
+  p.add_argument("--capacity_rounds", type=int, default=30,
+                 help="decode steps timed per cache capacity (0: skip)")
+  p.add_argument("--skip_ops", action="store_true",
+                 help="skip the per-op profile of a decode step")
+  p.add_argument("--ops_rounds", type=int, default=20)
+  p.add_argument("--skip_memory", action="store_true")
+  p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                 help="measure nothing: tables from these runs' results.json "
+                 "(parts run separately), written to --out")
+  p.add_argument("--llama_cpp_rounds", type=int, default=10,
+                 help="rounds of the llama.cpp comparison (0: skip; skipped "
+                 "with a note without llama-cpp-python)")
+  args = p.parse_args()
+  if args.merge:
+    write(merge(args.merge), args.decode_config, args.out)
+    return
+  machine = dict(cpus=os.cpu_count(), processor=platform.processor(),
+                 platform=platform.platform(), jax=jax.__version__,
+                 xla_flags=os.environ.get("XLA_FLAGS", ""),
+                 glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+  print(json.dumps(machine))
+  # Each part's models should die with it: collect them and drop the compiled
+  # steps that reference them. (All parts in one process were OOM-killed at
+  # 24 GB in part 3 before this; on a small machine run parts separately.)
+  released = lambda rows: (gc.collect(), jax.clear_caches(), rows)[-1]  # noqa: E731
+  layers = [] if args.skip_layers else released(bench_layers(args.iters))
+  decode = [] if args.skip_decode else released(bench_decode(
+      args.decode_config, args.tokens, args.runs))
+  capacity = (released(bench_capacity(args.decode_config, args.capacity_rounds))
+              if args.capacity_rounds else [])
+  ops = ([] if args.skip_ops else
+         released(bench_decode_ops(args.decode_config, args.ops_rounds)))
+  memory = ([] if args.skip_memory else
+            released(bench_memory(args.decode_config)))
+  versus, versus_note = [], ""
+  if args.llama_cpp_rounds:
+    try:
+      import llama_cpp  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      versus_note = ("llama.cpp comparison skipped: pip install -e "
+                     "\".[llamacpp]\" (llama-cpp-python) to run it.")
+    else:
+      versus = bench_llama_cpp(args.decode_config, args.llama_cpp_rounds)
+  results = dict(machine=machine, layers=layers, decode=decode,
+                 capacity=capacity, ops=ops, memory=memory, llama_cpp=versus,
+                 llama_cpp_note=versus_note)
+  write(results, args.decode_config, args.out)
+
+
+def write(results: dict, decode_config: str, out: str = ""):
+  """Prints the tables; writes results.json and results.md to `out`."""
+  text = render(results, decode_config)
   print(text)
-  if args.out:
-    out = pathlib.Path(args.out)
+  if out:
+    out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(
-        dict(machine=machine, layers=layers, decode=decode,
-             capacity=capacity, ops=ops, memory=memory, llama_cpp=versus),
-        indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(
-        f"Machine: {json.dumps(machine)}\n\n" + text)
+        f"Machine: {json.dumps(results['machine'])}\n\n" + text)
+
+
+def merge(paths) -> dict:
+  """One results dict from the results.json of several runs (parts run
+  separately, e.g. on a machine short of memory); the first run's machine."""
+  merged = {}
+  for path in paths:
+    for key, value in json.loads(pathlib.Path(path).read_text()).items():
+      if key == "machine":
+        merged.setdefault(key, value)
+      elif value:
+        merged[key] = value
+  return merged
 
 
 if __name__ == "__main__":
