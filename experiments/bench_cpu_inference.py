@@ -80,7 +80,7 @@ def bench_layers(iters: int, group: int = 128) -> list[dict]:
                                   .astype(np.float32)),
                 c=jnp.asarray(rng.normal(size=d_out).astype(np.float32)))
     held["lut"] = kernels.lut_layout(held["packed"], d_in // group)
-    held["codes"] = jnp.asarray(codes)  # int8, as PackedLlama holds it
+    held["codes"] = kernels.int8_layout(jnp.asarray(codes), d_in // group)
     w32 = jnp.asarray(rng.normal(size=(d_in, d_out)).astype(np.float32))
     w16 = w32.astype(jnp.bfloat16)
     for m in (1, 8, 128):
@@ -201,14 +201,10 @@ def bench_capacity(config: str, rounds: int, position: int = 128,
   """Time of one decode step at `position` with caches of several
   capacities (same model, `lut`), called round robin; the filled part is
   the same, so the times should be too."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from tequila_jax import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
   from tequila_jax.inference import PackedLlama  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.to_model_config(config_lib.load_config_file(
-      config).model).replace(max_seq_len=max(capacities), dtype="float32")
   with tempfile.TemporaryDirectory() as tmp:
-    tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), f"{tmp}/m.tqj")
+    _random_export(config, f"{tmp}/m.tqj", max_seq_len=max(capacities))
     model = PackedLlama.load(f"{tmp}/m.tqj", "lut")
   prompt = jnp.ones((1, position), jnp.int32)
   token = jnp.ones((1, 1), jnp.int32)
@@ -236,16 +232,19 @@ def bench_capacity(config: str, rounds: int, position: int = 128,
   return rows
 
 
-def _random_export(config: str, path, **changes):
+def _random_export(config: str, path, tokenizer: bool = False,
+                   float_dtype: str = "float32", **changes):
   """Writes a random-init ternary export of `config`'s architecture with
-  `changes` (ModelConfig fields) and the SmolLM2 tokenizer; returns its cfg."""
+  `changes` (ModelConfig fields; activations fp32), with the SmolLM2
+  tokenizer if `tokenizer` (a GGUF needs one); returns its cfg."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from tequila_jax import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
   from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
   cfg = config_lib.to_model_config(config_lib.load_config_file(
       config).model).replace(dtype="float32", **changes)
   tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), path,
-                   tokenizer=load.load_tokenizer("asset:smollm2_gguf"))
+                   float_dtype=float_dtype, tokenizer=load.load_tokenizer(
+                       "asset:smollm2_gguf") if tokenizer else None)
   return cfg
 
 
@@ -268,7 +267,6 @@ def bench_decode_ops(config: str, rounds: int, position: int = 128,
   bytes an op reads at `read_bandwidth`. 1B-class shape with the SmolLM2
   vocabulary (tied fp32 embedding), `auto` (= `lut` at one token)."""
   from tequila_jax.inference import PackedLlama, model as inf_model  # pylint: disable=g-import-not-at-top
-  from tequila_jax.layers import attend_cache  # pylint: disable=g-import-not-at-top
   from tequila_jax.quant import QuantConfig  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
   bandwidth = read_bandwidth()
@@ -296,12 +294,13 @@ def bench_decode_ops(config: str, rounds: int, position: int = 128,
       reads[name] = cfg.num_layers * sum(entry[k].nbytes
                                          for k in ("lut", "alpha", "c"))
     attend = max(inf_model.ATTEND_MIN, 1 << position.bit_length())
-    kv = [jnp.asarray(rng.normal(size=(2, 1, attend, cfg.num_kv_heads,
+    # The decoders' own attention over their heads-major cache's prefix.
+    kv = [jnp.asarray(rng.normal(size=(2, 1, cfg.num_kv_heads, attend,
                                        cfg.head_dim)), jnp.float32)
           for _ in range(cfg.num_layers)]
     q = jnp.asarray(rng.normal(size=(1, 1, cfg.num_heads, cfg.head_dim)),
                     jnp.float32)
-    fns["attention"] = (every_layer(lambda q, kv: attend_cache(
+    fns["attention"] = (every_layer(lambda q, kv: inf_model._attend(  # pylint: disable=protected-access
         q, kv[0], kv[1], jnp.full((1, 1), position))), (q, kv))
     reads["attention"] = sum(a.nbytes for a in kv)
     head = model.params["head_t"]
@@ -350,16 +349,12 @@ def bench_memory(config: str,
   from tequila_jax.inference import PackedLlama  # pylint: disable=g-import-not-at-top
   from tequila_jax.quant import QuantConfig  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from tequila_jax import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
   rows = []
   for granularity, group in layouts:
-    cfg = config_lib.to_model_config(config_lib.load_config_file(
-        config).model).replace(quant=QuantConfig(
-            "tequila", granularity, group_size=group or 128))
+    quant = QuantConfig("tequila", granularity, group_size=group or 128)
     with tempfile.TemporaryDirectory() as tmp:
-      tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)),
-                       f"{tmp}/m.tqj", float_dtype="bfloat16")
+      _random_export(config, f"{tmp}/m.tqj", float_dtype="bfloat16",
+                     quant=quant)
       for strategy, embed, alpha_dtype in MEMORY_VARIANTS:
         m = PackedLlama.load(f"{tmp}/m.tqj", strategy, embed, alpha_dtype)
         rows.append(dict(layout=f"G={group}" if group else granularity,
@@ -378,8 +373,9 @@ def bench_llama_cpp(config: str, rounds: int, contexts=(128, 1024, 4096),
   `llamacpp` extra) on the same ternary weights: a random-init model of
   `config`'s architecture with the SmolLM2 vocabulary (so that the tokenizer
   embeds in the GGUF), per layout of `layouts`, exported by `write_export` +
-  `write_gguf` (per-channel: TQ2_0; G=128: Q4_0, which holds codes x alpha
-  exactly). Prefill tokens/s at `prompts` (last position's logits, as
+  `write_gguf` (TQ2_0 where every 256-weight block has one scale, as
+  per-channel 2048-wide rows; otherwise Q4_0, which holds codes x alpha
+  exactly: G=128, or any layout of a 576-wide model). Prefill tokens/s at `prompts` (last position's logits, as
   llama.cpp's eval), with our bf16 `DenseLlama` of the same shape in the
   rotation; one decode step at each of `contexts` filled positions; the
   runtimes alternating, and ours alone at the first context; medians and
@@ -419,9 +415,9 @@ def bench_llama_cpp(config: str, rounds: int, contexts=(128, 1024, 4096),
     layout = f"G={group}" if group else granularity
     quant = QuantConfig("tequila", granularity, group_size=group or 128)
     with tempfile.TemporaryDirectory() as tmp:
-      cfg = _random_export(config, f"{tmp}/m.tqj", vocab_size=49152,
-                           max_seq_len=capacity, tie_embeddings=True,
-                           quant=quant)
+      cfg = _random_export(config, f"{tmp}/m.tqj", tokenizer=True,
+                           vocab_size=49152, max_seq_len=capacity,
+                           tie_embeddings=True, quant=quant)
       ours = PackedLlama.load(f"{tmp}/m.tqj", "auto")
       types = gguf.write_gguf(tqj.read_export(f"{tmp}/m.tqj"),
                               f"{tmp}/m.gguf")["tensor_types"]
@@ -590,6 +586,19 @@ def render(results: dict, decode_config: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def parse_layouts(names) -> tuple:
+  """`per_channel` / `G=<n>` -> `(granularity, group)` pairs."""
+  layouts = []
+  for name in names:
+    if name == "per_channel":
+      layouts.append(("per_channel", None))
+    elif name.startswith("G=") and name[2:].isdigit():
+      layouts.append(("per_group", int(name[2:])))
+    else:
+      raise SystemExit(f"layout {name!r}: use per_channel or G=<group size>.")
+  return tuple(layouts)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--iters", type=int, default=20)
@@ -611,6 +620,10 @@ def main():
   p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
                  help="measure nothing: tables from these runs' results.json "
                  "(parts run separately), written to --out")
+  p.add_argument("--llama_cpp_layouts", nargs="+",
+                 default=["per_channel", "G=128"], metavar="LAYOUT",
+                 help="exports compared with llama.cpp: per_channel or G=<group "
+                 "size> (e.g. G=64 for configs/smollm2_135m.py, 576 wide)")
   p.add_argument("--llama_cpp_rounds", type=int, default=10,
                  help="rounds of the llama.cpp comparison (0: skip; skipped "
                  "with a note without llama-cpp-python)")
@@ -644,7 +657,8 @@ def main():
       versus_note = ("llama.cpp comparison skipped: pip install -e "
                      "\".[llamacpp]\" (llama-cpp-python) to run it.")
     else:
-      versus = bench_llama_cpp(args.decode_config, args.llama_cpp_rounds)
+      versus = bench_llama_cpp(args.decode_config, args.llama_cpp_rounds,
+                               layouts=parse_layouts(args.llama_cpp_layouts))
   results = dict(machine=machine, layers=layers, decode=decode,
                  capacity=capacity, ops=ops, memory=memory, llama_cpp=versus,
                  llama_cpp_note=versus_note)

@@ -9,7 +9,6 @@ import time
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from tequila_jax import checkpoint
 from tequila_jax.io.atomic import atomic_path
@@ -43,6 +42,9 @@ class MetricWriter:
       _truncate(path, resume_step)
     self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:  # TensorBoard hides events at and after purge_step
+      # Imported here: tensorboardX imports torch when installed (~2 s),
+      # which no command but training needs.
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(
           str(workdir / checkpoint.TENSORBOARD),
           purge_step=None if resume_step is None else resume_step + 1)

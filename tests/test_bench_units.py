@@ -26,7 +26,8 @@ def test_committed_1b_run_in_spec_units():
 
 def test_cpu_inference_memory_and_op_profile_parts(tmp_path):
   """Parts 5 and 6 of bench_cpu_inference on the tiny architecture: fp16
-  alpha saves 16 / G bits per weight, `auto` holds 8 more (int8 codes), and
+  alpha saves 16 / G bits per weight, `auto` holds 8 more (int8 codes),
+  `int8` the codes alone, and
   the per-op profile times every op of a decode step."""
   from experiments import bench_cpu_inference  # pylint: disable=g-import-not-at-top
   tiny = str(ROOT / "configs/tiny.py")
@@ -39,9 +40,16 @@ def test_cpu_inference_memory_and_op_profile_parts(tmp_path):
   auto = rows[("G=64", "auto", "bf16", "float32")]
   assert auto["bits_per_ternary_weight_all_held"] == pytest.approx(
       auto["bits_per_ternary_weight"] + 8)
+  int8 = rows[("G=64", "int8", "bf16", "float32")]  # codes only, no 2-bit form
+  assert int8["bits_per_ternary_weight"] == pytest.approx(
+      int8["bits_per_ternary_weight_all_held"])
+  assert int8["bits_per_ternary_weight"] == pytest.approx(
+      bits("lut", "bf16", "float32") + 6)
   assert (rows[("G=64", "lut", "int8", "float16")]["embed_head"] * 2 ==
           rows[("G=64", "lut", "bf16", "float16")]["embed_head"] +
           2 * 4 * 512)  # int8 + a fp32 scale per row vs bf16, vocab 512
+  assert bench_cpu_inference.parse_layouts(["per_channel", "G=64"]) == (
+      ("per_channel", None), ("per_group", 64))
   ops = bench_cpu_inference.bench_decode_ops(
       tiny, rounds=2, position=8, layouts=(("per_group", 64),))
   assert {r["op"] for r in ops} == {"qkv", "o", "gate_up", "down",

@@ -195,7 +195,8 @@ def test_kernel_strategies_match_f32_reference(m, shape, groups):
       lut=kernels.lut_layout(packed, groups)))
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
   held = kernels.ternary_linear(jnp.asarray(x), packed, jnp.asarray(alpha),
-                                jnp.asarray(c), "int8", jnp.asarray(codes))
+                                jnp.asarray(c), "int8",
+                                kernels.int8_layout(jnp.asarray(codes), groups))
   np.testing.assert_array_equal(held, kernels.ternary_linear(
       jnp.asarray(x), packed, jnp.asarray(alpha), jnp.asarray(c), "int8"))
 

@@ -18,10 +18,11 @@ group of G) from the packed bytes of `tequila_jax.export` (`2bit` layout):
   of that loop. Jit
   with `CPU_COMPILER_OPTIONS` (PackedLlama does): by default XLA:CPU hands
   the in-group sum to YNNPACK and materializes the gathered values.
-- `int8` (batches, M >= 8): codes as int8 (unpacked once at load: 1
-  byte/weight) and activations quantized to int8 per token (absmax / 127);
-  one int8 x int8 -> int32 2-D dot per input group (XLA's batched integer dot
-  takes a slow loop), each scaled by its alpha, then by the activation scale.
+- `int8` (batches, M >= 8): codes as int8 in `int8_layout` order (unpacked
+  once at load: 1 byte/weight) and activations quantized to int8 per token
+  (absmax / 127); one int8 x int8 -> int32 2-D dot per input group (XLA's
+  batched integer dot takes a slow loop), each scaled by its alpha, then by
+  the activation scale.
   **Quantizes activations**: relative error ~1e-2 (tests bound it by 3e-2).
 - `q8k`: emulates llama.cpp's TQ2_0 matmul for checking GGUF exports:
   activations quantized per 256-block as Q8_K (scale -127 / signed max,
@@ -153,15 +154,24 @@ def dense(x, w, transposed: bool = False):
   return y.reshape(*lead, -1)
 
 
-def _int8(x, codes, alpha, c):
-  d_in = codes.shape[0]
-  groups = alpha.shape[0]
-  size = d_in // groups
+def int8_layout(codes: jax.Array, groups: int) -> jax.Array:
+  """Codes `[in, out]` -> the `int8` kernel's order `[groups, out, in/groups]`
+  (each output's inputs of a group contiguous: XLA:CPU's int8 dot runs
+  ~10% faster on per-channel prefill than with `[in, out]`, up to 20% on
+  the down projection)."""
+  d_in, d_out = codes.shape
+  return codes.reshape(groups, d_in // groups, d_out).transpose(0, 2, 1)
+
+
+def _int8(x, codes_t, alpha, c):
+  """`codes_t` in `int8_layout` order."""
+  size = codes_t.shape[2]
   xq, scale = quantize_int8(x)
   y = 0.0
-  for g in range(groups):  # unrolled: 2-D int8 dots are XLA's fast path
-    rows = slice(g * size, (g + 1) * size)
-    acc = jax.lax.dot(xq[:, rows], codes[rows], preferred_element_type=jnp.int32)
+  for g in range(codes_t.shape[0]):  # unrolled: 2-D int8 dots are fast
+    acc = jax.lax.dot_general(xq[:, g * size:(g + 1) * size], codes_t[g],
+                              (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.int32)
     y = y + acc.astype(jnp.float32) * alpha[g]
   return y * scale + c
 
@@ -183,8 +193,9 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
                    lut: jax.Array | None = None) -> jax.Array:
   """`x[..., in] @ Q + c` from packed codes `[in/4, out]`, in fp32.
 
-  `codes` (int8 `[in, out]`, unpacked once) serves the `int8` strategy and
-  `lut` (= `lut_layout(packed, groups)`) the `lut` strategy; each is derived
+  `codes` (= `int8_layout(unpack_codes(packed), groups)`, int8) serves the
+  `int8` strategy and `lut` (= `lut_layout(packed, groups)`) the `lut`
+  strategy; each is derived
   on the fly when not given (`packed` may then be None). `alpha` may be held
   in fp16 (half the bytes); it is widened to fp32 here.
   """
@@ -201,7 +212,9 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
       lut = lut_layout(packed, alpha.shape[0])
     y = jax.vmap(lambda r: _lut_one(r, lut, alpha, c))(x2)
   elif strategy == "int8":
-    y = _int8(x2, unpack_codes(packed) if codes is None else codes, alpha, c)
+    if codes is None:
+      codes = int8_layout(unpack_codes(packed), alpha.shape[0])
+    y = _int8(x2, codes, alpha, c)
   elif strategy == "q8k":
     alpha16 = alpha.astype(jnp.float16).astype(jnp.float32)
     y = _exact(q8k_activations(x2), packed, alpha16, c)

@@ -4,7 +4,8 @@ weights (the baseline the ternary model is measured against).
 
 PackedLlama holds, per strategy: `lut` the 2-bit bytes reordered for table
 lookup (`kernels.lut_layout`); `int8` the codes unpacked to int8 (1
-byte/weight); `auto` both; `exact` / `q8k` the packing as exported.
+byte/weight, `kernels.int8_layout`); `auto` both; `exact` / `q8k` the
+packing as exported.
 Projections that read the same input (q/k/v, gate/up) are concatenated at
 load and run as one kernel call, and every layer's weights are separate
 arrays, so the unrolled decode step slices nothing.
@@ -25,8 +26,9 @@ from flax import nnx
 
 from tequila_jax.io import tqj as export_lib
 from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, dense,
-                                           int8_dense, lut_layout,
-                                           quantize_int8, ternary_linear)
+                                           int8_dense, int8_layout,
+                                           lut_layout, quantize_int8,
+                                           ternary_linear)
 from tequila_jax.layers import apply_rope, rms_norm, rope_frequencies
 from tequila_jax.model import PROJECTIONS, KVCache, ModelConfig
 
@@ -162,12 +164,14 @@ class PackedLlama(_Decoder):
       layer = layers[name] = {
           "alpha": jnp.asarray(cat("alpha", parts), alpha_dtype),
           "c": jnp.asarray(cat("c", parts), jnp.float32)}
+      groups = layer["alpha"].shape[1]
       if int8_codes:
-        layer["codes"] = jnp.asarray(codes)
-      if strategy in ("lut", "auto"):  # `lut` and `codes` replace the packing
+        layer["codes"] = jax.vmap(functools.partial(
+            int8_layout, groups=groups))(jnp.asarray(codes))
+      if strategy in ("lut", "auto"):
         layer["lut"] = jax.vmap(functools.partial(
-            lut_layout, groups=layer["alpha"].shape[1]))(jnp.asarray(packed))
-      else:
+            lut_layout, groups=groups))(jnp.asarray(packed))
+      if strategy in ("exact", "q8k"):  # `lut` / `codes` replace the packing
         layer["packed"] = jnp.asarray(packed)
     self.params = _float_params(t, layers, t["embed"].dtype)
     if embed == "int8":
@@ -186,18 +190,22 @@ class PackedLlama(_Decoder):
     """Bytes held, by part (a tied head counts once): `ternary` (the
     projections' codes in every form held: `lut` / `packed` bytes, `codes`
     int8, plus alpha and c), `embed_head`, `other` (norms); and
-    `bits_per_ternary_weight` for the decode form (`lut`/`packed`, alpha,
-    c) and with everything the strategy holds."""
+    `bits_per_ternary_weight` for the form one token reads (`lut`/`packed`
+    or, for `int8` alone, the codes; alpha, c) and with everything the
+    strategy holds."""
     n_weights, decode_bytes, all_bytes = 0, 0, 0
     for layer in self.params["layers"]:
       for entry in layer.values():
-        d_in = (entry["codes"].shape[0] if "codes" in entry else
+        d_in = (entry["codes"].shape[0] * entry["codes"].shape[2]
+                if "codes" in entry else
                 4 * (entry["lut"].shape[0] * entry["lut"].shape[2]
                      if "lut" in entry else entry["packed"].shape[0]))
         n_weights += d_in * entry["c"].shape[-1]
         held = {k: v.nbytes for k, v in entry.items()}
         all_bytes += sum(held.values())
-        decode_bytes += sum(v for k, v in held.items() if k != "codes")
+        two_bit = "lut" in entry or "packed" in entry
+        decode_bytes += sum(v for k, v in held.items()
+                            if k != "codes" or not two_bit)
     embed_head = {id(a): a.nbytes for a in jax.tree.leaves(
         [self.params["embed"], self.params["head_t"]])}
     other = sum(self.params[k].nbytes
