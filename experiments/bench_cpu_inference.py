@@ -17,7 +17,8 @@ per-channel (TQ2_0) and G=128 (Q4_0): prefill at 128 and 512 tokens (and
 our bf16 DenseLlama), decode at 128, 1,024 and 4,096 positions (and ours
 alone). Part 5: where a decode step's time goes, per op, beside each op's
 bandwidth floor. Part 6: what PackedLlama holds per layout, strategy,
-embedding and alpha dtype. Writes `results.json` and `results.md` to
+embedding and alpha dtype. Part 7: a decode step with a bf16 KV cache
+against fp32 at 128, 1,024 and 4,096 positions. Writes `results.json` and `results.md` to
 `--out`. Set
 GLIBC_TUNABLES (e.g. glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:
 glibc.malloc.trim_threshold=2000000000) yourself if wanted; the value in effect is
@@ -340,6 +341,56 @@ def bench_decode_ops(config: str, rounds: int, position: int = 128,
   return rows
 
 
+def bench_kv_cache(config: str, rounds: int, positions=(128, 1024, 4096)
+                   ) -> list[dict]:
+  """One decode step at each of `positions` with an fp32 and a bf16 KV cache
+  (same per-channel model, SmolLM2 vocabulary, `auto`), round robin: the
+  median time of each, the per-round ratio's median and range, and the
+  logits' relative difference."""
+  from tequila_jax.inference import PackedLlama  # pylint: disable=g-import-not-at-top
+  from tequila_jax.quant import QuantConfig  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  capacity = max(positions) + 8
+  with tempfile.TemporaryDirectory() as tmp:
+    _random_export(config, f"{tmp}/m.tqj", vocab_size=49152,
+                   max_seq_len=capacity, tie_embeddings=True,
+                   quant=QuantConfig("tequila", "per_channel"))
+    export = tqj.read_export(f"{tmp}/m.tqj")
+  models = {k: PackedLlama(export, "auto", kv_dtype=k)
+            for k in ("float32", "bfloat16")}
+  del export
+  ids = np.random.default_rng(0).integers(10, 40000, capacity)
+  rows = []
+  for n in positions:
+    filled = {k: m.decode(jnp.asarray([ids[:n]]), m.init_cache(1, capacity))[1]
+              for k, m in models.items()}
+
+    def step(k, filled=filled, n=n):  # a copy: the step donates its cache
+      cache = jax.tree.map(jnp.copy, filled[k])
+      jax.block_until_ready(cache)
+      t0 = time.perf_counter()
+      logits = jax.block_until_ready(
+          models[k].decode(jnp.asarray([[ids[n]]]), cache)[0])
+      return time.perf_counter() - t0, logits
+    logits = {k: step(k)[1] for k in models}
+    times = {k: [] for k in models}
+    for _ in range(rounds):
+      for k in models:
+        times[k].append(step(k)[0])
+    ratios = sorted(a / b for a, b in zip(times["float32"], times["bfloat16"]))
+    rows.append(dict(
+        position=n, f32_ms=1e3 * statistics.median(times["float32"]),
+        bf16_ms=1e3 * statistics.median(times["bfloat16"]),
+        speedup_median=statistics.median(ratios),
+        speedup_range=(ratios[0], ratios[-1]),
+        logits_rel_error=float(jnp.linalg.norm(
+            logits["bfloat16"] - logits["float32"]) / jnp.linalg.norm(
+                logits["float32"]))))
+    print(json.dumps(rows[-1]), flush=True)
+    del filled
+  return rows
+
+
 MEMORY_VARIANTS = (  # strategy, embed, alpha_dtype
     ("lut", "float", "float32"), ("lut", "float", "float16"),
     ("int8", "float", "float32"), ("auto", "float", "float32"),
@@ -585,6 +636,16 @@ def render(results: dict, decode_config: str) -> str:
                    f"{r['share']:.0%} | "
                    + (f"{floor:.1f} | {r['ms'] / floor:.1f}x |" if floor
                       else "- | - |"))
+  if results.get("kv_cache"):
+    lines += ["", "One decode step with a bf16 KV cache against fp32 (`kv_dtype`"
+              "; per-channel, SmolLM2 vocabulary; median ms, fp32 / bf16 per "
+              "round: median and range; logits' relative difference):", "",
+              "| position | fp32 ms | bf16 ms | speed-up | range | logits |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['position']} | {r['f32_ms']:.1f} | {r['bf16_ms']:.1f} | "
+              f"{r['speedup_median']:.2f}x | {r['speedup_range'][0]:.2f}–"
+              f"{r['speedup_range'][1]:.2f}x | {r['logits_rel_error']:.1e} |"
+              for r in results["kv_cache"]]
   if memory:
     lines += ["", f"What PackedLlama holds, {pathlib.Path(decode_config).name}"
               " architecture, bf16 export (MiB; bits per ternary weight: the "
@@ -631,6 +692,8 @@ def main():
                  help="skip the per-op profile of a decode step")
   p.add_argument("--ops_rounds", type=int, default=20)
   p.add_argument("--skip_memory", action="store_true")
+  p.add_argument("--kv_rounds", type=int, default=8,
+                 help="rounds of the fp32 vs bf16 KV cache steps (0: skip)")
   p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
                  help="measure nothing: tables from these runs' results.json "
                  "(parts run separately), written to --out")
@@ -663,6 +726,8 @@ def main():
          released(bench_decode_ops(args.decode_config, args.ops_rounds)))
   memory = ([] if args.skip_memory else
             released(bench_memory(args.decode_config)))
+  kv_cache = (released(bench_kv_cache(args.decode_config, args.kv_rounds))
+              if args.kv_rounds else [])
   versus, versus_note = [], ""
   if args.llama_cpp_rounds:
     try:
@@ -674,7 +739,8 @@ def main():
       versus = bench_llama_cpp(args.decode_config, args.llama_cpp_rounds,
                                layouts=parse_layouts(args.llama_cpp_layouts))
   results = dict(machine=machine, layers=layers, decode=decode,
-                 capacity=capacity, ops=ops, memory=memory, llama_cpp=versus,
+                 capacity=capacity, ops=ops, memory=memory,
+                 kv_cache=kv_cache, llama_cpp=versus,
                  llama_cpp_note=versus_note)
   write(results, args.decode_config, args.out)
 

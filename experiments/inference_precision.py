@@ -7,8 +7,8 @@ Exports the workdir's latest checkpoint (fp32 and bf16 float tensors) and
 scores its held-out windows (the corpus its config names) with
 `PackedLlama` variants: the fp32 `exact` reference; a bf16 embedding/head;
 the int8 embedding/head (per-row scales; the head quantizes the last hidden
-state); fp16 group scales; both; and the `auto` strategy (int8 activations
-for batched calls). Per variant: held-out perplexity, the paired loss
+state); fp16 group scales; both; a bf16 KV cache; and the `auto` strategy
+(int8 activations for batched calls). Per variant: held-out perplexity, the paired loss
 difference vs the reference with a 95% bootstrap interval over windows
 ("inconclusive" when it contains 0), the logits' relative error on the
 first batch, and the bytes held (`PackedLlama.memory`).
@@ -30,14 +30,16 @@ from tequila_jax import checkpoint, data, evaluate
 from tequila_jax.inference import PackedLlama
 from tequila_jax.io import load, tqj
 
-# name -> (float_dtype of the export, strategy, embed, alpha_dtype)
-VARIANTS = {
-    "fp32 (reference)": ("float32", "exact", "float", "float32"),
-    "bf16 embedding/head": ("bfloat16", "exact", "float", "float32"),
-    "int8 embedding/head": ("float32", "exact", "int8", "float32"),
-    "fp16 alpha": ("float32", "exact", "float", "float16"),
-    "int8 embedding/head + fp16 alpha": ("float32", "exact", "int8", "float16"),
-    "auto (int8 activations)": ("float32", "auto", "float", "float32"),
+VARIANTS = {  # export float dtype, strategy, embed, alpha dtype, KV cache dtype
+    "fp32 (reference)": ("float32", "exact", "float", "float32", "float32"),
+    "bf16 embedding/head": ("bfloat16", "exact", "float", "float32", "float32"),
+    "int8 embedding/head": ("float32", "exact", "int8", "float32", "float32"),
+    "fp16 alpha": ("float32", "exact", "float", "float16", "float32"),
+    "int8 embedding/head + fp16 alpha": ("float32", "exact", "int8", "float16",
+                                         "float32"),
+    "bf16 KV cache": ("float32", "exact", "float", "float32", "bfloat16"),
+    "auto (int8 activations)": ("float32", "auto", "float", "float32",
+                                "float32"),
 }
 
 
@@ -63,9 +65,10 @@ def main(argv=None):
     for dtype in ("float32", "bfloat16"):
       tqj.write_export(model, f"{tmp}/{dtype}.tqj", float_dtype=dtype)
     del model
-    for name, (dtype, strategy, embed, alpha_dtype) in VARIANTS.items():
+    for name, (dtype, strategy, embed, alpha_dtype, kv_dtype) in (
+        VARIANTS.items()):
       packed = PackedLlama.load(f"{tmp}/{dtype}.tqj", strategy, embed,
-                                alpha_dtype)
+                                alpha_dtype, kv_dtype)
       losses[name] = evaluate.window_losses(
           packed, corpus, seq_len=args.seq_len, batch_size=args.batch_size,
           max_windows=args.max_windows)

@@ -48,6 +48,8 @@ def test_cpu_inference_memory_and_op_profile_parts(tmp_path):
   assert (rows[("G=64", "lut", "int8", "float16")]["embed_head"] * 2 ==
           rows[("G=64", "lut", "bf16", "float16")]["embed_head"] +
           2 * 4 * 512)  # int8 + a fp32 scale per row vs bf16, vocab 512
+  kv = bench_cpu_inference.bench_kv_cache(tiny, rounds=1, positions=(8,))
+  assert kv[0]["f32_ms"] > 0 and 0 < kv[0]["logits_rel_error"] < 5e-2
   assert bench_cpu_inference.parse_layouts(["per_channel", "G=64"]) == (
       ("per_channel", None), ("per_group", 64))
   ops = bench_cpu_inference.bench_decode_ops(

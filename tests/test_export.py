@@ -106,6 +106,22 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   with pytest.raises(ValueError, match="holds 20 positions; decoding to "
                      "position 24 would overrun"):
     lut.decode(tokens, lut.init_cache(2, 20))
+  # A bf16 KV cache (held as its uint16 bit patterns): the first layer's
+  # keys are fp32's rounded to bf16 (later layers see rounded attention),
+  # and the logits are within that rounding of fp32's.
+  half = PackedLlama.load(path, "lut", kv_dtype="bfloat16")
+  rounded, cache = decode_in_steps(half, tokens, 20, 32)
+  assert cache.k.dtype == jnp.uint16 and cache.k.shape == (
+      qat_model.cfg.num_layers, 2, qat_model.cfg.num_kv_heads, 32,
+      qat_model.cfg.head_dim)
+  keys = decode_in_steps(lut, tokens, 20, 32)[1].k
+  np.testing.assert_array_equal(jax.lax.bitcast_convert_type(
+      cache.k[0, :, :, :20], jnp.bfloat16), keys[0, :, :, :20].astype(
+          jnp.bfloat16))
+  err = np.linalg.norm(rounded - stepped) / np.linalg.norm(stepped)
+  assert 1e-6 < err < 2e-2, err
+  with pytest.raises(ValueError, match="kv_dtype 'float16': choose one of"):
+    PackedLlama.load(path, "lut", kv_dtype="float16")
   # `auto` prefills the 2 x 24 = 48 tokens with int8 activations.
   auto = np.asarray(PackedLlama.load(path, "auto")(tokens))
   assert np.linalg.norm(auto - want) / np.linalg.norm(want) < 5e-2

@@ -82,15 +82,17 @@ def read_inference_export(location: str,
 
 def load(location: str, *, step: int | None = None,
          quant: QuantConfig | None = None, strategy: str = "auto",
-         embed: str = "float", alpha_dtype: str = "float32"):
+         embed: str = "float", alpha_dtype: str = "float32",
+         kv_dtype: str = "float32"):
   """`(model, tokenizer)` at `location`. A `.tqj` export, or a ternary Hugging
   Face export (projection biases = C(W)), opens as a `PackedLlama` (CPU
-  inference; `strategy`, `embed` and `alpha_dtype` as there); anything else as a `Llama`,
+  inference; `strategy`, `embed`, `alpha_dtype` and `kv_dtype` as there);
+  anything else as a `Llama`,
   with `quant` replacing its quantization (Hugging Face and GGUF sources
   record none: they load as the float model unless `quant` is given)."""
   if str(location).endswith(".tqj") or hf.is_ternary_hf(resolve(location)):
     ex = read_inference_export(location, quant)
-    return (PackedLlama(ex, strategy, embed, alpha_dtype),
+    return (PackedLlama(ex, strategy, embed, alpha_dtype, kv_dtype),
             ex.load_tokenizer())
   overrides = {"quant": quant} if quant is not None else {}
   return (load_model(location, step, **overrides), load_tokenizer(location))
