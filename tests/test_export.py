@@ -336,7 +336,7 @@ def test_export_and_generate_clis(tmp_path):
   assert "decode" in gen.stderr and "tokens/s" in gen.stderr
   gen = run_cli("generate", "--model", tmp_path / "m.tqj", "--prompt",
                 "To be", "--max_new_tokens", "3", "--embed", "int8",
-                "--alpha_dtype", "float16")
+                "--alpha_dtype", "float16", "--kv_dtype", "bfloat16")
   assert gen.stdout.startswith("To be") and "3 tokens" in gen.stderr
   # Each run-time precision scored on the run's held-out windows.
   inference_precision.main(["--workdir", str(tmp_path / "run"), "--seq_len",
