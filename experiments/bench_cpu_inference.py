@@ -131,12 +131,10 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
   ternary export (PackedLlama, `lut` kernels) vs the same float weights W in
   f32 and bf16 through the same decode loop (DenseLlama)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from tequila_jax import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  from tequila_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from tequila_jax.inference import DenseLlama, PackedLlama  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  base = config_lib.load_config_file(config)
-  cfg = config_lib.to_model_config(base.model).replace(max_seq_len=256,
-                                                       dtype="float32")
+  cfg = _model_config(config, max_seq_len=256)
   qat = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
   params = nnx.state(qat, nnx.Param)
   with tempfile.TemporaryDirectory() as tmp:
@@ -197,6 +195,16 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
   return rows
 
 
+def timed_step(model, token, filled) -> tuple[float, jax.Array]:
+  """Seconds and logits of one `model.decode(token, cache)` on a copy of
+  the `filled` cache, made beforehand (the step donates its cache)."""
+  cache = jax.tree.map(jnp.copy, filled)
+  jax.block_until_ready(cache)
+  t0 = time.perf_counter()
+  logits = jax.block_until_ready(model.decode(token, cache)[0])
+  return time.perf_counter() - t0, logits
+
+
 def bench_capacity(config: str, rounds: int, position: int = 128,
                    capacities=(256, 1024, 4096)) -> list[dict]:
   """Time of one decode step at `position` with caches of several
@@ -217,12 +225,7 @@ def bench_capacity(config: str, rounds: int, position: int = 128,
   times = {c: [] for c in capacities}
   for _ in range(rounds):
     for c in capacities:
-      # The step donates its cache: time it on a copy made beforehand.
-      cache = jax.tree.map(jnp.copy, filled[c])
-      jax.block_until_ready(cache)
-      t0 = time.perf_counter()
-      jax.block_until_ready(model.decode(token, cache)[0])
-      times[c].append(time.perf_counter() - t0)
+      times[c].append(timed_step(model, token, filled[c])[0])
   base = statistics.median(times[capacities[0]])
   rows = [dict(capacity=c, position=position,
                ms=1e3 * statistics.median(t), min_ms=1e3 * min(t),
@@ -233,16 +236,22 @@ def bench_capacity(config: str, rounds: int, position: int = 128,
   return rows
 
 
+def _model_config(config: str, **changes):
+  """`config`'s ModelConfig with `changes`, activations fp32."""
+  from tequila_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.to_model_config(config_lib.load_config_file(
+      config).model).replace(dtype="float32", **changes)
+
+
 def _random_export(config: str, path, tokenizer: bool = False,
                    float_dtype: str = "float32", **changes):
   """Writes a random-init ternary export of `config`'s architecture with
   `changes` (ModelConfig fields; activations fp32), with the SmolLM2
   tokenizer if `tokenizer` (a GGUF needs one); returns its cfg."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from tequila_jax import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  from tequila_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.to_model_config(config_lib.load_config_file(
-      config).model).replace(dtype="float32", **changes)
+  cfg = _model_config(config, **changes)
   tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), path,
                    float_dtype=float_dtype, tokenizer=load.load_tokenizer(
                        "asset:smollm2_gguf") if tokenizer else None)
@@ -364,19 +373,12 @@ def bench_kv_cache(config: str, rounds: int, positions=(128, 1024, 4096)
   for n in positions:
     filled = {k: m.decode(jnp.asarray([ids[:n]]), m.init_cache(1, capacity))[1]
               for k, m in models.items()}
-
-    def step(k, filled=filled, n=n):  # a copy: the step donates its cache
-      cache = jax.tree.map(jnp.copy, filled[k])
-      jax.block_until_ready(cache)
-      t0 = time.perf_counter()
-      logits = jax.block_until_ready(
-          models[k].decode(jnp.asarray([[ids[n]]]), cache)[0])
-      return time.perf_counter() - t0, logits
-    logits = {k: step(k)[1] for k in models}
+    token = jnp.asarray([[ids[n]]])
+    logits = {k: timed_step(m, token, filled[k])[1] for k, m in models.items()}
     times = {k: [] for k in models}
     for _ in range(rounds):
-      for k in models:
-        times[k].append(step(k)[0])
+      for k, m in models.items():
+        times[k].append(timed_step(m, token, filled[k])[0])
     ratios = sorted(a / b for a, b in zip(times["float32"], times["bfloat16"]))
     rows.append(dict(
         position=n, f32_ms=1e3 * statistics.median(times["float32"]),
@@ -444,7 +446,6 @@ def bench_llama_cpp(config: str, rounds: int, contexts=(128, 1024, 4096),
   from tequila_jax.io import gguf  # pylint: disable=g-import-not-at-top
   from tequila_jax.quant import QuantConfig  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  from tequila_jax import config_lib  # pylint: disable=g-import-not-at-top
   capacity = max(contexts) + 8
   ids = list(np.random.default_rng(0).integers(10, 40000, capacity))
   rows = []
@@ -453,22 +454,17 @@ def bench_llama_cpp(config: str, rounds: int, contexts=(128, 1024, 4096),
   # layout so that every layout runs in the same process state (built
   # after the first layout's model, that layout ran ~30% slower than the
   # same layout built second; the cause was not isolated).
-  dense = DenseLlama(model_lib.Llama(config_lib.to_model_config(
-      config_lib.load_config_file(config).model).replace(
-          dtype="float32", quant=QuantConfig("none"), **shape),
-                                     rngs=nnx.Rngs(0)), "bfloat16")
+  dense = DenseLlama(model_lib.Llama(_model_config(
+      config, quant=QuantConfig("none"), **shape), rngs=nnx.Rngs(0)),
+                     "bfloat16")
   gc.collect()
 
   def prefill(model, n):  # the last position's logits, as llama.cpp's eval
     jax.block_until_ready(model.decode(jnp.asarray([ids[:n]]),
                                        model.init_cache(1, n), logits="last"))
 
-  def step(model, n, filled):  # a copy: the step donates its cache
-    cache = jax.tree.map(jnp.copy, filled)
-    jax.block_until_ready(cache)
-    t0 = time.perf_counter()
-    jax.block_until_ready(model.decode(jnp.asarray([[ids[n]]]), cache)[0])
-    return time.perf_counter() - t0
+  def step(model, n, filled):
+    return timed_step(model, jnp.asarray([[ids[n]]]), filled)[0]
 
   def summary(kind, n, runtime, times, **extra):
     rows.append(dict(kind=kind, tokens=n, runtime=runtime,
