@@ -1,15 +1,19 @@
 """Pure-JAX ternary quantizers and quantized matmuls (no Flax)."""
 
-from tequila_jax.quant.config import GRANULARITIES, METHODS, QuantConfig
+from tequila_jax.quant.config import (GRANULARITIES, LAM_MODES,
+                                      LEARNED_SCALE_METHODS, METHODS,
+                                      QuantConfig)
+from tequila_jax.quant.learned import check_qparams, init_qparams
 from tequila_jax.quant.matmul import quantized_matmul, ternary_matmul
+from tequila_jax.quant.state import (group_threshold_stats, ternary_state,
+                                     threshold_stats)
 from tequila_jax.quant.ternary import (TernaryState, dead_column_sum,
-                                       dequantize, group_threshold_stats,
-                                       ternarize, ternary_state,
-                                       threshold_ratio, threshold_stats)
+                                       dequantize, ternarize, threshold_ratio)
 
 __all__ = [
-    "GRANULARITIES", "METHODS", "QuantConfig", "TernaryState",
-    "dead_column_sum", "dequantize", "group_threshold_stats",
-    "quantized_matmul", "ternarize",
-    "ternary_matmul", "ternary_state", "threshold_ratio", "threshold_stats",
+    "GRANULARITIES", "LAM_MODES", "LEARNED_SCALE_METHODS", "METHODS",
+    "QuantConfig", "TernaryState", "check_qparams", "dead_column_sum",
+    "dequantize", "group_threshold_stats", "init_qparams", "quantized_matmul",
+    "ternarize", "ternary_matmul", "ternary_state", "threshold_ratio",
+    "threshold_stats",
 ]

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 
-METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima")
+METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima",
+           "lsq", "seq", "dlt")
+# Methods whose scale alpha is a learned parameter (LSQ, ParetoQ's SEQ,
+# TernaryLLM's DLT), initialized to max|W| of each group.
+LEARNED_SCALE_METHODS = ("lsq", "seq", "dlt")
 GRANULARITIES = ("per_group", "per_channel", "per_tensor")
+# How Tequila's λ is held: `fixed` (the published recipe), learned per layer
+# or per output unit (λ = lam · exp(θ), θ learned from the task loss), or
+# `v3`, the official code's `ultraquantv3` (a per-weight Λ fitted by a local
+# regression).
+LAM_MODES = ("fixed", "per_layer", "per_channel", "v3")
 STAT_DTYPES = ("float32", "bfloat16")
 
 
@@ -20,6 +29,12 @@ class QuantConfig:
     group_size: G for `per_group`; ignored otherwise.
     lam: Tequila's reactivation strength λ (`tequila`, `tequila_dynamic`).
     eps: the constant of the `minima` reactivation term.
+    lam_mode: how λ is held (`LAM_MODES`; `tequila` only): `fixed` λ = lam;
+      `per_layer` / `per_channel` λ = lam · exp(θ) with θ a learned scalar /
+      `[out]` vector starting at 0; `v3` the official `ultraquantv3`'s
+      per-weight Λ (`[in, out]`, N(0, lam_std²) at init; lam unused).
+    lam_std: standard deviation of v3's Λ at initialization (the official
+      `range_of_lambada`, 0.01).
     stat_dtype: `float32` (default: alpha and delta in fp32, or fp64 for fp64
       weights) or `bfloat16`, the official code's statistics on bf16 weights:
       W rounded to bf16, alpha = bf16(mean|W|) accumulated in fp32, delta =
@@ -33,6 +48,8 @@ class QuantConfig:
   lam: float = 1e-3
   eps: float = 1e-3
   stat_dtype: str = "float32"
+  lam_mode: str = "fixed"
+  lam_std: float = 0.01
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -52,10 +69,37 @@ class QuantConfig:
     if self.stat_dtype not in STAT_DTYPES:
       raise ValueError(f"Unknown stat_dtype {self.stat_dtype!r}; choose one "
                        f"of {STAT_DTYPES}.")
+    if self.lam_mode not in LAM_MODES:
+      raise ValueError(f"Unknown lam_mode {self.lam_mode!r}; choose one of "
+                       f"{LAM_MODES}.")
+    if self.lam_mode != "fixed" and self.method != "tequila":
+      raise ValueError(
+          f"lam_mode={self.lam_mode!r} learns Tequila's bias strength, but "
+          f"method is {self.method!r}: use method='tequila' or "
+          "lam_mode='fixed'.")
+    if self.lam_mode in ("per_layer", "per_channel") and self.lam <= 0:
+      raise ValueError(f"lam_mode={self.lam_mode!r} learns λ = lam·exp(θ) "
+                       f"relative to lam, which must be > 0 (got {self.lam}).")
+    if self.lam_std < 0:
+      raise ValueError(f"lam_std must be >= 0, got {self.lam_std}.")
+    if self.learned_scale and self.stat_dtype != "float32":
+      raise ValueError(f"stat_dtype={self.stat_dtype!r} reproduces the "
+                       "official absmean statistics; method "
+                       f"{self.method!r} learns its scale: use float32.")
 
   @property
   def is_ternary(self) -> bool:
     return self.method != "none"
+
+  @property
+  def learned_scale(self) -> bool:
+    """alpha (and DLT's gamma) are learned parameters (`lsq`, `seq`, `dlt`)."""
+    return self.method in LEARNED_SCALE_METHODS
+
+  @property
+  def learned_lam(self) -> bool:
+    """λ is a learned parameter (any `lam_mode` but `fixed`)."""
+    return self.lam_mode != "fixed"
 
   def describe(self) -> str:
     """One line for logs and reports, e.g. 'tequila per_group G=64 λ=0.001'."""
@@ -64,7 +108,11 @@ class QuantConfig:
     parts = [self.method, self.granularity]
     if self.granularity == "per_group":
       parts.append(f"G={self.group_size}")
-    if self.method.startswith("tequila"):
+    if self.lam_mode == "v3":
+      parts.append(f"λ per weight (v3, std {self.lam_std:g})")
+    elif self.learned_lam:
+      parts.append(f"λ learned {self.lam_mode} from {self.lam:g}")
+    elif self.method.startswith("tequila"):
       parts.append(f"λ={self.lam:g}")
     if self.method == "minima":
       parts.append(f"eps={self.eps:g}")
@@ -74,8 +122,9 @@ class QuantConfig:
 
   @property
   def bias_lam(self) -> float:
-    """λ of the input-independent bias c(W): non-zero only for `tequila`."""
-    return self.lam if self.method == "tequila" else 0.0
+    """The fixed λ of the input-independent bias c(W): non-zero only for
+    `tequila` with `lam_mode="fixed"` (learned modes hold λ as parameters)."""
+    return self.lam if self.method == "tequila" and not self.learned_lam else 0.0
 
   def num_groups(self, in_features: int) -> int:
     """Groups along the input axis for one output unit."""

@@ -16,14 +16,18 @@ from tequila_jax.quant.config import QuantConfig
 
 
 class TernaryState(NamedTuple):
-  """A ternarized kernel: `Q = dequantize(codes, alpha)`, bias `c` per output.
+  """A ternarized kernel: `Q = dequantize(codes, alpha) (+ gamma)`, bias `c`
+  per output.
 
   codes: int8 `[in, out]` in {-1, 0, 1}; alpha: fp32 scales (module doc);
-  c: fp32 `[out]`, `lam * sum_{i in D} W[i, :]` (zero unless `tequila`).
+  c: fp32 `[out]`, `λ Σ_{i∈D} W[i, :]` (zero unless `tequila`); gamma: DLT's
+  per-group offset (alpha's shape, added to every weight of its group), or
+  None for every other method.
   """
   codes: jax.Array
   alpha: jax.Array
   c: jax.Array
+  gamma: jax.Array | None = None
 
 
 def _grouped(w: jax.Array, cfg: QuantConfig) -> jax.Array:
