@@ -17,11 +17,11 @@ LLAMA3_ROPE_SCALING = {"factor": 32.0, "low_freq_factor": 1.0,
 
 
 def quant_config(method="tequila", granularity="per_group", group_size=128,
-                 lam=1e-3, eps=1e-3, stat_dtype="float32"
-                 ) -> ml_collections.ConfigDict:
+                 lam=1e-3, eps=1e-3, stat_dtype="float32", lam_mode="fixed",
+                 lam_std=0.01) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       method=method, granularity=granularity, group_size=group_size, lam=lam,
-      eps=eps, stat_dtype=stat_dtype))
+      eps=eps, stat_dtype=stat_dtype, lam_mode=lam_mode, lam_std=lam_std))
 
 
 def define_quant_flag() -> None:
@@ -115,8 +115,10 @@ def config_changes(stored: ml_collections.ConfigDict,
                    config: ml_collections.ConfigDict) -> list[str]:
   """`field: stored -> new` for every field of `config` that differs from a
   run's `stored` config and is not a run-time field (fields the stored
-  config lacks, from an older version, take their defaults)."""
-  old, new = _flat(stored.to_dict()), _flat(config.to_dict())
+  config lacks, from an older version, compare as their defaults)."""
+  defaults = _flat(base_config().to_dict())
+  old = {**defaults, **_flat(stored.to_dict())}
+  new = _flat(config.to_dict())
   return [f"{k}: {old[k]!r} -> {v!r}" for k, v in sorted(new.items())
           if k in old and _normal(old[k]) != _normal(v)
           and not any(k == f or (f.endswith(".") and k.startswith(f))

@@ -3,7 +3,10 @@
 Per ternary layer type (q_proj ... down_proj; each a `[blocks, in, out]`
 stack) as `NAME/<type>`, and over the whole model as `NAME/all` (weighted by
 the number of weights of each type). `r = |W| / delta` is a weight's distance
-to the threshold: `r < 1` is the deadzone D.
+to the threshold: `r < 1` is the deadzone D. delta is the method's own
+threshold (`quant.threshold_stats`: mean|W|/2 for absmean and Tequila, α/2
+for lsq/dlt and α/3 for seq with the learned α), so every figure means the
+same thing for every method.
 
 Every step, on a fixed random sample of `sample_size` weights per layer type
 (drawn once, without replacement, from the seed), each with a counter of the
@@ -105,6 +108,26 @@ def ternary_kernels(params: dict) -> dict[str, jax.Array]:
           for k, block in PROJECTIONS.items()}
 
 
+def ternary_qparams(params: dict) -> dict[str, dict]:
+  """The stacked learned quantizer parameters of every ternary layer type
+  (empty dicts for static methods)."""
+  return {k: {n: v for n, v in params["layers"][block][k].items()
+              if n in quant.QPARAM_NAMES}
+          for k, block in PROJECTIONS.items()}
+
+
+def lam_metrics(params: dict, qcfg: QuantConfig) -> dict:
+  """`lam/<type>`: the mean λ of each layer type's Tequila bias (λ = lam ·
+  exp(θ), or v3's per-weight Λ), for a learned `lam_mode`."""
+  out = {}
+  for k, qp in ternary_qparams(params).items():
+    if "lam_weight" in qp:
+      out[f"lam/{k}"] = jnp.mean(qp["lam_weight"])
+    else:
+      out[f"lam/{k}"] = jnp.mean(qcfg.lam * jnp.exp(qp["lam_log"]))
+  return out
+
+
 def _weighted(values: dict, sizes: dict) -> jax.Array:
   total = sum(sizes.values())
   return sum(values[k] * sizes[k] for k in values) / total
@@ -123,9 +146,11 @@ def _ratio_of_sums(num: dict, den: dict, sizes: dict | None = None):
                   sum(den[k] * scale[k] for k in den))
 
 
-def _threshold(kernel: jax.Array, qcfg: QuantConfig):
-  """`(codes, r)` of a `[blocks, in, out]` stack."""
-  return jax.vmap(lambda w: quant.threshold_stats(w, qcfg))(kernel)
+def _threshold(kernel: jax.Array, qcfg: QuantConfig, qparams: dict):
+  """`(codes, r)` of a `[blocks, in, out]` stack and its stacked learned
+  quantizer parameters."""
+  return jax.vmap(lambda w, qp: quant.threshold_stats(w, qcfg, qp))(kernel,
+                                                                    qparams)
 
 
 def sample_indices(kernels: dict, cfg: DiagnosticsConfig) -> dict[str, np.ndarray]:
@@ -162,18 +187,26 @@ def _group_rows(shape: tuple, idx: np.ndarray, qcfg: QuantConfig):
   return rows, i % size
 
 
-def _sampled(kernel: jax.Array, idx: np.ndarray, cfg: DiagnosticsConfig):
+def _sampled(kernel: jax.Array, qparams: dict, idx: np.ndarray,
+             cfg: DiagnosticsConfig):
   """`(dead, in trap band)` of the sampled weights of one layer type, from
   their groups alone (a few hundred thousand values, not the whole stack,
-  unless that is smaller or `per_tensor`)."""
+  unless that is smaller or `per_tensor`); a learned scale is read for the
+  sampled groups only."""
   plan = _group_rows(tuple(kernel.shape), idx, cfg.quant)
   if plan is None or plan[0].size >= kernel.size:  # cheaper on the whole
-    codes, r = _threshold(kernel, cfg.quant)
+    codes, r = _threshold(kernel, cfg.quant, qparams)
     codes, r = codes.reshape(-1)[idx], r.reshape(-1)[idx]
   else:
     rows, pos = plan
     groups = kernel.reshape(-1)[rows][:, :, None]  # [n, G, 1]
-    codes, r = quant.group_threshold_stats(groups, cfg.quant)
+    alpha = None
+    if cfg.quant.learned_scale:  # [blocks, groups, out] at each sample
+      b, rem = np.divmod(idx, kernel.shape[1] * kernel.shape[2])
+      i, j = np.divmod(rem, kernel.shape[2])
+      size = kernel.shape[1] // qparams["alpha"].shape[1]
+      alpha = qparams["alpha"][b, i // size, j][:, None, None]
+    codes, r = quant.group_threshold_stats(groups, cfg.quant, alpha)
     at = (np.arange(len(idx)), pos, 0)
     codes, r = codes[at], r[at]
   dead = codes == 0
@@ -185,9 +218,10 @@ def init_state(params: dict, cfg: DiagnosticsConfig) -> dict:
   states spent in D (`dead_run`, 1 if dead now), the trap-band membership
   at the window's start and whether it has left D since; the last completed
   window's escape rates (NaN: none yet) and the number of updates seen."""
-  kernels = ternary_kernels(params)
+  kernels, qparams = ternary_kernels(params), ternary_qparams(params)
   idx = sample_indices(kernels, cfg)
-  sampled = {k: _sampled(w, idx[k], cfg) for k, w in kernels.items()}
+  sampled = {k: _sampled(w, qparams[k], idx[k], cfg)
+             for k, w in kernels.items()}
   nan = jnp.full((), jnp.nan, jnp.float32)
   return dict(
       dead_run={k: d.astype(jnp.int32) for k, (d, _) in sampled.items()},
@@ -201,9 +235,10 @@ def update(state: dict, new_params: dict, cfg: DiagnosticsConfig
            ) -> tuple[dict, dict]:
   """Every step: the trap counters after an update and the trapping
   metrics, `(new state, metrics)`; reads only the sampled weights' groups."""
-  kernels = ternary_kernels(new_params)
+  kernels, qparams = ternary_kernels(new_params), ternary_qparams(new_params)
   idx = sample_indices(kernels, cfg)
-  sampled = {k: _sampled(kernels[k], idx[k], cfg) for k in LAYER_TYPES}
+  sampled = {k: _sampled(kernels[k], qparams[k], idx[k], cfg)
+             for k in LAYER_TYPES}
   return _update_traps(state, sampled, cfg,
                        {k: w.size for k, w in kernels.items()})
 
@@ -252,6 +287,7 @@ def full_metrics(old_params: dict, new_params: dict, cfg: DiagnosticsConfig,
   the updated weights and (given the per-weight gradient mean/variance over
   micro-batches, taken at `old_params`) GSNR by deadzone membership and r."""
   old, new = ternary_kernels(old_params), ternary_kernels(new_params)
+  old_qp, new_qp = ternary_qparams(old_params), ternary_qparams(new_params)
   sizes = {k: w.size for k, w in new.items()}
   # Every weight falls in one category: its histogram bin of r (the last
   # bin collects r >= hist_max), whether it is dead, in the boundary band,
@@ -264,10 +300,10 @@ def full_metrics(old_params: dict, new_params: dict, cfg: DiagnosticsConfig,
   edge = int(round(1 / cfg.bin_width))  # the bin that starts at r = 1
   # The weights the gradients were taken at: their codes for flips and
   # crossings, and (with GSNR) their codes and r for the categories there.
-  old_stats = {k: _threshold(w, cfg.quant) for k, w in old.items()}
+  old_stats = {k: _threshold(w, cfg.quant, old_qp[k]) for k, w in old.items()}
   for k in LAYER_TYPES:
     old_codes = old_stats[k][0]
-    codes, r = _threshold(new[k], cfg.quant)
+    codes, r = _threshold(new[k], cfg.quant, new_qp[k])
     dead = codes == 0
     moved = jnp.where(dead != (old_codes == 0), 1,
                       jnp.where(codes != old_codes, 2, 0))

@@ -26,6 +26,10 @@ class TernaryDense(nnx.Module):
 
   The quantized matmul runs in `dtype` (bf16 by default); quantizer statistics
   and the Tequila bias stay in fp32. `quant.method == "none"` is a float Dense.
+  Methods with learned quantizer parameters (`lsq`, `seq`, `dlt`, a learned
+  `lam_mode`) hold them as `nnx.Param`s named as in `quant.QPARAM_NAMES`
+  (the others are None), started from the initial kernel
+  (`quant.init_qparams`: α = max|W| per group, γ = θ = 0, Λ ~ N(0, std²)).
   """
 
   def __init__(self, in_features: int, out_features: int, *,
@@ -47,6 +51,18 @@ class TernaryDense(nnx.Module):
                             **logical_axes(*kernel_axes))
     self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
                  if use_bias else None)
+    qparams = quant.init_qparams(self.kernel[...], quant_config,
+                                 rngs.params() if quant_config.lam_mode == "v3"
+                                 else None)
+    for key in quant.QPARAM_NAMES:
+      setattr(self, key, nnx.Param(qparams[key], **logical_axes(
+          *quant.qparam_axes(key, quant_config, kernel_axes)))
+              if key in qparams else None)
+
+  def qparams(self) -> dict:
+    """The learned quantizer parameters' values (empty for static methods)."""
+    return {k: getattr(self, k)[...] for k in quant.QPARAM_NAMES
+            if getattr(self, k) is not None}
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim < 1 or x.shape[-1] != self.in_features:
@@ -54,7 +70,7 @@ class TernaryDense(nnx.Module):
           f"{self.name} [in={self.in_features}, out={self.out_features}]: "
           f"input of shape {x.shape} must end in {self.in_features} features.")
     y = quant.quantized_matmul(jnp.asarray(x, self.dtype), self.kernel[...],
-                               self.quant_config)
+                               self.quant_config, self.qparams())
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -63,7 +79,8 @@ class TernaryDense(nnx.Module):
     """Codes, scales and `c(W)` of the current kernel (diagnostics, export)."""
     if not self.quant_config.is_ternary:
       raise ValueError(f"{self.name} has quant method 'none': no ternary state.")
-    return quant.ternary_state(self.kernel[...], self.quant_config)
+    return quant.ternary_state(self.kernel[...], self.quant_config,
+                               self.qparams())
 
 
 class RMSNorm(nnx.Module):

@@ -19,6 +19,7 @@ from flax import nnx
 
 from tequila_jax.layers import (RMSNorm, TernaryDense, attend, logical_axes,
                                 rope_frequencies)
+from tequila_jax import quant
 from tequila_jax.quant import QuantConfig
 from tequila_jax.quant.matmul import QUANT_NAMES
 
@@ -376,3 +377,23 @@ def param_axes(cfg: ModelConfig) -> dict:
 def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
   """Freshly initialized parameters as a nested dict (traceable)."""
   return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+
+def with_initial_qparams(params: dict, cfg: ModelConfig, seed: int = 0
+                         ) -> dict:
+  """`params` for `cfg`'s model, with every projection's learned quantizer
+  parameters started afresh from its kernel (`quant.init_qparams`: α = max|W|
+  per group, γ = θ = 0, v3's Λ drawn from `seed`) and every other leaf kept.
+  Runs and loaders call it once the starting weights are in place, so that a
+  checkpoint of any method (or a float one) starts a run of another."""
+  key = jax.random.key(seed)
+  layers = {k: dict(v) for k, v in params["layers"].items()}
+  for n, (name, block) in enumerate(PROJECTIONS.items()):
+    proj = {k: v for k, v in layers[block][name].items()
+            if k not in quant.QPARAM_NAMES}
+    kernel = proj["kernel"]
+    keys = jax.random.split(jax.random.fold_in(key, n), kernel.shape[0])
+    proj.update(jax.vmap(lambda w, k: quant.init_qparams(w, cfg.quant, k))(
+        kernel, keys))
+    layers[block][name] = proj
+  return {**params, "layers": layers}

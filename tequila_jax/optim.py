@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
+import jax
 import optax
+
+from tequila_jax.quant import QPARAM_NAMES
 
 SCHEDULES = ("official", "wsd", "cosine", "constant")
 
@@ -64,5 +67,14 @@ def make_optimizer(opt, steps: int) -> tuple[optax.GradientTransformation,
                 initial_fraction=opt.initial_fraction)
   parts = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm else []
   parts.append(optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                           weight_decay=opt.weight_decay))
+                           weight_decay=opt.weight_decay,
+                           mask=decay_mask if opt.weight_decay else None))
   return optax.chain(*parts), lr
+
+
+def decay_mask(params):
+  """Weight decay applies to every parameter but the learned quantizer
+  parameters (scales, γ, λ: the references train them with none)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) not in QPARAM_NAMES,
+      params)

@@ -17,8 +17,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 # Logical axis -> the mesh axis it may be sharded over (None: never).
+# "groups" is the group axis of a learned scale `[groups, out]` (small:
+# it is sharded, if at all, along its output axis).
 RULES = {"vocab": "fsdp", "embed": "fsdp", "heads": "fsdp", "mlp": "fsdp",
-         "layers": None}
+         "layers": None, "groups": None}
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:

@@ -23,7 +23,9 @@ from safetensors.numpy import save_file
 
 from tequila_jax.io import tokenizers, tqj
 from tequila_jax.io.atomic import atomic_path
-from tequila_jax.model import PROJECTIONS, Llama, ModelConfig, abstract_model
+from tequila_jax import quant
+from tequila_jax.model import (PROJECTIONS, Llama, ModelConfig, abstract_model,
+                               with_initial_qparams)
 from tequila_jax.quant import QuantConfig
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
@@ -130,6 +132,8 @@ def _expected_tensors(cfg: ModelConfig):
   """Yields (our path, layer index or None, HF name, HF shape)."""
   _, state = nnx.split(abstract_model(cfg))
   for path, var in nnx.to_flat_state(state):
+    if path[-1] in quant.QPARAM_NAMES:  # learned from the kernels, not stored
+      continue
     shape = var.get_value().shape
     if path[0] == "layers":
       name = LAYER_NAMES[path[1:]]
@@ -148,7 +152,9 @@ def _hf_shape(shape, path=()):
 
 def model_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
                        source: str = "checkpoint") -> Llama:
-  """Builds a `Llama` from Hugging Face-named tensors, validating all first."""
+  """Builds a `Llama` from Hugging Face-named tensors, validating all first;
+  learned quantizer parameters (if `cfg.quant` has any) start from the
+  loaded kernels."""
   expected = list(_expected_tensors(cfg))
   missing = [name for _, _, name, _ in expected if name not in tensors]
   if missing:
@@ -183,7 +189,7 @@ def model_from_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
       node = node.setdefault(key, {})
     node[path[-1]] = np.stack(arrs) if path[0] == "layers" else arrs[0]
   graphdef, state = nnx.split(abstract_model(cfg))
-  nnx.replace_by_pure_dict(state, pure)
+  nnx.replace_by_pure_dict(state, with_initial_qparams(pure, cfg))
   return nnx.merge(graphdef, state)
 
 

@@ -35,13 +35,18 @@ def resolve(location: str) -> pathlib.Path:
 
 def load_model(location: str, step: int | None = None, **overrides) -> Llama:
   """The (QAT) model at `location`; `overrides` replace `ModelConfig` fields.
-  A `.tqj` export is an inference model: open it with `load`."""
+  A workdir's learned quantizer parameters are its trained ones, unless
+  `quant=` changes the quantizer (then they start from the kernels, as for
+  Hugging Face and GGUF sources). A `.tqj` export is an inference model:
+  open it with `load`."""
   path = resolve(location)
   if checkpoint.is_workdir(path):
-    cfg = config_lib.to_model_config(
-        checkpoint.read_config(path).model).replace(**overrides)
-    return nnx.merge(model_lib.graphdef(cfg),
-                     checkpoint.restore_params(path, step))
+    stored = config_lib.to_model_config(checkpoint.read_config(path).model)
+    cfg = stored.replace(**overrides)
+    params = checkpoint.restore_params(path, step)
+    if cfg.quant != stored.quant:  # another quantizer: its own parameters
+      params = model_lib.with_initial_qparams(params, cfg)
+    return nnx.merge(model_lib.graphdef(cfg), params)
   if path.suffix == ".tqj":
     raise ValueError(f"{path} is a packed inference export; open it with "
                      "tequila_jax.io.load.load (a PackedLlama), not as a "

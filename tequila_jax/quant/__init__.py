@@ -3,7 +3,8 @@
 from tequila_jax.quant.config import (GRANULARITIES, LAM_MODES,
                                       LEARNED_SCALE_METHODS, METHODS,
                                       QuantConfig)
-from tequila_jax.quant.learned import check_qparams, init_qparams
+from tequila_jax.quant.learned import (QPARAM_NAMES, check_qparams,
+                                       init_qparams, qparam_axes)
 from tequila_jax.quant.matmul import quantized_matmul, ternary_matmul
 from tequila_jax.quant.state import (group_threshold_stats, ternary_state,
                                      threshold_stats)
@@ -11,9 +12,9 @@ from tequila_jax.quant.ternary import (TernaryState, dead_column_sum,
                                        dequantize, ternarize, threshold_ratio)
 
 __all__ = [
-    "GRANULARITIES", "LAM_MODES", "LEARNED_SCALE_METHODS", "METHODS",
+    "GRANULARITIES", "LAM_MODES", "QPARAM_NAMES", "LEARNED_SCALE_METHODS", "METHODS",
     "QuantConfig", "TernaryState", "check_qparams", "dead_column_sum",
-    "dequantize", "group_threshold_stats", "init_qparams", "quantized_matmul",
+    "dequantize", "group_threshold_stats", "init_qparams", "qparam_axes", "quantized_matmul",
     "ternarize", "ternary_matmul", "ternary_state", "threshold_ratio",
     "threshold_stats",
 ]

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from tequila_jax.quant import ternary
 from tequila_jax.quant.config import QuantConfig
 
+# Every learned quantizer parameter a kernel may carry (`init_qparams`).
+QPARAM_NAMES = ("alpha", "gamma", "lam_log", "lam_weight")
 ALPHA_MIN = 1e-5
 SEQ_CLIP = 0.99  # ParetoQ's clip_val = 1 - 1e-2
 SEQ_LEVELS = 1.5  # n_levels at num_bits = 0
@@ -74,6 +76,17 @@ def init_qparams(w: jax.Array, cfg: QuantConfig, key=None) -> dict:
     return {"lam_weight": cfg.lam_std * jax.random.normal(key, w.shape,
                                                           w.dtype)}
   return {}
+
+
+def qparam_axes(name: str, cfg: QuantConfig, kernel_axes: tuple) -> tuple:
+  """Logical axis names of a learned parameter, from its kernel's
+  `(in, out)` names: α and γ are `("groups", out)`, a per-channel θ
+  `(out,)`, Λ the kernel's."""
+  if name in ("alpha", "gamma"):
+    return ("groups", kernel_axes[1])
+  if name == "lam_log":
+    return (kernel_axes[1],) if cfg.lam_mode == "per_channel" else ()
+  return tuple(kernel_axes)
 
 
 def check_qparams(qparams, w_shape, cfg: QuantConfig, name="kernel") -> dict:

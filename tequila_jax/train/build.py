@@ -90,8 +90,15 @@ class Train:
     return model_lib.graphdef(self.model_cfg)
 
   def _fresh(self) -> dict:
-    return new_state(model_lib.init_params(self.model_cfg, self.config.seed),
-                     self.tx, self.diag)
+    return self._around(model_lib.init_params(self.model_cfg,
+                                              self.config.seed))
+
+  def _around(self, params: dict) -> dict:
+    """The train state around starting weights that are in place: learned
+    quantizer parameters start from them (`with_initial_qparams`)."""
+    params = model_lib.with_initial_qparams(params, self.model_cfg,
+                                            self.config.seed)
+    return new_state(params, self.tx, self.diag)
 
   @functools.cached_property
   def _shapes(self):
@@ -112,12 +119,13 @@ class Train:
 
   def init_state(self, params: dict | None = None) -> dict:
     """The sharded initial state: random parameters from `config.seed`, or
-    around `params` (which are moved into the layout and donated)."""
+    around `params` (which are moved into the layout and donated); either
+    way the learned quantizer parameters start from the kernels."""
     if params is None:
       return jax.jit(self._fresh, out_shardings=self.shardings)()
     params = jax.device_put(params, self.shardings["params"])
-    return jax.jit(lambda p: new_state(p, self.tx, self.diag),
-                   out_shardings=self.shardings, donate_argnums=0)(params)
+    return jax.jit(self._around, out_shardings=self.shardings,
+                   donate_argnums=0)(params)
 
   def step_fn(self, full_diagnostics: bool = False):
     """The jitted, donated `train_step` (its logging-step variant if
@@ -129,7 +137,7 @@ class Train:
         train_step, graphdef=self.graphdef, tx=self.tx,
         lr_schedule=self.lr_schedule, micro_batches=t.micro_batches,
         diag=self.diag, full_diagnostics=full_diagnostics,
-        loss_chunk=t.loss_chunk)
+        loss_chunk=t.loss_chunk, quant_config=self.model_cfg.quant)
     if t.parallelism == "shard_map":  # the state is replicated (validate)
       step = jax.shard_map(
           functools.partial(step, axis_name=sharding.BATCH_AXES),

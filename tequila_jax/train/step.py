@@ -26,13 +26,15 @@ def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
                diag: diagnostics.DiagnosticsConfig | None = None,
                full_diagnostics: bool = False,
                loss_chunk: int = 0,
+               quant_config=None,
                axis_name: str | tuple[str, ...] | None = None
                ) -> tuple[dict, dict]:
   """One optimizer step on `batch[B, T + 1]`, averaged over `micro_batches`.
 
   Micro-batch k takes rows k, k + m, k + 2m, ... so that every device holds an
   equal share of every micro-batch. With `diag`, deadzone statistics are
-  returned with the metrics (the expensive ones when `full_diagnostics`).
+  returned with the metrics (the expensive ones when `full_diagnostics`);
+  with a learned λ in `quant_config`, its mean per layer type (`lam/<type>`).
 
   Under `shard_map`, `batch` is this device's rows and `axis_name` the mesh
   axes they are split over: each micro-batch's loss and gradients are
@@ -78,6 +80,8 @@ def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
   new = dict(step=state["step"] + 1, params=new_params, opt_state=opt_state)
   out = dict(loss=loss, grad_norm=optax.tree.norm(grads),
              lr=lr_schedule(state["step"]))
+  if quant_config is not None and quant_config.learned_lam:
+    out.update(diagnostics.lam_metrics(new_params, quant_config))
   if diag is not None:
     new["diag"], per_step = diagnostics.update(state["diag"], new_params, diag)
     out.update(per_step)
