@@ -136,17 +136,29 @@ def test_weights_pushed_across_the_threshold():
 @pytest.mark.parametrize("qcfg", [
     QuantConfig("tequila", group_size=64), QuantConfig("twn", group_size=32),
     QuantConfig("tequila", "per_channel"), QuantConfig("absmean", "per_tensor"),
-    QuantConfig("tequila", group_size=64, stat_dtype="bfloat16")],
+    QuantConfig("tequila", group_size=64, stat_dtype="bfloat16"),
+    QuantConfig("lsq", group_size=64), QuantConfig("seq", "per_channel"),
+    QuantConfig("dlt", "per_tensor")],
                          ids=lambda c: f"{c.method}-{c.granularity}-{c.stat_dtype}")
 def test_sampled_groups_give_the_full_kernels_codes_exactly(qcfg):
-  """The per-step counters read only the sampled weights' groups; their
-  dead / band status equals that of the whole kernel's statistics."""
+  """The per-step counters read only the sampled weights' groups (and their
+  learned α); their dead / band status equals that of the whole kernel's
+  statistics."""
   rng = np.random.default_rng(1)
   kernel = jnp.asarray(rng.normal(size=(3, 256, 48)) * 0.02, jnp.float32)
+  # A learned α below its max|W| start, different in every group.
+  qparams = jax.vmap(lambda w: quant.init_qparams(w, qcfg))(kernel)
+  shrink = {"lsq": 0.4, "dlt": 0.4, "seq": 0.6}.get(qcfg.method)
+  if shrink:
+    qparams["alpha"] = qparams["alpha"] * jnp.asarray(
+        rng.uniform(shrink - 0.05, shrink + 0.05, qparams["alpha"].shape),
+        jnp.float32)
   cfg = diagnostics.DiagnosticsConfig(quant=qcfg, sample_size=3000)
   idx = diagnostics.sample_indices({"q_proj": kernel}, cfg)["q_proj"]
-  dead, band = jax.jit(lambda k: diagnostics._sampled(k, idx, cfg))(kernel)  # pylint: disable=protected-access
-  codes, r = jax.vmap(lambda w: quant.threshold_stats(w, qcfg))(kernel)
+  dead, band = jax.jit(lambda k, qp: diagnostics._sampled(k, qp, idx, cfg))(  # pylint: disable=protected-access
+      kernel, qparams)
+  codes, r = jax.vmap(lambda w, qp: quant.threshold_stats(w, qcfg, qp))(
+      kernel, qparams)
   want_dead = np.asarray(codes).reshape(-1)[idx] == 0
   np.testing.assert_array_equal(dead, want_dead)
   np.testing.assert_array_equal(
@@ -248,7 +260,7 @@ def test_frozen_weights_control(tmp_path):
   kernels = diagnostics.ternary_kernels(state["params"])
   idx = diagnostics.sample_indices(kernels, setup.diag)
   for k in TYPES:
-    dead, band = diagnostics._sampled(kernels[k], idx[k], setup.diag)  # pylint: disable=protected-access
+    dead, band = diagnostics._sampled(kernels[k], {}, idx[k], setup.diag)  # pylint: disable=protected-access
     np.testing.assert_allclose(records[-1][f"train/trapped_fraction/{k}"],
                                float(jnp.mean(band)), rtol=1e-6)
     np.testing.assert_allclose(records[-1][f"train/trapped_of_dead/{k}"],

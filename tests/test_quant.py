@@ -179,10 +179,15 @@ def test_forward_has_one_matmul_and_backward_two():
 
 def test_quantizer_saves_only_int8_codes():
   _, w, _ = _data((4, 256), dtype=np.float32)
-  _, res = quant.matmul._qk_fwd(w, QuantConfig("tequila"), jnp.bfloat16)
-  codes, w_proto = res
+  _, res = quant.matmul._qk_fwd(w, None, QuantConfig("tequila"), jnp.bfloat16)
+  codes, w_proto, lam, dead_sum = res
   assert codes.shape == w.shape and codes.dtype == jnp.int8
   assert w_proto.shape == () and w_proto.dtype == jnp.float32
+  assert lam is None and dead_sum is None  # fixed λ: nothing else saved
+  cfg = QuantConfig("tequila", lam_mode="per_channel")
+  _, res = quant.matmul._qk_fwd(w, jnp.full(w.shape[1:], 1e-3), cfg,
+                                jnp.bfloat16)
+  assert res[3].shape == w.shape[1:]  # a learned λ adds one sum per output
 
 
 def _other_method_closed_form(x, w, g, cfg):
