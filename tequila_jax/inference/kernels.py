@@ -190,8 +190,11 @@ def q8k_activations(x: jax.Array, block: int = 256) -> jax.Array:
 def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
                    c: jax.Array, strategy: str = "auto",
                    codes: jax.Array | None = None,
-                   lut: jax.Array | None = None) -> jax.Array:
-  """`x[..., in] @ Q + c` from packed codes `[in/4, out]`, in fp32.
+                   lut: jax.Array | None = None,
+                   gamma: jax.Array | None = None) -> jax.Array:
+  """`x[..., in] @ Q + c` from packed codes `[in/4, out]`, in fp32; with
+  DLT's per-group offset `gamma [groups, out]` (Q = codes · alpha + γ),
+  y_j also gains Σ_g γ_gj · Σ_{i∈g} x_i (a `[groups]`-deep dot).
 
   `codes` (= `int8_layout(unpack_codes(packed), groups)`, int8) serves the
   `int8` strategy and `lut` (= `lut_layout(packed, groups)`) the `lut`
@@ -220,4 +223,8 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
     y = _exact(q8k_activations(x2), packed, alpha16, c)
   else:
     raise ValueError(f"strategy {strategy!r}: choose one of {STRATEGIES}.")
+  if gamma is not None:
+    groups = gamma.shape[0]
+    sums = jnp.sum(x2.reshape(m, groups, -1), axis=-1)  # [m, groups]
+    y = y + jnp.dot(sums, gamma.astype(jnp.float32), precision="highest")
   return y.reshape(*lead, -1)

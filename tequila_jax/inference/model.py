@@ -178,6 +178,8 @@ class PackedLlama(_Decoder):
       layer = layers[name] = {
           "alpha": jnp.asarray(cat("alpha", parts), alpha_dtype),
           "c": jnp.asarray(cat("c", parts), jnp.float32)}
+      if export.gamma(parts[0]) is not None:  # DLT
+        layer["gamma"] = jnp.asarray(cat("gamma", parts), jnp.float32)
       groups = layer["alpha"].shape[1]
       if int8_codes:
         layer["codes"] = jax.vmap(functools.partial(
@@ -235,7 +237,8 @@ class PackedLlama(_Decoder):
 
   def _linear(self, h, entry):
     return ternary_linear(h, entry.get("packed"), entry["alpha"], entry["c"],
-                          self.strategy, entry.get("codes"), entry.get("lut"))
+                          self.strategy, entry.get("codes"), entry.get("lut"),
+                          entry.get("gamma"))
 
 
 class DenseLlama(_Decoder):

@@ -7,9 +7,14 @@ and decoder block l, with `codes = unpack(P.codes[l])` (int8 `[in, out]`,
 values in {-1, 0, 1}) and `G = in // P.alpha.shape[1]`:
 
     Q[l][i, j] = codes[i, j] * P.alpha[l, i // G, j]        (exactly, fp32)
+                 (+ P.gamma[l, i // G, j]: DLT only)
     y = x @ Q[l] + P.c[l]                                   (c = λ Σ_{i∈D} W_ij)
 
-which is bit-for-bit the QAT model's quantized kernel and Tequila bias. Codes
+which is bit-for-bit the QAT model's quantized kernel and Tequila bias, for
+every method with an inference form: absmean, twn, tequila (any `lam_mode`:
+c holds the learned λ, or v3's Σ_{i∈D} Λ_ij W_ij), lsq, seq (alpha holds
+the level 2α/3) and dlt (whose offset γ adds γ_gj · Σ_{i∈g} x_i to y_j).
+Codes
 are packed along the input axis:
 
 - `2bit` (default, 2 bits/weight): `u = code + 1` in {0, 1, 2}; byte
@@ -19,7 +24,9 @@ are packed along the input axis:
   a multiple of 5 and cut back on unpacking.
 
 Tensors (stacked over blocks): `layers.P.codes` uint8 `[L, in/4 or ceil(in/5),
-out]`, `layers.P.alpha` fp32 `[L, groups, out]`, `layers.P.c` fp32 `[L, out]`,
+out]`, `layers.P.alpha` fp32 `[L, groups, out]` (one group for per-channel
+and per-tensor scales, repeated across outputs), `layers.P.gamma` (DLT only,
+like alpha), `layers.P.c` fp32 `[L, out]`,
 `layers.attn_norm` / `layers.mlp_norm` `[L, hidden]`, `embed` `[vocab,
 hidden]`, `final_norm` `[hidden]`, and `lm_head` `[hidden, vocab]` if untied.
 Metadata (`__metadata__`, strings): `format` = "tequila_jax", `version`,
@@ -55,9 +62,11 @@ from tequila_jax.model import (ARCH_FIELDS, PROJECTIONS, Architecture, Llama,
 
 log = logging.getLogger("tequila_jax")
 FORMAT = "tequila_jax"
-VERSION = "3"
+VERSION = "4"
 # Version 1 also recorded run-time settings; versions 1-2 carry no checksums.
-READABLE = ("1", "2", "3")
+# Version 4 adds the learned-quantizer methods (lsq, seq, dlt's `gamma`
+# tensors, learned λ in `c`); older files hold none of them and load as is.
+READABLE = ("1", "2", "3", "4")
 PACKINGS = ("2bit", "base3")
 FLOAT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}
@@ -122,32 +131,42 @@ def unpack(packed: np.ndarray, packing: str, d_in: int) -> np.ndarray:
 # Export
 # --------------------------------------------------------------------------
 
-def _stacked_kernels(model: Llama) -> dict[str, np.ndarray]:
+# Methods with a multiplication-free inference form (codes · alpha, c, γ).
+EXPORTABLE = ("absmean", "twn", "tequila", "lsq", "seq", "dlt")
+
+
+def _stacked_projections(model: Llama) -> dict[str, dict]:
+  """Per projection, its stacked kernel and learned quantizer parameters."""
   layers = nnx.to_pure_dict(nnx.state(model.layers, nnx.Param))
-  return {p: np.asarray(layers[group][p]["kernel"])
-          for p, group in PROJECTIONS.items()}
+  return {p: layers[group][p] for p, group in PROJECTIONS.items()}
 
 
 def export_tensors(model: Llama, packing: str = "2bit",
                    float_dtype: str = "float32") -> dict[str, np.ndarray]:
   """The container's tensors for a (QAT) model (see the module invariant)."""
   cfg = model.cfg
-  if not cfg.quant.is_ternary or cfg.quant.method not in (
-      "absmean", "twn", "tequila"):
+  if cfg.quant.method not in EXPORTABLE:
     raise ExportError(
         f"quant method {cfg.quant.method!r} has no multiplication-free "
-        "inference form; export absmean, twn or tequila models.")
+        f"inference form; export {', '.join(EXPORTABLE)} models.")
   if packing not in PACKINGS:
     raise ValueError(f"packing {packing!r}: choose one of {PACKINGS}.")
   fdt = FLOAT_DTYPES[float_dtype]
-  state = jax.jit(jax.vmap(lambda w: quant.ternary_state(w, cfg.quant)))
+  state = jax.jit(jax.vmap(lambda p: quant.ternary_state(
+      p["kernel"], cfg.quant,
+      {k: v for k, v in p.items() if k in quant.QPARAM_NAMES})))
   out = {}
-  for name, kernel in _stacked_kernels(model).items():
-    codes, alpha, c = (np.asarray(a) for a in state(kernel))
+  for name, proj in _stacked_projections(model).items():
+    st = state(proj)
+    codes = np.asarray(st.codes)
+    per_out = lambda a: np.broadcast_to(  # noqa: E731  [L, groups, out]
+        np.asarray(a, np.float32), (*a.shape[:2], codes.shape[-1]))
     out[f"layers.{name}.codes"] = (pack_2bit(codes) if packing == "2bit"
                                    else pack_base3(codes))
-    out[f"layers.{name}.alpha"] = alpha.astype(np.float32)
-    out[f"layers.{name}.c"] = c.astype(np.float32)
+    out[f"layers.{name}.alpha"] = per_out(st.alpha)
+    out[f"layers.{name}.c"] = np.asarray(st.c, np.float32)
+    if st.gamma is not None:
+      out[f"layers.{name}.gamma"] = per_out(st.gamma)
   layers = nnx.to_pure_dict(nnx.state(model.layers, nnx.Param))
   out["layers.attn_norm"] = np.asarray(layers["attn_norm"]["scale"], fdt)
   out["layers.mlp_norm"] = np.asarray(layers["mlp_norm"]["scale"], fdt)
@@ -229,7 +248,8 @@ def size_report(tensors: dict, cfg: ModelConfig, path=None) -> dict:
   n_weights = cfg.num_layers * sum(
       np.prod(projection_dims(cfg, p)) for p in PROJECTIONS)
   ternary_bytes = sum(tensors[f"layers.{p}.{k}"].nbytes for p in PROJECTIONS
-                      for k in ("codes", "alpha", "c"))
+                      for k in ("codes", "alpha", "c", "gamma")
+                      if f"layers.{p}.{k}" in tensors)
   code_bytes = sum(tensors[f"layers.{p}.codes"].nbytes for p in PROJECTIONS)
   total = sum(t.nbytes for t in tensors.values())
   return dict(file_bytes=(pathlib.Path(path).stat().st_size if path else None),
@@ -256,13 +276,19 @@ class Export:
     d_in, _ = projection_dims(self.cfg, name)
     return unpack(self.tensors[f"layers.{name}.codes"], self.packing, d_in)
 
+  def gamma(self, name: str) -> np.ndarray | None:
+    """DLT's per-group offset `[L, groups, out]`, or None."""
+    return self.tensors.get(f"layers.{name}.gamma")
+
   def quantized_kernel(self, name: str) -> np.ndarray:
-    """Q `[L, in, out]` in fp32 (the invariant)."""
+    """Q `[L, in, out]` in fp32 (the invariant, γ included)."""
     codes = self.codes(name).astype(np.float32)
     alpha = self.tensors[f"layers.{name}.alpha"]
     layers, d_in, d_out = codes.shape
     groups = alpha.shape[1]
     q = codes.reshape(layers, groups, d_in // groups, d_out) * alpha[:, :, None]
+    if self.gamma(name) is not None:
+      q = q + self.gamma(name)[:, :, None]
     return q.reshape(layers, d_in, d_out)
 
   def load_tokenizer(self) -> tokenizers.Tokenizer:
