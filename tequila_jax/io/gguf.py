@@ -309,7 +309,8 @@ def block_scales(codes: np.ndarray, alpha: np.ndarray, refit: bool
 
 
 Q4 = 32  # weights per Q4_0 block
-BITS = {"tq2_0": 66 * 8 / 256, "tq1_0": 54 * 8 / 256, "q4_0": 18 * 8 / 32}
+BITS = {"tq2_0": 66 * 8 / 256, "tq1_0": 54 * 8 / 256, "q4_0": 18 * 8 / 32,
+        "q4_1": 20 * 8 / 32}
 
 
 def _one_scale_per_block(alpha: np.ndarray, d_in: int, block: int) -> bool:
@@ -324,12 +325,26 @@ def pack_q4_0(rows: np.ndarray, d: np.ndarray) -> np.ndarray:
   `[out, in/32]`: per block the fp16 scale, then 16 bytes whose low nibbles
   are weights 0-15 and high nibbles 16-31, stored as code + 8 (ggml reads
   (q - 8) * d). The `gguf` package's Q4_0 quantizer would map -α to -0.875α."""
-  out, d_in = rows.shape
-  q = (np.asarray(rows, np.int16) + 8).astype(np.uint8).reshape(out, -1, Q4)
+  return _pack_q4(np.asarray(rows, np.int16) + 8, [d])
+
+
+def pack_q4_1(rows: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+  """ggml Q4_1 bytes `[out, in/32 * 20]` holding `(rows + 1) * d + m` for
+  ternary `rows` `[out, in]` and fp16 block scales `d` and offsets `m`
+  (`[out, in/32]`; ggml reads q * d + m): with d = α and m = γ - α the
+  levels are DLT's γ - α, γ, γ + α."""
+  return _pack_q4(np.asarray(rows, np.int16) + 1, [d, m])
+
+
+def _pack_q4(q: np.ndarray, scales: list) -> np.ndarray:
+  """Per 32-weight block: the fp16 `scales`, then the 4-bit `q` (low
+  nibbles weights 0-15, high nibbles 16-31)."""
+  out, d_in = q.shape
+  q = q.astype(np.uint8).reshape(out, -1, Q4)
   qs = q[..., :Q4 // 2] | (q[..., Q4 // 2:] << 4)
-  scale = np.ascontiguousarray(d.astype(np.float16)).view(np.uint8).reshape(
-      out, d_in // Q4, 2)
-  return np.concatenate([scale, qs], axis=-1).reshape(out, -1)
+  heads = [np.ascontiguousarray(s.astype(np.float16)).view(np.uint8).reshape(
+      out, d_in // Q4, 2) for s in scales]
+  return np.concatenate([*heads, qs], axis=-1).reshape(out, -1)
 
 
 def rope_freq_factors(cfg) -> np.ndarray:
@@ -350,7 +365,8 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
   `ternary_type` (TQ2_0 2.06 / TQ1_0 1.69 bits per weight); any other whose
   32-weight blocks do (G = 32, 64, 128, ...; widths such as 576) as Q4_0,
   which holds codes × α exactly at 4.5 bits; `refit_scales` forces the
-  ternary type with fitted block scales instead."""
+  ternary type with fitted block scales instead. DLT projections (γ + codes
+  × α) are written as Q4_1 (d = α, m = γ - α; 5 bits per weight)."""
   cfg = ex.cfg
   if ternary_type not in TYPES:
     raise ValueError(f"ternary_type {ternary_type!r}: choose one of {TYPES}.")
@@ -400,13 +416,22 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
       for name, gname in GGUF_NAMES.items():
         codes = ex.codes(name)[layer]  # [in, out]
         alpha = t[f"layers.{name}.alpha"][layer]
+        gamma = ex.gamma(name)
         bias = np.asarray(t[f"layers.{name}.c"][layer], np.float32)
         d_in = codes.shape[0]
         kind = (ternary_type if refit_scales or _one_scale_per_block(
             alpha, d_in, QK) else "q4_0")
-        if kind == "q4_0":  # exact: one α per 32-weight block
-          d = np.broadcast_to(np.repeat(alpha, d_in // alpha.shape[0], axis=0)[
-              ::Q4], (d_in // Q4, codes.shape[1])).T.astype(np.float32)
+        if gamma is not None:  # DLT: three levels around γ, only Q4_1
+          if not _one_scale_per_block(alpha, d_in, Q4):
+            raise GGUFExportError(
+                f"{name}: DLT's levels γ ± α change inside {Q4}-weight "
+                "blocks; export a group size that is a multiple of 32.")
+          kind = "q4_1"
+        if kind in ("q4_0", "q4_1"):  # exact: one α per 32-weight block
+          per_block = lambda a: np.broadcast_to(np.repeat(  # noqa: E731
+              a, d_in // a.shape[0], axis=0)[::Q4],
+              (d_in // Q4, codes.shape[1])).T.astype(np.float32)
+          d = per_block(alpha)
         else:
           d, err = block_scales(codes, alpha, refit_scales)
           errors["refit_rel_error"] = max(errors["refit_rel_error"], err)
@@ -420,7 +445,17 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
           rows, d16 = permute(rows, heads), permute(d16, heads)
           bias = permute(bias, heads)
         qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
-        if kind == "q4_0":
+        if kind == "q4_1":
+          # m = γ - α in fp16; the dead level m + d is γ up to that rounding.
+          g = per_block(gamma[layer])
+          if heads:
+            g = permute(g, heads)
+          m16 = (g - d16).astype(np.float16).astype(np.float32)
+          errors["fp16_scale_rel_error"] = max(
+              errors["fp16_scale_rel_error"], float(np.max(
+                  np.abs(m16 + d16 - g) / np.maximum(np.abs(d16), 1e-30))))
+          data = pack_q4_1(rows, d16, m16)
+        elif kind == "q4_0":
           data = pack_q4_0(rows, d16)
         else:
           values = rows.astype(np.float32) * np.repeat(d16, QK, axis=1)

@@ -381,6 +381,10 @@ def read_ternary_hf(directory, quant: QuantConfig | None = None) -> tqj.Export:
         f"({TERNARY_KEY} in config.json); pass --quant.method and "
         "--quant.group_size (or --quant.granularity=per_channel).")
   quant = quant or QuantConfig(**recorded)
+  if quant.method == "dlt":
+    raise CheckpointError(
+        f"{directory} holds a DLT model, whose Q = codes·α + γ need not hold "
+        "0 and one α per group: open or convert its .tqj export instead.")
   plain = {k: v for k, v in hf.items() if k not in ("attention_bias",
                                                     "mlp_bias")}
   cfg = config_from_hf(plain, quant=quant)

@@ -1,0 +1,366 @@
+"""Learned quantizers (lsq, seq, dlt) and learned λ through the whole
+library: model parameters, training and exact resume, loaders, exports and
+the packed CPU model. The quantizer math itself is checked against the
+references in test_quant_learned_reference.py."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from tequila_jax import config_lib, diagnostics, optim, quant, train
+from tequila_jax import model as model_lib
+from tequila_jax.inference import PackedLlama
+from tequila_jax.io import gguf, hf, load, tqj, tokenizers
+from tequila_jax.quant import QuantConfig
+from tests.test_trainer import _losses, _state, _tiny
+
+# Every learned configuration, with the reference layout (per_channel) and
+# the others represented.
+LEARNED = {
+    "lsq": QuantConfig("lsq", group_size=64),
+    "seq": QuantConfig("seq", "per_channel"),
+    "dlt": QuantConfig("dlt", group_size=64),
+    "dlt_tensor": QuantConfig("dlt", "per_tensor"),
+    "lam_layer": QuantConfig("tequila", group_size=64, lam=0.05,
+                             lam_mode="per_layer"),
+    "lam_channel": QuantConfig("tequila", "per_channel", lam=0.05,
+                               lam_mode="per_channel"),
+    "lam_v3": QuantConfig("tequila", group_size=64, lam_mode="v3",
+                          lam_std=0.05),
+}
+
+
+def _model(qcfg: QuantConfig, tie=True, **arch) -> model_lib.Llama:
+  """A tiny fp32 model off its init: weights moved, learned α shrunk below
+  max|W| (so that some weights clip), γ and θ non-zero."""
+  cfg = config_lib.to_model_config(config_lib.tiny().model).replace(
+      quant=qcfg, tie_embeddings=tie, **arch)
+  m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
+  state = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+  keys = iter(jax.random.split(jax.random.key(1), 100))
+
+  def move(path, a):
+    name = path[-1].key
+    noise = jax.random.normal(next(keys), a.shape)
+    if name == "alpha":
+      return a * (0.7 + 0.2 * jax.random.uniform(next(keys), a.shape))
+    if name == "gamma":
+      return 0.01 * noise
+    if name == "lam_log":
+      return 0.5 * noise
+    return a + 0.02 * noise
+
+  nnx.update(m, jax.tree_util.tree_map_with_path(move, state))
+  return m
+
+
+def _tokens(batch=2, length=24, seed=2):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, 512,
+                                                          (batch, length)))
+
+
+def test_layers_carry_their_learned_parameters():
+  for name, qcfg in LEARNED.items():
+    params = model_lib.init_params(
+        config_lib.to_model_config(config_lib.tiny().model).replace(
+            quant=qcfg))
+    q = params["layers"]["attn"]["q_proj"]
+    kernel = q["kernel"]  # [layers, in, out]
+    if qcfg.learned_scale:
+      want = jax.vmap(lambda w: quant.init_qparams(w, qcfg))(kernel)["alpha"]
+      np.testing.assert_array_equal(q["alpha"], want)
+      if qcfg.granularity == "per_group":  # max|W| of each group of 64
+        np.testing.assert_array_equal(
+            q["alpha"][0, 1], np.abs(kernel[0, 64:128]).max(0))
+    assert ("gamma" in q) == (qcfg.method == "dlt"), name
+    assert ("lam_log" in q) == (qcfg.lam_mode in ("per_layer",
+                                                  "per_channel")), name
+    if qcfg.lam_mode == "v3":
+      assert q["lam_weight"].shape == kernel.shape
+      assert 0.04 < float(jnp.std(q["lam_weight"])) < 0.06
+  axes = model_lib.param_axes(config_lib.to_model_config(
+      config_lib.tiny().model).replace(quant=LEARNED["dlt"]))
+  assert tuple(axes["layers"]["mlp"]["down_proj"]["alpha"]) == (
+      "layers", "groups", "embed")
+
+
+@pytest.mark.parametrize("name", list(LEARNED))
+def test_export_and_packed_model_equal_the_qat_forward(name, tmp_path):
+  """.tqj keeps Q = codes · alpha (+ γ) and c exactly; PackedLlama's logits
+  equal the QAT forward (exact and lut kernels)."""
+  m = _model(LEARNED[name])
+  path = tmp_path / "m.tqj"
+  tqj.write_export(m, path, tokenizer=tokenizers.ByteTokenizer())
+  ex = tqj.read_export(path)
+  assert ex.cfg.arch == m.cfg.arch
+  layers = nnx.to_pure_dict(nnx.state(m.layers, nnx.Param))
+  for proj, block in model_lib.PROJECTIONS.items():
+    p = layers[block][proj]
+    qp = {k: v for k, v in p.items() if k != "kernel"}
+    # The training forward's kernel: y = x @ Q + c with x = I, no c.
+    eye = jnp.eye(p["kernel"].shape[1], dtype=jnp.float32)
+    state = jax.vmap(lambda w, q: quant.ternary_state(w, m.cfg.quant, q))(
+        p["kernel"], qp)
+    q_train = jax.vmap(lambda w, q, c: quant.quantized_matmul(
+        eye, w, m.cfg.quant, q) - c)(p["kernel"], qp, state.c)
+    np.testing.assert_allclose(ex.quantized_kernel(proj), q_train,
+                               rtol=0, atol=1e-6 * float(jnp.abs(
+                                   q_train).max()))
+    np.testing.assert_array_equal(ex.tensors[f"layers.{proj}.c"], state.c)
+    assert (ex.gamma(proj) is not None) == (m.cfg.quant.method == "dlt")
+  tokens = _tokens()
+  want = np.asarray(m(tokens))
+  scale = np.abs(want).max()
+  for strategy in ("exact", "lut"):
+    got = np.asarray(PackedLlama.load(path, strategy)(tokens))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+  got = np.asarray(PackedLlama.load(path, "int8")(tokens))  # int8 activations
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 5e-2
+
+
+def test_seq_export_stores_the_two_thirds_level():
+  m = _model(LEARNED["seq"])
+  ex = tqj.build_export(m)
+  alpha = nnx.to_pure_dict(nnx.state(m.layers, nnx.Param))["attn"]["q_proj"][
+      "alpha"]  # [layers, 1, out]
+  np.testing.assert_allclose(ex.tensors["layers.q_proj.alpha"],
+                             np.asarray(alpha, np.float32) / 1.5, rtol=2e-7)
+  assert set(np.unique(ex.codes("q_proj"))) == {-1, 0, 1}
+
+
+@pytest.mark.parametrize("name", ["seq", "dlt", "lam_v3"])
+def test_hf_ternary_export_runs_in_transformers(name, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  m = _model(LEARNED[name], tie=False)
+  export = tqj.build_export(m)
+  out = hf.save_ternary_hf(export, tmp_path / "hf")
+  tokens = _tokens(2, 40)
+  want = np.asarray(m(tokens))
+  ref = transformers.LlamaForCausalLM.from_pretrained(
+      out, dtype=torch.float32).eval()
+  with torch.no_grad():
+    got = ref(torch.as_tensor(np.array(tokens))).logits.numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
+  if name == "dlt":  # Q = codes·α + γ has three levels that need not hold 0
+    with pytest.raises(hf.CheckpointError, match="DLT"):
+      hf.read_ternary_hf(out)
+  else:
+    back = hf.read_ternary_hf(out)
+    for proj in model_lib.PROJECTIONS:
+      np.testing.assert_array_equal(back.quantized_kernel(proj),
+                                    export.quantized_kernel(proj))
+
+
+def test_loaders_start_alpha_from_the_loaded_weights(tmp_path):
+  """A float Hugging Face checkpoint loaded with --quant.method=seq (and a
+  GGUF, and a workdir of another method) gets α₀ = max|W| of its weights."""
+  torch = pytest.importorskip("torch")
+  from tests.test_hf_io import _make_hf  # pylint: disable=g-import-not-at-top
+  del torch
+  _make_hf(tmp_path / "hf")
+  qcfg = QuantConfig("seq", "per_channel")
+  m = load.load_model(str(tmp_path / "hf"), quant=qcfg)
+  p = nnx.to_pure_dict(nnx.state(m.layers, nnx.Param))["mlp"]["down_proj"]
+  np.testing.assert_array_equal(p["alpha"][:, 0],
+                                np.abs(p["kernel"]).max(axis=1))
+  float_model = load.load_model(str(tmp_path / "hf"))
+  want = nnx.to_pure_dict(nnx.state(float_model.layers, nnx.Param))["mlp"][
+      "down_proj"]["kernel"]
+  np.testing.assert_array_equal(p["kernel"], want)
+  # A training run from it: its first state's α is that of the weights.
+  config = _tiny(tmp_path)
+  config.init.checkpoint = str(tmp_path / "hf")
+  config.model.quant.update(method="seq", granularity="per_channel")
+  setup = train.build_train(config, devices=jax.devices()[:1])
+  state = setup.init_state(build_params := train.build.pretrained_params(
+      config, setup.model_cfg))
+  del build_params
+  got = state["params"]["layers"]["mlp"]["down_proj"]
+  np.testing.assert_array_equal(got["alpha"][:, 0],
+                                np.abs(got["kernel"]).max(axis=1))
+  np.testing.assert_array_equal(got["kernel"], want)
+
+
+def test_gguf_of_learned_methods(tmp_path):
+  """seq and learned λ (per channel here) reach GGUF as TQ2_0 codes × α
+  plus biases; DLT as Q4_1 (d·q + m holds γ − α, γ, γ + α)."""
+  tok = load.load_tokenizer("asset:smollm2_gguf")
+  for name in ("seq", "lam_channel", "dlt"):
+    m = _model(LEARNED[name], hidden_size=256, ffn_size=512, head_dim=64,
+               vocab_size=49152)
+    ex = tqj.build_export(m, tokenizer=tok)
+    path = tmp_path / f"{name}.gguf"
+    report = gguf.write_gguf(ex, path)
+    reader = gguf.open_gguf(path)
+    want_type = {"dlt": "Q4_1", "seq": "TQ2_0", "lam_channel": "TQ2_0"}[name]
+    types = {t.tensor_type.name for t in reader.tensors
+             if t.name.endswith("attn_q.weight")}
+    assert types == {want_type}, (name, types, report)
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight")
+    values = gguf.gguf.quants.dequantize(t.data, t.tensor_type)  # [out, in]
+    q = ex.quantized_kernel("v_proj")[0].T
+    # fp16 scales (and DLT's fp16 offset) round the levels.
+    np.testing.assert_allclose(values, q, rtol=0,
+                               atol=2e-3 * np.abs(q).max())
+    bias = next(t for t in reader.tensors if t.name == "blk.0.attn_v.bias")
+    np.testing.assert_array_equal(bias.data, ex.tensors["layers.v_proj.c"][0])
+
+
+def test_weight_decay_never_touches_learned_parameters():
+  params = {"layers": {"attn": {"q_proj": {
+      "kernel": jnp.ones((2, 2)), "alpha": jnp.ones((1, 2)),
+      "gamma": jnp.ones((1, 2)), "lam_log": jnp.ones(()),
+      "lam_weight": jnp.ones((2, 2))}}}, "embed": jnp.ones((3,))}
+  opt = config_lib.base_config().optim
+  opt.update(weight_decay=0.5, lr=0.1, schedule="constant",
+             warmup_fraction=0.0, clip_norm=0.0)
+  tx, _ = optim.make_optimizer(opt, 10)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  moved = jax.tree_util.tree_map_with_path(
+      lambda p, u: (p[-1].key, bool(jnp.any(u != 0))), updates)
+  flat = {k: v for k, v in jax.tree.leaves(moved, is_leaf=lambda x:
+                                           isinstance(x, tuple))}
+  assert flat == {"kernel": True, "alpha": False, "gamma": False,
+                  "lam_log": False, "lam_weight": False, "embed": True}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("seq", marks=pytest.mark.slow), "dlt",
+    pytest.param("lam_channel", marks=pytest.mark.slow), "lam_v3"])
+def test_resume_is_exact_with_learned_parameters(tmp_path, name):
+  """The learned α, γ, θ, Λ travel in the checkpoint: a run stopped and
+  resumed equals an unbroken one bit for bit (losses, diagnostics, state)."""
+  qcfg = LEARNED[name]
+
+  def config():
+    c = _tiny(tmp_path, steps=8, log_every=1, checkpoint_every=4,
+              eval_every=100)
+    c.model.quant.update({k: getattr(qcfg, k) for k in (
+        "method", "granularity", "group_size", "lam", "lam_mode",
+        "lam_std")})
+    c.diagnostics.trap_steps = 3
+    return c
+
+  train.run(config(), tmp_path / "straight")
+  train.run(config(), tmp_path / "split", stop_at=4)
+  assert train.run(config(), tmp_path / "split")["start_step"] == 4
+  a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+  assert [a[k] for k in sorted(a)] == [b[k] for k in sorted(a)]
+  straight, split = _state(tmp_path / "straight", 8), _state(
+      tmp_path / "split", 8)
+  for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(split)):
+    np.testing.assert_array_equal(x, y)
+  start = _state(tmp_path / "split", 4)["params"]["layers"]["attn"]["q_proj"]
+  end = straight["params"]["layers"]["attn"]["q_proj"]
+  learned = [k for k in quant.QPARAM_NAMES if k in end]
+  assert learned and all(not np.array_equal(start[k], end[k])
+                         for k in learned), learned
+  records = [json.loads(line) for line in
+             (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+  logged = {k for r in records for k in r}
+  assert ("train/lam/q_proj" in logged) == qcfg.learned_lam
+  assert "train/trapped_fraction/all" in logged
+  assert "train/dead_fraction/all" in logged
+
+
+def test_remat_keeps_the_named_quantized_kernel():
+  """The `quantized` remat policy saves the learned methods' Q (and v3's c)
+  under their checkpoint names: same loss and gradients as no remat."""
+  from tequila_jax import losses  # pylint: disable=g-import-not-at-top
+  tokens = _tokens(2, 17)
+  for name in ("seq", "dlt", "lam_v3", "lam_channel"):
+    cfg = config_lib.to_model_config(config_lib.tiny().model).replace(
+        quant=LEARNED[name])
+    params = model_lib.init_params(cfg)
+    out = {}
+    for remat in ("none", "quantized"):
+      graphdef = model_lib.graphdef(cfg.replace(remat=remat))
+      out[remat] = jax.value_and_grad(losses.next_token_loss)(
+          params, graphdef, tokens)
+    for x, y in zip(jax.tree.leaves(out["none"]),
+                    jax.tree.leaves(out["quantized"])):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    graphdef = model_lib.graphdef(cfg.replace(remat="quantized"))
+    jaxpr = str(jax.make_jaxpr(jax.grad(losses.next_token_loss))(
+        params, graphdef, tokens))
+    assert "quantized_kernel" in jaxpr
+
+
+def test_meaningless_combinations_are_refused():
+  with pytest.raises(ValueError, match="lam_mode='per_layer' learns Tequila"):
+    QuantConfig("absmean", lam_mode="per_layer")
+  with pytest.raises(ValueError, match="relative to lam, which must be > 0"):
+    QuantConfig("tequila", lam=0.0, lam_mode="per_channel")
+  with pytest.raises(ValueError, match="Unknown lam_mode"):
+    QuantConfig("tequila", lam_mode="learned")
+  with pytest.raises(ValueError, match="use float32"):
+    QuantConfig("seq", stat_dtype="bfloat16")
+  with pytest.raises(ValueError, match="learns .*'alpha'"):
+    quant.quantized_matmul(jnp.ones((2, 64)), jnp.ones((64, 4)),
+                           QuantConfig("lsq", group_size=32))
+  assert "λ learned per_channel from 0.001" in QuantConfig(
+      "tequila", lam_mode="per_channel").describe()
+
+
+def test_resume_refuses_a_key_the_stored_config_lacks():
+  """A stored config from before `lam_mode` existed compares as 'fixed':
+  turning on a learned λ on resume is a change like any other."""
+  stored = config_lib.tiny()
+  del stored.model.quant["lam_mode"]
+  del stored.model.quant["lam_std"]
+  same = config_lib.tiny()
+  assert config_lib.config_changes(stored, same) == []
+  changed = config_lib.tiny()
+  changed.model.quant.lam_mode = "per_layer"
+  assert config_lib.config_changes(stored, changed) == [
+      "model.quant.lam_mode: 'fixed' -> 'per_layer'"]
+
+
+def test_diagnostics_use_each_methods_threshold():
+  """r = |W| / Δ with Δ = α/2 (lsq, dlt) or α/3 (seq) of the learned α: the
+  dead fraction the diagnostics report is that of the codes."""
+  for name in ("lsq", "seq", "dlt"):
+    m = _model(LEARNED[name])
+    params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    cfg = diagnostics.DiagnosticsConfig(quant=m.cfg.quant)
+    out = diagnostics.full_metrics(params, params, cfg)
+    p = params["layers"]["mlp"]["up_proj"]
+    codes, r = jax.vmap(lambda w, a: quant.threshold_stats(
+        w, m.cfg.quant, {k: v for k, v in a.items()}))(
+            p["kernel"], {k: v for k, v in p.items() if k != "kernel"})
+    np.testing.assert_allclose(out["dead_fraction/up_proj"],
+                               np.mean(np.asarray(codes) == 0))
+    levels = 3.0 if name == "seq" else 2.0
+    alpha = np.repeat(np.asarray(p["alpha"]), 64 if p["alpha"].shape[1] > 1
+                      else p["kernel"].shape[1], axis=1)
+    ratio = np.abs(np.asarray(p["kernel"])) * levels / alpha
+    np.testing.assert_allclose(r, ratio, rtol=1e-6)
+    away = np.abs(ratio - 1) > 1e-5
+    np.testing.assert_array_equal((np.asarray(codes) == 0)[away],
+                                  (ratio < 1)[away])
+
+
+def test_learned_lambda_moves_and_starts_at_lam():
+  qcfg = LEARNED["lam_channel"]
+  w = jax.random.normal(jax.random.key(0), (64, 8)) * 0.02
+  qp = quant.init_qparams(w, qcfg)
+  np.testing.assert_array_equal(qp["lam_log"], np.zeros(8))
+  fixed = quant.ternary_state(w, QuantConfig("tequila", "per_channel",
+                                             lam=0.05))
+  np.testing.assert_array_equal(quant.ternary_state(w, qcfg, qp).c, fixed.c)
+  tx = optax.adam(1e-2)
+  x = jax.random.normal(jax.random.key(1), (16, 64))
+  loss = lambda q: jnp.sum(quant.quantized_matmul(x, w, qcfg, q) ** 2)  # noqa: E731
+  state = tx.init(qp)
+  for _ in range(3):
+    updates, state = tx.update(jax.grad(loss)(qp), state)
+    qp = optax.apply_updates(qp, updates)
+  assert 0 < float(jnp.max(jnp.abs(qp["lam_log"]))) < 0.05  # relative steps
