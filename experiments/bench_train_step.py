@@ -1,13 +1,21 @@
-"""Training-step time for `none` vs `absmean` vs `tequila`, side by side.
+"""Training-step time for `none` vs `absmean` vs `tequila` (or any config
+overrides), side by side.
 
     python -m experiments.bench_train_step --config configs/tiny.py
     python -m experiments.bench_train_step --config configs/llama1b.py \
         --batch 16 --seq 1024 --measure_peak   # an H100: MFU vs 989 spec
+    python -m experiments.bench_train_step --config configs/smollm2_135m.py \
+        --methods "absmean,seq:model.quant.granularity=per_channel,\
+tequila:model.quant.lam_mode=v3"
 
-Every method runs the same jitted, donated `train.train_step` (AdamW) on the
-same random token batch in one process, one step of each in turn (round
-robin, so machine noise hits all alike; `tequila+diag` adds the per-step
-deadzone diagnostics, `tequila+fulldiag` the logging-step variant); reports
+A candidate is `METHOD[+diag|+fulldiag][:KEY=VALUE[:KEY=VALUE...]]`:
+the quant method, optionally with the per-step deadzone diagnostics
+(`+diag`) or their logging-step variant (`+fulldiag`), then any config
+overrides (`--config.KEY` spelling without the prefix; values parsed as
+JSON when they parse). Every candidate runs the same jitted, donated
+`train.train_step` (AdamW) on the same random token batch in one process,
+one step of each in turn (round robin, so machine noise hits all alike);
+reports
 the median and range of `--iters` steps after warm-up, tokens/s, the ratio to
 `none`, model FLOPs utilization (6·N·tokens + attention, PaLM appendix B) over
 the device's bf16 dense **spec** peak (detected; H100 SXM 989 TFLOP/s;
@@ -37,12 +45,36 @@ def model_flops_per_token(cfg, seq: int) -> float:
   return 6 * dense + 12 * L * cfg.num_heads * cfg.head_dim * seq
 
 
+DIAG_MODES = ("", "diag", "fulldiag")
+
+
+def parse_candidate(spec: str) -> tuple[str, str, dict]:
+  """`METHOD[+diag|+fulldiag][:KEY=VALUE...]` -> (method, diag mode,
+  overrides)."""
+  head, *pairs = spec.split(":")
+  method, _, diag_mode = head.partition("+")
+  if diag_mode not in DIAG_MODES:
+    raise SystemExit(f"candidate {spec!r}: '+{diag_mode}' is not a diagnostics"
+                     " mode; use METHOD+diag or METHOD+fulldiag.")
+  overrides = {}
+  for pair in pairs:
+    key, eq, value = pair.partition("=")
+    if not eq:
+      raise SystemExit(f"candidate {spec!r}: {pair!r} is not KEY=VALUE.")
+    try:
+      overrides[key] = json.loads(value)
+    except json.JSONDecodeError:
+      overrides[key] = value
+  return method, diag_mode, overrides
+
+
 def build(config, spec: str, batch: int, seq: int):
   """One candidate: its compiled step, state and batch (not yet timed)."""
-  method, _, diag_mode = spec.partition("+")
+  method, diag_mode, overrides = parse_candidate(spec)
   config = config_lib.load_config_file(config) if isinstance(config, str) else config
   config.model.quant.method = method
   config.diagnostics.enabled = bool(diag_mode)
+  config.update_from_flattened_dict(overrides)
   config.train.batch_size, config.data.seq_len = batch, seq
   tr = train.build_train(config)
   cfg = tr.model_cfg
@@ -116,8 +148,11 @@ def main():
   p.add_argument("--iters", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--methods", default="none,absmean,tequila",
-                 help="comma-separated; METHOD+diag / METHOD+fulldiag time "
-                 "the step with deadzone diagnostics")
+                 help="comma-separated candidates, each METHOD[+diag|"
+                 "+fulldiag][:KEY=VALUE...] (config overrides, e.g. "
+                 "tequila:model.quant.lam_mode=v3)")
+  p.add_argument("--repeat", type=int, default=1,
+                 help="time the round robin this many times (a table each)")
   p.add_argument("--remat", default="", help="override model.remat")
   p.add_argument("--loss_chunk", type=int, default=-1,
                  help="override train.loss_chunk (0 = full logits)")
@@ -152,39 +187,58 @@ def main():
 
   candidates = [build(config(), m, args.batch, args.seq)
                 for m in args.methods.split(",")]
-  time_round_robin(candidates, args.iters, args.warmup)
-  rows = [result(c, args.batch, args.seq) for c in candidates]
-  stats = jax.devices()[0].memory_stats() or {}
-  base = rows[0]["step_s"]
   print(f"\n{args.config} batch={args.batch} seq={args.seq} "
         f"devices={jax.devices()} jax={jax.__version__} "
         f"host={platform.processor() or platform.machine()}")
+  runs = []
+  for rep in range(args.repeat):
+    for c in candidates:
+      c["times"] = []
+    time_round_robin(candidates, args.iters, args.warmup if rep == 0 else 1)
+    rows = [result(c, args.batch, args.seq) for c in candidates]
+    base = candidates[0]["times"]
+    for c, r in zip(candidates, rows):  # drift-robust: ratio within a round
+      r["round_ratio"] = statistics.median(
+          t / b for t, b in zip(c["times"], base))
+      r["round_ratio_range"] = (min(t / b for t, b in zip(c["times"], base)),
+                                max(t / b for t, b in zip(c["times"], base)))
+    print(f"\nrepetition {rep + 1} of {args.repeat}, {args.iters} timed "
+          "steps of each, round robin")
+    _table(rows, args.peak_tflops, measured)
+    runs.append(rows)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(args=vars(args), measured_peak_tflops=measured or None,
+                     device_kind=kind, jax=jax.__version__,
+                     devices=[str(d) for d in jax.devices()], rows=runs[-1],
+                     repetitions=runs), f, indent=2)
+
+
+def _table(rows: list[dict], peak_tflops: float, measured: float) -> None:
+  stats = jax.devices()[0].memory_stats() or {}
+  base = rows[0]["step_s"]
   extra = f" MFU (measured {measured:.0f}) |" if measured else ""
-  spec_label = (f"MFU (spec {args.peak_tflops:.0f})" if args.peak_tflops
-                else "MFU")
+  spec_label = f"MFU (spec {peak_tflops:.0f})" if peak_tflops else "MFU"
   print("| method | step ms (median) | min–max ms | tokens/s | vs "
-        f"{rows[0]['method']} | {spec_label} |{extra} "
-        "temp MiB | peak GiB (process, all) |")
-  print("|---|---|---|---|---|---|" + ("---|" if measured else "") + "---|---|")
+        f"{rows[0]['method']} | per-round ratio (median, range) | "
+        f"{spec_label} |{extra} temp MiB | peak GiB (process, all) |")
+  print("|---|---|---|---|---|---|---|" + ("---|" if measured else "")
+        + "---|---|")
   for r in rows:
     flops = r["flops_per_step"] / r["step_s"]
-    r["mfu"] = flops / (args.peak_tflops * 1e12) if args.peak_tflops else None
+    r["mfu"] = flops / (peak_tflops * 1e12) if peak_tflops else None
     r["mfu_measured_peak"] = flops / (measured * 1e12) if measured else None
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
     if measured:
       mfu += f" | {r['mfu_measured_peak']:.1%}"
     temp = f"{r['temp_bytes'] / 2**20:.0f}" if r["temp_bytes"] is not None else "-"
+    lo, hi = r["round_ratio_range"]
     print(f"| {r['method']} | {r['step_s'] * 1e3:.1f} | "
           f"{r['spread'][0] * 1e3:.1f}–{r['spread'][1] * 1e3:.1f} | "
-          f"{r['tokens_per_s']:.0f} | {r['step_s'] / base:.3f}x | {mfu} | {temp} | "
+          f"{r['tokens_per_s']:.0f} | {r['step_s'] / base:.3f}x | "
+          f"{r['round_ratio']:.3f}x ({lo:.2f}–{hi:.2f}) | {mfu} | {temp} | "
           + (f"{stats['peak_bytes_in_use'] / 2**30:.1f} |"
              if stats.get("peak_bytes_in_use") else "- |"))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(dict(args=vars(args), measured_peak_tflops=measured or None,
-                     device_kind=kind, jax=jax.__version__,
-                     devices=[str(d) for d in jax.devices()], rows=rows), f,
-                indent=2)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,15 @@ RUNS = {  # in priority order; sN = data-order seed N
     "minima-s0": {"model.quant.method": "minima", "seed": 0},
     "tequila_dynamic-s0": {"model.quant.method": "tequila_dynamic",
                            "seed": 0},
+    # Learned-scale baselines in their references' layout (one α per output
+    # unit), and the official ultraquantv3's per-weight λ.
+    "seq-s0": {"model.quant.method": "seq",
+               "model.quant.granularity": "per_channel", "seed": 0},
+    "lsq-s0": {"model.quant.method": "lsq",
+               "model.quant.granularity": "per_channel", "seed": 0},
+    "dlt-s0": {"model.quant.method": "dlt",
+               "model.quant.granularity": "per_channel", "seed": 0},
+    "tequila_lamv3-s0": {**_TEQUILA, "model.quant.lam_mode": "v3", "seed": 0},
 }
 DEVICE_WHEELS = ("grain==0.2.18", "array-record==0.8.1", "portpicker",
                  "ml-collections==1.1.0", "gguf==0.19.0", "tensorboardX==2.6.5")

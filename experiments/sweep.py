@@ -14,7 +14,8 @@ checkpoint. Results: `OUT/results.csv`, `OUT/results.md`, `OUT/results.png`.
 
 Settings are compared *paired*: every point also scores its held-out windows
 one by one, and `results.md` reports each setting's held-out loss minus the
-reference setting's (`--reference`, default the first) over the same seeds
+reference setting's (`--reference`, default the first; for the methods
+sweep use `--reference method=absmean`) over the same seeds
 (= the same data order) and windows, with a 95% bootstrap interval over the
 windows; "inconclusive" when it contains 0.
 """
@@ -36,12 +37,19 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima")
+METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima",
+           "lsq", "seq", "dlt")
+LAM_MODES = ("fixed", "per_layer", "per_channel", "v3")
 
 SWEEPS = {
     "lambda": lambda: [{"model.quant.method": "tequila", "model.quant.lam": v}
                        for v in (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)],
+    # Compare with `--reference method=absmean` (the static baseline).
     "methods": lambda: [{"model.quant.method": m} for m in METHODS],
+    # Tequila's λ fixed, learned per layer / per output unit, or the official
+    # ultraquantv3 (compare with `--reference lam_mode=fixed`).
+    "lam_mode": lambda: [{"model.quant.method": "tequila",
+                          "model.quant.lam_mode": m} for m in LAM_MODES],
     "granularity": lambda: [{"model.quant.granularity": "per_channel"}] + [
         {"model.quant.granularity": "per_group", "model.quant.group_size": g}
         for g in (32, 64, 128)],

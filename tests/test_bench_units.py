@@ -57,3 +57,18 @@ def test_cpu_inference_memory_and_op_profile_parts(tmp_path):
   assert {r["op"] for r in ops} == {"qkv", "o", "gate_up", "down",
                                     "attention", "head", "rest", "step"}
   assert all(r["ms"] > 0 for r in ops if r["op"] != "rest")
+
+
+def test_bench_candidates_are_config_overrides():
+  parse = bench_train_step.parse_candidate
+  assert parse("absmean") == ("absmean", "", {})
+  assert parse("tequila+diag") == ("tequila", "diag", {})
+  assert parse("seq:model.quant.granularity=per_channel") == (
+      "seq", "", {"model.quant.granularity": "per_channel"})
+  assert parse("tequila+fulldiag:model.quant.lam=0.01:train.micro_batches=2"
+               ) == ("tequila", "fulldiag",
+                     {"model.quant.lam": 0.01, "train.micro_batches": 2})
+  with pytest.raises(SystemExit, match="not a diagnostics mode"):
+    parse("tequila+anything")
+  with pytest.raises(SystemExit, match="is not KEY=VALUE"):
+    parse("tequila:lam")

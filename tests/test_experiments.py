@@ -88,3 +88,23 @@ def test_paired_difference_resamples_windows_not_seeds():
     sweep.paired_difference(_runs({5: base[0]}), _runs(base))
   table = sweep.paired_table({"x": _runs(base), "y": _runs(shifted)}, "y")
   assert "| x | -0.0" in table and "x better" in table
+
+
+def test_methods_sweep_pairs_every_method_with_absmean(tmp_path):
+  """The methods sweep covers every method, learned quantizers included,
+  and tabulates each one paired against `--reference method=absmean`."""
+  from tequila_jax import quant  # pylint: disable=g-import-not-at-top
+  assert sweep.METHODS == quant.METHODS and sweep.LAM_MODES == quant.LAM_MODES
+  out = tmp_path / "methods"
+  sweep.main(["--config", str(ROOT / "configs/tiny.py"), "--sweep", "methods",
+              "--set", "train.steps=2", "--set", "train.eval_every=100",
+              "--set", "train.eval_batches=1", "--set", "train.log_every=1",
+              "--set", f"data.cache_dir={tmp_path}/c",
+              "--out", str(out), "--reference", "method=absmean"])
+  table = (out / "results.md").read_text()
+  assert "vs `method=absmean`" in table
+  rows = [line for line in table.splitlines()
+          if line.startswith("| method=")]
+  paired_rows = {r.split(" | ")[0][2:] for r in rows}
+  assert paired_rows == {f"method={m}" for m in quant.METHODS
+                         if m != "absmean"}, table
