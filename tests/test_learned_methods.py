@@ -364,3 +364,13 @@ def test_learned_lambda_moves_and_starts_at_lam():
     updates, state = tx.update(jax.grad(loss)(qp), state)
     qp = optax.apply_updates(qp, updates)
   assert 0 < float(jnp.max(jnp.abs(qp["lam_log"]))) < 0.05  # relative steps
+
+
+def test_learned_scales_start_mostly_dead():
+  """README: with α₀ = max|W| per output unit, Gaussian rows of 2,048
+  weights start 93% dead under lsq/dlt (Δ = α/2) and 77% under seq (α/3)."""
+  w = jax.random.normal(jax.random.key(0), (2048, 512))
+  for method, want in (("lsq", 0.93), ("dlt", 0.93), ("seq", 0.77)):
+    qcfg = QuantConfig(method, "per_channel")
+    codes, _ = quant.threshold_stats(w, qcfg, quant.init_qparams(w, qcfg))
+    assert abs(float(jnp.mean(codes == 0)) - want) < 0.01, method
