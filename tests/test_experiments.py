@@ -103,7 +103,8 @@ def test_methods_sweep_pairs_every_method_with_absmean(tmp_path):
               "--out", str(out), "--reference", "method=absmean"])
   table = (out / "results.md").read_text()
   assert "vs `method=absmean`" in table
-  rows = [line for line in table.splitlines()
+  paired_part = table.split("Paired held-out loss differences")[1]
+  rows = [line for line in paired_part.splitlines()
           if line.startswith("| method=")]
   paired_rows = {r.split(" | ")[0][2:] for r in rows}
   assert paired_rows == {f"method={m}" for m in quant.METHODS
