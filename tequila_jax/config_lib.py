@@ -18,10 +18,11 @@ LLAMA3_ROPE_SCALING = {"factor": 32.0, "low_freq_factor": 1.0,
 
 def quant_config(method="tequila", granularity="per_group", group_size=128,
                  lam=1e-3, eps=1e-3, stat_dtype="float32", lam_mode="fixed",
-                 lam_std=0.01) -> ml_collections.ConfigDict:
+                 lam_std=0.01, act_bits=0) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       method=method, granularity=granularity, group_size=group_size, lam=lam,
-      eps=eps, stat_dtype=stat_dtype, lam_mode=lam_mode, lam_std=lam_std))
+      eps=eps, stat_dtype=stat_dtype, lam_mode=lam_mode, lam_std=lam_std,
+      act_bits=act_bits))
 
 
 def define_quant_flag() -> None:

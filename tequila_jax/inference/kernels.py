@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tequila_jax.quant.activations import fake_quantize_int8, quantize_int8
+
 STRATEGIES = ("exact", "lut", "int8", "q8k", "auto")
 # XLA:CPU's YNNPACK fusions for dots only, not for reductions (see `lut`).
 CPU_COMPILER_OPTIONS = {
@@ -111,13 +113,6 @@ def _lut_one(x, lut_bytes, alpha, c):
   return partial_sums.sum(axis=0) + c
 
 
-def quantize_int8(x: jax.Array, axis: int = -1):
-  """Symmetric int8 along `axis` (absmax / 127): `(q, scale)`, x ~ q * scale."""
-  scale = jnp.max(jnp.abs(x), axis=axis, keepdims=True) / 127.0
-  scale = jnp.where(scale > 0, scale, 1.0)
-  return jnp.round(x / scale).astype(jnp.int8), scale
-
-
 def _two_rows(x):
   """Pads a one-row `[1, in]` operand to two rows: XLA:CPU's one-row bf16 and
   int8 dots take a slow path (~8x and ~12x here)."""
@@ -191,10 +186,13 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
                    c: jax.Array, strategy: str = "auto",
                    codes: jax.Array | None = None,
                    lut: jax.Array | None = None,
-                   gamma: jax.Array | None = None) -> jax.Array:
+                   gamma: jax.Array | None = None,
+                   act_bits: int = 0) -> jax.Array:
   """`x[..., in] @ Q + c` from packed codes `[in/4, out]`, in fp32; with
   DLT's per-group offset `gamma [groups, out]` (Q = codes · alpha + γ),
-  y_j also gains Σ_g γ_gj · Σ_{i∈g} x_i (a `[groups]`-deep dot).
+  y_j also gains Σ_g γ_gj · Σ_{i∈g} x_i (a `[groups]`-deep dot). With
+  `act_bits=8` (a W1.58A8 model) every strategy sees x quantized per token
+  as the QAT forward does (`quant.activations`); `int8` does so anyway.
 
   `codes` (= `int8_layout(unpack_codes(packed), groups)`, int8) serves the
   `int8` strategy and `lut` (= `lut_layout(packed, groups)`) the `lut`
@@ -208,12 +206,13 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
   m = x2.shape[0]
   if strategy == "auto":
     strategy = "lut" if m < 8 else "int8"
+  xq = fake_quantize_int8(x2) if act_bits == 8 else x2
   if strategy == "exact":
-    y = _exact(x2, packed, alpha, c)
+    y = _exact(xq, packed, alpha, c)
   elif strategy == "lut":
     if lut is None:
       lut = lut_layout(packed, alpha.shape[0])
-    y = jax.vmap(lambda r: _lut_one(r, lut, alpha, c))(x2)
+    y = jax.vmap(lambda r: _lut_one(r, lut, alpha, c))(xq)
   elif strategy == "int8":
     if codes is None:
       codes = int8_layout(unpack_codes(packed), alpha.shape[0])
@@ -225,6 +224,6 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
     raise ValueError(f"strategy {strategy!r}: choose one of {STRATEGIES}.")
   if gamma is not None:
     groups = gamma.shape[0]
-    sums = jnp.sum(x2.reshape(m, groups, -1), axis=-1)  # [m, groups]
+    sums = jnp.sum(xq.reshape(m, groups, -1), axis=-1)  # [m, groups]
     y = y + jnp.dot(sums, gamma.astype(jnp.float32), precision="highest")
   return y.reshape(*lead, -1)

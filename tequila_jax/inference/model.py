@@ -238,7 +238,7 @@ class PackedLlama(_Decoder):
   def _linear(self, h, entry):
     return ternary_linear(h, entry.get("packed"), entry["alpha"], entry["c"],
                           self.strategy, entry.get("codes"), entry.get("lut"),
-                          entry.get("gamma"))
+                          entry.get("gamma"), self.cfg.quant.act_bits)
 
 
 class DenseLlama(_Decoder):

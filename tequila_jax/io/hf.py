@@ -355,6 +355,13 @@ def save_ternary_hf(export: tqj.Export, directory, *, dtype: str = "float32",
       "note": "weights are codes x alpha per group, biases C(W): convert "
               "back with `python -m tequila_jax.export --checkpoint DIR "
               "--out model.tqj`"}})
+  if cfg.quant.act_bits:
+    config[TERNARY_KEY]["activations"] = (
+        f"trained with {cfg.quant.act_bits}-bit per-token activations "
+        "(W1.58A8); runtimes that load this directory as a plain "
+        "LlamaForCausalLM run it at 16-bit activations, which the model "
+        "never saw in training (the README gives the measured difference); "
+        "the .tqj export and PackedLlama quantize them as trained")
   extra, kind = {}, export.tokenizer.get("kind")
   if kind in ("bytes", "none"):  # no Hugging Face form: recorded for us
     config[TERNARY_KEY]["tokenizer"] = {"kind": kind}

@@ -1,5 +1,7 @@
 """Pure-JAX ternary quantizers and quantized matmuls (no Flax)."""
 
+from tequila_jax.quant.activations import (ACT_BITS, fake_quantize_int8,
+                                           quantize_int8)
 from tequila_jax.quant.config import (GRANULARITIES, LAM_MODES,
                                       LEARNED_SCALE_METHODS, METHODS,
                                       QuantConfig)
@@ -12,7 +14,7 @@ from tequila_jax.quant.ternary import (TernaryState, dead_column_sum,
                                        dequantize, ternarize, threshold_ratio)
 
 __all__ = [
-    "GRANULARITIES", "LAM_MODES", "QPARAM_NAMES", "LEARNED_SCALE_METHODS", "METHODS",
+    "ACT_BITS", "fake_quantize_int8", "quantize_int8", "GRANULARITIES", "LAM_MODES", "QPARAM_NAMES", "LEARNED_SCALE_METHODS", "METHODS",
     "QuantConfig", "TernaryState", "check_qparams", "dead_column_sum",
     "dequantize", "group_threshold_stats", "init_qparams", "qparam_axes", "quantized_matmul",
     "ternarize", "ternary_matmul", "ternary_state", "threshold_ratio",

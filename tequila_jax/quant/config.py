@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from tequila_jax.quant.activations import ACT_BITS
+
 METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima",
            "lsq", "seq", "dlt")
 # Methods whose scale alpha is a learned parameter (LSQ, ParetoQ's SEQ,
@@ -35,6 +37,10 @@ class QuantConfig:
       per-weight Λ (`[in, out]`, N(0, lam_std²) at init; lam unused).
     lam_std: standard deviation of v3's Λ at initialization (the official
       `range_of_lambada`, 0.01).
+    act_bits: 0 (activations as computed) or 8: W1.58A8, the input of every
+      ternary projection fake-quantized to int8 per token (absmax) with a
+      straight-through gradient, as the CPU `int8` kernel quantizes it. Part
+      of the architecture: exports record it and the packed model applies it.
     stat_dtype: `float32` (default: alpha and delta in fp32, or fp64 for fp64
       weights) or `bfloat16`, the official code's statistics on bf16 weights:
       W rounded to bf16, alpha = bf16(mean|W|) accumulated in fp32, delta =
@@ -50,6 +56,7 @@ class QuantConfig:
   stat_dtype: str = "float32"
   lam_mode: str = "fixed"
   lam_std: float = 0.01
+  act_bits: int = 0
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -80,6 +87,13 @@ class QuantConfig:
     if self.lam_mode in ("per_layer", "per_channel") and self.lam <= 0:
       raise ValueError(f"lam_mode={self.lam_mode!r} learns λ = lam·exp(θ) "
                        f"relative to lam, which must be > 0 (got {self.lam}).")
+    if self.act_bits not in ACT_BITS:
+      raise ValueError(f"act_bits={self.act_bits}: use 0 (no activation "
+                       "quantization) or 8 (int8 per token, W1.58A8).")
+    if self.act_bits and self.method == "none":
+      raise ValueError("act_bits=8 quantizes the input of ternary "
+                       "projections, but method is 'none' (float): choose a "
+                       "ternary method or act_bits=0.")
     if self.lam_std < 0:
       raise ValueError(f"lam_std must be >= 0, got {self.lam_std}.")
     if self.learned_scale and self.stat_dtype != "float32":
@@ -118,6 +132,8 @@ class QuantConfig:
       parts.append(f"eps={self.eps:g}")
     if self.stat_dtype != "float32":
       parts.append(f"stats in {self.stat_dtype}")
+    if self.act_bits:
+      parts.append(f"A{self.act_bits}")
     return " ".join(parts)
 
   @property

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from tequila_jax.quant import learned, ternary
+from tequila_jax.quant.activations import fake_quantize_int8
 from tequila_jax.quant.config import QuantConfig
 
 QUANT_NAMES = ("quantized_kernel", "tequila_bias")
@@ -147,12 +148,16 @@ def quantized_matmul(x: jax.Array, w: jax.Array, cfg: QuantConfig,
                      qparams: dict | None = None) -> jax.Array:
   """`x[..., in] @ w[in, out]` under `cfg.method`, computed in `x.dtype`;
   `qparams` holds the kernel's learned quantizer parameters, if its method
-  has any (`learned.init_qparams`)."""
+  has any (`learned.init_qparams`). With `cfg.act_bits == 8` the input is
+  first fake-quantized to int8 per token (`activations`), bias paths
+  included."""
   cfg.check_kernel_shape(w.shape)
   if x.shape[-1] != w.shape[0]:
     raise ValueError(f"input has {x.shape[-1]} features but the kernel is "
                      f"[in={w.shape[0]}, out={w.shape[1]}].")
   qparams = learned.check_qparams(qparams, w.shape, cfg)
+  if cfg.act_bits == 8:  # W1.58A8: every path below sees x̂
+    x = fake_quantize_int8(x)
   if cfg.method == "none":  # the float baseline, as a bf16 nn.Dense computes
     return jnp.matmul(x, w.astype(x.dtype))
   if cfg.method in ("tequila_dynamic", "minima"):
