@@ -50,6 +50,8 @@ SWEEPS = {
     # ultraquantv3 (compare with `--reference lam_mode=fixed`).
     "lam_mode": lambda: [{"model.quant.method": "tequila",
                           "model.quant.lam_mode": m} for m in LAM_MODES],
+    # W1.58A8: int8 per-token activations in training (vs 16-bit).
+    "act_bits": lambda: [{"model.quant.act_bits": b} for b in (0, 8)],
     "granularity": lambda: [{"model.quant.granularity": "per_channel"}] + [
         {"model.quant.granularity": "per_group", "model.quant.group_size": g}
         for g in (32, 64, 128)],
