@@ -20,6 +20,7 @@ from tequila_jax import config_lib, diagnostics, losses, optim, sharding
 from tequila_jax import model as model_lib
 from tequila_jax.io import load
 from tequila_jax.model import ModelConfig
+from tequila_jax.quant import QuantConfig
 from tequila_jax.train.step import new_state, train_step
 
 log = logging.getLogger("tequila_jax")
@@ -149,12 +150,19 @@ class Train:
         out_shardings=(self.shardings, sharding.replicated(self.mesh)),
         donate_argnums=0)
 
-  def eval_fn(self, graphdef=None):
-    """Jitted held-out loss of params on a batch (of `graphdef`'s model,
-    default this run's)."""
-    graphdef = graphdef or self.graphdef
+  def eval_fn(self, quant: QuantConfig | None = None):
+    """Jitted held-out loss of this run's params on a batch, under the run's
+    quantizer or `quant` (e.g. the float model the run started from; its
+    own learned quantizer parameters then start from the kernels)."""
+    if quant is None:
+      graphdef, adapt = self.graphdef, lambda p: p
+    else:
+      cfg = self.model_cfg.replace(quant=quant)
+      graphdef = model_lib.graphdef(cfg)
+      adapt = lambda p: model_lib.with_initial_qparams(p, cfg)  # noqa: E731
     return jax.jit(
-        lambda params, batch: losses.next_token_loss(params, graphdef, batch),
+        lambda params, batch: losses.next_token_loss(adapt(params), graphdef,
+                                                     batch),
         in_shardings=(self.shardings["params"],
                       sharding.batch_sharding(self.mesh)),
         out_shardings=sharding.replicated(self.mesh))

@@ -11,7 +11,6 @@ checkpoint and exits cleanly.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import pathlib
@@ -27,6 +26,7 @@ import tqdm
 from tequila_jax import (checkpoint, config_lib, data, diagnostics, metrics,
                          sharding)
 from tequila_jax import model as model_lib
+from tequila_jax.quant import QuantConfig
 from tequila_jax.train.build import Train, build_train, pretrained_params
 
 log = logging.getLogger("tequila_jax")
@@ -207,9 +207,7 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
   eval_fn = tr.eval_fn()
   float_eval_fn = None
   if config.init.checkpoint and tr.model_cfg.quant.is_ternary and start == 0:
-    float_cfg = tr.model_cfg.replace(
-        quant=dataclasses.replace(tr.model_cfg.quant, method="none"))
-    float_eval_fn = tr.eval_fn(model_lib.graphdef(float_cfg))
+    float_eval_fn = tr.eval_fn(QuantConfig("none"))
   eval_data = data.eval_batches(corpus, seq_len=config.data.seq_len,
                                 batch_size=tr.eval_batch_size,
                                 max_batches=t.eval_batches)
