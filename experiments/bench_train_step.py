@@ -26,6 +26,7 @@ timed 8192³ matmul), and
 
 import argparse
 import json
+import re
 import platform
 import statistics
 import time
@@ -51,16 +52,18 @@ DIAG_MODES = ("", "diag", "fulldiag")
 def parse_candidate(spec: str) -> tuple[str, str, dict]:
   """`METHOD[+diag|+fulldiag][:KEY=VALUE...]` -> (method, diag mode,
   overrides)."""
-  head, *pairs = spec.split(":")
+  # ":" before KEY= separates overrides (a value may hold ":", asset:NAME).
+  head, *pairs = re.split(r":(?=[\w.]+=)", spec)
+  if ":" in head:
+    raise SystemExit(f"candidate {spec!r}: {head.split(':', 1)[1]!r} is not "
+                     "KEY=VALUE.")
   method, _, diag_mode = head.partition("+")
   if diag_mode not in DIAG_MODES:
     raise SystemExit(f"candidate {spec!r}: '+{diag_mode}' is not a diagnostics"
                      " mode; use METHOD+diag or METHOD+fulldiag.")
   overrides = {}
   for pair in pairs:
-    key, eq, value = pair.partition("=")
-    if not eq:
-      raise SystemExit(f"candidate {spec!r}: {pair!r} is not KEY=VALUE.")
+    key, _, value = pair.partition("=")
     try:
       overrides[key] = json.loads(value)
     except json.JSONDecodeError:

@@ -118,13 +118,15 @@ def ternary_qparams(params: dict) -> dict[str, dict]:
 
 def lam_metrics(params: dict, qcfg: QuantConfig) -> dict:
   """`lam/<type>`: the mean λ of each layer type's Tequila bias (λ = lam ·
-  exp(θ), or v3's per-weight Λ), for a learned `lam_mode`."""
+  exp(θ), or v3's per-weight Λ, whose mean magnitude is `lam_abs/<type>`:
+  Λ starts symmetric around 0), for a learned `lam_mode`."""
   out = {}
   for k, qp in ternary_qparams(params).items():
     if "lam_weight" in qp:
       out[f"lam/{k}"] = jnp.mean(qp["lam_weight"])
+      out[f"lam_abs/{k}"] = jnp.mean(jnp.abs(qp["lam_weight"]))
     else:
-      out[f"lam/{k}"] = jnp.mean(qcfg.lam * jnp.exp(qp["lam_log"]))
+      out[f"lam/{k}"] = jnp.mean(quant.learned.lam_value(qp, qcfg))
   return out
 
 
@@ -173,8 +175,9 @@ def _sample_indices(shapes: tuple, sample_size: int, seed: int) -> tuple:
 
 def _group_rows(shape: tuple, idx: np.ndarray, qcfg: QuantConfig):
   """For sampled flat indices into a `[blocks, in, out]` stack: the flat
-  indices of each one's whole quantizer group `[n, G]` and its position in
-  it, or None for `per_tensor` (one group per block)."""
+  indices of each one's whole quantizer group `[n, G]`, its position in it
+  and its group's index `(block, group, out)` into a `[blocks, groups, out]`
+  scale; or None for `per_tensor` (one group per block)."""
   if qcfg.granularity == "per_tensor":
     return None
   _, d_in, d_out = shape
@@ -184,7 +187,7 @@ def _group_rows(shape: tuple, idx: np.ndarray, qcfg: QuantConfig):
   first = i - i % size
   rows = ((b * d_in * d_out)[:, None]
           + (first[:, None] + np.arange(size)) * d_out + j[:, None])
-  return rows, i % size
+  return rows, i % size, (b, i // size, j)
 
 
 def _sampled(kernel: jax.Array, qparams: dict, idx: np.ndarray,
@@ -198,14 +201,10 @@ def _sampled(kernel: jax.Array, qparams: dict, idx: np.ndarray,
     codes, r = _threshold(kernel, cfg.quant, qparams)
     codes, r = codes.reshape(-1)[idx], r.reshape(-1)[idx]
   else:
-    rows, pos = plan
+    rows, pos, group = plan
     groups = kernel.reshape(-1)[rows][:, :, None]  # [n, G, 1]
-    alpha = None
-    if cfg.quant.learned_scale:  # [blocks, groups, out] at each sample
-      b, rem = np.divmod(idx, kernel.shape[1] * kernel.shape[2])
-      i, j = np.divmod(rem, kernel.shape[2])
-      size = kernel.shape[1] // qparams["alpha"].shape[1]
-      alpha = qparams["alpha"][b, i // size, j][:, None, None]
+    alpha = (qparams["alpha"][group][:, None, None]
+             if cfg.quant.learned_scale else None)
     codes, r = quant.group_threshold_stats(groups, cfg.quant, alpha)
     at = (np.arange(len(idx)), pos, 0)
     codes, r = codes[at], r[at]

@@ -47,13 +47,15 @@ class TernaryDense(nnx.Module):
     self.quant_config = quant_config
     self.dtype = dtype
     self.name = name
-    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype),
+    key = rngs.params()
+    self.kernel = nnx.Param(kernel_init(key, shape, param_dtype),
                             **logical_axes(*kernel_axes))
     self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
                  if use_bias else None)
+    # v3's Λ from the kernel's key (folded), so that the random stream, and
+    # with it every other layer's weights, is the same for every method.
     qparams = quant.init_qparams(self.kernel[...], quant_config,
-                                 rngs.params() if quant_config.lam_mode == "v3"
-                                 else None)
+                                 jax.random.fold_in(key, 1))
     for key in quant.QPARAM_NAMES:
       setattr(self, key, nnx.Param(qparams[key], **logical_axes(
           *quant.qparam_axes(key, quant_config, kernel_axes)))

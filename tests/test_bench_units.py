@@ -68,7 +68,9 @@ def test_bench_candidates_are_config_overrides():
   assert parse("tequila+fulldiag:model.quant.lam=0.01:train.micro_batches=2"
                ) == ("tequila", "fulldiag",
                      {"model.quant.lam": 0.01, "train.micro_batches": 2})
+  assert parse("tequila:init.checkpoint=asset:smollm2_gguf") == (
+      "tequila", "", {"init.checkpoint": "asset:smollm2_gguf"})
   with pytest.raises(SystemExit, match="not a diagnostics mode"):
     parse("tequila+anything")
-  with pytest.raises(SystemExit, match="is not KEY=VALUE"):
-    parse("tequila:lam")
+  with pytest.raises(SystemExit, match="'lam' is not KEY=VALUE"):
+    parse("tequila+diag:lam")

@@ -3,6 +3,8 @@ library: model parameters, training and exact resume, loaders, exports and
 the packed CPU model. The quantizer math itself is checked against the
 references in test_quant_learned_reference.py."""
 
+import contextlib
+import io
 import json
 
 import jax
@@ -11,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from tequila_jax import config_lib, diagnostics, optim, quant, train
 from tequila_jax import model as model_lib
@@ -159,8 +162,9 @@ def test_hf_ternary_export_runs_in_transformers(name, tmp_path):
 
 
 def test_loaders_start_alpha_from_the_loaded_weights(tmp_path):
-  """A float Hugging Face checkpoint loaded with --quant.method=seq (and a
-  GGUF, and a workdir of another method) gets α₀ = max|W| of its weights."""
+  """A float Hugging Face checkpoint loaded with --quant.method=seq gets α₀ =
+  max|W| of its weights (GGUF sources go through the same
+  `hf.model_from_tensors`), and so does a training run started from it."""
   torch = pytest.importorskip("torch")
   from tests.test_hf_io import _make_hf  # pylint: disable=g-import-not-at-top
   del torch
@@ -295,10 +299,21 @@ def test_remat_keeps_the_named_quantized_kernel():
     for x, y in zip(jax.tree.leaves(out["none"]),
                     jax.tree.leaves(out["quantized"])):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
-    graphdef = model_lib.graphdef(cfg.replace(remat="quantized"))
-    jaxpr = str(jax.make_jaxpr(jax.grad(losses.next_token_loss))(
-        params, graphdef, tokens))
-    assert "quantized_kernel" in jaxpr
+    # What the policy saves (layers unrolled so that residuals are named):
+    # the 7 projections' Q per layer (and v3's bias c), under "quantized"
+    # only.
+    for remat, kept in (("quantized", 7 * cfg.num_layers), ("full", 0)):
+      graphdef = model_lib.graphdef(cfg.replace(remat=remat,
+                                                scan_layers=False))
+      buf = io.StringIO()
+      with contextlib.redirect_stdout(buf):
+        print_saved_residuals(
+            lambda p: losses.next_token_loss(p, graphdef, tokens), params)  # pylint: disable=cell-var-from-loop
+      saved = buf.getvalue()
+      assert saved.count("named 'quantized_kernel'") == kept, (name, remat)
+      # c(W) keeps its name (saved where the backward needs it).
+      biased = cfg.quant.lam_mode in ("v3", "per_channel") and kept
+      assert (saved.count("named 'tequila_bias'") > 0) == bool(biased)
 
 
 def test_meaningless_combinations_are_refused():
@@ -414,3 +429,29 @@ def test_learned_parameters_train_the_same_sharded(tmp_path, name, mesh,
     # which changes its update (v3: α·xᵀg active vs Λ·Σg dead).
     off = ~np.isclose(x, y, rtol=1e-4, atol=1e-5)
     assert off.mean() < 1e-3 and np.abs(np.asarray(x) - y).max() < 1e-3
+
+
+def test_a_workdir_keeps_its_trained_parameters_unless_another_quantizer():
+  """A learned run's workdir loads with its trained α — also under a
+  quantizer that learns the same parameters (another act_bits, lam or
+  group_size flag default) — and restarts them only for one that learns
+  others."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  tmp = tempfile.mkdtemp()
+  config = _tiny(__import__("pathlib").Path(tmp), steps=3, eval_every=100,
+                 checkpoint_every=3)
+  config.model.quant.update(method="lsq", granularity="per_channel")
+  train.run(config, f"{tmp}/run", devices=jax.devices()[:1])
+
+  def alpha(m):
+    p = nnx.to_pure_dict(nnx.state(m.layers, nnx.Param))["mlp"]["up_proj"]
+    return np.asarray(p["alpha"]), np.abs(np.asarray(p["kernel"])).max(1)
+
+  trained, start = alpha(load.load_model(f"{tmp}/run"))
+  assert not np.allclose(trained[:, 0], start)  # it learned
+  same = QuantConfig("lsq", "per_channel", group_size=128, act_bits=8)
+  np.testing.assert_array_equal(alpha(load.load_model(f"{tmp}/run",
+                                                      quant=same))[0], trained)
+  other, start = alpha(load.load_model(
+      f"{tmp}/run", quant=QuantConfig("seq", "per_channel")))
+  np.testing.assert_array_equal(other[:, 0], start)

@@ -543,18 +543,23 @@ def test_tequila_learned_lambda(x64, lam_mode, granularity):
 
 @pytest.mark.parametrize("granularity", GRANS)
 def test_fixed_lam_mode_is_plain_tequila_bit_for_bit(x64, granularity):
+  """The fixed λ (today's constant-λ custom_vjp path) equals, bit for bit,
+  the learned-λ path at θ = 0 (λ = lam · exp(0), an array with its own
+  gradient), and both equal the float64 closed form."""
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.normal(size=(2, 3, D_IN)))
   w = jnp.asarray(rng.normal(size=(D_IN, D_OUT)) * 0.05)
   g = jnp.asarray(rng.normal(size=(2, 3, D_OUT)))
   outs = []
-  for cfg in (QuantConfig(method="tequila", granularity=granularity,
-                          group_size=G, lam=0.03),
-              _cfg("tequila", granularity, lam=0.03, lam_mode="fixed")):
-    y, pull = jax.vjp(lambda x, w: quant.quantized_matmul(x, w, cfg), x, w)
+  for mode in ("fixed", "per_layer", "per_channel"):
+    cfg = _cfg("tequila", granularity, lam=0.03, lam_mode=mode)
+    qp = quant.init_qparams(w, cfg)
+    y, pull = jax.vjp(lambda x, w: quant.quantized_matmul(x, w, cfg, qp),
+                      x, w)
     outs.append((y, *pull(g)))
-  for a, b in zip(*outs):
-    np.testing.assert_array_equal(a, b)
+  for other in outs[1:]:
+    for a, b in zip(outs[0], other):
+      np.testing.assert_array_equal(a, b)
   want = tequila_lambda_np(x, w, g, granularity, 0.03)
   np.testing.assert_allclose(outs[0][0], want["y"], rtol=1e-12, atol=1e-13)
   np.testing.assert_allclose(outs[0][2], want["dw"], rtol=1e-12, atol=1e-13)

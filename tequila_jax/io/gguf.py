@@ -366,7 +366,8 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
   32-weight blocks do (G = 32, 64, 128, ...; widths such as 576) as Q4_0,
   which holds codes × α exactly at 4.5 bits; `refit_scales` forces the
   ternary type with fitted block scales instead. DLT projections (γ + codes
-  × α) are written as Q4_1 (d = α, m = γ - α; 5 bits per weight)."""
+  × α) are written as Q4_1 (d = α, m = γ - α; 5 bits per weight; the dead
+  level's fp16 error relative to α is `fp16_offset_rel_error`)."""
   cfg = ex.cfg
   if ternary_type not in TYPES:
     raise ValueError(f"ternary_type {ternary_type!r}: choose one of {TYPES}.")
@@ -422,6 +423,10 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
         kind = (ternary_type if refit_scales or _one_scale_per_block(
             alpha, d_in, QK) else "q4_0")
         if gamma is not None:  # DLT: three levels around γ, only Q4_1
+          if refit_scales:
+            raise GGUFExportError(
+                "DLT models are written as Q4_1 (d = α, m = γ - α): there "
+                "is no ternary type to refit into; drop --refit_scales.")
           if not _one_scale_per_block(alpha, d_in, Q4):
             raise GGUFExportError(
                 f"{name}: DLT's levels γ ± α change inside {Q4}-weight "
@@ -451,8 +456,8 @@ def write_gguf(ex: Export, path, *, refit_scales: bool = False,
           if heads:
             g = permute(g, heads)
           m16 = (g - d16).astype(np.float16).astype(np.float32)
-          errors["fp16_scale_rel_error"] = max(
-              errors["fp16_scale_rel_error"], float(np.max(
+          errors["fp16_offset_rel_error"] = max(
+              errors.get("fp16_offset_rel_error", 0.0), float(np.max(
                   np.abs(m16 + d16 - g) / np.maximum(np.abs(d16), 1e-30))))
           data = pack_q4_1(rows, d16, m16)
         elif kind == "q4_0":

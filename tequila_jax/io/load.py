@@ -9,6 +9,7 @@ Llama-3 `tokenizer.model`, or "bytes".
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
 from flax import nnx
@@ -19,6 +20,8 @@ from tequila_jax.inference import PackedLlama
 from tequila_jax.io import assets, gguf, hf, tokenizers, tqj
 from tequila_jax.model import Llama
 from tequila_jax.quant import QuantConfig
+
+log = logging.getLogger("tequila_jax")
 
 
 def resolve(location: str) -> pathlib.Path:
@@ -36,16 +39,21 @@ def resolve(location: str) -> pathlib.Path:
 def load_model(location: str, step: int | None = None, **overrides) -> Llama:
   """The (QAT) model at `location`; `overrides` replace `ModelConfig` fields.
   A workdir's learned quantizer parameters are its trained ones, unless
-  `quant=` changes the quantizer (then they start from the kernels, as for
-  Hugging Face and GGUF sources). A `.tqj` export is an inference model:
+  `quant=` learns other ones (another method, λ mode or group layout; not
+  merely another lam, eps or act_bits): then they start from the kernels,
+  as for Hugging Face and GGUF sources. A `.tqj` export is an inference model:
   open it with `load`."""
   path = resolve(location)
   if checkpoint.is_workdir(path):
     stored = config_lib.to_model_config(checkpoint.read_config(path).model)
     cfg = stored.replace(**overrides)
     params = checkpoint.restore_params(path, step)
-    if cfg.quant != stored.quant:  # another quantizer: its own parameters
+    if not cfg.quant.learns_like(stored.quant):  # its own parameters
       params = model_lib.with_initial_qparams(params, cfg)
+      if cfg.quant.learned_scale or cfg.quant.learned_lam:
+        log.info("%s: quantizer %s learns other parameters than the run's "
+                 "(%s): they start from the kernels.", path,
+                 cfg.quant.describe(), stored.quant.describe())
     return nnx.merge(model_lib.graphdef(cfg), params)
   if path.suffix == ".tqj":
     raise ValueError(f"{path} is a packed inference export; open it with "

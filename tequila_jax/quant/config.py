@@ -110,6 +110,14 @@ class QuantConfig:
     """alpha (and DLT's gamma) are learned parameters (`lsq`, `seq`, `dlt`)."""
     return self.method in LEARNED_SCALE_METHODS
 
+  def learns_like(self, other: "QuantConfig") -> bool:
+    """Whether `other` learns the same quantizer parameters (same method,
+    λ mode, granularity and groups): trained ones then carry over; fields
+    such as lam, eps or act_bits do not matter."""
+    groups = lambda c: c.group_size if c.granularity == "per_group" else 0  # noqa: E731
+    return (self.method, self.lam_mode, self.granularity, groups(self)) == (
+        other.method, other.lam_mode, other.granularity, groups(other))
+
   @property
   def learned_lam(self) -> bool:
     """λ is a learned parameter (any `lam_mode` but `fixed`)."""

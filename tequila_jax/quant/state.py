@@ -56,5 +56,7 @@ def group_threshold_stats(wg: jax.Array, cfg: QuantConfig,
   learned-scale method `alpha` holds each group's α (broadcast to
   `[n, 1, out]`). Lets the diagnostics evaluate a few sampled groups."""
   if cfg.learned_scale:
+    if alpha is None:
+      raise ValueError(f"method {cfg.method!r}: pass the groups' learned α.")
     return learned.group_stats(wg, alpha, cfg)
   return ternary.group_threshold_stats(wg, cfg)

@@ -85,8 +85,18 @@ def _group_threshold(wg: jax.Array, cfg: QuantConfig):
   return wg, scale * mean_abs, mean_abs
 
 
+def _static_only(cfg: QuantConfig) -> None:
+  if cfg.learned_scale:
+    raise ValueError(
+        f"method {cfg.method!r} learns its scale α: its codes and threshold "
+        "need α; use quant.ternary_state / quant.threshold_stats with the "
+        "layer's learned parameters.")
+
+
 def ternarize(w: jax.Array, cfg: QuantConfig) -> tuple[jax.Array, jax.Array]:
-  """Returns `(codes [in, out] int8, alpha in stat_dtype)`; no gradient."""
+  """Returns `(codes [in, out] int8, alpha in stat_dtype)`; no gradient.
+  Static scales only (absmean, twn and the Tequila family)."""
+  _static_only(cfg)
   wg, delta, mean_abs = _threshold(w, cfg)
   codes = _codes(wg, delta)
   if cfg.method == "twn":  # alpha = mean |W| over the non-dead weights
@@ -107,6 +117,7 @@ def group_threshold_stats(wg: jax.Array, cfg: QuantConfig
   bit-identical to `threshold_stats` of the whole kernel when G is a power
   of two: the in-group sums are pairwise halvings, whose order does not
   depend on the layout. Lets a caller evaluate a few sampled groups."""
+  _static_only(cfg)
   wg, delta, _ = _group_threshold(jax.lax.stop_gradient(wg), cfg)
   ratio = jnp.abs(wg) / jnp.where(delta > 0, delta, 1)
   return _codes(wg, delta), jnp.where(delta > 0, ratio, 0)
@@ -141,11 +152,3 @@ def dequantize(codes: jax.Array, alpha: jax.Array,
 def dead_column_sum(w: jax.Array, codes: jax.Array) -> jax.Array:
   """`sum_{i in D} W[i, j]` per output unit: a masked reduction, not a matmul."""
   return jnp.sum(jnp.where(codes == 0, w, 0), axis=0)
-
-
-def ternary_state(w: jax.Array, cfg: QuantConfig) -> TernaryState:
-  """Codes, scales and the Tequila bias `c(W)` of a kernel (no gradient)."""
-  w = jax.lax.stop_gradient(w)
-  codes, alpha = ternarize(w, cfg)
-  c = cfg.bias_lam * dead_column_sum(w.astype(stat_dtype(w.dtype)), codes)
-  return TernaryState(codes, alpha, c)

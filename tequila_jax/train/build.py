@@ -199,6 +199,11 @@ def pretrained_params(config, model_cfg: ModelConfig) -> dict:
   if diff:
     log.info("config.model differs from init.checkpoint on %s; the run uses "
              "config.model's values.", diff)
+  if model_cfg.quant.learned_scale or model_cfg.quant.learned_lam:
+    log.info("the learned quantizer parameters of %s start from "
+             "init.checkpoint's weights (α = max|W| per group, γ = θ = 0, Λ "
+             "drawn from the seed), whatever the checkpoint held.",
+             model_cfg.quant.describe())
   return params
 
 
