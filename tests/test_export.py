@@ -235,7 +235,7 @@ def test_int8_dense_leaves_only_the_weights_rounding():
 
 def test_exports_store_the_architecture_only_and_version_1_loads(
     qat_model, tmp_path, caplog):
-  """Version 3 records no run-time settings; a version 1 file (which did:
+  """Version 4 records no run-time settings; a version 1 file (which did:
   dtype, scan, remat, attention; and no checksums) loads to the same model,
   with a warning that it cannot be verified."""
   path = tmp_path / "m.tqj"
@@ -247,14 +247,15 @@ def test_exports_store_the_architecture_only_and_version_1_loads(
   assert tqj.read_export(tmp_path / "r.tqj").cfg == ex.cfg
   with safe_open(str(path), framework="numpy") as f:
     meta = f.metadata()
-  assert meta["version"] == "3"
+  assert meta["version"] == "4"
   assert set(json.loads(meta["model"])) == model_lib.ARCH_FIELDS
   assert ex.cfg.arch == qat_model.cfg.arch
   assert ex.cfg.run == model_lib.RunSettings()  # defaults, not the writer's
   v1_model = {**json.loads(meta["model"]), "dtype": "float32",
               "scan_layers": False, "remat": "full", "attention": "xla"}
   v1 = tmp_path / "v1.tqj"
-  v1_meta = {k: v for k, v in meta.items() if k != "checksums"}
+  v1_meta = {k: v for k, v in meta.items()
+             if k not in ("checksums", tqj.HEADER_CHECKSUM)}
   save_file(ex.tensors, str(v1), metadata={**v1_meta, "version": "1",
                                            "model": json.dumps(v1_model)})
   old = tqj.read_export(v1)
