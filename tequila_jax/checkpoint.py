@@ -164,15 +164,19 @@ def _fingerprint(x) -> jax.Array:
 _fingerprints = jax.jit(lambda tree: jax.tree.map(_fingerprint, tree))
 
 
-def state_fingerprints(state) -> dict[str, str]:
+def state_fingerprints(state: dict) -> dict[str, str]:
   """`{leaf path: 16 hex digits}` for every leaf of `state` (computed on
-  the devices that hold it; only the fingerprints come to the host). Paths
-  as `_path` spells them, so a state restored as saved metadata lays it out
-  (dicts for named tuples) has the same keys."""
-  leaves = jax.tree_util.tree_flatten_with_path(
-      jax.device_get(_fingerprints(state)))[0]
-  return {_path(p): "".join(f"{int(v):08x}" for v in np.asarray(x))
-          for p, x in leaves}
+  the devices that hold it, one top-level entry at a time since a stale
+  entry may sit on other devices; only the fingerprints come to the host).
+  Paths as `_path` spells them, so a state restored as saved metadata lays
+  it out (dicts for named tuples) has the same keys."""
+  out = {}
+  for key, sub in state.items():
+    leaves = jax.tree_util.tree_flatten_with_path(
+        jax.device_get(_fingerprints({key: sub})))[0]
+    out.update({_path(p): "".join(f"{int(v):08x}" for v in np.asarray(x))
+                for p, x in leaves})
+  return out
 
 
 def verify(state, saved: dict | None, where: str) -> None:
