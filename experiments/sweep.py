@@ -8,9 +8,12 @@
 A sweep is a function returning config overrides (`SWEEPS`); several
 `--sweep` flags take their cartesian product. Every point trains in
 `OUT/<point name>/` and, when done, writes `summary.json` (overrides, held-out
-loss, deadzone figures, config, git commit, hardware, wall time). A restarted
-sweep skips finished points and resumes unfinished ones from their last
-checkpoint. Results: `OUT/results.csv`, `OUT/results.md`, `OUT/results.png`.
+loss, deadzone figures, config, git commit, hardware, wall time). A point is
+finished only once its summary is written: a restarted sweep skips finished
+points and resumes unfinished ones from their last checkpoint (one stopped
+after training, during its evaluation, is evaluated again from its last
+checkpoint, with its real train loss and its wall time over all tries).
+Results: `OUT/results.csv`, `OUT/results.md`, `OUT/results.png`.
 
 Settings are compared *paired*: every point also scores its held-out windows
 one by one, and `results.md` reports each setting's held-out loss minus the
@@ -62,6 +65,7 @@ SUMMARY_KEYS = ("dead_fraction/all", "crossing_rate/all",
                 "escape_rate/all", "pileup_ratio/all", "gsnr_pooled_dead/all",
                 "gsnr_pooled_active/all")
 MAX_EVAL_WINDOWS = 2048  # held-out windows scored per point for pairing
+WALL = "wall_s.json"  # a point's wall time over its earlier tries (seconds)
 
 
 def grid(names: list[str]) -> list[dict]:
@@ -119,8 +123,16 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
   config = (config_spec() if callable(config_spec)
             else config_lib.load_config_file(config_spec))
   config.update_from_flattened_dict(overrides)
+  # The point's wall time over all its invocations (a stopped point resumes).
+  wall_file = workdir / WALL
+  spent = json.loads(wall_file.read_text()) if wall_file.exists() else 0.0
   start = time.time()
-  summary = train.run(config, workdir, devices=jax.devices()[:1])
+  try:
+    summary = train.run(config, workdir, devices=jax.devices()[:1])
+  finally:
+    if workdir.is_dir():
+      with atomic_path(wall_file) as tmp:
+        tmp.write_text(json.dumps(spent + time.time() - start))
   if summary["stopped_by"]:  # checkpointed, not finished: rerun resumes it
     raise SystemExit(train.exit_code(summary))
   last = {}
@@ -140,7 +152,7 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
                 eval_loss=summary["eval_after"]["loss"],
                 eval_perplexity=summary["eval_after"]["perplexity"],
                 train_loss=summary["loss"], steps=summary["step"],
-                wall_s=time.time() - start, **last,
+                wall_s=spent + time.time() - start, **last,
                 heldout_window_loss=float(losses.mean()),
                 heldout_window_losses=losses.tolist(),
                 eval_float=summary.get("eval_float"),

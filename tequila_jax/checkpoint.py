@@ -8,7 +8,16 @@ One `CheckpointManager` holds, per step, `state` (params, optimizer state,
 step; restored straight into the sharded layout) and `data` (the grain
 iterator position), so a resumed run continues the exact data stream.
 Saves are asynchronous; orbax writes each step to a temporary directory and
-renames it when complete, so an interrupted save never looks valid.
+renames it when complete, so an interrupted save never looks valid (one left
+by a killed or failed save is removed when the workdir is next opened).
+
+Integrity: orbax and tensorstore keep no checksum of the array data (zarr3's
+`crc32c` codec guards only a shard's index, and orbax offers no codec
+option), so each checkpoint also holds `integrity`, a 64-bit fingerprint of
+every leaf of the state (`state_fingerprints`: params, optimizer state,
+diagnostics, whatever leaves it has), computed on the device before the
+save and verified after every restore: a flipped byte is
+`CheckpointCorrupted`, never a silently different state.
 """
 
 from __future__ import annotations
@@ -17,25 +26,43 @@ import contextlib
 import datetime
 import fcntl
 import json
+import logging
 import os
 import pathlib
+import shutil
 import socket
+import sys
 
 import grain
 import jax
+from absl import logging as absl_logging
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from tequila_jax.io.atomic import atomic_path, disk_full, is_disk_full
+
+log = logging.getLogger("tequila_jax")
+
 CONFIG = "config.json"
+CORPUS = "corpus.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LOCK = "lock"
+ITEMS = ("state", "data", "integrity")
+_TMP = ".orbax-checkpoint-tmp"  # what orbax appends to an unfinished step
+FINGERPRINT = "fmix32x2-v1"  # the algorithm of `state_fingerprints`
 
 
 class WorkdirInUse(RuntimeError):
   pass
+
+
+class CheckpointCorrupted(ValueError):
+  """A checkpoint whose restored arrays differ from what was saved."""
 
 
 @contextlib.contextmanager
@@ -78,22 +105,165 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 
 def write_config(workdir, config: ml_collections.ConfigDict) -> None:
-  (pathlib.Path(workdir) / CONFIG).write_text(config.to_json(indent=2))
+  with atomic_path(pathlib.Path(workdir) / CONFIG) as tmp:
+    tmp.write_text(config.to_json(indent=2))
+
+
+def read_corpus(workdir) -> dict | None:
+  """What identifies the corpus the run in `workdir` trained on
+  (`data.corpus_id`), or None for a workdir of an older version."""
+  path = pathlib.Path(workdir) / CORPUS
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_corpus(workdir, corpus: dict) -> None:
+  with atomic_path(pathlib.Path(workdir) / CORPUS) as tmp:
+    tmp.write_text(json.dumps(corpus, indent=2))
+
+
+# --------------------------------------------------------------------------
+# Integrity: a fingerprint per leaf, computed where the state lives
+# --------------------------------------------------------------------------
+
+def _fmix32(h):
+  """murmur3's finalizer: a bijection on uint32 that mixes every bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _words(x) -> jax.Array:
+  """A leaf's bits as uint32 words (one per element; two for 64-bit)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[
+      x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _fingerprint(x) -> jax.Array:
+  """Two 32-bit lanes of `sum_i fmix(word_i ^ fmix(i + c))` mod 2^32: any
+  change of one word changes both (fmix is a bijection), whatever the
+  sharding (the sum is exact in integers), with no reshape or gather."""
+  w = _words(x)
+  index = jnp.zeros(w.shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(w.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, dim) * (
+        jnp.uint32(stride % 2**32))
+    stride *= w.shape[dim]
+  return jnp.stack([jnp.sum(_fmix32(w ^ _fmix32(index + jnp.uint32(c))),
+                            dtype=jnp.uint32)
+                    for c in (0x9E3779B9, 0x7F4A7C15)])
+
+
+_fingerprints = jax.jit(lambda tree: jax.tree.map(_fingerprint, tree))
+
+
+def state_fingerprints(state: dict) -> dict[str, str]:
+  """`{leaf path: 16 hex digits}` for every leaf of `state` (computed on
+  the devices that hold it, one top-level entry at a time since a stale
+  entry may sit on other devices; only the fingerprints come to the host).
+  Paths as `_path` spells them, so a state restored as saved metadata lays
+  it out (dicts for named tuples) has the same keys."""
+  out = {}
+  for key, sub in state.items():
+    leaves = jax.tree_util.tree_flatten_with_path(
+        jax.device_get(_fingerprints({key: sub})))[0]
+    out.update({_path(p): "".join(f"{int(v):08x}" for v in np.asarray(x))
+                for p, x in leaves})
+  return out
+
+
+def verify(state, saved: dict | None, where: str) -> None:
+  """Raises `CheckpointCorrupted` unless `state`'s fingerprints are `saved`
+  (the `integrity` item; None: a checkpoint of an older version, which is
+  accepted with a warning)."""
+  if saved is None:
+    log.warning("%s carries no integrity data (written by an older version): "
+                "its arrays cannot be verified.", where)
+    return
+  if saved.get("algorithm") != FINGERPRINT:
+    raise CheckpointCorrupted(
+        f"{where}: unknown integrity algorithm {saved.get('algorithm')!r}.")
+  now, then = state_fingerprints(state), saved["leaves"]
+  bad = sorted(k for k in now.keys() | then.keys()
+               if now.get(k) != then.get(k))
+  if bad:
+    raise CheckpointCorrupted(
+        f"{where} is corrupted: {len(bad)} arrays differ from what was saved "
+        f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}).")
+
+
+class _OrbaxErrors(logging.Filter):
+  """Drops orbax's own error logs (each a traceback of hundreds of lines):
+  the error they report is raised to the caller as one exception."""
+
+  def filter(self, record):
+    if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+      log.debug("orbax: %s", record.getMessage())
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """While orbax restores a damaged checkpoint or fails a save, it logs
+  tracebacks and tensorstore's abandoned coroutines report hundreds of
+  'Exception ignored' ones; they go to the debug log instead, and the one
+  useful error is raised as usual (its traceback under `--verbose`)."""
+  old, absl_logger = sys.unraisablehook, logging.getLogger("absl")
+  quiet = _OrbaxErrors()
+
+  def hook(unraisable):
+    log.debug("ignored: %s", unraisable.exc_value)
+
+  sys.unraisablehook = hook
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    sys.unraisablehook = old
+    absl_logger.removeFilter(quiet)
+
+
+def _integrity_of(step_dir: pathlib.Path, manager, step: int) -> dict | None:
+  if not (step_dir / "integrity").exists():
+    return None
+  return manager.restore(step, args=ocp.args.Composite(
+      integrity=ocp.args.JsonRestore()))["integrity"]
 
 
 def restore_state(workdir, step: int | None = None) -> dict:
   """The train state of a run at `step` (default: the latest), on this
   host's first device, whatever topology (devices, hosts) saved it."""
   directory = (pathlib.Path(workdir) / CHECKPOINTS).absolute()
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+  manager = ocp.CheckpointManager(directory, item_names=ITEMS)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{workdir}/{CHECKPOINTS} holds no checkpoint.")
-  target = _on_one_device(_saved_layout(directory, step))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))
-  manager.close()
-  return restored["state"]
+  where = f"the checkpoint {directory / str(step)}"
+  try:
+    with _quiet_orbax():
+      target = _on_one_device(_saved_layout(directory, step))
+      state = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))["state"]
+      saved = _integrity_of(directory / str(step), manager, step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointCorrupted(
+        f"{where} cannot be read ({type(e).__name__}: {str(e)[:200]}); use "
+        "another step (--step).") from e
+  finally:
+    manager.close()
+  try:
+    verify(state, saved, where)
+  except CheckpointCorrupted as e:
+    raise CheckpointCorrupted(f"{e} Use another step (--step).") from None
+  return state
 
 
 def restore_params(workdir, step: int | None = None) -> dict:
@@ -103,8 +273,14 @@ def restore_params(workdir, step: int | None = None) -> dict:
 
 def _saved_layout(directory: pathlib.Path, step: int) -> dict:
   """The saved state's tree of array metadata (shapes, dtypes)."""
-  with ocp.StandardCheckpointer() as reader:
-    return dict(reader.metadata(directory / str(step) / "state").item_metadata)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # "no metadata file" notes
+  try:
+    with ocp.StandardCheckpointer() as reader:
+      return dict(reader.metadata(directory / str(step) / "state")
+                  .item_metadata)
+  finally:
+    absl_logging.set_verbosity(verbosity)
 
 
 def _on_one_device(tree):
@@ -114,18 +290,79 @@ def _on_one_device(tree):
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
 
+def layout_differences(workdir, abstract_state: dict,
+                       ignore: tuple[str, ...] = ()) -> list[str] | None:
+  """How the train state's layout (paths, shapes, dtypes; top-level keys
+  in `ignore` aside) differs from that of `workdir`'s checkpoints: [] if
+  one of them matches, None if none can be read (damage, not a config
+  question), else the differences from the latest readable one."""
+  directory = pathlib.Path(workdir) / CHECKPOINTS
+  if not directory.is_dir():
+    return None
+  steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()),
+                 reverse=True)
+  first = None
+  want = _layout({k: v for k, v in abstract_state.items() if k not in ignore})
+  for step in steps:
+    try:
+      with _quiet_orbax():
+        saved = _saved_layout(directory.absolute(), step)
+    except Exception:  # pylint: disable=broad-except
+      continue  # damaged: the restore sets it aside
+    have = _layout({k: v for k, v in saved.items() if k not in ignore})
+    if have == want:
+      return []
+    if first is None:
+      have_d, want_d = ({p: (s, d) for p, s, d in x} for x in (have, want))
+      first = [f"{p}: checkpoint {have_d.get(p)}, config {want_d.get(p)}"
+               for p in sorted(have_d.keys() | want_d.keys())
+               if have_d.get(p) != want_d.get(p)]
+  return first
+
+
 class Checkpointer:
   """The checkpoints of `workdir` (in its `checkpoints/`)."""
 
   def __init__(self, workdir, *, every: int, keep: int,
-               async_save: bool = True):
+               async_save: bool = True, integrity: bool = True):
+    """`integrity=False` skips the fingerprints (only to measure their
+    cost: experiments/bench_checkpoint.py)."""
     self.directory = (pathlib.Path(workdir) / CHECKPOINTS).absolute()
+    self.integrity = integrity
+    self._quiet = contextlib.ExitStack()  # until close(): saves run async
+    self._quiet.enter_context(_quiet_orbax())
+    if jax.process_index() == 0:
+      self.remove_unfinished()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep,
             enable_async_checkpointing=async_save),
-        item_names=("state", "data"))
+        item_names=ITEMS)
+
+  def remove_unfinished(self) -> None:
+    """Deletes the temporary directories of saves that never completed
+    (killed, or failed on a full disk); orbax would leave them."""
+    if self.directory.is_dir():
+      for p in self.directory.iterdir():
+        if _TMP in p.name:
+          shutil.rmtree(p, ignore_errors=True)
+
+  def _failed(self, error: Exception) -> Exception:
+    """A save's error as what it means: a full disk is one line (and its
+    partial checkpoint is removed now), anything else stays as it is."""
+    if not is_disk_full(error):
+      return error
+    with contextlib.suppress(Exception):
+      self.remove_unfinished()
+    return disk_full(self.directory)
+
+  def check(self) -> None:
+    """Raises the error of an asynchronous save that failed (a full disk as
+    `OSError(ENOSPC)`), as soon as it has failed: orbax itself raises it
+    only when the next save or the exit waits for it."""
+    if not self.manager.is_saving_in_progress():
+      self.wait()  # joins the finished save: its error, if any, now
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -144,9 +381,19 @@ class Checkpointer:
     return f"moved checkpoints/{step} to checkpoints/{why}-{step}"
 
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+    """Saves `state` (and its fingerprints) and the data position at
+    `step`; a failure, now or of the previous asynchronous save, is raised
+    (see `check`)."""
+    items = dict(state=ocp.args.StandardSave(state),
+                 data=grain.checkpoint.CheckpointSave(data_iter))
+    if self.integrity:
+      items["integrity"] = ocp.args.JsonSave(
+          {"algorithm": FINGERPRINT, "leaves": state_fingerprints(state)})
+    try:
+      return self.manager.save(step, args=ocp.args.Composite(**items),
+                               force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from e
 
   def restore(self, step: int, abstract_state: dict, data_iter,
               rebuildable: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
@@ -169,11 +416,25 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),
         data=grain.checkpoint.CheckpointRestore(data_iter)))["state"]
+    if self.integrity:
+      verify(restored, _integrity_of(self.directory / str(step), self.manager,
+                                     step), f"the checkpoint of step {step}")
     return {k: v for k, v in restored.items() if k not in stale}, stale
 
+  def wait(self) -> None:
+    """Blocks until the pending save is written; raises its failure."""
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from e
+
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+      self._quiet.close()
 
 
 def _layout(tree) -> list | None:
@@ -182,5 +443,12 @@ def _layout(tree) -> list | None:
     return None
   leaves = jax.tree_util.tree_flatten_with_path(
       dict(tree) if hasattr(tree, "keys") else tree)[0]
-  return [(jax.tree_util.keystr(p), tuple(x.shape), str(x.dtype))
-          for p, x in leaves]
+  return sorted((_path(p), tuple(x.shape), str(x.dtype)) for p, x in leaves)
+
+
+def _path(path) -> str:
+  """A leaf's path as saved metadata spells it (a tuple's or named tuple's
+  entry is named by its index or field, like a dict's key)."""
+  names = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+           for k in path)
+  return "/".join(str(n) for n in names)

@@ -30,8 +30,30 @@ def message(error: BaseException) -> str:
   return " ".join(str(error).split()) or type(error).__name__
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag (unknown, mistyped config field,
+  wrong type) as one line on stderr and exit status 2 instead of absl's
+  usage dump (exit 1) or a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    if "--verbose" in argv:
+      raise
+    text = str(e.args[0]) if e.args else str(e)
+    text = " ".join(text.replace("\\'", "'").replace("\\n", " ").split())
+    if isinstance(e, (KeyError, AttributeError)):  # ml_collections' lookup
+      if len(text) > 1 and text[0] == text[-1] == "'":
+        text = text[1:-1]
+      text = f"no config field {text}"
+    print(f"error: bad command line: {text.rstrip('.')}; fix the flag "
+          "(--helpfull lists the flags; a --config.X field must exist in the "
+          "config file).", file=sys.stderr)
+    sys.exit(EXIT_ERROR)
+
+
 def run(main) -> None:
-  """`absl.app.run(main)`, with expected errors as one line on stderr."""
+  """`absl.app.run(main)`, with expected errors (and bad flags) as one line
+  on stderr."""
 
   def guarded(argv):
     try:
@@ -43,4 +65,4 @@ def run(main) -> None:
             file=sys.stderr)
       return EXIT_ERROR
 
-  app.run(guarded)
+  app.run(guarded, flags_parser=_parse_flags)

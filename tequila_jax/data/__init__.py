@@ -365,6 +365,32 @@ def read_meta(corpus_dir) -> dict:
   return json.loads(path.read_text())
 
 
+def corpus_id(corpus_dir) -> dict:
+  """What identifies a prepared corpus: `{"key", "inputs"}`, its cache key
+  and what that hashes (`corpus_key`: the sources' files by path, size and
+  mtime, the tokenizer, the split); a corpus without them is known by the
+  hash of its meta.json."""
+  meta = read_meta(corpus_dir)
+  inputs = meta.get("key_inputs") or meta
+  text = json.dumps(inputs, sort_keys=True)
+  return dict(key=hashlib.sha256(text.encode()).hexdigest()[:16],
+              inputs=inputs)
+
+
+def changed_inputs(old: dict, new: dict) -> str:
+  """What differs between two corpora's `corpus_id` inputs, in words."""
+  files = lambda inputs: {f[0]: f[1:] for spec in inputs.get("sources", [])  # noqa: E731
+                          for f in spec[1:] if isinstance(f, list)}
+  before, after = files(old), files(new)
+  parts = [f"{f} {'removed' if f not in after else 'added' if f not in before else 'changed'}"
+           for f in sorted(before.keys() | after.keys())
+           if before.get(f) != after.get(f)]
+  parts += [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(
+      old.keys() | new.keys()) if k != "sources" and old.get(k) != new.get(k)]
+  return ", ".join(parts[:5]) + (", ..." if len(parts) > 5 else "") or (
+      "its files differ")
+
+
 def eval_sources(corpus_dir) -> list[str]:
   """The names of the sources that hold held-out tokens, in order."""
   return [r["name"] for r in read_meta(corpus_dir).get("per_source", [])

@@ -64,19 +64,61 @@ def loglikelihoods(model: Llama, requests: Sequence[tuple[list, list]], *,
   return results
 
 
+TASK_LINE = ('each line is {"context": str, "choices": [str, str, ...], '
+             '"label": int}')
+
+
 def read_tasks(path) -> list[dict]:
+  """The examples of a task file, each line validated (a JSON object with a
+  non-empty string context, at least two string choices and an integer
+  label among them; `context_ids`/`choice_ids` lists of ints if given);
+  a bad line is named by file:line, an empty file is refused."""
   examples = []
   with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f):
+    for n, line in enumerate(f, 1):
       if not line.strip():
         continue
-      ex = json.loads(line)
-      missing = {"context", "choices", "label"} - set(ex)
-      if missing:
-        raise ValueError(f"{path}:{n + 1} lacks {sorted(missing)}; each line "
-                         'is {"context": str, "choices": [str], "label": int}.')
+      try:
+        ex = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n} is not JSON ({e.msg}); "
+                         f"{TASK_LINE}.") from None
+      problem = _task_problem(ex)
+      if problem:
+        raise ValueError(f"{path}:{n}: {problem}; {TASK_LINE}.")
       examples.append(ex)
+  if not examples:
+    raise ValueError(f"{path} holds no task; {TASK_LINE}.")
   return examples
+
+
+def _task_problem(ex) -> str | None:
+  """What is wrong with one task line, or None."""
+  if not isinstance(ex, dict):
+    return f"a JSON {type(ex).__name__}, not an object"
+  missing = {"context", "choices", "label"} - set(ex)
+  if missing:
+    return f"lacks {sorted(missing)}"
+  if not isinstance(ex["context"], str) or not ex["context"]:
+    return "context is not a non-empty string"
+  choices = ex["choices"]
+  if (not isinstance(choices, list) or len(choices) < 2
+      or not all(isinstance(c, str) and c for c in choices)):
+    return "choices is not a list of at least two non-empty strings"
+  label = ex["label"]
+  if not isinstance(label, int) or isinstance(label, bool) or not (
+      0 <= label < len(choices)):
+    return f"label {label!r} is not an integer in [0, {len(choices)})"
+  ids = lambda v: isinstance(v, list) and all(  # noqa: E731
+      isinstance(i, int) and not isinstance(i, bool) for i in v)
+  if "context_ids" in ex or "choice_ids" in ex:
+    if not ids(ex.get("context_ids")) or not (
+        isinstance(ex.get("choice_ids"), list)
+        and len(ex["choice_ids"]) == len(choices)
+        and all(ids(c) and c for c in ex["choice_ids"])):
+      return ("context_ids / choice_ids are not token lists (one non-empty "
+              "list per choice)")
+  return None
 
 
 def multiple_choice(model: Llama, tok: Tokenizer, examples: list[dict], *,

@@ -34,6 +34,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  tasks = {task: evaluate.read_tasks(task) for task in FLAGS.tasks}  # first
   model, tok = load.load(FLAGS.checkpoint, step=FLAGS.step,
                          quant=config_lib.quant_from_flag(FLAGS.quant))
   results = {"quantization": model.cfg.quant.describe()}
@@ -44,8 +45,8 @@ def main(argv):
     docs = docs[:FLAGS.max_documents or None]
     results["perplexity"] = evaluate.perplexity(
         model, tok, docs, seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size)
-  for task in FLAGS.tasks:
-    r = evaluate.multiple_choice(model, tok, evaluate.read_tasks(task),
+  for task, examples in tasks.items():
+    r = evaluate.multiple_choice(model, tok, examples,
                                  batch_size=FLAGS.batch_size)
     r.pop("loglikelihoods")
     results[pathlib.Path(task).stem] = r

@@ -17,6 +17,7 @@ from absl import app, flags
 
 from tequila_jax import checkpoint, cli, config_lib
 from tequila_jax.io import gguf, hf, load, tqj
+from tequila_jax.io.atomic import check_writable
 
 flags.DEFINE_string("checkpoint", None, "Training workdir, Hugging Face dir, "
                     ".gguf or asset:NAME.", required=True)
@@ -46,6 +47,10 @@ def main(argv):
   del argv
   if not (FLAGS.out or FLAGS.gguf or FLAGS.hf_out):
     raise app.UsageError("nothing to write: give --out, --gguf and/or --hf_out.")
+  for path, replace in ((FLAGS.out, True), (FLAGS.gguf, True),
+                        (FLAGS.hf_out, False)):  # all, before writing any
+    if path:
+      check_writable(path, replace=replace)
   quant = config_lib.quant_from_flag(FLAGS.quant)
   source = load.resolve(FLAGS.checkpoint)
   tokenizer = None

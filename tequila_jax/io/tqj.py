@@ -32,9 +32,14 @@ hidden]`, `final_norm` `[hidden]`, and `lm_head` `[hidden, vocab]` if untied.
 Metadata (`__metadata__`, strings): `format` = "tequila_jax", `version`,
 `model` (the `Architecture` as JSON: shapes, RoPE, quantizer; no run-time
 settings), `packing`, `tokenizer` (how to rebuild it), `checksums` (sha256
-of every tensor's bytes, checked on reading). Version 1 and 2 files (no
-checksums: loaded with a warning; version 1's `model` also held
-dtype/remat/scan/attention, which are ignored) still load.
+of every tensor's bytes, checked on reading) and, since version 4,
+`header_checksum` (sha256 of every other metadata entry and each tensor's
+name, dtype and shape: `header_checksum`), so that an edited header (rms_eps,
+RoPE, λ, the tokenizer...) is refused like a flipped tensor byte. A file of
+version 3 or later without its checksums is refused; version 3 files (no
+header checksum) load with a warning, as do version 1 and 2 files (no
+checksums at all; version 1's `model` also held
+dtype/remat/scan/attention, which are ignored).
 """
 
 from __future__ import annotations
@@ -63,10 +68,13 @@ from tequila_jax.model import (ARCH_FIELDS, PROJECTIONS, Architecture, Llama,
 log = logging.getLogger("tequila_jax")
 FORMAT = "tequila_jax"
 VERSION = "4"
-# Version 1 also recorded run-time settings; versions 1-2 carry no checksums.
-# Version 4 adds the learned-quantizer methods (lsq, seq, dlt's `gamma`
-# tensors, learned λ in `c`); older files hold none of them and load as is.
+# Version 1 also recorded run-time settings; versions 1-2 carry no checksums;
+# version 3 carries tensor checksums only. Version 4 adds the header's
+# checksum and the learned-quantizer methods (lsq, seq, dlt's `gamma`
+# tensors, learned λ in `c`, act_bits in the quantizer); older files hold
+# none of them and load at their defaults.
 READABLE = ("1", "2", "3", "4")
+HEADER_CHECKSUM = "header_checksum"  # the metadata entry that covers the rest
 PACKINGS = ("2bit", "base3")
 FLOAT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}
@@ -220,6 +228,18 @@ def checksum(array: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def header_checksum(meta: dict, tensors: dict) -> str:
+  """sha256 of every metadata entry but `header_checksum` itself (model,
+  quantization, packing, tokenizer, tensor checksums, any added later) and
+  of each tensor's name, dtype and shape, as stored in version-4 exports."""
+  covered = {"metadata": {k: v for k, v in meta.items()
+                          if k != HEADER_CHECKSUM},
+             "tensors": {k: [str(v.dtype), list(v.shape)]
+                         for k, v in tensors.items()}}
+  return hashlib.sha256(
+      json.dumps(covered, sort_keys=True).encode()).hexdigest()
+
+
 def save_export(export: "Export", path) -> dict:
   """Writes `export` to `path` atomically; returns a size report. Refuses
   non-finite tensors before writing."""
@@ -229,6 +249,7 @@ def save_export(export: "Export", path) -> dict:
           "tokenizer": json.dumps(export.tokenizer),
           "checksums": json.dumps({k: checksum(v) for k, v in
                                    sorted(export.tensors.items())})}
+  meta[HEADER_CHECKSUM] = header_checksum(meta, export.tensors)
   with atomic_path(path) as tmp:
     save_file(export.tensors, tmp, metadata=meta)
   return size_report(export.tensors, export.cfg, path)
@@ -306,6 +327,43 @@ class Export:
     raise ExportError("this export carries no tokenizer; pass one explicitly.")
 
 
+def _verify(path, meta: dict, tensors: dict) -> None:
+  """Checks the header and tensor checksums that `meta`'s version carries
+  (refusing a file that should carry them but does not)."""
+  version = int(meta["version"])
+  required = (["checksums"] if version >= 3 else []) + (
+      [HEADER_CHECKSUM] if version >= 4 else [])
+  missing = [k for k in required if k not in meta]
+  if missing:
+    raise ExportError(
+        f"{path} is export version {version} but lacks its {missing} "
+        "metadata: the header was edited or damaged. Copy it again or "
+        "re-export it.")
+  if version >= 4 and meta[HEADER_CHECKSUM] != header_checksum(meta, tensors):
+    raise ExportError(
+        f"{path} is corrupted: its header (model config, quantization, "
+        "packing, tokenizer or checksums) does not match its header "
+        "checksum. Copy it again or re-export it.")
+  if "checksums" not in meta:
+    log.warning("%s is export version %s, which carries no checksums: its "
+                "tensors cannot be verified (re-export to add them).", path,
+                meta["version"])
+    return
+  try:
+    sums = json.loads(meta["checksums"])
+  except ValueError as e:
+    raise ExportError(f"{path} has a broken header (checksums: {e}); copy it "
+                      "again or re-export it.") from e
+  bad = sorted(k for k in tensors if sums.get(k) != checksum(tensors[k]))
+  if bad or set(sums) != set(tensors):
+    raise ExportError(
+        f"{path} is corrupted: tensors {bad or sorted(set(sums) ^ set(tensors))}"
+        " do not match their checksums. Copy it again or re-export it.")
+  if version == 3:
+    log.warning("%s is export version 3, whose header (model config, "
+                "tokenizer) carries no checksum: re-export to add one.", path)
+
+
 def read_export(path) -> Export:
   """Opens and validates an export; refuses foreign, truncated or
   wrong-version files with a message that says which."""
@@ -329,22 +387,17 @@ def read_export(path) -> Export:
       raise
     raise ExportError(f"{path} is truncated or not a safetensors export "
                       f"({e}).") from e
-  if "checksums" in meta:
-    sums = json.loads(meta["checksums"])
-    bad = sorted(k for k in tensors if sums.get(k) != checksum(tensors[k]))
-    if bad or set(sums) != set(tensors):
-      raise ExportError(
-          f"{path} is corrupted: tensors {bad or sorted(set(sums) ^ set(tensors))}"
-          " do not match their checksums. Copy it again or re-export it.")
-  else:
-    log.warning("%s is export version %s, which carries no checksums: its "
-                "tensors cannot be verified (re-export to add them).", path,
-                meta["version"])
-  arch = json.loads(meta["model"])
-  if meta["version"] == "1":
-    arch = {k: v for k, v in arch.items() if k in ARCH_FIELDS}
-  cfg = ModelConfig(Architecture.from_dict(arch))
-  export = Export(cfg, meta["packing"], tensors, json.loads(meta["tokenizer"]))
+  _verify(path, meta, tensors)
+  try:
+    arch = json.loads(meta["model"])
+    if meta["version"] == "1":
+      arch = {k: v for k, v in arch.items() if k in ARCH_FIELDS}
+    cfg = ModelConfig(Architecture.from_dict(arch))
+    export = Export(cfg, meta["packing"], tensors,
+                    json.loads(meta["tokenizer"]))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ExportError(f"{path} has a broken header ({type(e).__name__}: "
+                      f"{e}); re-export the checkpoint.") from e
   for name in PROJECTIONS:  # shape check against the config
     d_in, d_out = projection_dims(cfg, name)
     codes = tensors.get(f"layers.{name}.codes")

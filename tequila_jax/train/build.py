@@ -31,6 +31,19 @@ def validate(config: ml_collections.ConfigDict, mesh) -> tuple[int, int]:
   """Fails early on configs that cannot run; returns local and eval batch."""
   t = config.train
   n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if t.batch_size <= 0 or t.micro_batches <= 0:
+    raise ValueError(f"train.batch_size={t.batch_size} and train.micro_batches"
+                     f"={t.micro_batches} must be positive.")
+  if config.optim.lr < 0:
+    raise ValueError(f"optim.lr={config.optim.lr} is negative (it would "
+                     "ascend the loss); use a positive learning rate.")
+  if config.data.seq_len > config.model.max_seq_len:
+    raise ValueError(
+        f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
+        f"{config.model.max_seq_len} (RoPE and the attention are built for at "
+        "most that); lower data.seq_len or raise model.max_seq_len.")
+  if config.data.seq_len <= 0:
+    raise ValueError(f"data.seq_len={config.data.seq_len} must be positive.")
   if t.batch_size % t.micro_batches:
     raise ValueError(f"train.batch_size={t.batch_size} is not divisible by "
                      f"train.micro_batches={t.micro_batches}.")

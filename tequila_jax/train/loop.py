@@ -78,7 +78,19 @@ def exit_code(summary: dict) -> int:
   return 128 + signal.Signals[stopped].value if stopped else 0
 
 
-def _fail(step: int, what: str, ckpt: checkpoint.Checkpointer):
+def _fail(step: int, what: str, ckpt: checkpoint.Checkpointer,
+          resumed: int | None = None):
+  """Stops the run. `resumed`: the checkpoint step this run resumed from
+  if it has saved none since, which is then not called good (the fault may
+  be in it)."""
+  if resumed is not None:
+    earlier = [s for s in ckpt.steps() if s < resumed]
+    raise TrainingError(
+        f"{what} at step {step}, {step - resumed} steps after resuming from "
+        f"the checkpoint of step {resumed}, which may hold the fault. Resume "
+        "from an earlier one with --config.train.restore_step="
+        f"{earlier[-1] if earlier else 'STEP'} (steps {ckpt.steps()}), or "
+        "lower optim.lr or optim.clip_norm.")
   last = ckpt.latest_step()
   raise TrainingError(
       f"{what} at step {step}; stopping. The last good checkpoint "
@@ -97,17 +109,62 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
   """
   if config.train.distributed:
     initialize_distributed(config.train)
-  # Everything that can refuse the command does so before anything is written.
+  # Everything that can refuse the command does so before anything is
+  # written; config.json and corpus.json are written once the state is
+  # restored (or initialized), so a refused or failed start leaves them.
   tr = build_train(config, devices=devices)
+  abstract = tr.abstract_state()  # traces the model: refuses e.g. group_size
   workdir = pathlib.Path(workdir)
   check_resumed_config(config, workdir)
+  check_resumed_layout(config, workdir, abstract)
   corpus = _corpus(tr)
+  check_resumed_corpus(config, workdir, corpus)
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
   with checkpoint.workdir_lock(workdir) if main else contextlib.nullcontext():
-    if main:
-      checkpoint.write_config(workdir, config)
-    return _run(tr, workdir, corpus, stop_at)
+    # A signal from here on (compilation included) is a flag the run checks:
+    # an interrupt inside XLA's compiler could crash the process.
+    with _StopSignal() as stop:
+      return _run(tr, workdir, corpus, stop_at, stop)
+
+
+def check_resumed_layout(config: ml_collections.ConfigDict, workdir,
+                         abstract_state: dict) -> None:
+  """Refuses a config whose train state has other shapes than the
+  checkpoints in `workdir` (`allow_config_change` cannot reshape them): a
+  config error, so no checkpoint is set aside as damaged."""
+  if not checkpoint.is_workdir(workdir):
+    return
+  diff = checkpoint.layout_differences(workdir, abstract_state,
+                                       ignore=("diag",))
+  if diff:
+    raise ValueError(
+        f"the checkpoints in {workdir} hold a train state of another shape "
+        f"than this config's: {'; '.join(diff[:3])}"
+        f"{'; ...' if len(diff) > 3 else ''}. Resume with the run's own "
+        "model config (allow_config_change cannot reshape a checkpoint), or "
+        "train in another --workdir.")
+
+
+def check_resumed_corpus(config: ml_collections.ConfigDict, workdir,
+                         corpus: pathlib.Path) -> None:
+  """Refuses to resume on a corpus other than the one the run trained on
+  (a source file edited, added or removed since: "resumes exactly" would
+  no longer hold), unless `train.allow_config_change`."""
+  stored = checkpoint.read_corpus(workdir) if checkpoint.is_workdir(
+      workdir) else None
+  now = data.corpus_id(corpus)
+  if stored is None or stored["key"] == now["key"]:
+    return
+  changed = data.changed_inputs(stored["inputs"], now["inputs"])
+  if not config.train.allow_config_change:
+    raise ValueError(
+        f"{workdir} trained on another corpus: {changed}. Resume on the "
+        "same files (restore them), train in another --workdir, or pass "
+        "--config.train.allow_config_change=True to continue on this "
+        "corpus on purpose.")
+  log.warning("resuming on a changed corpus (train.allow_config_change): %s",
+              changed)
 
 
 def check_resumed_config(config: ml_collections.ConfigDict, workdir) -> None:
@@ -172,9 +229,10 @@ def _compiled_step(tr: Train):
 
 
 def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
-         stop_at: int | None) -> dict:
+         stop_at: int | None, stop: _StopSignal) -> dict:
   config, mesh = tr.config, tr.mesh
   t = config.train
+  main = jax.process_index() == 0
   state = tr.init_state(pretrained_params(config, tr.model_cfg)
                         if config.init.checkpoint else None)
   n_params = model_lib.param_count(state["params"])
@@ -199,7 +257,10 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
       log.warning("the checkpoint's deadzone trap counters do not fit this "
                   "version's diagnostics: they restart from step %d.", start)
     log.info("resumed from step %d", start)
-  start = start or 0
+  if main:  # the state restored: this config and corpus are the run's now
+    checkpoint.write_config(workdir, config)
+    checkpoint.write_corpus(workdir, data.corpus_id(corpus))
+  resumed, start = start, start or 0
 
   compiled = _compiled_step(tr)  # logging steps differ only by diagnostics
   step_fns = (compiled, compiled if tr.diag is None
@@ -211,9 +272,15 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
   eval_data = data.eval_batches(corpus, seq_len=config.data.seq_len,
                                 batch_size=tr.eval_batch_size,
                                 max_batches=t.eval_batches)
+  summary = dict(start_step=start, params=n_params)
+  if stop.received:  # during start-up: nothing to save
+    log.warning("%s received during start-up: exiting.", stop.received)
+    ckpt.close()
+    return dict(summary, step=start, loss=float("nan"),
+                stopped_by=stop.received)
+  logged_loss = _logged_loss(workdir, start)
   writer = metrics.MetricWriter(workdir, tensorboard=t.tensorboard,
                                 resume_step=start)
-  summary = dict(start_step=start, params=n_params)
   try:
     if float_eval_fn is not None:  # what the float checkpoint scores
       summary["eval_float"] = held_out_loss(float_eval_fn, state["params"],
@@ -228,7 +295,8 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
     log.info("step %d held-out loss %.4f perplexity %.2f", start,
              summary["eval_before"]["loss"], summary["eval_before"]["perplexity"])
     state, last = _loop(tr, state, data_iter, step_fns, eval_fn, eval_data,
-                        ckpt, writer, start, stop_at or t.steps)
+                        ckpt, writer, start, stop_at or t.steps, stop,
+                        resumed, logged_loss)
     summary.update(last)
     summary["eval_after"] = held_out_loss(eval_fn, state["params"], eval_data,
                                           mesh)
@@ -241,11 +309,23 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
   return summary
 
 
+def _logged_loss(workdir: pathlib.Path, step: int) -> float:
+  """The train loss the metrics file holds for `step` (NaN if none): a run
+  resumed at its last step runs no step, and reports this one."""
+  path = workdir / checkpoint.METRICS
+  if not step or not path.exists():
+    return float("nan")
+  losses_ = [r["train/loss"] for r in metrics.read_jsonl(path)
+             if r.get("step") == step and r.get("train/loss") is not None]
+  return losses_[-1] if losses_ else float("nan")
+
+
 def _restore(tr: Train, ckpt: checkpoint.Checkpointer, data_iter):
   """`(state, step, stale keys)` of the checkpoint to resume from:
-  `train.restore_step`, or the latest; one that cannot be read or holds
-  non-finite parameters is set aside (renamed) and the one before it tried.
-  Checkpoints after a chosen `restore_step` are set aside too."""
+  `train.restore_step`, or the latest; one that cannot be read, fails its
+  integrity check or holds non-finite values (parameters or optimizer
+  state) is set aside (renamed) and the one before it tried. Checkpoints
+  after a chosen `restore_step` are set aside too."""
   steps, chosen = ckpt.steps(), tr.config.train.restore_step
   if chosen >= 0:
     if chosen not in steps:
@@ -259,12 +339,15 @@ def _restore(tr: Train, ckpt: checkpoint.Checkpointer, data_iter):
     try:
       state, stale = ckpt.restore(step, tr.abstract_state(), data_iter,
                                   rebuildable=("diag",))
+    except checkpoint.CheckpointCorrupted as e:
+      problem = f"fails its integrity check ({e})"
     except Exception as e:  # pylint: disable=broad-except
       problem = f"cannot be read ({type(e).__name__}: {str(e)[:200]})"
     else:
-      if bool(_all_finite(state["params"])):
+      # The diagnostics' state holds NaN by design ("no window yet").
+      if bool(_all_finite({k: v for k, v in state.items() if k != "diag"})):
         return state, step, stale
-      problem = "holds non-finite parameters"
+      problem = "holds non-finite parameters or optimizer state"
     log.error("the checkpoint of step %d %s: %s", step, problem,
               ckpt.set_aside(step, "damaged"))
   raise TrainingError(f"no checkpoint in {ckpt.directory} can be restored "
@@ -279,13 +362,15 @@ def _all_finite(params) -> jax.Array:
 
 
 def _loop(tr: Train, state, data_iter, step_fns, eval_fn, eval_data, ckpt,
-          writer, start: int, stop_at: int):
+          writer, start: int, stop_at: int, stop: _StopSignal,
+          resumed: int | None, logged_loss: float):
   config, mesh = tr.config, tr.mesh
   t = config.train
   step_fn, log_step_fn = step_fns
   tokens_per_step = t.batch_size * config.data.seq_len
   pending = None  # (step, device metrics) fetched one step late
-  last = dict(step=start, loss=float("nan"), stopped_by=None)
+  last = dict(step=start, loss=logged_loss, stopped_by=None)
+  saved = False  # whether this run has saved a checkpoint
   bar = tqdm.tqdm(total=t.steps, initial=start, unit="step",
                   # None: a bar on a terminal only; logs get one line per
                   # logging step instead (below).
@@ -298,7 +383,7 @@ def _loop(tr: Train, state, data_iter, step_fns, eval_fn, eval_data, ckpt,
     m = metrics.to_python(device_metrics)
     if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
       _fail(step, f"non-finite loss ({m['loss']}) or gradient norm "
-            f"({m['grad_norm']})", ckpt)
+            f"({m['grad_norm']})", ckpt, None if saved else resumed)
     last.update(step=step, loss=m["loss"])
     if step % t.log_every == 0 or step == t.steps:
       now = time.perf_counter()
@@ -311,33 +396,35 @@ def _loop(tr: Train, state, data_iter, step_fns, eval_fn, eval_data, ckpt,
         log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", step, t.steps,
                  m["loss"], m["lr"], m["tokens_per_s"])
 
-  with _StopSignal() as stop:
-    step = start
-    while step < min(t.steps, stop_at):
-      batch = sharding.global_batch(next(data_iter), mesh)
-      logging_step = (step + 1) % t.log_every == 0 or step + 1 == t.steps
-      state, device_metrics = (log_step_fn if logging_step else step_fn)(
-          state, batch)
-      step += 1
-      bar.update(1)
-      if pending is not None:
-        finish(*pending)
-      pending = (step, device_metrics)
-      if step % t.eval_every == 0 and step < t.steps:
-        ev = held_out_loss(eval_fn, state["params"], eval_data, mesh)
-        writer.write(step, ev, "eval")
-      if (step % t.checkpoint_every == 0 or stop.received
-          or step in (t.steps, stop_at)):
-        finish(*pending)  # never checkpoint a state that is not finite
-        pending = None
-        if not bool(_all_finite(state["params"])):
-          _fail(step, "non-finite parameters after the update", ckpt)
-        ckpt.save(step, state, data_iter, force=True)
-      if stop.received:
-        log.warning("%s received: saved step %d, exiting.", stop.received, step)
-        last["stopped_by"] = stop.received
-        break
+  step = start
+  while step < min(t.steps, stop_at):
+    batch = sharding.global_batch(next(data_iter), mesh)
+    logging_step = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+    state, device_metrics = (log_step_fn if logging_step else step_fn)(
+        state, batch)
+    step += 1
+    bar.update(1)
     if pending is not None:
       finish(*pending)
+    pending = (step, device_metrics)
+    if step % t.eval_every == 0 and step < t.steps:
+      ev = held_out_loss(eval_fn, state["params"], eval_data, mesh)
+      writer.write(step, ev, "eval")
+    if (step % t.checkpoint_every == 0 or stop.received
+        or step in (t.steps, stop_at)):
+      finish(*pending)  # never checkpoint a state that is not finite
+      pending = None
+      if not bool(_all_finite(state["params"])):
+        _fail(step, "non-finite parameters after the update", ckpt,
+              None if saved else resumed)
+      ckpt.save(step, state, data_iter, force=True)
+      saved = True
+    ckpt.check()  # an asynchronous save that failed stops the run now
+    if stop.received:
+      log.warning("%s received: saved step %d, exiting.", stop.received, step)
+      last["stopped_by"] = stop.received
+      break
+  if pending is not None:
+    finish(*pending)
   bar.close()
   return state, last

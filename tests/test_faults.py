@@ -1,0 +1,507 @@
+"""Faults a careful user can cause (issue 29), one test per fault: each is
+injected as a user would cause it, and the test asserts the recovery or the
+one-line error, and that nothing is left behind (temporaries, a half-written
+file, a renamed good checkpoint, a lock or a config.json in a new workdir)."""
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from experiments import sweep
+from tequila_jax import checkpoint, cli as cli_lib, config_lib, data, evaluate
+from tequila_jax import metrics
+from tequila_jax import model as model_lib
+from tequila_jax import train
+from tequila_jax.io import tokenizers, tqj
+from tequila_jax.io.atomic import atomic_path, check_writable
+from tests import cli
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.py")
+ONE = jax.devices()[:1]  # one device: the fastest tiny run
+RUN = dict(steps=12, checkpoint_every=5, log_every=1, eval_every=100)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("corpora")
+
+
+def _tiny(cache, **train_overrides):
+  config = config_lib.load_config_file(TINY)
+  config.data.cache_dir = str(cache)
+  config.train.update(async_checkpoints=False, **RUN)
+  config.train.update(**train_overrides)
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache):
+  """A finished tiny run with checkpoints 5, 10 and 12."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  train.run(_tiny(cache), workdir, devices=ONE)
+  return workdir
+
+
+@pytest.fixture
+def workdir(trained, tmp_path):
+  """A copy of `trained` to break."""
+  path = tmp_path / "run"
+  shutil.copytree(trained, path)
+  (path / "lock").unlink()
+  return path
+
+
+def _tree(path) -> dict:
+  """Every file under `path` (name -> bytes) and every directory."""
+  path = pathlib.Path(path)
+  return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None)
+          for p in sorted(path.rglob("*")) if p.name != "lock"}
+
+
+def _steps(workdir) -> list[str]:
+  return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+def _largest_state_file(workdir, step) -> pathlib.Path:
+  files = [p for p in (workdir / "checkpoints" / str(step) / "state").rglob("*")
+           if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _one_line_error(out: subprocess.CompletedProcess) -> str:
+  assert out.returncode == 2, out.stderr[-3000:]
+  errors = [line for line in out.stderr.splitlines()
+            if line.startswith("error: ")]
+  assert len(errors) == 1, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  return errors[0]
+
+
+def _train_cli(workdir, cache, *args, **kw):
+  return cli.run_cli(
+      "train", f"--config={TINY}", f"--workdir={workdir}",
+      f"--config.data.cache_dir={cache}",
+      *[f"--config.train.{k}={v}" for k, v in RUN.items()], *args,
+      check=False, **kw)
+
+
+@contextlib.contextmanager
+def _tmpfs(path, options):
+  """A tmpfs mounted at `path` (skips the test where mounting is not
+  allowed, i.e. not root)."""
+  path.mkdir(parents=True, exist_ok=True)
+  out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
+                        str(path)], capture_output=True, text=True,
+                       check=False)
+  if out.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _export(tmp_path) -> pathlib.Path:
+  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model)
+  path = tmp_path / "m.tqj"
+  tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), path,
+                   tokenizer=tokenizers.ByteTokenizer())
+  return path
+
+
+# 1 -------------------------------------------------------------------------
+
+def test_corrupted_checkpoint_bytes_are_set_aside(workdir, cache):
+  """4 bytes overwritten inside the latest checkpoint's largest data file:
+  the restore's integrity check sets it aside and resumes from the one
+  before; reading it for an export is one clear error."""
+  target = _largest_state_file(workdir, 12)
+  raw = bytearray(target.read_bytes())
+  raw[len(raw) // 2:len(raw) // 2 + 4] = b"\x01\x02\x03\x04"
+  target.write_bytes(bytes(raw))
+  with pytest.raises(checkpoint.CheckpointCorrupted,
+                     match=r"12 is corrupted: 1 arrays differ.*--step"):
+    checkpoint.restore_state(workdir, 12)
+  summary = train.run(_tiny(cache), workdir, devices=ONE)
+  assert summary["start_step"] == 10 and summary["step"] == 12
+  assert _steps(workdir) == ["10", "12", "5", "damaged-12"]
+
+
+def test_fingerprints_cover_every_leaf_of_the_state(trained):
+  """Params, optimizer state and diagnostics, whatever leaves there are:
+  one changed bit in any leaf fails the check."""
+  state = checkpoint.restore_state(trained, 12)
+  saved = {"algorithm": checkpoint.FINGERPRINT,
+           "leaves": checkpoint.state_fingerprints(state)}
+  checkpoint.verify(state, saved, "step 12")
+  leaves, treedef = jax.tree.flatten(state)
+  assert {"params", "opt_state", "diag"} <= set(state)
+  flipped = []
+  for leaf in leaves:  # one bit of each leaf
+    bits = np.asarray(leaf).copy()
+    bits.reshape(-1).view(np.uint8)[-1] ^= 1
+    flipped.append(bits)
+  with pytest.raises(checkpoint.CheckpointCorrupted,
+                     match=f": {len(leaves)} arrays differ"):
+    checkpoint.verify(jax.tree.unflatten(treedef, flipped), saved, "step 12")
+
+
+# 2 -------------------------------------------------------------------------
+
+def _rewrite(workdir, cache, step, change):
+  """Re-saves checkpoint `step` with `change(state)` (valid integrity: the
+  fault is in the values, as if training had produced it)."""
+  config = _tiny(cache)
+  corpus = data.prepare_for_config(config, progress=False)
+  it = data.train_iterator(corpus, seq_len=config.data.seq_len, batch_size=8,
+                           seed=0)
+  ckpt = checkpoint.Checkpointer(workdir, every=1, keep=10, async_save=False)
+  saved = checkpoint._on_one_device(  # pylint: disable=protected-access
+      checkpoint._saved_layout(ckpt.directory, step))  # pylint: disable=protected-access
+  state, _ = ckpt.restore(step, saved, it)
+  shutil.rmtree(ckpt.directory / str(step))
+  ckpt.manager.reload()
+  ckpt.save(step, change(state), it, force=True)
+  ckpt.close()
+
+
+def test_nan_in_the_optimizer_state_is_set_aside(workdir, cache):
+  """One NaN in AdamW's second moment at the latest checkpoint: the restore
+  finds it and resumes from the checkpoint before."""
+
+  def poison(state):
+    nu = state["opt_state"][1][0]["nu"]
+    leaf = np.asarray(nu["final_norm"]["scale"]).copy()
+    leaf[3] = np.nan
+    nu["final_norm"]["scale"] = jnp.asarray(leaf)
+    return state
+
+  _rewrite(workdir, cache, 12, poison)
+  summary = train.run(_tiny(cache), workdir, devices=ONE)
+  assert summary["start_step"] == 10 and np.isfinite(summary["loss"])
+  assert "damaged-12" in _steps(workdir)
+
+
+def test_nonfinite_right_after_a_resume_does_not_call_it_good(workdir, cache):
+  config = _tiny(cache, steps=14, allow_config_change=True)
+  config.optim.lr = 1e30
+  with pytest.raises(train.TrainingError) as e:
+    train.run(config, workdir, devices=ONE)
+  message = str(e.value)
+  assert "after resuming from the checkpoint of step 12, which may hold the " \
+         "fault" in message and "restore_step=10" in message
+  assert "good" not in message
+
+
+# 3 -------------------------------------------------------------------------
+
+def test_a_shape_change_is_refused_before_anything_is_written(workdir, cache,
+                                                              tmp_path):
+  before = _tree(workdir)
+  config = _tiny(cache, allow_config_change=True)
+  config.model.update(hidden_size=256, head_dim=64)
+  with pytest.raises(ValueError, match=r"another shape .*embedding.*"
+                     r"checkpoint \(\(512, 128\).*config \(\(512, 256\)"):
+    train.run(config, workdir, devices=ONE)
+  assert _tree(workdir) == before  # nothing renamed, config.json unchanged
+  assert train.run(_tiny(cache), workdir, devices=ONE)["start_step"] == 12
+  for bad in ({"model.quant.group_size": 48}, {"train.batch_size": 0}):
+    config = _tiny(cache)
+    config.update_from_flattened_dict(bad)
+    with pytest.raises(ValueError):
+      train.run(config, tmp_path / "new", devices=ONE)
+    assert not (tmp_path / "new").exists()  # no config.json, no lock
+
+
+# 4 -------------------------------------------------------------------------
+
+def test_tqj_header_edits_are_refused(tmp_path):
+  path = _export(tmp_path)
+  good = path.read_bytes()
+  header_len = int.from_bytes(good[:8], "little")
+
+  def edited(name, old, new):
+    assert len(old) == len(new)
+    header = good[8:8 + header_len]
+    assert header.count(old) >= 1, old
+    out = tmp_path / name
+    out.write_bytes(good[:8] + header.replace(old, new, 1)
+                    + good[8 + header_len:])
+    return out
+
+  for name, old, new in [("eps.tqj", b'rms_eps\\": 1e-05', b'rms_eps\\": 9e-01'),
+                         ("theta.tqj", b'rope_theta\\": 5', b'rope_theta\\": 9'),
+                         ("lam.tqj", b'lam\\": 0.001', b'lam\\": 0.901')]:
+    with pytest.raises(tqj.ExportError, match="header .*does not match"):
+      tqj.read_export(edited(name, old, new))
+  renamed = edited("renamed.tqj", b'"checksums"', b'"checksumz"')
+  with pytest.raises(tqj.ExportError, match=r"lacks its \['checksums'\]"):
+    tqj.read_export(renamed)
+  with safe_open(str(path), framework="numpy") as f:
+    meta = f.metadata()
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  no_header_sum = {k: v for k, v in meta.items() if k != tqj.HEADER_CHECKSUM}
+  save_file(tensors, str(tmp_path / "v4.tqj"), metadata=no_header_sum)
+  with pytest.raises(tqj.ExportError, match="lacks its .'header_checksum'"):
+    tqj.read_export(tmp_path / "v4.tqj")
+  v3 = {**no_header_sum, "version": "3", "model": meta["model"][:-1]}
+  save_file(tensors, str(tmp_path / "v3.tqj"), metadata=v3)
+  with pytest.raises(tqj.ExportError, match=r"v3.tqj has a broken header"):
+    tqj.read_export(tmp_path / "v3.tqj")
+  assert tqj.read_export(path).cfg.arch.rms_eps == 1e-5
+
+
+# 5, 15 ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"context": "ROMEO.", "choices": [" yes", " no"], "label": 5}',
+     r"label 5 is not an integer in \[0, 2\)"),
+    ('{"context": "ROMEO.", "choices": [" yes", " no"], "label": "0"}',
+     "label '0' is not an integer"),
+    ('{"context": "ROMEO.", "choices": [], "label": 0}',
+     "choices is not a list of at least two"),
+    ('{"context": "", "choices": ["a", "b"], "label": 0}',
+     "context is not a non-empty string"),
+    ('["context", "choices"]', "a JSON list, not an object"),
+    ('{"context": "ROMEO.", "choices": ["a", "b"],', "is not JSON"),
+])
+def test_evaluate_refuses_invalid_task_lines(tmp_path, line, problem):
+  path = tmp_path / "task.jsonl"
+  good = '{"context": "A", "choices": [" b", " c"], "label": 1}'
+  path.write_text(f"{good}\n{line}\n")
+  with pytest.raises(ValueError, match=f"task.jsonl:2.*{problem}"):
+    evaluate.read_tasks(path)
+
+
+def test_evaluate_cli_names_file_and_line(tmp_path):
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  line = _one_line_error(cli.run_cli("evaluate", "--checkpoint", "nowhere",
+                                     "--tasks", empty, check=False))
+  assert "empty.jsonl holds no task" in line
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"context": "x", "choices": ["a", "b"], "label": 0}\n\n'
+                 "{oops\n")
+  line = _one_line_error(cli.run_cli("evaluate", "--checkpoint", "nowhere",
+                                     "--tasks", bad, check=False))
+  assert "bad.jsonl:3 is not JSON" in line and '"label": int' in line
+
+
+# 6 -------------------------------------------------------------------------
+
+class _Stopped(Exception):
+  pass
+
+
+def test_sweep_point_stopped_during_evaluation_records_real_figures(
+    tmp_path, cache):
+  """A point stopped after its last checkpoint, in its evaluation, has no
+  summary; the rerun evaluates it from its checkpoint and records the
+  logged train loss and the wall time of both tries."""
+  config = lambda: _tiny(cache, steps=6, checkpoint_every=3)  # noqa: E731
+  point = tmp_path / "point"
+
+  def stop(*_):
+    raise _Stopped()
+
+  start = time.time()
+  with pytest.raises(_Stopped):
+    sweep.run_point(config, {}, point, evaluate_fn=stop, max_eval_windows=2)
+  first = time.time() - start
+  assert not (point / "summary.json").exists()
+  result = sweep.run_point(config, {}, point, max_eval_windows=2)
+  logged = [r["train/loss"] for r in metrics.read_jsonl(point / "metrics.jsonl")
+            if r["step"] == 6 and "train/loss" in r]
+  assert result["train_loss"] == logged[-1] and np.isfinite(logged[-1])
+  assert result["wall_s"] > first * 0.9
+  assert json.loads((point / "summary.json").read_text())["steps"] == 6
+
+
+# 7 -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, says", [
+    ("--config.train.stepz=3", "no config field 'stepz' Did you mean"),
+    ("--config.train.steps=abc", "invalid literal for int()"),
+    ("--no_such_flag", "Unknown command line flag 'no_such_flag'"),
+])
+def test_flag_errors_are_one_line(tmp_path, flag, says):
+  out = cli.run_cli("train", f"--config={TINY}", f"--workdir={tmp_path}/w",
+                    flag, check=False)
+  line = _one_line_error(out)
+  assert says in line and "fix the flag" in line
+  assert len(out.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "w").exists()
+
+
+# 8 -------------------------------------------------------------------------
+
+def test_disk_full_during_a_checkpoint_save(tmp_path, cache):
+  """A 10 MB disk fills at the second checkpoint (asynchronous): one line
+  naming the full disk, soon after the save failed (not at the next save);
+  no temporary directory is left."""
+  with _tmpfs(tmp_path / "disk", "size=10m") as disk:
+    out = _train_cli(disk / "run", cache, "--config.train.steps=30",
+                     "--config.train.checkpoint_every=5",
+                     "--config.train.keep_checkpoints=10",
+                     "--config.train.async_checkpoints=True")
+    line = _one_line_error(out)
+    assert "disk full writing" in line and "free space" in line
+    assert len(out.stderr.splitlines()) < 10, out.stderr[-3000:]
+    left = [p.name for p in (disk / "run/checkpoints").iterdir()]
+    assert left and all(name.isdigit() for name in left), left
+    steps = [json.loads(r)["step"] for r in
+             (disk / "run/metrics.jsonl").read_text().splitlines()]
+    failed = max(map(int, left)) + 5
+    assert max(steps) < failed + 5, (failed, steps)  # not at the next save
+    # A temporary left by a killed save is removed on the next start.
+    stale = disk / "run/checkpoints/8.orbax-checkpoint-tmp-123"
+    stale.mkdir()
+    checkpoint.Checkpointer(disk / "run", every=1, keep=1).close()
+    assert not stale.exists()
+
+
+def test_disk_full_during_an_export(tmp_path):
+  path = _export(tmp_path)
+  export = tqj.read_export(path)
+  with _tmpfs(tmp_path / "disk", "size=64k") as disk:
+    with pytest.raises(OSError) as e:
+      tqj.save_export(export, disk / "m.tqj")
+    assert cli_lib.message(e.value).startswith(
+        f"disk full writing {disk / 'm.tqj'}: free space")
+    assert not list(disk.iterdir())
+
+
+# 9 -------------------------------------------------------------------------
+
+def test_export_checks_every_destination_before_writing(trained, tmp_path):
+  existing = tmp_path / "hf"
+  existing.mkdir()
+  out = cli.run_cli("export", "--checkpoint", trained, "--out",
+                    tmp_path / "x.tqj", "--hf_out", existing, check=False)
+  assert f"{existing} exists" in _one_line_error(out)
+  assert not (tmp_path / "x.tqj").exists() and not list(existing.iterdir())
+  with _tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
+    with pytest.raises(PermissionError, match=rf"cannot write {ro}/x.tqj: "
+                       f"{ro} is not writable; choose another destination"):
+      check_writable(ro / "x.tqj")
+    out = cli.run_cli("export", "--checkpoint", trained, "--out",
+                      ro / "x.tqj", check=False)
+    assert "is not writable; choose another" in _one_line_error(out)
+
+
+# 10 ------------------------------------------------------------------------
+
+def test_ctrl_c_during_startup_exits_130(tmp_path, cache):
+  """SIGINT while the step compiles: a clean exit 130, no crash, nothing
+  saved."""
+  for attempt in range(2):
+    workdir = tmp_path / f"run{attempt}"
+    err = tmp_path / f"err{attempt}"
+    with open(err, "w") as f:
+      proc = subprocess.Popen(
+          [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
+           f"--workdir={workdir}", f"--config.data.cache_dir={cache}"],
+          stdout=subprocess.PIPE, stderr=f, env=cli.env(), cwd=ROOT, text=True)
+      deadline = time.time() + 300
+      while "model: " not in err.read_text() and time.time() < deadline:
+        time.sleep(0.05)
+      proc.send_signal(signal.SIGINT)
+      out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err.read_text()[-3000:]
+    assert json.loads(out[out.index("{"):])["stopped_by"] == "SIGINT"
+    assert "Traceback" not in err.read_text()
+    assert not [p for p in (workdir / "checkpoints").iterdir()]
+
+
+# 11 ------------------------------------------------------------------------
+
+def test_negative_lr_and_too_long_sequences_are_refused(tmp_path, cache):
+  config = _tiny(cache)
+  config.optim.lr = -1e-3
+  with pytest.raises(ValueError, match="optim.lr=-0.001 is negative.*use a "
+                     "positive"):
+    train.run(config, tmp_path / "a", devices=ONE)
+  config = _tiny(cache)
+  config.data.seq_len = 512
+  with pytest.raises(ValueError, match="data.seq_len=512 exceeds "
+                     "model.max_seq_len=256.*lower data.seq_len"):
+    train.run(config, tmp_path / "b", devices=ONE)
+  assert not list(tmp_path.iterdir())
+
+
+# 12 ------------------------------------------------------------------------
+
+def test_resume_on_an_edited_corpus_is_refused(tmp_path, cache):
+  source = tmp_path / "text.txt"
+  source.write_text("To be, or not to be, that is the question. " * 400)
+  config = lambda **kw: _tiny(cache, steps=6, checkpoint_every=2, **kw)  # noqa: E731
+
+  def with_source(c):
+    c.data.sources = str(source)
+    c.data.eval_fraction = 0.1
+    c.data.split = "tail"
+    return c
+
+  workdir = tmp_path / "run"
+  train.run(with_source(config()), workdir, devices=ONE, stop_at=2)
+  before = _tree(workdir)
+  time.sleep(0.01)
+  source.write_text(source.read_text() + "Whether 'tis nobler in the mind.")
+  with pytest.raises(ValueError, match=f"trained on another corpus: {source} "
+                     "changed.*allow_config_change=True"):
+    train.run(with_source(config()), workdir, devices=ONE)
+  assert _tree(workdir) == before
+  summary = train.run(with_source(config(allow_config_change=True)), workdir,
+                      devices=ONE, stop_at=4)
+  assert summary["start_step"] == 2
+  # The new corpus is the run's now: resuming on it needs no override.
+  assert train.run(with_source(config()), workdir, devices=ONE,
+                   stop_at=6)["start_step"] == 4
+
+
+# 13 ------------------------------------------------------------------------
+
+def test_a_damaged_checkpoint_logs_one_line(workdir, cache):
+  target = _largest_state_file(workdir, 12)
+  target.write_bytes(target.read_bytes()[:1000])  # truncated
+  out = _train_cli(workdir, cache)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Exception ignored" not in out.stderr
+  assert "Traceback" not in out.stderr
+  assert len(out.stderr.splitlines()) < 12, out.stderr[-3000:]
+  damaged = [line for line in out.stderr.splitlines()
+             if "checkpoint of step 12 cannot be read" in line]
+  assert len(damaged) == 1 and "damaged-12" in damaged[0]
+
+
+# 14 ------------------------------------------------------------------------
+
+def test_outputs_get_the_umask_permissions(tmp_path):
+  old = os.umask(0o027)
+  try:
+    path = _export(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o640
+    with atomic_path(tmp_path / "cache", directory=True) as tmp:
+      (tmp / "x").write_text("x")
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o750
+    path.chmod(0o644)  # a replaced file keeps its mode, as open() would
+    _export(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o644
+  finally:
+    os.umask(old)
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
