@@ -2,7 +2,9 @@
 
 The layout, known only here: `WORKDIR/config.json` (the run's config),
 `WORKDIR/metrics.jsonl` (+ `tensorboard/`), `WORKDIR/checkpoints/STEP/`,
-`WORKDIR/lock` (held by the run that is using the workdir).
+`WORKDIR/lock` (held by the run that is using the workdir),
+`WORKDIR/teacher.json` (a distilling run's teacher: source, content hash,
+shapes; the teacher itself is never checkpointed).
 
 One `CheckpointManager` holds, per step, `state` (params, optimizer state,
 step; restored straight into the sharded layout) and `data` (the grain
@@ -32,6 +34,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LOCK = "lock"
+TEACHER = "teacher.json"
 
 
 class WorkdirInUse(RuntimeError):
@@ -79,6 +82,16 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 
 def write_config(workdir, config: ml_collections.ConfigDict) -> None:
   (pathlib.Path(workdir) / CONFIG).write_text(config.to_json(indent=2))
+
+
+def write_teacher(workdir, record: dict) -> None:
+  (pathlib.Path(workdir) / TEACHER).write_text(json.dumps(record, indent=2))
+
+
+def read_teacher(workdir) -> dict | None:
+  """The teacher the run in `workdir` distilled from, if it did."""
+  path = pathlib.Path(workdir) / TEACHER
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def restore_state(workdir, step: int | None = None) -> dict:
