@@ -327,6 +327,21 @@ def test_bad_distill_configs_are_refused(tmp_path):
     train.build_train(config, devices=jax.devices()[:1]).teacher  # noqa: B018
 
 
+def test_sweep_runs_and_benchmark_candidates_distill(tmp_path):
+  from experiments import bench_train_step, reproduce_smollm2, sweep  # pylint: disable=g-import-not-at-top
+  points = sweep.grid(["distill"])
+  assert [p.get("distill.kind") for p in points] == [None, "kl", "reverse_kl"]
+  for p in points:
+    config = _tiny(tmp_path)
+    config.update_from_flattened_dict(p)
+    tr = train.build_train(config, devices=jax.devices()[:1])
+    assert (tr.distill is None) == (p["distill.weight"] == 0)
+  assert list(reproduce_smollm2.RUNS)[-2:] == ["tequila_kd-s0", "absmean_kd-s0"]
+  assert reproduce_smollm2.RUNS["absmean_kd-s0"]["distill.weight"] == 1.0
+  assert bench_train_step.parse_candidate("tequila:distill.weight=1.0") == (
+      "tequila", "", {"distill.weight": 1.0})
+
+
 @pytest.mark.multidevice
 def test_1b_dry_run_states_the_teachers_bytes():
   config = config_lib.load_config_file(str(ROOT / "configs" / "llama1b.py"))
