@@ -7,13 +7,18 @@ overrides), side by side.
     python -m experiments.bench_train_step --config configs/smollm2_135m.py \
         --methods "absmean,seq:model.quant.granularity=per_channel,\
 tequila:model.quant.lam_mode=v3"
+    python -m experiments.bench_train_step --config configs/smollm2_135m.py \
+        --batch 2 --seq 128 --iters 20 --repeat 2 \
+        --methods "tequila,tequila:distill.weight=1.0"   # + the teacher
 
 A candidate is `METHOD[+diag|+fulldiag][:KEY=VALUE[:KEY=VALUE...]]`:
 the quant method, optionally with the per-step deadzone diagnostics
 (`+diag`) or their logging-step variant (`+fulldiag`), then any config
 overrides (`--config.KEY` spelling without the prefix; values parsed as
 JSON when they parse). Every candidate runs the same jitted, donated
-`train.train_step` (AdamW) on the same random token batch in one process,
+`train.train_step` (AdamW) on the same random token batch in one process
+(a candidate that distills gets its teacher, `Train.teacher`, as the step's
+extra argument),
 one step of each in turn (round robin, so machine noise hits all alike);
 reports
 the median and range of `--iters` steps after warm-up, tokens/s, the ratio to
@@ -87,9 +92,11 @@ def build(config, spec: str, batch: int, seq: int):
       0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
   tokens = jax.device_put(tokens, sharding.batch_sharding(tr.mesh))
   t0 = time.perf_counter()
-  compiled = step.lower(state, tokens).compile()
+  args = tr.step_args()  # the teacher, when the overrides distill
+  compiled = step.lower(state, tokens, *args).compile()
   mem = compiled.memory_analysis()
   return dict(method=spec, compiled=compiled, state=state, tokens=tokens,
+              args=args,
               compile_s=time.perf_counter() - t0, times=[],
               flops_per_step=model_flops_per_token(cfg, seq) * batch * seq,
               temp_bytes=getattr(mem, "temp_size_in_bytes", None),
@@ -102,7 +109,7 @@ def time_round_robin(candidates: list[dict], iters: int, warmup: int) -> None:
   for i in range(warmup + iters):
     for c in candidates:
       t0 = time.perf_counter()
-      c["state"], m = c["compiled"](c["state"], c["tokens"])
+      c["state"], m = c["compiled"](c["state"], c["tokens"], *c["args"])
       jax.block_until_ready((c["state"], m))
       if i >= warmup:
         c["times"].append(time.perf_counter() - t0)

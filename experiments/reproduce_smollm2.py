@@ -67,6 +67,10 @@ RUNS = {  # in priority order; sN = data-order seed N
     "dlt-s0": {"model.quant.method": "dlt",
                "model.quant.granularity": "per_channel", "seed": 0},
     "tequila_lamv3-s0": {**_TEQUILA, "model.quant.lam_mode": "v3", "seed": 0},
+    # Distilled from the float model the runs start from (KL at T = 1).
+    "tequila_kd-s0": {**_TEQUILA, "distill.weight": 1.0, "seed": 0},
+    "absmean_kd-s0": {"model.quant.method": "absmean", "distill.weight": 1.0,
+                      "seed": 0},
 }
 DEVICE_WHEELS = ("grain==0.2.18", "array-record==0.8.1", "portpicker",
                  "ml-collections==1.1.0", "gguf==0.19.0", "tensorboardX==2.6.5")

@@ -59,6 +59,10 @@ SWEEPS = {
         {"model.quant.granularity": "per_group", "model.quant.group_size": g}
         for g in (32, 64, 128)],
     "seeds": lambda: [{"seed": s} for s in (0, 1, 2)],
+    # Distillation from the float teacher (init.checkpoint): off, forward
+    # and reverse KL (the first, off, is the default reference).
+    "distill": lambda: [{"distill.weight": 0.0}] + [
+        {"distill.weight": 1.0, "distill.kind": k} for k in ("kl", "reverse_kl")],
 }
 SUMMARY_KEYS = ("dead_fraction/all", "crossing_rate/all",
                 "trapped_fraction/all", "trapped_of_dead/all",

@@ -2,7 +2,9 @@
 
 The layout, known only here: `WORKDIR/config.json` (the run's config),
 `WORKDIR/metrics.jsonl` (+ `tensorboard/`), `WORKDIR/checkpoints/STEP/`,
-`WORKDIR/lock` (held by the run that is using the workdir).
+`WORKDIR/lock` (held by the run that is using the workdir),
+`WORKDIR/teacher.json` (a distilling run's teacher: source, content hash,
+shapes; the teacher itself is never checkpointed).
 
 One `CheckpointManager` holds, per step, `state` (params, optimizer state,
 step; restored straight into the sharded layout) and `data` (the grain
@@ -55,6 +57,7 @@ LOCK = "lock"
 ITEMS = ("state", "data", "integrity")
 _TMP = ".orbax-checkpoint-tmp"  # what orbax appends to an unfinished step
 FINGERPRINT = "fmix32x2-v1"  # the algorithm of `state_fingerprints`
+TEACHER = "teacher.json"
 
 
 class WorkdirInUse(RuntimeError):
@@ -236,6 +239,17 @@ def _integrity_of(step_dir: pathlib.Path, manager, step: int) -> dict | None:
     return None
   return manager.restore(step, args=ocp.args.Composite(
       integrity=ocp.args.JsonRestore()))["integrity"]
+
+
+def write_teacher(workdir, record: dict) -> None:
+  with atomic_path(pathlib.Path(workdir) / TEACHER) as tmp:
+    tmp.write_text(json.dumps(record, indent=2))
+
+
+def read_teacher(workdir) -> dict | None:
+  """The teacher the run in `workdir` distilled from, if it did."""
+  path = pathlib.Path(workdir) / TEACHER
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def restore_state(workdir, step: int | None = None) -> dict:

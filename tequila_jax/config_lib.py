@@ -194,6 +194,18 @@ def base_config() -> ml_collections.ConfigDict:
       final_fraction=0.1,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # Distillation from a float teacher (tequila_jax/distill.py): off while
+  # weight and attention_weight are 0 (the plain next-token step). The loss
+  # is ce_weight·CE + weight·T²·KL + attention_weight·(Q, K, V relation KL
+  # of block attention_layer, over attention_heads relation heads; 0 = the
+  # model's num_kv_heads). teacher: any location io.load opens, loaded as the
+  # float model; "" = init.checkpoint, or without one a float copy of the
+  # student's initial weights.
+  config.distill = ml_collections.ConfigDict(dict(
+      weight=0.0, ce_weight=1.0, temperature=1.0,
+      kind="kl",  # KL(teacher ‖ student); "reverse_kl": KL(student ‖ teacher)
+      teacher="", attention_weight=0.0, attention_layer=-1,
+      attention_heads=0))
   # Deadzone diagnostics (tequila_jax/diagnostics.py): fractions, crossings,
   # pile-up and trapping every step (trapping on `sample_size` sampled weights
   # per layer type, trapped = in D for >= `trap_steps` steps); GSNR and

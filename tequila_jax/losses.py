@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,24 +22,37 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.mean(token_nll(logits, targets))
 
 
+def chunked_mean(fn: Callable, xs: tuple, chunk: int):
+  """The mean over the `[B, T]` positions of `fn`'s values: every `x` of
+  `xs` (`[B, T, ...]`) is cut into sequence chunks of `chunk` positions and
+  `fn(*chunks)` returns a pytree of scalars, each the mean of a per-position
+  value over its chunk. One scan, rematerialized, so that only one chunk of
+  whatever `fn` builds (logits, relation rows) lives at once: the one owner
+  of this chunking (the cross-entropy, the distillation losses)."""
+  b, t = xs[0].shape[:2]
+  k = t // chunk
+  split = lambda x: x.reshape(b, k, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+  first = jax.eval_shape(fn, *(x[:, :chunk] for x in xs))
+
+  @jax.checkpoint
+  def body(total, chunk_xs):
+    return jax.tree.map(lambda acc, v: acc + v * (b * chunk), total,
+                        fn(*chunk_xs)), None
+
+  zeros = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), first)
+  total, _ = jax.lax.scan(body, zeros, tuple(map(split, xs)))
+  return jax.tree.map(lambda v: v / (b * t), total)
+
+
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array,
                           targets: jax.Array, chunk: int) -> jax.Array:
   """`cross_entropy(hidden @ head, targets)` over sequence chunks of `chunk`
-  positions, rematerialized, so that only one chunk of logits lives at once
+  positions (`chunked_mean`), so that only one chunk of logits lives at once
   (a 128k vocabulary makes full fp32 logits several GB)."""
-  b, t, d = hidden.shape
-  k = t // chunk
-  hs = hidden.reshape(b, k, chunk, d).swapaxes(0, 1)
-  ts = targets.reshape(b, k, chunk).swapaxes(0, 1)
-
-  @jax.checkpoint
-  def body(total, xs):
-    h, tgt = xs
-    logits = jnp.matmul(h, head).astype(jnp.float32)
-    return total + cross_entropy(logits, tgt) * (b * chunk), None
-
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts))
-  return total / (b * t)
+  return chunked_mean(
+      lambda h, tgt: cross_entropy(jnp.matmul(h, head).astype(jnp.float32),
+                                   tgt),
+      (hidden, targets), chunk)
 
 
 def next_token_loss(params, graphdef, tokens: jax.Array,

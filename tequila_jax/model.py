@@ -221,11 +221,19 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
     self.attention_impl = cfg.attention_impl
 
-  def __call__(self, x, positions, inv_freq, kv=None, cache_length=None):
+  def projections(self, x):
+    """The query, key and value projections of `x`, `[B, T, heads * d]`,
+    `[B, T, kv_heads * d]` twice (before RoPE)."""
+    return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+  def __call__(self, x, positions, inv_freq, kv=None, cache_length=None,
+               qkv=None):
+    """Attention of `x`, or of its projections `qkv` if they are given."""
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k, v = self.projections(x) if qkv is None else qkv
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     out, new_kv = attend(q, k, v, positions, inv_freq, kv, cache_length,
                          self.attention_impl)
     return self.o_proj(out), new_kv
@@ -253,11 +261,14 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_eps)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, inv_freq, kv=None, cache_length=None):
-    h, new_kv = self.attn(self.attn_norm(x), positions, inv_freq, kv,
-                          cache_length)
+  def __call__(self, x, positions, inv_freq, kv=None, cache_length=None, *,
+               return_qkv: bool = False):
+    """`(output, new kv)`, or `(output, (q, k, v))` with `return_qkv`."""
+    y = self.attn_norm(x)
+    qkv = self.attn.projections(y)
+    h, new_kv = self.attn(y, positions, inv_freq, kv, cache_length, qkv=qkv)
     x = x + h
-    return x + self.mlp(self.mlp_norm(x)), new_kv
+    return x + self.mlp(self.mlp_norm(x)), qkv if return_qkv else new_kv
 
 
 class Llama(nnx.Module):
@@ -286,7 +297,11 @@ class Llama(nnx.Module):
     scaling = dict(self.cfg.rope_scaling) if self.cfg.rope_scaling else None
     return rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, scaling)
 
-  def _run_layers(self, x, positions, cache: KVCache | None):
+  def _run_layers(self, x, positions, cache: KVCache | None,
+                  capture: int | None = None):
+    """`(x, new kv)` through every block; with `capture` (training only, no
+    cache) `(x, (q, k, v))` of block `capture` instead: the blocks before
+    and after it run as two stacks around it."""
     graphdef, state = nnx.split(self.layers)
     inv_freq = self._inv_freq()
     length = None if cache is None else cache.length
@@ -296,20 +311,35 @@ class Llama(nnx.Module):
       block = nnx.merge(graphdef, layer_state)
       return block(x, positions, inv_freq, kv, length)
 
-    policy = REMAT_POLICIES[self.cfg.remat]
+    def captured(x, layer_state):
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, positions, inv_freq, return_qkv=True)
+
     if self.cfg.remat != "none":
-      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    kvs = None if cache is None else (cache.k, cache.v)
+      policy = REMAT_POLICIES[self.cfg.remat]
+      body, captured = (jax.checkpoint(f, policy=policy, prevent_cse=False)
+                        for f in (body, captured))
+    if capture is None:
+      kvs = None if cache is None else (cache.k, cache.v)
+      return self._stack(body, x, state, kvs, self.cfg.num_layers)
+    layers = lambda lo, hi: jax.tree.map(lambda a: a[lo:hi], state)  # noqa: E731
+    x, _ = self._stack(body, x, layers(0, capture), None, capture)
+    x, qkv = captured(x, jax.tree.map(lambda a: a[capture], state))
+    rest = self.cfg.num_layers - capture - 1
+    x, _ = self._stack(body, x, layers(capture + 1, None), None, rest)
+    return x, qkv
+
+  def _stack(self, body, x, state, kvs, n: int):
+    """`body` over `n` stacked blocks: a `lax.scan`, or a Python loop when
+    `scan_layers=False`; returns `(x, stacked new kv or None)`."""
     if self.cfg.scan_layers:
-      x, new_kv = jax.lax.scan(body, x, (state, kvs))
-    else:
-      outs = []
-      for i in range(self.cfg.num_layers):
-        x, kv = body(x, jax.tree.map(lambda a: a[i], (state, kvs)))
-        outs.append(kv)
-      new_kv = None if cache is None else jax.tree.map(
-          lambda *a: jnp.stack(a), *outs)
-    return x, new_kv
+      return jax.lax.scan(body, x, (state, kvs))
+    outs = []
+    for i in range(n):
+      x, kv = body(x, jax.tree.map(lambda a: a[i], (state, kvs)))
+      outs.append(kv)
+    return x, (None if kvs is None else jax.tree.map(
+        lambda *a: jnp.stack(a), *outs))
 
   def head_matrix(self) -> jax.Array:
     """The output projection `[hidden, vocab]` in the compute dtype (the
@@ -322,11 +352,21 @@ class Llama(nnx.Module):
   def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None
                     ) -> jax.Array:
     """Final-normed hidden states `[B, T, hidden]` (the head's input)."""
+    return self._hidden(tokens, positions)[0]
+
+  def hidden_states_and_qkv(self, tokens: jax.Array, layer: int
+                            ) -> tuple[jax.Array, tuple]:
+    """`hidden_states(tokens)` and the query, key and value projections of
+    block `layer` (`Attention.projections`: before RoPE), e.g. for an
+    attention-relation distillation loss."""
+    return self._hidden(tokens, None, layer % self.cfg.num_layers)
+
+  def _hidden(self, tokens, positions, capture=None):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.embed(tokens).astype(self.cfg.compute_dtype)
-    x, _ = self._run_layers(x, positions, None)
-    return self.final_norm(x)
+    x, qkv = self._run_layers(x, positions, None, capture)
+    return self.final_norm(x), qkv
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None):
     """Logits `[B, T, vocab]` in fp32."""

@@ -204,8 +204,14 @@ def corpus_key(sources: str, tokenizer_name: str, eval_fraction: float,
       tokenizer=fingerprint(tokenizer_name), eval_fraction=eval_fraction,
       split=split, max_documents=max_documents, errors=errors,
       format=CORPUS_FORMAT)
-  text = json.dumps(inputs, sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:16], inputs
+  return content_hash(inputs), inputs
+
+
+def content_hash(keys) -> str:
+  """A short hash of content keys (JSON data such as `fingerprint`s): the
+  corpus cache's key, and how a run records its distillation teacher."""
+  text = json.dumps(keys, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def source_name(spec: str) -> str:

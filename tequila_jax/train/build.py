@@ -16,8 +16,10 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tequila_jax import config_lib, diagnostics, losses, optim, sharding
+from tequila_jax import (config_lib, data, diagnostics, losses, optim,
+                         sharding)
 from tequila_jax import model as model_lib
+from tequila_jax.distill import DistillConfig
 from tequila_jax.io import load
 from tequila_jax.model import ModelConfig
 from tequila_jax.quant import QuantConfig
@@ -87,6 +89,48 @@ def diagnostics_config(config, model_cfg: ModelConfig
       seed=config.seed)
 
 
+def distill_config(config, model_cfg: ModelConfig) -> DistillConfig | None:
+  return DistillConfig.from_config(config.distill, model_cfg.num_layers,
+                                   model_cfg.num_kv_heads)
+
+
+@dataclasses.dataclass
+class Teacher:
+  """The float model a run distills from (`config.distill`): a separate,
+  non-donated argument of the step, never in the train state (so never in a
+  checkpoint, with no gradient and no optimizer state); its parameters are
+  laid out by the state's sharding rules (`sharding.state_shardings`), in
+  the run's compute dtype. `record` is what the workdir keeps of it to
+  check a resumed run's teacher (`teacher_source` and the shapes)."""
+  cfg: ModelConfig
+  params: dict
+  shardings: dict
+  record: dict
+
+  @functools.cached_property
+  def graphdef(self):
+    return model_lib.graphdef(self.cfg)
+
+
+def teacher_source(config: ml_collections.ConfigDict) -> dict:
+  """Which teacher a config names and the hash of its files' content keys
+  (`data.fingerprint`, as the corpus cache keys its sources; a demo asset is
+  pinned by its name). Without `distill.teacher` and `init.checkpoint` the
+  teacher is a float copy of the student's initial weights: no file, no hash."""
+  location = config.distill.teacher or config.init.checkpoint
+  if not location:
+    return dict(teacher=f"initial weights (seed {config.seed})",
+                content_hash=None)
+  return dict(teacher=location,
+              content_hash=data.content_hash(data.fingerprint(location)))
+
+
+def _like(tree: dict, like: dict) -> dict:
+  """The leaves of `tree` at the paths of `like`."""
+  return {k: _like(tree[k], v) if isinstance(v, dict) else tree[k]
+          for k, v in like.items()}
+
+
 @dataclasses.dataclass
 class Train:
   """Everything the steps need except data; see `build_train`."""
@@ -98,6 +142,7 @@ class Train:
   diag: diagnostics.DiagnosticsConfig | None
   local_batch: int  # this process's rows of a training batch
   eval_batch_size: int
+  distill: DistillConfig | None = None
 
   @functools.cached_property
   def graphdef(self):
@@ -141,25 +186,66 @@ class Train:
     return jax.jit(self._around, out_shardings=self.shardings,
                    donate_argnums=0)(params)
 
+  @functools.cached_property
+  def teacher(self) -> Teacher:
+    """The distillation teacher (loaded on first use): `distill.teacher`,
+    else `init.checkpoint`, opened by `io.load.load_model` as the float model
+    (quant method none) with this run's settings; without either, a float
+    copy of the student's initial weights (`config.seed`)."""
+    if self.distill is None:
+      raise ValueError("this run does not distill (distill.weight = 0).")
+    float_quant = dataclasses.replace(self.model_cfg.quant, method="none")
+    location = self.distill.teacher or self.config.init.checkpoint
+    if location:
+      run = {**dataclasses.asdict(self.model_cfg.run), "remat": "none"}
+      model = load.load_model(location, quant=float_quant, **run)
+      cfg, params = model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      del model
+    else:
+      cfg = self.model_cfg.replace(quant=float_quant, remat="none")
+      params = _like(jax.jit(lambda: self._fresh()["params"])(),
+                     jax.eval_shape(lambda: model_lib.init_params(cfg)))
+    self.distill.check_teacher(self.model_cfg, cfg)
+    params = jax.tree.map(lambda x: np.asarray(x).astype(cfg.compute_dtype),
+                          params)
+    shardings = sharding.state_shardings(params, self.mesh,
+                                         model_lib.param_axes(cfg))
+    shapes = {jax.tree_util.keystr(path): list(x.shape) for path, x in
+              jax.tree_util.tree_flatten_with_path(params)[0]}
+    return Teacher(cfg, jax.device_put(params, shardings), shardings,
+                   {**teacher_source(self.config), "shapes": shapes})
+
+  def step_args(self) -> tuple:
+    """The step's arguments after `(state, batch)`: the teacher's parameters
+    when distilling, else none."""
+    return () if self.distill is None else (self.teacher.params,)
+
   def step_fn(self, full_diagnostics: bool = False):
     """The jitted, donated `train_step` (its logging-step variant if
-    `full_diagnostics`): over the whole batch, laid out by XLA from the
-    shardings (`train.parallelism="gspmd"`), or per device under
-    `jax.shard_map` with explicit gradient averaging ("shard_map")."""
+    `full_diagnostics`) of `(state, batch, *step_args())`: over the whole
+    batch, laid out by XLA from the shardings (`train.parallelism="gspmd"`),
+    or per device under `jax.shard_map` with explicit gradient averaging
+    ("shard_map"). The teacher, if any, is not donated."""
     t = self.config.train
+    distilling = self.distill is not None
     step = functools.partial(
         train_step, graphdef=self.graphdef, tx=self.tx,
         lr_schedule=self.lr_schedule, micro_batches=t.micro_batches,
         diag=self.diag, full_diagnostics=full_diagnostics,
-        loss_chunk=t.loss_chunk, quant_config=self.model_cfg.quant)
+        loss_chunk=t.loss_chunk, quant_config=self.model_cfg.quant,
+        distill=self.distill,
+        teacher_graphdef=self.teacher.graphdef if distilling else None)
+    teacher = (self.teacher.shardings,) if distilling else ()
     if t.parallelism == "shard_map":  # the state is replicated (validate)
       step = jax.shard_map(
           functools.partial(step, axis_name=sharding.BATCH_AXES),
-          mesh=self.mesh, in_specs=(P(), P(sharding.BATCH_AXES)),
+          mesh=self.mesh,
+          in_specs=(P(), P(sharding.BATCH_AXES)) + (P(),) * len(teacher),
           out_specs=(P(), P()), check_vma=False)
     return jax.jit(
         step,
-        in_shardings=(self.shardings, sharding.batch_sharding(self.mesh)),
+        in_shardings=(self.shardings, sharding.batch_sharding(self.mesh),
+                      *teacher),
         out_shardings=(self.shardings, sharding.replicated(self.mesh)),
         donate_argnums=0)
 
@@ -189,7 +275,8 @@ def build_train(config: ml_collections.ConfigDict, *, devices=None) -> Train:
   local_batch, eval_bs = validate(config, mesh)
   tx, lr = optim.make_optimizer(config.optim, config.train.steps)
   return Train(config, model_cfg, mesh, tx, lr,
-               diagnostics_config(config, model_cfg), local_batch, eval_bs)
+               diagnostics_config(config, model_cfg), local_batch, eval_bs,
+               distill_config(config, model_cfg))
 
 
 def pretrained_params(config, model_cfg: ModelConfig) -> dict:
@@ -221,12 +308,29 @@ def pretrained_params(config, model_cfg: ModelConfig) -> dict:
 
 
 def describe(config: ml_collections.ConfigDict, *, devices=None) -> dict:
-  """Parameter count and train-state memory per device, without allocating."""
+  """Parameter count and train-state memory per device, without allocating;
+  when distilling, the teacher's bytes too (taken to have `config.model`'s
+  architecture, float, in the compute dtype: the default teacher)."""
   tr = build_train(config, devices=devices)
   abstract = tr.abstract_state()
+  out = dict(params=model_lib.param_count(abstract["params"]),
+             mesh=dict(tr.mesh.shape), **_bytes(abstract, "state"))
+  if tr.distill is not None:
+    cfg = tr.model_cfg.replace(quant=dataclasses.replace(
+        tr.model_cfg.quant, method="none"))
+    shapes = jax.eval_shape(lambda: jax.tree.map(
+        lambda x: x.astype(cfg.compute_dtype), model_lib.init_params(cfg)))
+    shardings = sharding.state_shardings(shapes, tr.mesh,
+                                         model_lib.param_axes(cfg))
+    out.update(_bytes(jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        shapes, shardings), "teacher"))
+  return out
+
+
+def _bytes(abstract, name: str) -> dict:
+  """`{name}_bytes` and `{name}_bytes_per_device` of a sharded abstract tree."""
   per_device = sum(int(np.prod(x.sharding.shard_shape(x.shape)))
                    * x.dtype.itemsize for x in jax.tree.leaves(abstract))
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-  return dict(params=model_lib.param_count(abstract["params"]),
-              mesh=dict(tr.mesh.shape), state_bytes=total,
-              state_bytes_per_device=per_device)
+  return {f"{name}_bytes": total, f"{name}_bytes_per_device": per_device}

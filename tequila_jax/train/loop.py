@@ -27,7 +27,8 @@ from tequila_jax import (checkpoint, config_lib, data, diagnostics, metrics,
                          sharding)
 from tequila_jax import model as model_lib
 from tequila_jax.quant import QuantConfig
-from tequila_jax.train.build import Train, build_train, pretrained_params
+from tequila_jax.train.build import (Train, build_train, pretrained_params,
+                                     teacher_source)
 
 log = logging.getLogger("tequila_jax")
 
@@ -117,6 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
   workdir = pathlib.Path(workdir)
   check_resumed_config(config, workdir)
   check_resumed_layout(config, workdir, abstract)
+  new_teacher = check_resumed_teacher(tr, workdir)
   corpus = _corpus(tr)
   check_resumed_corpus(config, workdir, corpus)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
     # A signal from here on (compilation included) is a flag the run checks:
     # an interrupt inside XLA's compiler could crash the process.
     with _StopSignal() as stop:
-      return _run(tr, workdir, corpus, stop_at, stop)
+      return _run(tr, workdir, corpus, stop_at, stop, new_teacher)
 
 
 def check_resumed_layout(config: ml_collections.ConfigDict, workdir,
@@ -186,6 +188,43 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir) -> None:
               "%s", "; ".join(changes))
 
 
+def check_resumed_teacher(tr: Train, workdir) -> bool:
+  """Loads a distilling run's teacher and refuses to resume the run in
+  `workdir` with one whose content hash or shapes differ from those its
+  first run recorded (`teacher.json`), unless `train.allow_config_change`.
+  Returns whether the workdir is to record this teacher (it has none)."""
+  if tr.distill is None:
+    return False
+  stored = checkpoint.read_teacher(workdir)
+  if stored is None:
+    tr.teacher  # pylint: disable=pointless-statement  (load: refuse early)
+    return True
+  now = teacher_source(tr.config)
+  problem = None
+  if now["content_hash"] != stored["content_hash"]:
+    problem = (f"{now['teacher']!r} now has content hash "
+               f"{now['content_hash']} (its files changed)")
+  else:
+    shapes = tr.teacher.record["shapes"]
+    diff = [f"{k} {stored['shapes'].get(k)} -> {v}" for k, v in shapes.items()
+            if stored["shapes"].get(k) != v]
+    diff += [f"{k} missing" for k in stored["shapes"] if k not in shapes]
+    if diff:
+      problem = f"its parameters differ in shape: {', '.join(diff[:3])}"
+  if problem is None:
+    return False
+  if not tr.config.train.allow_config_change:
+    raise ValueError(
+        f"{workdir} was distilled from the teacher {stored['teacher']!r} "
+        f"(content hash {stored['content_hash']}), but {problem}. Restore "
+        "that teacher, train in another --workdir, or pass "
+        "--config.train.allow_config_change=True to change teachers on "
+        "purpose.")
+  log.warning("resuming with another teacher (train.allow_config_change): "
+              "%s", problem)
+  return True
+
+
 def _corpus(tr: Train) -> pathlib.Path:
   """The run's tokenized corpus (prepared now unless `data.corpus_dir`)."""
   config = tr.config
@@ -218,7 +257,8 @@ def _compiled_step(tr: Train):
   batch = jax.ShapeDtypeStruct((t.batch_size, tr.config.data.seq_len + 1),
                                jnp.int32, sharding=sharding.batch_sharding(
                                    tr.mesh))
-  compiled = tr.step_fn().lower(tr.abstract_state(), batch).compile()
+  compiled = tr.step_fn().lower(tr.abstract_state(), batch,
+                                *tr.step_args()).compile()
   mem = compiled.memory_analysis()
   if mem is not None:
     log.info("train step memory per device: arguments %.1f MiB, outputs "
@@ -229,7 +269,7 @@ def _compiled_step(tr: Train):
 
 
 def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
-         stop_at: int | None, stop: _StopSignal) -> dict:
+         stop_at: int | None, stop: _StopSignal, new_teacher: bool) -> dict:
   config, mesh = tr.config, tr.mesh
   t = config.train
   main = jax.process_index() == 0
@@ -260,6 +300,8 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
   if main:  # the state restored: this config and corpus are the run's now
     checkpoint.write_config(workdir, config)
     checkpoint.write_corpus(workdir, data.corpus_id(corpus))
+    if new_teacher:
+      checkpoint.write_teacher(workdir, tr.teacher.record)
   resumed, start = start, start or 0
 
   compiled = _compiled_step(tr)  # logging steps differ only by diagnostics
@@ -367,6 +409,7 @@ def _loop(tr: Train, state, data_iter, step_fns, eval_fn, eval_data, ckpt,
   config, mesh = tr.config, tr.mesh
   t = config.train
   step_fn, log_step_fn = step_fns
+  step_args = tr.step_args()  # the teacher, when distilling
   tokens_per_step = t.batch_size * config.data.seq_len
   pending = None  # (step, device metrics) fetched one step late
   last = dict(step=start, loss=logged_loss, stopped_by=None)
@@ -401,7 +444,7 @@ def _loop(tr: Train, state, data_iter, step_fns, eval_fn, eval_data, ckpt,
     batch = sharding.global_batch(next(data_iter), mesh)
     logging_step = (step + 1) % t.log_every == 0 or step + 1 == t.steps
     state, device_metrics = (log_step_fn if logging_step else step_fn)(
-        state, batch)
+        state, batch, *step_args)
     step += 1
     bar.update(1)
     if pending is not None:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tequila_jax import diagnostics, losses
+from tequila_jax import diagnostics, distill as distill_lib, losses
 
 
 def new_state(params: dict, tx, diag) -> dict:
@@ -21,12 +21,14 @@ def new_state(params: dict, tx, diag) -> dict:
   return state
 
 
-def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
-               lr_schedule: Callable, micro_batches: int,
+def train_step(state: dict, batch: jax.Array, teacher: dict | None = None,
+               *, graphdef, tx, lr_schedule: Callable, micro_batches: int,
                diag: diagnostics.DiagnosticsConfig | None = None,
                full_diagnostics: bool = False,
                loss_chunk: int = 0,
                quant_config=None,
+               distill: distill_lib.DistillConfig | None = None,
+               teacher_graphdef=None,
                axis_name: str | tuple[str, ...] | None = None
                ) -> tuple[dict, dict]:
   """One optimizer step on `batch[B, T + 1]`, averaged over `micro_batches`.
@@ -36,24 +38,43 @@ def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
   returned with the metrics (the expensive ones when `full_diagnostics`);
   with a learned λ in `quant_config`, its mean per layer type (`lam/<type>`).
 
+  With `distill`, the loss is `distill.objective` against the float model
+  `(teacher_graphdef, teacher)` (parameters that take no gradient and are
+  not part of the state), and the metrics add its parts (`ce_loss`,
+  `kd_loss`, `attention_loss`); without it, the next-token loss.
+
   Under `shard_map`, `batch` is this device's rows and `axis_name` the mesh
   axes they are split over: each micro-batch's loss and gradients are
   averaged over them (`lax.pmean`), so that every device applies the same
   update to its replica of the state (what GSPMD derives from shardings).
   """
   params = state["params"]
-  value_and_grad = jax.value_and_grad(
-      functools.partial(losses.next_token_loss, loss_chunk=loss_chunk))
+  if distill is None:
+    value_and_grad = jax.value_and_grad(
+        functools.partial(losses.next_token_loss, loss_chunk=loss_chunk))
 
-  def grad_fn(params, graphdef, tokens):
-    loss, grads = value_and_grad(params, graphdef, tokens)
+    def loss_and_grads(params, tokens):
+      loss, grads = value_and_grad(params, graphdef, tokens)
+      return (loss, {}), grads
+  else:
+    value_and_grad = jax.value_and_grad(functools.partial(
+        distill_lib.objective, cfg=distill, loss_chunk=loss_chunk),
+        has_aux=True)
+
+    def loss_and_grads(params, tokens):
+      return value_and_grad(params, graphdef, teacher, teacher_graphdef,
+                            tokens)
+
+  def grad_fn(params, tokens):
+    """`((loss, its parts), grads)` of one micro-batch."""
+    values, grads = loss_and_grads(params, tokens)
     if axis_name is not None:
-      loss, grads = jax.lax.pmean((loss, grads), axis_name)
-    return loss, grads
+      values, grads = jax.lax.pmean((values, grads), axis_name)
+    return values, grads
 
   want_gsnr = diag is not None and full_diagnostics and micro_batches >= 2
   if micro_batches == 1:
-    loss, grads = grad_fn(params, graphdef, batch)
+    (loss, parts), grads = grad_fn(params, batch)
   else:
     micro = batch.reshape(-1, micro_batches, batch.shape[-1]).swapaxes(0, 1)
 
@@ -61,25 +82,27 @@ def train_step(state: dict, batch: jax.Array, *, graphdef, tx,
       # Running mean of the gradients (Welford; with the sum of squared
       # deviations `m2` for the GSNR variant), numerically stable in fp32.
       k, tokens = xs
-      loss_sum, mean, m2 = carry
-      loss, g = grad_fn(params, graphdef, tokens)
+      sums, mean, m2 = carry
+      values, g = grad_fn(params, tokens)
       delta = jax.tree.map(jnp.subtract, g, mean)
       mean = jax.tree.map(lambda m, d: m + d / (k + 1), mean, delta)
       if want_gsnr:
         m2 = jax.tree.map(lambda a, d, g_, m: a + d * (g_ - m), m2, delta, g,
                           mean)
-      return (loss_sum + loss, mean, m2), None
+      return (jax.tree.map(jnp.add, sums, values), mean, m2), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    carry = (jnp.zeros((), jnp.float32), zeros, zeros if want_gsnr else ())
-    (loss, grads, m2), _ = jax.lax.scan(
+    zero = jnp.zeros((), jnp.float32)
+    sums = (zero, {k: zero for k in (distill.parts if distill else ())})
+    carry = (sums, zeros, zeros if want_gsnr else ())
+    (sums, grads, m2), _ = jax.lax.scan(
         accumulate, carry, (jnp.arange(micro_batches), micro))
-    loss = loss / micro_batches
+    loss, parts = jax.tree.map(lambda v: v / micro_batches, sums)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
   new = dict(step=state["step"] + 1, params=new_params, opt_state=opt_state)
   out = dict(loss=loss, grad_norm=optax.tree.norm(grads),
-             lr=lr_schedule(state["step"]))
+             lr=lr_schedule(state["step"]), **parts)
   if quant_config is not None and quant_config.learned_lam:
     out.update(diagnostics.lam_metrics(new_params, quant_config))
   if diag is not None:
