@@ -71,6 +71,7 @@ RUNS = {  # in priority order; sN = data-order seed N
     "tequila_kd-s0": {**_TEQUILA, "distill.weight": 1.0, "seed": 0},
     "absmean_kd-s0": {"model.quant.method": "absmean", "distill.weight": 1.0,
                       "seed": 0},
+    "tequila_a8-s0": {**_TEQUILA, "model.quant.act_bits": 8, "seed": 0},
 }
 DEVICE_WHEELS = ("grain==0.2.18", "array-record==0.8.1", "portpicker",
                  "ml-collections==1.1.0", "gguf==0.19.0", "tensorboardX==2.6.5")

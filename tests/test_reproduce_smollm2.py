@@ -70,3 +70,19 @@ def test_gap_share_against_a_direct_computation():
   want = (absmean - tequila).mean() / (absmean - float_).mean()
   assert got["share"] == pytest.approx(want, rel=1e-12)
   assert got["ci95"][0] < want < got["ci95"][1] and got["ci95"][1] < 0.5
+
+
+def test_runs_end_with_the_reviewers_baselines():
+  """The learned-scale baselines and v3 follow the runs that existed, in the
+  references' layout; distillation and A8 come after them."""
+  from experiments import reproduce_smollm2  # pylint: disable=g-import-not-at-top
+  names = list(reproduce_smollm2.RUNS)
+  assert names.index("tequila_dynamic-s0") < names.index("seq-s0")
+  assert names[names.index("seq-s0"):] == [
+      "seq-s0", "lsq-s0", "dlt-s0", "tequila_lamv3-s0", "tequila_kd-s0",
+      "absmean_kd-s0", "tequila_a8-s0"]
+  for name in ("seq-s0", "lsq-s0", "dlt-s0"):
+    assert reproduce_smollm2.RUNS[name]["model.quant.granularity"] == (
+        "per_channel")
+  assert reproduce_smollm2.RUNS["tequila_lamv3-s0"]["model.quant.lam_mode"] == "v3"
+  assert reproduce_smollm2.RUNS["tequila_a8-s0"]["model.quant.act_bits"] == 8
