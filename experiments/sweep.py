@@ -170,7 +170,8 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
 
 def run_sweep(config_spec, points: list[dict], out: pathlib.Path, *,
               fixed: dict | None = None, parallel: int = 1,
-              reference: str | None = None, evaluate_fn=None) -> list[dict]:
+              reference: str | None = None, evaluate_fn=None,
+              max_eval_windows: int = MAX_EVAL_WINDOWS) -> list[dict]:
   """Runs every point (named by its own overrides; `fixed` applies to all)."""
   out.mkdir(parents=True, exist_ok=True)
   fixed = fixed or {}
@@ -181,7 +182,7 @@ def run_sweep(config_spec, points: list[dict], out: pathlib.Path, *,
     for i, p in enumerate(todo):
       print(f"[{i + 1}/{len(todo)}] {point_name(p)}", flush=True)
       run_point(config_spec, {**fixed, **p}, out / point_name(p),
-                evaluate_fn=evaluate_fn)
+                evaluate_fn=evaluate_fn, max_eval_windows=max_eval_windows)
   else:
     if evaluate_fn:
       raise ValueError("evaluate_fn runs in this process: use parallel=1.")
@@ -362,6 +363,8 @@ def main(argv=None):
   p.add_argument("--reference", default=None,
                  help="the setting (point name without the seed) every other "
                  "is compared with, paired; default: the first")
+  p.add_argument("--eval_windows", type=int, default=MAX_EVAL_WINDOWS,
+                 help="held-out windows each point scores for the pairing")
   p.add_argument("--point", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   out = pathlib.Path(args.out)
@@ -372,7 +375,8 @@ def main(argv=None):
   fixed = dict(kv.split("=", 1) for kv in args.set)
   fixed = {k: parse_value(v) for k, v in fixed.items()}
   results = run_sweep(args.config, grid(args.sweep), out, fixed=fixed,
-                      parallel=args.parallel, reference=args.reference)
+                      parallel=args.parallel, reference=args.reference,
+                      max_eval_windows=args.eval_windows)
   print((out / "results.md").read_text())
   return results
 

@@ -97,7 +97,8 @@ def test_methods_sweep_pairs_every_method_with_absmean(tmp_path):
   assert sweep.METHODS == quant.METHODS and sweep.LAM_MODES == quant.LAM_MODES
   out = tmp_path / "methods"
   sweep.main(["--config", str(ROOT / "configs/tiny.py"), "--sweep", "methods",
-              "--set", "train.steps=2", "--set", "train.eval_every=100",
+              "--eval_windows", "64",
+              "--set", "train.steps=1", "--set", "train.eval_every=100",
               "--set", "train.eval_batches=1", "--set", "train.log_every=1",
               "--set", f"data.cache_dir={tmp_path}/c",
               "--out", str(out), "--reference", "method=absmean"])
