@@ -56,10 +56,10 @@ class TernaryDense(nnx.Module):
     # with it every other layer's weights, is the same for every method.
     qparams = quant.init_qparams(self.kernel[...], quant_config,
                                  jax.random.fold_in(key, 1))
-    for key in quant.QPARAM_NAMES:
-      setattr(self, key, nnx.Param(qparams[key], **logical_axes(
-          *quant.qparam_axes(key, quant_config, kernel_axes)))
-              if key in qparams else None)
+    for qname in quant.QPARAM_NAMES:
+      setattr(self, qname, nnx.Param(qparams[qname], **logical_axes(
+          *quant.qparam_axes(qname, quant_config, kernel_axes)))
+              if qname in qparams else None)
 
   def qparams(self) -> dict:
     """The learned quantizer parameters' values (empty for static methods)."""

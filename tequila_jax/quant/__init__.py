@@ -14,9 +14,10 @@ from tequila_jax.quant.ternary import (TernaryState, dead_column_sum,
                                        dequantize, ternarize, threshold_ratio)
 
 __all__ = [
-    "ACT_BITS", "fake_quantize_int8", "quantize_int8", "GRANULARITIES", "LAM_MODES", "QPARAM_NAMES", "LEARNED_SCALE_METHODS", "METHODS",
-    "QuantConfig", "TernaryState", "check_qparams", "dead_column_sum",
-    "dequantize", "group_threshold_stats", "init_qparams", "qparam_axes", "quantized_matmul",
-    "ternarize", "ternary_matmul", "ternary_state", "threshold_ratio",
-    "threshold_stats",
+    "ACT_BITS", "GRANULARITIES", "LAM_MODES", "LEARNED_SCALE_METHODS",
+    "METHODS", "QPARAM_NAMES", "QuantConfig", "TernaryState",
+    "check_qparams", "dead_column_sum", "dequantize", "fake_quantize_int8",
+    "group_threshold_stats", "init_qparams", "qparam_axes",
+    "quantize_int8", "quantized_matmul", "ternarize", "ternary_matmul",
+    "ternary_state", "threshold_ratio", "threshold_stats",
 ]
