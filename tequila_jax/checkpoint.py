@@ -203,11 +203,13 @@ def verify(state, saved: dict | None, where: str) -> None:
 
 
 class _OrbaxErrors(logging.Filter):
-  """Drops orbax's own error logs (each a traceback of hundreds of lines):
-  the error they report is raised to the caller as one exception."""
+  """Drops orbax's own error logs (each a traceback of hundreds of lines)
+  and asyncio's reports of the futures a failed save abandoned: the error
+  they report is raised to the caller as one exception."""
 
   def filter(self, record):
-    if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+    if record.levelno >= logging.ERROR and (
+        "orbax" in record.pathname or record.name == "asyncio"):
       log.debug("orbax: %s", record.getMessage())
       return False
     return True
@@ -219,19 +221,21 @@ def _quiet_orbax():
   tracebacks and tensorstore's abandoned coroutines report hundreds of
   'Exception ignored' ones; they go to the debug log instead, and the one
   useful error is raised as usual (its traceback under `--verbose`)."""
-  old, absl_logger = sys.unraisablehook, logging.getLogger("absl")
-  quiet = _OrbaxErrors()
+  old, quiet = sys.unraisablehook, _OrbaxErrors()
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
 
   def hook(unraisable):
     log.debug("ignored: %s", unraisable.exc_value)
 
   sys.unraisablehook = hook
-  absl_logger.addFilter(quiet)
+  for logger in loggers:
+    logger.addFilter(quiet)
   try:
     yield
   finally:
     sys.unraisablehook = old
-    absl_logger.removeFilter(quiet)
+    for logger in loggers:
+      logger.removeFilter(quiet)
 
 
 def _integrity_of(step_dir: pathlib.Path, manager, step: int) -> dict | None:

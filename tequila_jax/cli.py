@@ -6,6 +6,7 @@ shows their traceback. Anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import errno
+import logging
 import sys
 
 from absl import app, flags
@@ -61,6 +62,9 @@ def run(main) -> None:
     except EXPECTED as e:
       if flags.FLAGS.verbose:
         raise
+      # A failed asynchronous save leaves the storage stack's futures
+      # unretrieved; asyncio would log each at exit, burying the one line.
+      logging.getLogger("asyncio").setLevel(logging.CRITICAL)
       print(f"error: {message(e)} (--verbose shows the traceback)",
             file=sys.stderr)
       return EXIT_ERROR

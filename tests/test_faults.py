@@ -374,6 +374,28 @@ def test_disk_full_during_a_checkpoint_save(tmp_path, cache):
     checkpoint.Checkpointer(disk / "run", every=1, keep=1).close()
     assert not stale.exists()
 
+_ABANDONED_FUTURE = """
+import asyncio, errno, gc
+from tequila_jax import cli
+def main(argv):
+  loop = asyncio.new_event_loop()
+  future = loop.create_future()
+  future.set_exception(ValueError("RESOURCE_EXHAUSTED: No space left"))
+  loop.close()
+  raise OSError(errno.ENOSPC, "No space left on device", "ckpt")
+cli.run(main)
+"""
+
+
+def test_a_save_s_abandoned_futures_do_not_bury_the_one_line():
+  """asyncio reports each future a failed save abandoned ('Future exception
+  was never retrieved') when it is collected, after the error is printed."""
+  out = subprocess.run([sys.executable, "-c", _ABANDONED_FUTURE],
+                       capture_output=True, text=True, check=False)
+  assert "disk full writing ckpt" in _one_line_error(out)
+  assert out.stderr.count("\n") == 1, out.stderr
+
+
 
 def test_disk_full_during_an_export(tmp_path):
   path = _export(tmp_path)
