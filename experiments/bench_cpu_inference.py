@@ -250,10 +250,10 @@ def _random_export(config: str, path, tokenizer: bool = False,
   tokenizer if `tokenizer` (a GGUF needs one); returns its cfg."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from tequila_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
+  from tequila_jax.io import locations  # pylint: disable=g-import-not-at-top
   cfg = _model_config(config, **changes)
   tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), path,
-                   float_dtype=float_dtype, tokenizer=load.load_tokenizer(
+                   float_dtype=float_dtype, tokenizer=locations.load_tokenizer(
                        "asset:smollm2_gguf") if tokenizer else None)
   return cfg
 

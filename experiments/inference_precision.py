@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import sweep
-from tequila_jax import checkpoint, data, evaluate
+from tequila_jax import data, evaluate
+from tequila_jax import workdir as workdir_lib
 from tequila_jax.inference import PackedLlama
-from tequila_jax.io import load, tqj
+from tequila_jax.io import load, locations, tqj
 
 VARIANTS = {  # export float dtype, strategy, embed, alpha dtype, KV cache dtype
     "fp32 (reference)": ("float32", "exact", "float", "float32", "float32"),
@@ -52,11 +53,11 @@ def main(argv=None):
                  help="held-out windows scored (0: all)")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
-  workdir = load.resolve(args.workdir)
-  if not checkpoint.is_workdir(workdir):
+  workdir = locations.resolve(args.workdir)
+  if not workdir_lib.is_workdir(workdir):
     raise SystemExit(f"{workdir} is not a training workdir (no config.json "
                      "and checkpoints/); pass the --workdir of a train run.")
-  corpus = data.prepare_for_config(checkpoint.read_config(workdir))
+  corpus = data.prepare_for_config(workdir_lib.read_config(workdir))
   model = load.load_model(str(workdir))
   rows, losses, reference_logits = [], {}, None
   first = np.stack([data.PackedWindows(corpus, "eval", args.seq_len)[i][:-1]

@@ -197,7 +197,7 @@ def pack(out: pathlib.Path, dest: pathlib.Path, init: str,
   a call, code included): 1/ the corpus and cloze items (tar.xz) and the
   wheels it lacks, then the GGUF split in `part_bytes` pieces with its
   sha256 in the last part."""
-  from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
+  from tequila_jax.io import locations  # pylint: disable=g-import-not-at-top
   if dest.exists():
     shutil.rmtree(dest)
   first = dest / "1"
@@ -210,7 +210,7 @@ def pack(out: pathlib.Path, dest: pathlib.Path, init: str,
                   "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
                   "--platform", "manylinux2014_x86_64", "-d",
                   str(first / "wheels"), *DEVICE_WHEELS], check=True)
-  gguf = load.resolve(init)
+  gguf = locations.resolve(init)
   blob = gguf.read_bytes()
   parts = [blob[i:i + part_bytes] for i in range(0, len(blob), part_bytes)]
   for i, part in enumerate(parts):
@@ -299,10 +299,10 @@ def build_cloze(corpus_dir, tok, n_items: int, seed: int = 0) -> list[dict]:
 def prepare(out: pathlib.Path, *, smoke: bool, cloze_items: int) -> dict:
   """Tokenized corpus (DIR/corpus) and cloze items (DIR/cloze.jsonl)."""
   from tequila_jax import data  # pylint: disable=g-import-not-at-top
-  from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
+  from tequila_jax.io import locations  # pylint: disable=g-import-not-at-top
   sources = ["shakespeare"] if smoke else SOURCES
   spec = "bytes" if smoke else TOKENIZER
-  tok = load.load_tokenizer(spec)
+  tok = locations.load_tokenizer(spec)
   corpus = data.prepare(",".join(f"asset:{s}" for s in sources), tok,
                         out / "corpus", tokenizer_name=spec,
                         eval_fraction=EVAL_FRACTION)

@@ -120,8 +120,9 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
   """
   # Imported here so that the sweep's parent process never loads jax.
   import jax  # pylint: disable=g-import-not-at-top
-  from tequila_jax import (checkpoint, config_lib, data, evaluate,  # pylint: disable=g-import-not-at-top
-                           metrics, train)
+  from tequila_jax import (config_lib, data, evaluate, metrics,  # pylint: disable=g-import-not-at-top
+                           train)
+  from tequila_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
   from tequila_jax.io.atomic import atomic_path  # pylint: disable=g-import-not-at-top
   config = (config_spec() if callable(config_spec)
@@ -140,7 +141,7 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
   if summary["stopped_by"]:  # checkpointed, not finished: rerun resumes it
     raise SystemExit(train.exit_code(summary))
   last = {}
-  for record in metrics.read_jsonl(workdir / checkpoint.METRICS):
+  for record in metrics.read_jsonl(workdir / workdir_lib.METRICS):
     for key in SUMMARY_KEYS:
       if record.get(f"train/{key}") is not None:
         last[key] = record[f"train/{key}"]

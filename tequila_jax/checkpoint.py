@@ -1,10 +1,5 @@
-"""A training workdir and the orbax checkpoints in it.
-
-The layout, known only here: `WORKDIR/config.json` (the run's config),
-`WORKDIR/metrics.jsonl` (+ `tensorboard/`), `WORKDIR/checkpoints/STEP/`,
-`WORKDIR/lock` (held by the run that is using the workdir),
-`WORKDIR/teacher.json` (a distilling run's teacher: source, content hash,
-shapes; the teacher itself is never checkpointed).
+"""The orbax checkpoints in a training workdir (`WORKDIR/checkpoints/STEP/`;
+the workdir's other files are `tequila_jax.workdir`'s).
 
 One `CheckpointManager` holds, per step, `state` (params, optimizer state,
 step; restored straight into the sharded layout) and `data` (the grain
@@ -25,103 +20,32 @@ save and verified after every restore: a flipped byte is
 from __future__ import annotations
 
 import contextlib
-import datetime
-import fcntl
-import json
 import logging
-import os
 import pathlib
 import shutil
-import socket
 import sys
 
 import grain
 import jax
 from absl import logging as absl_logging
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from tequila_jax.io.atomic import atomic_path, disk_full, is_disk_full
+from tequila_jax.errors import ExpectedError
+from tequila_jax.io.atomic import disk_full, is_disk_full
+from tequila_jax.workdir import CHECKPOINTS
 
 log = logging.getLogger("tequila_jax")
 
-CONFIG = "config.json"
-CORPUS = "corpus.json"
-METRICS = "metrics.jsonl"
-TENSORBOARD = "tensorboard"
-CHECKPOINTS = "checkpoints"
-LOCK = "lock"
 ITEMS = ("state", "data", "integrity")
 _TMP = ".orbax-checkpoint-tmp"  # what orbax appends to an unfinished step
 FINGERPRINT = "fmix32x2-v1"  # the algorithm of `state_fingerprints`
-TEACHER = "teacher.json"
 
 
-class WorkdirInUse(RuntimeError):
-  pass
-
-
-class CheckpointCorrupted(ValueError):
+class CheckpointCorrupted(ExpectedError, ValueError):
   """A checkpoint whose restored arrays differ from what was saved."""
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir):
-  """Exclusive use of `workdir` by one run, for the duration of the block.
-
-  An `flock` on `WORKDIR/lock`, which names its holder: the kernel drops it
-  when the holder exits, however it exits, so a lock file left by a killed
-  run never blocks the next one.
-  """
-  path = pathlib.Path(workdir) / LOCK
-  with open(path, "a+") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or "another process"
-      raise WorkdirInUse(
-          f"{workdir} is in use by {holder}: wait for that run to finish or "
-          "stop it, or train in another --workdir.") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-            f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
-    f.flush()
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def is_workdir(path) -> bool:
-  path = pathlib.Path(path)
-  return (path / CHECKPOINTS).is_dir() and (path / CONFIG).exists()
-
-
-def read_config(workdir) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-      json.loads((pathlib.Path(workdir) / CONFIG).read_text()))
-
-
-def write_config(workdir, config: ml_collections.ConfigDict) -> None:
-  with atomic_path(pathlib.Path(workdir) / CONFIG) as tmp:
-    tmp.write_text(config.to_json(indent=2))
-
-
-def read_corpus(workdir) -> dict | None:
-  """What identifies the corpus the run in `workdir` trained on
-  (`data.corpus_id`), or None for a workdir of an older version."""
-  path = pathlib.Path(workdir) / CORPUS
-  return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_corpus(workdir, corpus: dict) -> None:
-  with atomic_path(pathlib.Path(workdir) / CORPUS) as tmp:
-    tmp.write_text(json.dumps(corpus, indent=2))
 
 
 # --------------------------------------------------------------------------
@@ -243,17 +167,6 @@ def _integrity_of(step_dir: pathlib.Path, manager, step: int) -> dict | None:
     return None
   return manager.restore(step, args=ocp.args.Composite(
       integrity=ocp.args.JsonRestore()))["integrity"]
-
-
-def write_teacher(workdir, record: dict) -> None:
-  with atomic_path(pathlib.Path(workdir) / TEACHER) as tmp:
-    tmp.write_text(json.dumps(record, indent=2))
-
-
-def read_teacher(workdir) -> dict | None:
-  """The teacher the run in `workdir` distilled from, if it did."""
-  path = pathlib.Path(workdir) / TEACHER
-  return json.loads(path.read_text()) if path.exists() else None
 
 
 def restore_state(workdir, step: int | None = None) -> dict:

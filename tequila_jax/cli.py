@@ -11,15 +11,13 @@ import sys
 
 from absl import app, flags
 
-from tequila_jax.checkpoint import WorkdirInUse
-from tequila_jax.io.assets import AssetError
-from tequila_jax.io.texts import TextError
-from tequila_jax.train.loop import TrainingError
+from tequila_jax.errors import ExpectedError
 
 flags.DEFINE_bool("verbose", False, "Show the traceback of expected errors.")
 
-EXPECTED = (ValueError, OSError, TrainingError, WorkdirInUse, AssetError,
-            TextError)
+# Builtins stand for the libraries' own expected errors (a missing file, a
+# bad value in a config); every error of ours derives `ExpectedError`.
+EXPECTED = (ValueError, OSError, ExpectedError)
 EXIT_ERROR = 2
 
 

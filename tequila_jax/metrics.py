@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 
-from tequila_jax import checkpoint
+from tequila_jax import workdir as workdir_lib
 from tequila_jax.io.atomic import atomic_path
 
 
@@ -37,7 +37,7 @@ class MetricWriter:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / checkpoint.METRICS
+    path = workdir / workdir_lib.METRICS
     if resume_step is not None and path.exists():
       _truncate(path, resume_step)
     self._jsonl = open(path, "a", encoding="utf-8")
@@ -46,7 +46,7 @@ class MetricWriter:
       # which no command but training needs.
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(
-          str(workdir / checkpoint.TENSORBOARD),
+          str(workdir / workdir_lib.TENSORBOARD),
           purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: dict, prefix: str = "train"):

@@ -13,6 +13,7 @@ from flax import nnx
 
 from tequila_jax import checkpoint, config_lib, distill, losses, metrics, train
 from tequila_jax import model as model_lib
+from tequila_jax import workdir as workdir_lib
 from tests import cli
 from tests.test_trainer import ROOT, TINY, _losses, _params, _tiny
 
@@ -259,13 +260,13 @@ def test_resume_is_exact_with_distillation(tmp_path):
   for x, y in zip(jax.tree.leaves(_params(tmp_path / "straight", 6)),
                   jax.tree.leaves(_params(tmp_path / "split", 6))):
     np.testing.assert_array_equal(x, y)
-  record = checkpoint.read_teacher(tmp_path / "split")
+  record = workdir_lib.read_teacher(tmp_path / "split")
   assert record["teacher"] == "initial weights (seed 0)"
   assert record["content_hash"] is None
   assert record["shapes"]["['embed']['embedding']"] == [512, 128]
   # A record whose shapes differ (another teacher) is refused after loading.
   record["shapes"]["['embed']['embedding']"] = [512, 64]
-  checkpoint.write_teacher(tmp_path / "split", record)
+  workdir_lib.write_teacher(tmp_path / "split", record)
   with pytest.raises(ValueError, match=r"differ in shape: \['embed'\]"):
     train.run(_distilling(tmp_path, **kw), tmp_path / "split")
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tequila_jax.io import assets, hf, load
+from tequila_jax.io import assets, hf, locations
 from tequila_jax.io import gguf as gguf_lib
 from tequila_jax.quant import QuantConfig
 
@@ -29,7 +29,7 @@ def ours(gguf_path):
 
 @pytest.fixture(scope="module")
 def tok(gguf_path):
-  return load.load_tokenizer(str(gguf_path))
+  return locations.load_tokenizer(str(gguf_path))
 
 
 @pytest.fixture(scope="module")

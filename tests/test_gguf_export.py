@@ -9,7 +9,7 @@ from flax import nnx
 
 from tequila_jax import config_lib
 from tequila_jax.io import gguf as gguf_lib
-from tequila_jax.io import load, tokenizers, tqj
+from tequila_jax.io import locations, tokenizers, tqj
 from tequila_jax import model as model_lib
 from tequila_jax.quant import QuantConfig
 
@@ -20,7 +20,7 @@ def _export(tmp_path, quant, hidden=256):
       head_dim=64, vocab_size=49152, quant=quant)
   m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
   path = tmp_path / "m.tqj"
-  tqj.write_export(m, path, tokenizer=load.load_tokenizer("asset:smollm2_gguf"))
+  tqj.write_export(m, path, tokenizer=locations.load_tokenizer("asset:smollm2_gguf"))
   return tqj.read_export(path)
 
 
@@ -74,7 +74,7 @@ def test_gguf_carries_the_source_tokenizer(tmp_path):
   and the vocabulary read back tokenizes as the source does."""
   ex = _export(tmp_path, QuantConfig("tequila", "per_channel", lam=0.05))
   gguf_lib.write_gguf(ex, tmp_path / "m.gguf")
-  source = gguf.GGUFReader(str(load.resolve("asset:smollm2_gguf")))
+  source = gguf.GGUFReader(str(locations.resolve("asset:smollm2_gguf")))
   ours = gguf.GGUFReader(str(tmp_path / "m.gguf"))
   for key in ("tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token",
               "tokenizer.ggml.add_space_prefix", "tokenizer.ggml.token_type",
@@ -83,7 +83,7 @@ def test_gguf_carries_the_source_tokenizer(tmp_path):
               "tokenizer.ggml.unknown_token_id", "tokenizer.chat_template"):
     assert (gguf_lib.gguf_array(ours, key) ==
             gguf_lib.gguf_array(source, key)), key
-  want = load.load_tokenizer("asset:smollm2_gguf")
+  want = locations.load_tokenizer("asset:smollm2_gguf")
   got = gguf_lib.read_tokenizer(ours)
   assert got.encode_batch(TRICKY) == want.encode_batch(TRICKY)
   # The same settings survive tokenizer_config.json (the HF export's).
@@ -91,7 +91,7 @@ def test_gguf_carries_the_source_tokenizer(tmp_path):
   (tmp_path / "hf" / "tokenizer.json").write_text(got.to_json())
   (tmp_path / "hf" / "tokenizer_config.json").write_text(
       json.dumps(got.hf_config()))
-  back = load.load_tokenizer(str(tmp_path / "hf"))
+  back = locations.load_tokenizer(str(tmp_path / "hf"))
   assert back.settings == want.settings and set(want.settings) == set(
       back.SETTINGS)
   assert back.encode_batch(TRICKY) == want.encode_batch(TRICKY)
@@ -172,7 +172,7 @@ def test_llama3_rope_and_head_dim_reach_the_gguf(tmp_path):
       quant=QuantConfig("tequila", "per_channel", lam=0.05))
   m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
   tqj.write_export(m, tmp_path / "m.tqj",
-                   tokenizer=load.load_tokenizer("asset:smollm2_gguf"))
+                   tokenizer=locations.load_tokenizer("asset:smollm2_gguf"))
   gguf_lib.write_gguf(tqj.read_export(tmp_path / "m.tqj"), tmp_path / "m.gguf")
   reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
   meta = gguf_lib.metadata(reader)

@@ -18,7 +18,7 @@ from jax.ad_checkpoint import print_saved_residuals
 from tequila_jax import config_lib, diagnostics, optim, quant, train
 from tequila_jax import model as model_lib
 from tequila_jax.inference import PackedLlama
-from tequila_jax.io import gguf, hf, load, tqj, tokenizers
+from tequila_jax.io import gguf, hf, load, locations, tokenizers, tqj
 from tequila_jax.quant import QuantConfig
 from tests.test_trainer import _losses, _state, _tiny
 
@@ -202,7 +202,7 @@ def test_loaders_start_alpha_from_the_loaded_weights(tmp_path):
 def test_gguf_of_learned_methods(tmp_path):
   """seq and learned λ (per channel here) reach GGUF as TQ2_0 codes × α
   plus biases; DLT as Q4_1 (d·q + m holds γ − α, γ, γ + α)."""
-  tok = load.load_tokenizer("asset:smollm2_gguf")
+  tok = locations.load_tokenizer("asset:smollm2_gguf")
   for name in ("seq", "lam_channel", "dlt"):
     m = _model(LEARNED[name], hidden_size=256, ffn_size=512, head_dim=64,
                vocab_size=49152)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from tequila_jax import config_lib, configs, train
-from tequila_jax.io import assets, load, tqj
+from tequila_jax.io import assets, locations, tqj
 from tequila_jax.io import gguf as gguf_lib
 from tests.cli import run_cli
 from tequila_jax import model as model_lib
@@ -101,7 +101,7 @@ def test_llama_cpp_runs_every_llama3_shape(tmp_path):
       rope_scaling=tuple(sorted(scaling.items())),
       quant=QuantConfig("tequila", "per_channel", lam=0.05))
   model = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
-  tok = load.load_tokenizer("asset:smollm2_gguf")
+  tok = locations.load_tokenizer("asset:smollm2_gguf")
   tqj.write_export(model, tmp_path / "m.tqj", tokenizer=tok)
   ex = tqj.read_export(tmp_path / "m.tqj")
   errors = gguf_lib.write_gguf(ex, tmp_path / "m.gguf")
@@ -129,7 +129,7 @@ def test_llama_cpp_tokenizes_the_export_as_we_do(tmp_path):
   ex = _export(tmp_path, QuantConfig("tequila", "per_channel", lam=0.05))
   gguf_lib.write_gguf(ex, tmp_path / "m.gguf")
   ours = ex.load_tokenizer()
-  for path in (tmp_path / "m.gguf", load.resolve("asset:smollm2_gguf")):
+  for path in (tmp_path / "m.gguf", locations.resolve("asset:smollm2_gguf")):
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     theirs = [llm.tokenize(t.encode(), add_bos=False, special=True)
               for t in TRICKY]

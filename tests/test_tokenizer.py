@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tequila_jax.io import assets, load, tokenizers
+from tequila_jax.io import assets, locations, tokenizers
 
 
 def test_llama3_tiktoken():
@@ -22,7 +22,7 @@ def test_llama3_tiktoken():
 
 
 def test_tokenizer_json_round_trip(tmp_path):
-  gguf_tok = load.load_tokenizer("asset:smollm2_gguf")
+  gguf_tok = locations.load_tokenizer("asset:smollm2_gguf")
   gguf_tok._tok.save(str(tmp_path / "tokenizer.json"))
   (tmp_path / "tokenizer_config.json").write_text(json.dumps(
       {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}))

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tequila_jax import checkpoint, config_lib, losses, metrics, train
+from tequila_jax import workdir as workdir_lib
 from tests import cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -248,8 +249,8 @@ def test_workdir_guards_and_metrics_after_a_crash(tmp_path):
   invalid = _tiny(tmp_path, **kw, micro_batches=3)
   with pytest.raises(ValueError, match="not divisible"):
     train.run(invalid, workdir)
-  with checkpoint.workdir_lock(workdir):
-    with pytest.raises(checkpoint.WorkdirInUse, match=r"in use by pid \d+"):
+  with workdir_lib.workdir_lock(workdir):
+    with pytest.raises(workdir_lib.WorkdirInUse, match=r"in use by pid \d+"):
       train.run(_tiny(tmp_path, **kw), workdir)
   assert files() == before
 

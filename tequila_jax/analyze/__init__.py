@@ -28,7 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from tequila_jax import checkpoint, diagnostics, metrics  # pylint: disable=wrong-import-position
+from tequila_jax import diagnostics, metrics  # pylint: disable=wrong-import-position
+from tequila_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
 
 FRACTIONS = ("dead_fraction", "boundary_fraction", "flip_rate",
              "crossing_rate")
@@ -44,12 +45,12 @@ class Run:
 
   def __init__(self, workdir):
     self.workdir = pathlib.Path(workdir)
-    path = self.workdir / checkpoint.METRICS
+    path = self.workdir / workdir_lib.METRICS
     if not path.exists():
       raise FileNotFoundError(f"{path} not found: is {workdir} a tequila_jax "
                               "training workdir?")
     self.records = metrics.read_jsonl(path)
-    config = self.workdir / checkpoint.CONFIG
+    config = self.workdir / workdir_lib.CONFIG
     self.config = json.loads(config.read_text()) if config.exists() else {}
     quant = self.config.get("model", {}).get("quant", {})
     method = quant.get("method", "?")

@@ -42,14 +42,15 @@ import grain
 import numpy as np
 import tqdm
 
-from tequila_jax.io import assets, load
+from tequila_jax.errors import ExpectedError
+from tequila_jax.io import assets, locations
 from tequila_jax.io.atomic import atomic_path
 from tequila_jax.io.tokenizers import Tokenizer
 
 META = "meta.json"
 
 
-class DataError(ValueError):
+class DataError(ExpectedError, ValueError):
   pass
 
 
@@ -350,7 +351,7 @@ def prepare_for_config(config, progress: bool = True) -> pathlib.Path:
   if not spec:
     raise DataError("no tokenizer: set data.tokenizer (a path or 'bytes') or "
                     "init.checkpoint.")
-  tok = load.load_tokenizer(spec)
+  tok = locations.load_tokenizer(spec)
   cache = pathlib.Path(config.data.cache_dir or
                        (assets.cache_dir() / "corpora")).expanduser()
   d = config.data

@@ -10,8 +10,9 @@ import pathlib
 
 from absl import flags
 
-from tequila_jax import checkpoint, cli, config_lib, data, evaluate
-from tequila_jax.io import load
+from tequila_jax import cli, config_lib, data, evaluate
+from tequila_jax import workdir as workdir_lib
+from tequila_jax.io import load, locations
 
 flags.DEFINE_string("checkpoint", None, "Training workdir, Hugging Face dir, "
                     ".gguf or asset:NAME.", required=True)
@@ -56,12 +57,12 @@ def main(argv):
 
 
 def _heldout(model) -> dict:
-  path = load.resolve(FLAGS.checkpoint)
-  if not checkpoint.is_workdir(path):
+  path = locations.resolve(FLAGS.checkpoint)
+  if not workdir_lib.is_workdir(path):
     raise ValueError(f"--heldout needs a training workdir (its config names "
                      f"the corpus); {path} is not one. Pass --text with text "
                      "the model was not trained on instead.")
-  corpus = data.prepare_for_config(checkpoint.read_config(path))
+  corpus = data.prepare_for_config(workdir_lib.read_config(path))
 
   def score(source=None):
     nll = evaluate.window_losses(model, corpus, seq_len=FLAGS.seq_len,

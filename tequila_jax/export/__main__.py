@@ -15,8 +15,9 @@ import pathlib
 
 from absl import app, flags
 
-from tequila_jax import checkpoint, cli, config_lib
-from tequila_jax.io import gguf, hf, load, tqj
+from tequila_jax import cli, config_lib
+from tequila_jax import workdir as workdir_lib
+from tequila_jax.io import gguf, hf, load, locations, tqj
 from tequila_jax.io.atomic import check_writable
 
 flags.DEFINE_string("checkpoint", None, "Training workdir, Hugging Face dir, "
@@ -52,12 +53,12 @@ def main(argv):
     if path:
       check_writable(path, replace=replace)
   quant = config_lib.quant_from_flag(FLAGS.quant)
-  source = load.resolve(FLAGS.checkpoint)
+  source = locations.resolve(FLAGS.checkpoint)
   tokenizer = None
   if source.suffix == ".tqj" or hf.is_ternary_hf(source):
     export = load.read_inference_export(FLAGS.checkpoint, quant)
   else:
-    if quant is None and not checkpoint.is_workdir(source):
+    if quant is None and not workdir_lib.is_workdir(source):
       raise app.UsageError(
           "--quant.method is required for a Hugging Face or GGUF source (it "
           "records no quantization), e.g. --quant.method=tequila "
@@ -65,7 +66,7 @@ def main(argv):
           "--quant.stat_dtype=bfloat16 for a checkpoint of the official code).")
     overrides = {"quant": quant} if quant is not None else {}
     model = load.load_model(FLAGS.checkpoint, FLAGS.step, **overrides)
-    tokenizer = load.load_tokenizer(FLAGS.checkpoint)
+    tokenizer = locations.load_tokenizer(FLAGS.checkpoint)
     export = tqj.build_export(model, tokenizer=tokenizer, packing=FLAGS.packing,
                               float_dtype=FLAGS.float_dtype)
   report = tqj.size_report(export.tensors, export.cfg)

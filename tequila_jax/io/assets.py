@@ -29,6 +29,7 @@ import tarfile
 import tempfile
 import zipfile
 
+from tequila_jax.errors import ExpectedError
 from tequila_jax.io import texts
 from tequila_jax.io.atomic import atomic_path
 
@@ -113,7 +114,7 @@ ASSETS = {
 }
 
 
-class AssetError(RuntimeError):
+class AssetError(ExpectedError, RuntimeError):
   pass
 
 

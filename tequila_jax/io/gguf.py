@@ -30,6 +30,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
 
+from tequila_jax.errors import ExpectedError
 from tequila_jax.io import hf, tokenizers
 from tequila_jax.io.atomic import atomic_path
 from tequila_jax.io.tqj import Export
@@ -274,7 +275,7 @@ GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
               "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(ExpectedError, ValueError):
   pass
 
 

@@ -21,9 +21,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from tequila_jax import quant
+from tequila_jax.errors import ExpectedError
 from tequila_jax.io import tokenizers, tqj
 from tequila_jax.io.atomic import atomic_path
-from tequila_jax import quant
 from tequila_jax.model import (PROJECTIONS, Llama, ModelConfig, abstract_model,
                                with_initial_qparams)
 from tequila_jax.quant import QuantConfig
@@ -47,7 +48,7 @@ GLOBAL_NAMES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ExpectedError, ValueError):
   """A checkpoint that does not fit the model or cannot be read."""
 
 

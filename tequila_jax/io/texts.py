@@ -19,10 +19,12 @@ import warnings
 import zlib
 from typing import Callable, Iterator
 
+from tequila_jax.errors import ExpectedError
+
 Documents = Iterator[tuple[str, str]]
 
 
-class TextError(RuntimeError):
+class TextError(ExpectedError, RuntimeError):
   pass
 
 

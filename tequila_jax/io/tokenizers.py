@@ -1,6 +1,6 @@
 """One tokenizer interface over `tokenizers` (tokenizer.json), tiktoken
 (Llama-3's `tokenizer.model`) and raw bytes. A GGUF file's vocabulary is
-read by `tequila_jax.io.gguf`; `tequila_jax.io.load.load_tokenizer` opens
+read by `tequila_jax.io.gguf`; `tequila_jax.io.locations.load_tokenizer` opens
 any of them."""
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from tequila_jax import quant
+from tequila_jax.errors import ExpectedError
 from tequila_jax.io import tokenizers
 from tequila_jax.io.atomic import atomic_path
 from tequila_jax.model import (ARCH_FIELDS, PROJECTIONS, Architecture, Llama,
@@ -80,7 +81,7 @@ FLOAT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}
 
 
-class ExportError(ValueError):
+class ExportError(ExpectedError, ValueError):
   """A file that is not a valid export for this version of tequila_jax."""
 
 

@@ -26,6 +26,8 @@ import tqdm
 from tequila_jax import (checkpoint, config_lib, data, diagnostics, metrics,
                          sharding)
 from tequila_jax import model as model_lib
+from tequila_jax import workdir as workdir_lib
+from tequila_jax.errors import ExpectedError
 from tequila_jax.quant import QuantConfig
 from tequila_jax.train.build import (Train, build_train, pretrained_params,
                                      teacher_source)
@@ -33,7 +35,7 @@ from tequila_jax.train.build import (Train, build_train, pretrained_params,
 log = logging.getLogger("tequila_jax")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ExpectedError, RuntimeError):
   pass
 
 
@@ -123,7 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
   check_resumed_corpus(config, workdir, corpus)
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
-  with checkpoint.workdir_lock(workdir) if main else contextlib.nullcontext():
+  with workdir_lib.workdir_lock(workdir) if main else contextlib.nullcontext():
     # A signal from here on (compilation included) is a flag the run checks:
     # an interrupt inside XLA's compiler could crash the process.
     with _StopSignal() as stop:
@@ -135,7 +137,7 @@ def check_resumed_layout(config: ml_collections.ConfigDict, workdir,
   """Refuses a config whose train state has other shapes than the
   checkpoints in `workdir` (`allow_config_change` cannot reshape them): a
   config error, so no checkpoint is set aside as damaged."""
-  if not checkpoint.is_workdir(workdir):
+  if not workdir_lib.is_workdir(workdir):
     return
   diff = checkpoint.layout_differences(workdir, abstract_state,
                                        ignore=("diag",))
@@ -153,7 +155,7 @@ def check_resumed_corpus(config: ml_collections.ConfigDict, workdir,
   """Refuses to resume on a corpus other than the one the run trained on
   (a source file edited, added or removed since: "resumes exactly" would
   no longer hold), unless `train.allow_config_change`."""
-  stored = checkpoint.read_corpus(workdir) if checkpoint.is_workdir(
+  stored = workdir_lib.read_corpus(workdir) if workdir_lib.is_workdir(
       workdir) else None
   now = data.corpus_id(corpus)
   if stored is None or stored["key"] == now["key"]:
@@ -173,9 +175,9 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir) -> None:
   """Refuses to resume the run in `workdir` with a config that changes what
   it computes (`config_lib.RUN_TIME_FIELDS` may change), unless
   `train.allow_config_change`."""
-  if not checkpoint.is_workdir(workdir):
+  if not workdir_lib.is_workdir(workdir):
     return
-  changes = config_lib.config_changes(checkpoint.read_config(workdir), config)
+  changes = config_lib.config_changes(workdir_lib.read_config(workdir), config)
   if not changes:
     return
   if not config.train.allow_config_change:
@@ -195,7 +197,7 @@ def check_resumed_teacher(tr: Train, workdir) -> bool:
   Returns whether the workdir is to record this teacher (it has none)."""
   if tr.distill is None:
     return False
-  stored = checkpoint.read_teacher(workdir)
+  stored = workdir_lib.read_teacher(workdir)
   if stored is None:
     tr.teacher  # pylint: disable=pointless-statement  (load: refuse early)
     return True
@@ -298,10 +300,10 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
                   "version's diagnostics: they restart from step %d.", start)
     log.info("resumed from step %d", start)
   if main:  # the state restored: this config and corpus are the run's now
-    checkpoint.write_config(workdir, config)
-    checkpoint.write_corpus(workdir, data.corpus_id(corpus))
+    workdir_lib.write_config(workdir, config)
+    workdir_lib.write_corpus(workdir, data.corpus_id(corpus))
     if new_teacher:
-      checkpoint.write_teacher(workdir, tr.teacher.record)
+      workdir_lib.write_teacher(workdir, tr.teacher.record)
   resumed, start = start, start or 0
 
   compiled = _compiled_step(tr)  # logging steps differ only by diagnostics
@@ -354,7 +356,7 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
 def _logged_loss(workdir: pathlib.Path, step: int) -> float:
   """The train loss the metrics file holds for `step` (NaN if none): a run
   resumed at its last step runs no step, and reports this one."""
-  path = workdir / checkpoint.METRICS
+  path = workdir / workdir_lib.METRICS
   if not step or not path.exists():
     return float("nan")
   losses_ = [r["train/loss"] for r in metrics.read_jsonl(path)
