@@ -90,6 +90,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   from tequila_jax import data, train  # pylint: disable=g-import-not-at-top
+  from tequila_jax.io import locations  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="a8_"))
@@ -97,7 +98,8 @@ def main(argv=None):
   for label, bits in (("trained A8", 8), ("trained A16", 0)):
     c = config(bits, args.steps, str(root / "corpora"))
     train.run(c, root / label.replace(" ", "_"), devices=jax.devices()[:1])
-    corpus = data.prepare_for_config(c, progress=False)
+    corpus = data.prepare_for_config(c, locations.config_tokenizer(c),
+                                     progress=False)
     _, variants = measure(root / label.replace(" ", "_"), corpus,
                           c.data.seq_len, args.windows)
     base = variants[VARIANTS[0][0] if bits else VARIANTS[1][0]]

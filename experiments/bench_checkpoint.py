@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from tequila_jax import checkpoint, config_lib, data
+from tequila_jax.io import locations
 from tequila_jax.train.build import build_train
 
 
@@ -56,7 +57,8 @@ def main(argv=None):
   root = pathlib.Path(tempfile.mkdtemp(dir=args.tmp or None))
   corpus_config = config_lib.tiny()
   corpus_config.data.cache_dir = str(root / "corpora")
-  corpus = data.prepare_for_config(corpus_config, progress=False)
+  corpus = data.prepare_for_config(
+      corpus_config, locations.config_tokenizer(corpus_config), progress=False)
   times = {f"{what}_{kind}": [] for what in ("save", "restore")
            for kind in ("with", "without")}
   fingerprint_s = []

@@ -57,7 +57,8 @@ def main(argv=None):
   if not workdir_lib.is_workdir(workdir):
     raise SystemExit(f"{workdir} is not a training workdir (no config.json "
                      "and checkpoints/); pass the --workdir of a train run.")
-  corpus = data.prepare_for_config(workdir_lib.read_config(workdir))
+  config = workdir_lib.read_config(workdir)
+  corpus = data.prepare_for_config(config, locations.config_tokenizer(config))
   model = load.load_model(str(workdir))
   rows, losses, reference_logits = [], {}, None
   first = np.stack([data.PackedWindows(corpus, "eval", args.seq_len)[i][:-1]

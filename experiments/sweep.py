@@ -38,11 +38,10 @@ import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Plain Python (no JAX): the sweep's parent process stays free of it.
+from tequila_jax.quant.config import LAM_MODES, METHODS
 
-METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima",
-           "lsq", "seq", "dlt")
-LAM_MODES = ("fixed", "per_layer", "per_channel", "v3")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 SWEEPS = {
     "lambda": lambda: [{"model.quant.method": "tequila", "model.quant.lam": v}
@@ -123,7 +122,7 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
   from tequila_jax import (config_lib, data, evaluate, metrics,  # pylint: disable=g-import-not-at-top
                            train)
   from tequila_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
+  from tequila_jax.io import load, locations  # pylint: disable=g-import-not-at-top
   from tequila_jax.io.atomic import atomic_path  # pylint: disable=g-import-not-at-top
   config = (config_spec() if callable(config_spec)
             else config_lib.load_config_file(config_spec))
@@ -147,7 +146,8 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
         last[key] = record[f"train/{key}"]
   model = load.load_model(str(workdir))
   corpus = (config.data.corpus_dir or
-            data.prepare_for_config(config, progress=False))
+            data.prepare_for_config(
+                config, locations.config_tokenizer(config), progress=False))
   losses = evaluate.window_losses(
       model, corpus, seq_len=config.data.seq_len,
       max_windows=max_eval_windows,

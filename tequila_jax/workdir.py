@@ -102,3 +102,13 @@ def read_teacher(workdir) -> dict | None:
   """The teacher the run in `workdir` distilled from, if it did."""
   path = pathlib.Path(workdir) / TEACHER
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def tokenizer_spec(config: ml_collections.ConfigDict) -> str:
+  """Where a training config's tokenizer comes from: `data.tokenizer`, else
+  its `init.checkpoint`'s (a location `io.locations.load_tokenizer` opens)."""
+  spec = config.data.tokenizer or config.init.checkpoint
+  if not spec:
+    raise ValueError("the config names no tokenizer: set data.tokenizer (a "
+                     "path or 'bytes') or init.checkpoint.")
+  return spec

@@ -7,7 +7,7 @@ import pytest
 
 from experiments import reproduce_smollm2 as rep
 from tequila_jax import data
-from tequila_jax.io import assets
+from tequila_jax.data import corpora
 
 
 @pytest.mark.slow
@@ -24,7 +24,7 @@ def test_full_corpus_is_25m_tokens_of_whole_documents(tmp_path):
     assert 1 <= row["eval_documents"] < row["documents"], name
     assert 0.03 < row["eval_tokens"] / (row["eval_tokens"] + row["train_tokens"]) < 0.25
     if name != "shakespeare":
-      folder = assets.fetch(name)
+      folder = corpora.fetch(name)
       assert len(list(folder.glob("*.txt"))) >= row["documents"]
   assert rows["bible_kjv"]["documents"] == 66 and rows["austen"]["documents"] == 6
   items = (tmp_path / "cloze.jsonl").read_text().splitlines()

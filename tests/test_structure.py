@@ -1,5 +1,7 @@
-"""The package's shape: no import cycles, no imports hidden in functions to
-dodge one, and every documented command starts from an installed wheel."""
+"""The package's shape: imports point one way (down a declared order of
+modules), none is hidden in a function to dodge that order, light entry
+points load no heavy stack, and every documented command starts from an
+installed wheel."""
 
 import ast
 import pathlib
@@ -72,10 +74,96 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
   return None
 
 
-def test_the_package_has_no_import_cycle():
+# Every module of the package, lowest first: a module may import only modules
+# above it in this list (a "*" entry covers a package's modules, all at one
+# rank). The groups, from the bottom:
+ORDER = (
+    # Leaves: import nothing of the package. The top level is lazy (a
+    # module `__getattr__`), `io` and the quantizers' package likewise.
+    "tequila_jax", "tequila_jax.errors", "tequila_jax.io",
+    "tequila_jax.io.atomic", "tequila_jax.io.tokenizers", "tequila_jax.losses",
+    "tequila_jax.sharding",
+    # What every command's `__main__` imports (errors only), and a workdir's
+    # files (no JAX).
+    "tequila_jax.cli", "tequila_jax.workdir",
+    # Numerics: the pure-JAX quantizers, then the model (Flax) and what
+    # trains it.
+    "tequila_jax.quant.config", "tequila_jax.quant.activations",
+    "tequila_jax.quant.ternary", "tequila_jax.quant.learned",
+    "tequila_jax.quant.state", "tequila_jax.quant.matmul", "tequila_jax.quant",
+    "tequila_jax.layers", "tequila_jax.model", "tequila_jax.sampling",
+    "tequila_jax.optim", "tequila_jax.diagnostics", "tequila_jax.distill",
+    # Model and tokenizer formats, and what a location string names.
+    "tequila_jax.io.assets", "tequila_jax.io.tqj", "tequila_jax.io.hf",
+    "tequila_jax.io.gguf", "tequila_jax.io.locations",
+    # Corpora -> documents -> tokenized corpus -> batches (no Flax).
+    "tequila_jax.data.corpora.texts", "tequila_jax.data.corpora",
+    "tequila_jax.data.sources", "tequila_jax.data.corpus",
+    "tequila_jax.data.pipeline", "tequila_jax.data",
+    # Training: configs, checkpoints, metrics, opening models, the trainer.
+    "tequila_jax.config_lib", "tequila_jax.configs", "tequila_jax.configs.*",
+    "tequila_jax.checkpoint", "tequila_jax.metrics", "tequila_jax.io.load",
+    "tequila_jax.train.step", "tequila_jax.train.build",
+    "tequila_jax.train.loop", "tequila_jax.train",
+    # Inference, evaluation and analysis.
+    "tequila_jax.inference.kernels", "tequila_jax.inference.model",
+    "tequila_jax.inference", "tequila_jax.evaluate",
+    "tequila_jax.lm_eval_adapter", "tequila_jax.analyze",
+    # Commands (`python -m tequila_jax.X`): nothing imports them.
+    "tequila_jax.export", "tequila_jax.generate", "*.__main__",
+)
+
+
+def rank(module: str) -> int | None:
+  """`module`'s place in ORDER (None: not declared)."""
+  for i, entry in enumerate(ORDER):
+    if module == entry or (entry.endswith(".*") and
+                           module.startswith(entry[:-1])) or (
+        entry == "*.__main__" and module.endswith(".__main__")):
+      return i
+  return None
+
+
+def order_violations(graph: dict[str, set[str]]) -> list[str]:
+  """An import of a module that is not below the importer in ORDER, and
+  every module ORDER does not declare."""
+  out = [f"{m}: not in tests/test_structure.py ORDER; declare its rank"
+         for m in sorted(graph) if rank(m) is None]
+  out += [f"{m} imports {t}, which is not below it in ORDER"
+          for m in sorted(graph) for t in sorted(graph[m])
+          if None not in (rank(m), rank(t)) and rank(t) >= rank(m)]
+  return out
+
+
+def test_imports_point_down_the_declared_order():
   graph = import_graph()
   assert graph["tequila_jax.io.gguf"] >= {"tequila_jax.io.tqj",
                                           "tequila_jax.io.tokenizers"}
+  assert order_violations(graph) == []
+  assert not [t for m, ts in graph.items() if m.startswith("tequila_jax.io")
+              for t in ts if t.startswith("tequila_jax.inference")]
+
+
+def test_the_order_check_finds_a_planted_violation():
+  graph = {m: set(ts) for m, ts in import_graph().items()}
+  before = set(order_violations(graph))
+  graph["tequila_jax.cli"].add("tequila_jax.train.loop")  # upward
+  graph["tequila_jax.data.sources"].add("tequila_jax.data.corpus")  # across
+  graph["tequila_jax.new_module"] = set()
+  assert sorted(set(order_violations(graph)) - before) == [
+      "tequila_jax.cli imports tequila_jax.train.loop, which is not below it "
+      "in ORDER",
+      "tequila_jax.data.sources imports tequila_jax.data.corpus, which is not "
+      "below it in ORDER",
+      "tequila_jax.new_module: not in tests/test_structure.py ORDER; declare "
+      "its rank"]
+  assert rank("tequila_jax.configs.tiny") == rank("tequila_jax.configs.*")
+  assert rank("tequila_jax.train.__main__") == len(ORDER) - 1
+
+
+def test_the_package_has_no_import_cycle():
+  # Implied by the order; kept for the message: the cycle itself.
+  graph = import_graph()
   assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -84,20 +172,71 @@ def test_cycle_finder_finds_one():
   assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
+# Module `__getattr__`s that import on first use, by design (PEP 562).
+LAZY_IMPORTERS = {"tequila_jax.__getattr__", "tequila_jax.quant.__getattr__"}
+
+
+def _imports_ours(node) -> bool:
+  if isinstance(node, ast.ImportFrom):
+    return bool(node.module) and node.module.startswith("tequila_jax")
+  if isinstance(node, ast.Import):
+    return any(a.name.startswith("tequila_jax") for a in node.names)
+  return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == "import_module")  # importlib, any target
+
+
 def test_no_package_import_inside_a_function():
   """Imports of our own modules sit at the top of the file: one hidden in a
-  function body is how an import cycle gets dodged instead of removed."""
+  function body is how an import cycle gets dodged instead of removed. The
+  lazy top levels are the exceptions, by name."""
   hidden = []
   for name, tree in _modules().items():
+    for node in tree.body:
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+          f"{name}.{node.name}" not in LAZY_IMPORTERS):
+        hidden += [f"{name}:{inner.lineno}" for inner in ast.walk(node)
+                   if _imports_ours(inner)]
     for node in ast.walk(tree):
-      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        for inner in ast.walk(node):
-          if (isinstance(inner, ast.ImportFrom) and inner.module
-              and inner.module.startswith("tequila_jax")) or (
-                  isinstance(inner, ast.Import) and any(
-                      a.name.startswith("tequila_jax") for a in inner.names)):
-            hidden.append(f"{name}:{inner.lineno}")
+      if isinstance(node, ast.ClassDef):
+        hidden += [f"{name}:{inner.lineno}" for inner in ast.walk(node)
+                   if _imports_ours(inner)]
   assert not hidden, hidden
+  assert {f"{m}.__getattr__" for m in ("tequila_jax", "tequila_jax.quant")
+          } == LAZY_IMPORTERS
+
+
+_PROBE = """
+import sys
+import {module}
+heavy = [m for m in {heavy!r} if m in sys.modules]
+assert not heavy, heavy
+"""
+
+
+@pytest.mark.parametrize("module, heavy", [
+    ("tequila_jax.quant", ("flax", "jax")),  # lazy: jax on first use
+    ("tequila_jax.quant.config", ("jax",)),
+    ("tequila_jax.quant.matmul", ("flax", "orbax.checkpoint")),
+    ("tequila_jax.cli", ("jax", "tequila_jax.train")),
+    ("tequila_jax.workdir", ("jax", "orbax.checkpoint")),
+    ("tequila_jax.data", ("flax", "tequila_jax.io.load", "tequila_jax.model")),
+    ("experiments.sweep", ("jax",)),
+])
+def test_light_modules_load_no_heavy_stack(module, heavy):
+  out = subprocess.run([sys.executable, "-c", _PROBE.format(
+      module=module, heavy=heavy)], capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_lazy_top_levels_give_every_name():
+  out = subprocess.run([sys.executable, "-c", (
+      "import tequila_jax, tequila_jax.quant as q\n"
+      "from tequila_jax import QuantConfig, TernaryDense\n"
+      "assert all(getattr(q, n) is not None for n in q.__all__)\n"
+      "assert q.learned.lam_value and QuantConfig is q.QuantConfig\n"
+      "assert set(dir(tequila_jax)) >= set(tequila_jax.__all__)")],
+      capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

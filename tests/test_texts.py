@@ -1,10 +1,10 @@
-"""Markup stripping of the packaged texts (tequila_jax.io.texts)."""
+"""Markup stripping of the packaged texts (tequila_jax.data.corpora.texts)."""
 
 import sys
 
 import pytest
 
-from tequila_jax.io import texts
+from tequila_jax.data.corpora import texts
 
 
 def test_rst_keeps_text_and_code_drops_markup():

@@ -7,6 +7,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from tequila_jax import cli, data
+from tequila_jax.io import locations
 
 config_flags.DEFINE_config_file("config", None, "Training config file "
                                 "(`path.py[:arg]`).", lock_config=True)
@@ -15,7 +16,8 @@ flags.mark_flag_as_required("config")
 
 def main(argv):
   del argv
-  corpus = data.prepare_for_config(flags.FLAGS.config)
+  config = flags.FLAGS.config
+  corpus = data.prepare_for_config(config, locations.config_tokenizer(config))
   print(corpus)
   print(json.dumps(data.read_meta(corpus), indent=2))
 

@@ -62,7 +62,8 @@ def _heldout(model) -> dict:
     raise ValueError(f"--heldout needs a training workdir (its config names "
                      f"the corpus); {path} is not one. Pass --text with text "
                      "the model was not trained on instead.")
-  corpus = data.prepare_for_config(workdir_lib.read_config(path))
+  config = workdir_lib.read_config(path)
+  corpus = data.prepare_for_config(config, locations.config_tokenizer(config))
 
   def score(source=None):
     nll = evaluate.window_losses(model, corpus, seq_len=FLAGS.seq_len,

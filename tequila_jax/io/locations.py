@@ -34,13 +34,14 @@ def load_tokenizer(location: str) -> tokenizers.Tokenizer:
     return tokenizers.ByteTokenizer()
   path = resolve(location)
   if workdir_lib.is_workdir(path):
-    config = workdir_lib.read_config(path)
-    spec = config.data.tokenizer or config.init.checkpoint
-    if not spec:
-      raise ValueError(f"{path}/{workdir_lib.CONFIG} names no tokenizer.")
-    return load_tokenizer(spec)
+    return config_tokenizer(workdir_lib.read_config(path))
   if path.suffix == ".gguf":
     return gguf.read_tokenizer(gguf.open_gguf(path))
   if path.suffix == ".tqj":
     return tqj.read_export(path).load_tokenizer()
   return tokenizers.from_file(path)
+
+
+def config_tokenizer(config) -> tokenizers.Tokenizer:
+  """The tokenizer a training config names (`workdir.tokenizer_spec`)."""
+  return load_tokenizer(workdir_lib.tokenizer_spec(config))

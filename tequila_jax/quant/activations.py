@@ -7,8 +7,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-ACT_BITS = (0, 8)
-
 
 def quantize_int8(x: jax.Array, axis: int = -1):
   """Symmetric int8 along `axis` (absmax / 127): `(q, scale)`, x ~ q * scale;

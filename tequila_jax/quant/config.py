@@ -1,11 +1,12 @@
-"""`QuantConfig`: the frozen, hashable description of how a layer is quantized."""
+"""`QuantConfig`: the frozen, hashable description of how a layer is
+quantized, and the choices of its fields. Plain Python (no JAX): a process
+that only names methods (a sweep's parent) imports it alone."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from tequila_jax.quant.activations import ACT_BITS
-
+ACT_BITS = (0, 8)  # 0: activations as they are; 8: per-token absmax int8
 METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima",
            "lsq", "seq", "dlt")
 # Methods whose scale alpha is a learned parameter (LSQ, ParetoQ's SEQ,

@@ -28,6 +28,7 @@ from tequila_jax import (checkpoint, config_lib, data, diagnostics, metrics,
 from tequila_jax import model as model_lib
 from tequila_jax import workdir as workdir_lib
 from tequila_jax.errors import ExpectedError
+from tequila_jax.io import locations
 from tequila_jax.quant import QuantConfig
 from tequila_jax.train.build import (Train, build_train, pretrained_params,
                                      teacher_source)
@@ -231,7 +232,8 @@ def _corpus(tr: Train) -> pathlib.Path:
   """The run's tokenized corpus (prepared now unless `data.corpus_dir`)."""
   config = tr.config
   corpus = (pathlib.Path(config.data.corpus_dir) if config.data.corpus_dir
-            else data.prepare_for_config(config, progress=config.train.progress))
+            else data.prepare_for_config(config, locations.config_tokenizer(config),
+                                     progress=config.train.progress))
   vocab = data.read_meta(corpus)["vocab_size"]
   if vocab > tr.model_cfg.vocab_size:
     raise ValueError(f"the corpus was tokenized with {vocab} tokens but "
