@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices, set before jax is imported."""
 
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -23,3 +24,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
       if "multidevice" in item.keywords:
         item.add_marker(skip)
+
+
+# Shared tiny models and runs (built once per session, never modified: a
+# test that breaks a run copies it first).
+TINY = str(pathlib.Path(__file__).resolve().parent.parent / "configs" /
+           "tiny.py")
+TINY_RUN = dict(steps=12, checkpoint_every=5, log_every=1, eval_every=100,
+                async_checkpoints=False)
+
+
+def tiny_model_config(method: str = "tequila", **fields):
+  """The tiny config's `ModelConfig` with `method` and `fields` replaced."""
+  from tequila_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(f"{TINY}:{method}")
+  return config_lib.to_model_config(config.model).replace(**fields)
+
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory):
+  """A corpus cache shared by the session's tiny runs."""
+  return tmp_path_factory.mktemp("corpora")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpora):
+  """A finished tiny tequila run (`TINY_RUN`: checkpoints 5, 10 and 12);
+  read it, or copy it to change it."""
+  from tequila_jax import config_lib, train  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(TINY)
+  config.data.cache_dir = str(corpora)
+  config.train.update(**TINY_RUN)
+  workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+  train.run(config, workdir, devices=jax.devices()[:1])
+  return workdir

@@ -12,6 +12,7 @@ from tequila_jax import model as model_lib
 from tequila_jax.inference import PackedLlama, kernels
 from tequila_jax.io import tqj, tokenizers
 from tequila_jax.quant import QuantConfig
+from tests.conftest import tiny_model_config
 
 
 def _np_fake_quant(x):
@@ -79,7 +80,7 @@ def test_act_bits_refusals_and_default():
 
 
 def _a8_model(method="tequila", **quant_kw):
-  cfg = config_lib.to_model_config(config_lib.tiny().model)
+  cfg = tiny_model_config()
   cfg = cfg.replace(quant=QuantConfig(method, group_size=64, lam=0.05,
                                       act_bits=8, **quant_kw))
   m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))

@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tequila_jax import config_lib, data, evaluate, train
+from tequila_jax import data, evaluate
 from tequila_jax import workdir as workdir_lib
 from tequila_jax.io import load, locations, tokenizers
 from tequila_jax.model import Llama
 from tests.cli import run_cli
+from tests.conftest import tiny_model_config
 
 TOK = tokenizers.from_file("bytes")
 
 
 @pytest.fixture(scope="module")
 def model():
-  cfg = config_lib.to_model_config(config_lib.tiny("none").model)
-  return Llama(cfg, rngs=nnx.Rngs(3))
+  return Llama(tiny_model_config("none"), rngs=nnx.Rngs(3))
 
 
 def _direct_loglik(model, ctx, cont):
@@ -65,12 +65,10 @@ def test_perplexity_equals_direct_mean(model):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_run):
+  """The session's tiny run (as `run`) beside a tiny multiple-choice task."""
   tmp = tmp_path_factory.mktemp("eval")
-  config = config_lib.tiny("tequila")
-  config.data.cache_dir = str(tmp / "corpora")
-  config.train.update(steps=10, async_checkpoints=False)
-  train.run(config, tmp / "run", devices=jax.devices()[:1])
+  (tmp / "run").symlink_to(tiny_run, target_is_directory=True)
   tasks = tmp / "tiny_mc.jsonl"
   tasks.write_text("\n".join(json.dumps(e) for e in [
       {"context": "ROMEO. O Romeo, Romeo, wherefore art thou",

@@ -15,6 +15,7 @@ from tequila_jax import config_lib, model as model_lib, quant, train
 from tequila_jax.inference import DenseLlama, PackedLlama, kernels
 from tequila_jax.io import tokenizers, tqj
 from tests.cli import ROOT, run_cli
+from tests.conftest import tiny_model_config
 from tests.reference import decode_in_steps
 
 SHAPES = [(128, 128), (128, 64), (256, 128), (2048, 8192), (8192, 2048),
@@ -42,7 +43,7 @@ def test_base3_odd_sizes():
 
 @pytest.fixture(scope="module")
 def qat_model():
-  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model)
+  cfg = tiny_model_config("tequila")
   cfg = cfg.replace(quant=cfg.quant.__class__("tequila", group_size=64, lam=0.05))
   m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
   # Move the weights off their init so that c(W) is not trivially tiny.
@@ -160,7 +161,7 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
 
 
 def test_untied_head_exports_and_runs(tmp_path):
-  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model)
+  cfg = tiny_model_config("tequila")
   model = model_lib.Llama(cfg.replace(tie_embeddings=False), rngs=nnx.Rngs(4))
   tqj.write_export(model, tmp_path / "u.tqj")
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 512, (1, 12)))

@@ -29,39 +29,23 @@ from tequila_jax import train
 from tequila_jax.io import locations, tokenizers, tqj
 from tequila_jax.io.atomic import atomic_path, check_writable
 from tests import cli
+from tests.conftest import TINY, TINY_RUN, tiny_model_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "configs" / "tiny.py")
 ONE = jax.devices()[:1]  # one device: the fastest tiny run
-RUN = dict(steps=12, checkpoint_every=5, log_every=1, eval_every=100)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("corpora")
-
-
-def _tiny(cache, **train_overrides):
+def _tiny(corpora, **train_overrides):
   config = config_lib.load_config_file(TINY)
-  config.data.cache_dir = str(cache)
-  config.train.update(async_checkpoints=False, **RUN)
+  config.data.cache_dir = str(corpora)
+  config.train.update(**TINY_RUN)
   config.train.update(**train_overrides)
   return config
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache):
-  """A finished tiny run with checkpoints 5, 10 and 12."""
-  workdir = tmp_path_factory.mktemp("trained") / "run"
-  train.run(_tiny(cache), workdir, devices=ONE)
-  return workdir
-
-
 @pytest.fixture
-def workdir(trained, tmp_path):
-  """A copy of `trained` to break."""
+def workdir(tiny_run, tmp_path):
+  """A copy of the session's `tiny_run` to break."""
   path = tmp_path / "run"
-  shutil.copytree(trained, path)
+  shutil.copytree(tiny_run, path)
   (path / "lock").unlink()
   return path
 
@@ -92,11 +76,12 @@ def _one_line_error(out: subprocess.CompletedProcess) -> str:
   return errors[0]
 
 
-def _train_cli(workdir, cache, *args, **kw):
+def _train_cli(workdir, corpora, *args, **kw):
   return cli.run_cli(
       "train", f"--config={TINY}", f"--workdir={workdir}",
-      f"--config.data.cache_dir={cache}",
-      *[f"--config.train.{k}={v}" for k, v in RUN.items()], *args,
+      f"--config.data.cache_dir={corpora}",
+      *[f"--config.train.{k}={v}" for k, v in TINY_RUN.items()
+        if k != "async_checkpoints"], *args,
       check=False, **kw)
 
 
@@ -117,7 +102,7 @@ def _tmpfs(path, options):
 
 
 def _export(tmp_path) -> pathlib.Path:
-  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model)
+  cfg = tiny_model_config("tequila")
   path = tmp_path / "m.tqj"
   tqj.write_export(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), path,
                    tokenizer=tokenizers.ByteTokenizer())
@@ -126,7 +111,7 @@ def _export(tmp_path) -> pathlib.Path:
 
 # 1 -------------------------------------------------------------------------
 
-def test_corrupted_checkpoint_bytes_are_set_aside(workdir, cache):
+def test_corrupted_checkpoint_bytes_are_set_aside(workdir, corpora):
   """4 bytes overwritten inside the latest checkpoint's largest data file:
   the restore's integrity check sets it aside and resumes from the one
   before; reading it for an export is one clear error."""
@@ -137,15 +122,15 @@ def test_corrupted_checkpoint_bytes_are_set_aside(workdir, cache):
   with pytest.raises(checkpoint.CheckpointCorrupted,
                      match=r"12 is corrupted: 1 arrays differ.*--step"):
     checkpoint.restore_state(workdir, 12)
-  summary = train.run(_tiny(cache), workdir, devices=ONE)
+  summary = train.run(_tiny(corpora), workdir, devices=ONE)
   assert summary["start_step"] == 10 and summary["step"] == 12
   assert _steps(workdir) == ["10", "12", "5", "damaged-12"]
 
 
-def test_fingerprints_cover_every_leaf_of_the_state(trained):
+def test_fingerprints_cover_every_leaf_of_the_state(tiny_run):
   """Params, optimizer state and diagnostics, whatever leaves there are:
   one changed bit in any leaf fails the check."""
-  state = checkpoint.restore_state(trained, 12)
+  state = checkpoint.restore_state(tiny_run, 12)
   saved = {"algorithm": checkpoint.FINGERPRINT,
            "leaves": checkpoint.state_fingerprints(state)}
   checkpoint.verify(state, saved, "step 12")
@@ -163,10 +148,10 @@ def test_fingerprints_cover_every_leaf_of_the_state(trained):
 
 # 2 -------------------------------------------------------------------------
 
-def _rewrite(workdir, cache, step, change):
+def _rewrite(workdir, corpora, step, change):
   """Re-saves checkpoint `step` with `change(state)` (valid integrity: the
   fault is in the values, as if training had produced it)."""
-  config = _tiny(cache)
+  config = _tiny(corpora)
   corpus = data.prepare_for_config(config, locations.config_tokenizer(config),
                                    progress=False)
   it = data.train_iterator(corpus, seq_len=config.data.seq_len, batch_size=8,
@@ -181,7 +166,7 @@ def _rewrite(workdir, cache, step, change):
   ckpt.close()
 
 
-def test_nan_in_the_optimizer_state_is_set_aside(workdir, cache):
+def test_nan_in_the_optimizer_state_is_set_aside(workdir, corpora):
   """One NaN in AdamW's second moment at the latest checkpoint: the restore
   finds it and resumes from the checkpoint before."""
 
@@ -192,14 +177,14 @@ def test_nan_in_the_optimizer_state_is_set_aside(workdir, cache):
     nu["final_norm"]["scale"] = jnp.asarray(leaf)
     return state
 
-  _rewrite(workdir, cache, 12, poison)
-  summary = train.run(_tiny(cache), workdir, devices=ONE)
+  _rewrite(workdir, corpora, 12, poison)
+  summary = train.run(_tiny(corpora), workdir, devices=ONE)
   assert summary["start_step"] == 10 and np.isfinite(summary["loss"])
   assert "damaged-12" in _steps(workdir)
 
 
-def test_nonfinite_right_after_a_resume_does_not_call_it_good(workdir, cache):
-  config = _tiny(cache, steps=14, allow_config_change=True)
+def test_nonfinite_right_after_a_resume_does_not_call_it_good(workdir, corpora):
+  config = _tiny(corpora, steps=14, allow_config_change=True)
   config.optim.lr = 1e30
   with pytest.raises(train.TrainingError) as e:
     train.run(config, workdir, devices=ONE)
@@ -211,18 +196,18 @@ def test_nonfinite_right_after_a_resume_does_not_call_it_good(workdir, cache):
 
 # 3 -------------------------------------------------------------------------
 
-def test_a_shape_change_is_refused_before_anything_is_written(workdir, cache,
+def test_a_shape_change_is_refused_before_anything_is_written(workdir, corpora,
                                                               tmp_path):
   before = _tree(workdir)
-  config = _tiny(cache, allow_config_change=True)
+  config = _tiny(corpora, allow_config_change=True)
   config.model.update(hidden_size=256, head_dim=64)
   with pytest.raises(ValueError, match=r"another shape .*embedding.*"
                      r"checkpoint \(\(512, 128\).*config \(\(512, 256\)"):
     train.run(config, workdir, devices=ONE)
   assert _tree(workdir) == before  # nothing renamed, config.json unchanged
-  assert train.run(_tiny(cache), workdir, devices=ONE)["start_step"] == 12
+  assert train.run(_tiny(corpora), workdir, devices=ONE)["start_step"] == 12
   for bad in ({"model.quant.group_size": 48}, {"train.batch_size": 0}):
-    config = _tiny(cache)
+    config = _tiny(corpora)
     config.update_from_flattened_dict(bad)
     with pytest.raises(ValueError):
       train.run(config, tmp_path / "new", devices=ONE)
@@ -310,11 +295,11 @@ class _Stopped(Exception):
 
 
 def test_sweep_point_stopped_during_evaluation_records_real_figures(
-    tmp_path, cache):
+    tmp_path, corpora):
   """A point stopped after its last checkpoint, in its evaluation, has no
   summary; the rerun evaluates it from its checkpoint and records the
   logged train loss and the wall time of both tries."""
-  config = lambda: _tiny(cache, steps=6, checkpoint_every=3)  # noqa: E731
+  config = lambda: _tiny(corpora, steps=6, checkpoint_every=3)  # noqa: E731
   point = tmp_path / "point"
 
   def stop(*_):
@@ -351,12 +336,12 @@ def test_flag_errors_are_one_line(tmp_path, flag, says):
 
 # 8 -------------------------------------------------------------------------
 
-def test_disk_full_during_a_checkpoint_save(tmp_path, cache):
+def test_disk_full_during_a_checkpoint_save(tmp_path, corpora):
   """A 10 MB disk fills at the second checkpoint (asynchronous): one line
   naming the full disk, soon after the save failed (not at the next save);
   no temporary directory is left."""
   with _tmpfs(tmp_path / "disk", "size=10m") as disk:
-    out = _train_cli(disk / "run", cache, "--config.train.steps=30",
+    out = _train_cli(disk / "run", corpora, "--config.train.steps=30",
                      "--config.train.checkpoint_every=5",
                      "--config.train.keep_checkpoints=10",
                      "--config.train.async_checkpoints=True")
@@ -411,10 +396,10 @@ def test_disk_full_during_an_export(tmp_path):
 
 # 9 -------------------------------------------------------------------------
 
-def test_export_checks_every_destination_before_writing(trained, tmp_path):
+def test_export_checks_every_destination_before_writing(tiny_run, tmp_path):
   existing = tmp_path / "hf"
   existing.mkdir()
-  out = cli.run_cli("export", "--checkpoint", trained, "--out",
+  out = cli.run_cli("export", "--checkpoint", tiny_run, "--out",
                     tmp_path / "x.tqj", "--hf_out", existing, check=False)
   assert f"{existing} exists" in _one_line_error(out)
   assert not (tmp_path / "x.tqj").exists() and not list(existing.iterdir())
@@ -422,14 +407,14 @@ def test_export_checks_every_destination_before_writing(trained, tmp_path):
     with pytest.raises(PermissionError, match=rf"cannot write {ro}/x.tqj: "
                        f"{ro} is not writable; choose another destination"):
       check_writable(ro / "x.tqj")
-    out = cli.run_cli("export", "--checkpoint", trained, "--out",
+    out = cli.run_cli("export", "--checkpoint", tiny_run, "--out",
                       ro / "x.tqj", check=False)
     assert "is not writable; choose another" in _one_line_error(out)
 
 
 # 10 ------------------------------------------------------------------------
 
-def test_ctrl_c_during_startup_exits_130(tmp_path, cache):
+def test_ctrl_c_during_startup_exits_130(tmp_path, corpora):
   """SIGINT while the step compiles: a clean exit 130, no crash, nothing
   saved."""
   for attempt in range(2):
@@ -438,7 +423,7 @@ def test_ctrl_c_during_startup_exits_130(tmp_path, cache):
     with open(err, "w") as f:
       proc = subprocess.Popen(
           [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
-           f"--workdir={workdir}", f"--config.data.cache_dir={cache}"],
+           f"--workdir={workdir}", f"--config.data.cache_dir={corpora}"],
           stdout=subprocess.PIPE, stderr=f, env=cli.env(), cwd=ROOT, text=True)
       deadline = time.time() + 300
       while "model: " not in err.read_text() and time.time() < deadline:
@@ -453,13 +438,13 @@ def test_ctrl_c_during_startup_exits_130(tmp_path, cache):
 
 # 11 ------------------------------------------------------------------------
 
-def test_negative_lr_and_too_long_sequences_are_refused(tmp_path, cache):
-  config = _tiny(cache)
+def test_negative_lr_and_too_long_sequences_are_refused(tmp_path, corpora):
+  config = _tiny(corpora)
   config.optim.lr = -1e-3
   with pytest.raises(ValueError, match="optim.lr=-0.001 is negative.*use a "
                      "positive"):
     train.run(config, tmp_path / "a", devices=ONE)
-  config = _tiny(cache)
+  config = _tiny(corpora)
   config.data.seq_len = 512
   with pytest.raises(ValueError, match="data.seq_len=512 exceeds "
                      "model.max_seq_len=256.*lower data.seq_len"):
@@ -469,10 +454,10 @@ def test_negative_lr_and_too_long_sequences_are_refused(tmp_path, cache):
 
 # 12 ------------------------------------------------------------------------
 
-def test_resume_on_an_edited_corpus_is_refused(tmp_path, cache):
+def test_resume_on_an_edited_corpus_is_refused(tmp_path, corpora):
   source = tmp_path / "text.txt"
   source.write_text("To be, or not to be, that is the question. " * 400)
-  config = lambda **kw: _tiny(cache, steps=6, checkpoint_every=2, **kw)  # noqa: E731
+  config = lambda **kw: _tiny(corpora, steps=6, checkpoint_every=2, **kw)  # noqa: E731
 
   def with_source(c):
     c.data.sources = str(source)
@@ -485,7 +470,7 @@ def test_resume_on_an_edited_corpus_is_refused(tmp_path, cache):
   before = _tree(workdir)
   time.sleep(0.01)
   source.write_text(source.read_text() + "Whether 'tis nobler in the mind.")
-  with pytest.raises(ValueError, match=f"trained on another corpus: {source} "
+  with pytest.raises(ValueError, match=f"tiny_run on another corpus: {source} "
                      "changed.*allow_config_change=True"):
     train.run(with_source(config()), workdir, devices=ONE)
   assert _tree(workdir) == before
@@ -499,10 +484,10 @@ def test_resume_on_an_edited_corpus_is_refused(tmp_path, cache):
 
 # 13 ------------------------------------------------------------------------
 
-def test_a_damaged_checkpoint_logs_one_line(workdir, cache):
+def test_a_damaged_checkpoint_logs_one_line(workdir, corpora):
   target = _largest_state_file(workdir, 12)
   target.write_bytes(target.read_bytes()[:1000])  # truncated
-  out = _train_cli(workdir, cache)
+  out = _train_cli(workdir, corpora)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Exception ignored" not in out.stderr
   assert "Traceback" not in out.stderr
@@ -519,9 +504,9 @@ def test_outputs_get_the_umask_permissions(tmp_path):
   try:
     path = _export(tmp_path)
     assert path.stat().st_mode & 0o777 == 0o640
-    with atomic_path(tmp_path / "cache", directory=True) as tmp:
+    with atomic_path(tmp_path / "corpora", directory=True) as tmp:
       (tmp / "x").write_text("x")
-    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "corpora").stat().st_mode & 0o777 == 0o750
     path.chmod(0o644)  # a replaced file keeps its mode, as open() would
     _export(tmp_path)
     assert path.stat().st_mode & 0o777 == 0o644

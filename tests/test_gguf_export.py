@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tequila_jax import config_lib
+from tequila_jax import model as model_lib
 from tequila_jax.io import gguf as gguf_lib
 from tequila_jax.io import locations, tokenizers, tqj
-from tequila_jax import model as model_lib
 from tequila_jax.quant import QuantConfig
+from tests.conftest import tiny_model_config
 
 
 def _export(tmp_path, quant, hidden=256):
-  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model).replace(
+  cfg = tiny_model_config("tequila").replace(
       hidden_size=hidden, ffn_size=512, num_heads=4, num_kv_heads=2,
       head_dim=64, vocab_size=49152, quant=quant)
   m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
@@ -165,7 +165,7 @@ def test_llama3_rope_and_head_dim_reach_the_gguf(tmp_path):
   in between), and head_dim != hidden / heads written as key/value length."""
   scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
              "original_max_position_embeddings": 64}
-  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model).replace(
+  cfg = tiny_model_config("tequila").replace(
       hidden_size=512, ffn_size=512, num_heads=8, num_kv_heads=1, head_dim=32,
       vocab_size=49152, tie_embeddings=False, rope_theta=500000.0,
       rope_scaling=tuple(sorted(scaling.items())),

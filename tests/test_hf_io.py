@@ -17,6 +17,7 @@ from tequila_jax.io import hf, load, tqj
 from tequila_jax.quant import QuantConfig
 from tequila_jax.train import build
 from tests.cli import run_cli
+from tests.conftest import tiny_model_config
 from tests.reference import decode_in_steps
 
 torch = pytest.importorskip("torch")
@@ -237,7 +238,7 @@ def test_pretrained_init_must_fit_the_config(hf_dir):
 
 
 def _tequila_model(tie=True):
-  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model).replace(
+  cfg = tiny_model_config("tequila").replace(
       quant=QuantConfig("tequila", group_size=64, lam=0.05),
       tie_embeddings=tie)
   m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))

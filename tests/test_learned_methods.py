@@ -20,6 +20,7 @@ from tequila_jax import model as model_lib
 from tequila_jax.inference import PackedLlama
 from tequila_jax.io import gguf, hf, load, locations, tokenizers, tqj
 from tequila_jax.quant import QuantConfig
+from tests.conftest import tiny_model_config
 from tests.test_trainer import _losses, _state, _tiny
 
 # Every learned configuration, with the reference layout (per_channel) and
@@ -41,7 +42,7 @@ LEARNED = {
 def _model(qcfg: QuantConfig, tie=True, **arch) -> model_lib.Llama:
   """A tiny fp32 model off its init: weights moved, learned α shrunk below
   max|W| (so that some weights clip), γ and θ non-zero."""
-  cfg = config_lib.to_model_config(config_lib.tiny().model).replace(
+  cfg = tiny_model_config().replace(
       quant=qcfg, tie_embeddings=tie, **arch)
   m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
   state = nnx.to_pure_dict(nnx.state(m, nnx.Param))
@@ -70,7 +71,7 @@ def _tokens(batch=2, length=24, seed=2):
 def test_layers_carry_their_learned_parameters():
   for name, qcfg in LEARNED.items():
     params = model_lib.init_params(
-        config_lib.to_model_config(config_lib.tiny().model).replace(
+        tiny_model_config().replace(
             quant=qcfg))
     q = params["layers"]["attn"]["q_proj"]
     kernel = q["kernel"]  # [layers, in, out]
@@ -289,7 +290,7 @@ def test_remat_keeps_the_named_quantized_kernel():
   from tequila_jax import losses  # pylint: disable=g-import-not-at-top
   tokens = _tokens(2, 17)
   for name in ("dlt", "lam_v3"):
-    cfg = config_lib.to_model_config(config_lib.tiny().model).replace(
+    cfg = tiny_model_config().replace(
         quant=LEARNED[name])
     params = model_lib.init_params(cfg)
     out = {}

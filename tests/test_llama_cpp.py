@@ -15,10 +15,11 @@ from tequila_jax import config_lib, configs, train
 from tequila_jax import model as model_lib
 from tequila_jax.data import corpora
 from tequila_jax.inference import PackedLlama
-from tequila_jax.io import locations, tqj
 from tequila_jax.io import gguf as gguf_lib
+from tequila_jax.io import locations, tqj
 from tequila_jax.quant import QuantConfig
 from tests.cli import run_cli
+from tests.conftest import tiny_model_config
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +96,7 @@ def test_llama_cpp_runs_every_llama3_shape(tmp_path):
   llama_cpp = pytest.importorskip("llama_cpp")
   scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
              "original_max_position_embeddings": 32}
-  cfg = config_lib.to_model_config(config_lib.tiny("tequila").model).replace(
+  cfg = tiny_model_config("tequila").replace(
       hidden_size=256, ffn_size=512, num_layers=2, num_heads=8,
       num_kv_heads=1, head_dim=64, vocab_size=49152, tie_embeddings=False,
       max_seq_len=128, rope_theta=500000.0,

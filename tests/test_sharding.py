@@ -6,10 +6,11 @@ from jax.sharding import PartitionSpec as P
 
 from tequila_jax import config_lib, sharding, train
 from tequila_jax import model as model_lib
+from tests.conftest import tiny_model_config
 
 
 def test_every_parameter_declares_its_axes():
-  cfg = config_lib.to_model_config(config_lib.tiny().model)
+  cfg = tiny_model_config()
   axes = model_lib.param_axes(cfg)
   abstract = jax.eval_shape(lambda: model_lib.init_params(cfg))
   for spec, x in zip(jax.tree.leaves(axes), jax.tree.leaves(abstract)):

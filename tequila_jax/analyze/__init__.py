@@ -23,13 +23,13 @@ import json
 import pathlib
 
 import matplotlib
+import numpy as np
+# Figures made directly (not through pyplot) need no backend: importing this
+# module changes no global matplotlib state, in a notebook or anywhere.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from tequila_jax import diagnostics, metrics  # pylint: disable=wrong-import-position
-from tequila_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
+from tequila_jax import diagnostics, metrics
+from tequila_jax import workdir as workdir_lib
 
 FRACTIONS = ("dead_fraction", "boundary_fraction", "flip_rate",
              "crossing_rate")
@@ -102,9 +102,9 @@ def _sample_note(runs) -> str:
 
 
 def plot_fractions(runs, out):
-  fig, axes = plt.subplots(len(FRACTIONS), len(runs), squeeze=False,
-                           figsize=(5 * len(runs), 2.6 * len(FRACTIONS)),
-                           sharex="col", sharey="row")
+  fig = Figure(figsize=(5 * len(runs), 2.6 * len(FRACTIONS)))
+  axes = fig.subplots(len(FRACTIONS), len(runs), squeeze=False, sharex="col",
+                      sharey="row")
   for col, run in enumerate(runs):
     for row, name in enumerate(FRACTIONS):
       ax = axes[row, col]
@@ -120,12 +120,12 @@ def plot_fractions(runs, out):
   axes[0, -1].legend(fontsize=7, loc="best")
   fig.tight_layout()
   fig.savefig(out / "fractions.png", dpi=110)
-  plt.close(fig)
 
 
 def plot_trapping(runs, out):
   """Trapped fraction, escape rate and pile-up over steps, runs overlaid."""
-  fig, axes = plt.subplots(1, len(TRAPPING), figsize=(5.2 * len(TRAPPING), 3.8))
+  fig = Figure(figsize=(5.2 * len(TRAPPING), 3.8))
+  axes = fig.subplots(1, len(TRAPPING))
   for ax, (name, title) in zip(axes, TRAPPING):
     for run in runs:
       line, = ax.plot(*run.series(f"train/{name}/all"), lw=2, label=run.label)
@@ -141,14 +141,13 @@ def plot_trapping(runs, out):
   fig.text(0.01, 0.01, _sample_note(runs), fontsize=8)
   fig.tight_layout(rect=(0, 0.05, 1, 1))
   fig.savefig(out / "trapping.png", dpi=110)
-  plt.close(fig)
 
 
 def plot_histograms(runs, out, steps=None):
   """|W|/delta over all ternary weights, whole range and around r = 1 with
   the two pile-up bins marked, first and last logged step per run."""
-  fig, axes = plt.subplots(len(runs), 2, squeeze=False,
-                           figsize=(11, 3.2 * len(runs)))
+  fig = Figure(figsize=(11, 3.2 * len(runs)))
+  axes = fig.subplots(len(runs), 2, squeeze=False)
   for row, run in enumerate(runs):
     available = run.hist_steps()
     chosen = [s for s in (steps or ([available[0], available[-1]]
@@ -181,14 +180,14 @@ def plot_histograms(runs, out, steps=None):
       ax.set_xlabel("|W| / delta  (deadzone: < 1)")
   fig.tight_layout()
   fig.savefig(out / "histograms.png", dpi=110)
-  plt.close(fig)
 
 
 def plot_gsnr(runs, out):
   """Pooled GSNR of dead vs active weights over steps; GSNR by |W|/delta
   band (mean over logged steps)."""
-  fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  fig = Figure(figsize=(12, 3.8))
+  axes = fig.subplots(1, 2)
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
   for i, run in enumerate(runs):
     for kind, style in (("dead", "--"), ("active", "-")):
       steps, values = run.series(f"train/gsnr_pooled_{kind}/all")
@@ -218,11 +217,11 @@ def plot_gsnr(runs, out):
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(out / "gsnr.png", dpi=110)
-  plt.close(fig)
 
 
 def plot_loss(runs, out):
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig = Figure(figsize=(6, 3.5))
+  ax = fig.subplots()
   for run in runs:
     line, = ax.plot(*run.series("train/loss"), label=f"{run.label} train")
     ax.plot(*run.series("eval/loss"), "o--", color=line.get_color(),
@@ -233,7 +232,6 @@ def plot_loss(runs, out):
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(out / "loss.png", dpi=110)
-  plt.close(fig)
 
 
 def summary_table(runs) -> str:

@@ -269,10 +269,10 @@ def read_tokenizer(reader) -> tokenizers.HFTokenizer:
 # --------------------------------------------------------------------------
 
 QK = 256  # weights per TQ2_0 block
-# Our projection names -> llama.cpp's (the inverse of LAYER_NAMES above).
-GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
-              "o_proj": "attn_output", "gate_proj": "ffn_gate",
-              "up_proj": "ffn_up", "down_proj": "ffn_down"}
+# Our projection names -> llama.cpp's (LAYER_NAMES inverted, in its order).
+GGUF_NAMES = {ours.split(".")[-1]: gguf_name
+              for gguf_name, ours in LAYER_NAMES.items()
+              if ours.split(".")[-1] in PROJECTIONS}
 
 
 class GGUFExportError(ExpectedError, ValueError):

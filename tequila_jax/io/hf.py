@@ -121,10 +121,6 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
   return out
 
 
-def _checkpoint_dtype(hf: Mapping) -> str:
-  return str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
-
-
 # --------------------------------------------------------------------------
 # Tensors <-> model state
 # --------------------------------------------------------------------------

@@ -15,8 +15,7 @@ _MODULES = {
                 "qparam_axes"),
     "matmul": ("quantized_matmul", "ternary_matmul"),
     "state": ("group_threshold_stats", "ternary_state", "threshold_stats"),
-    "ternary": ("TernaryState", "dead_column_sum", "dequantize", "ternarize",
-                "threshold_ratio"),
+    "ternary": ("TernaryState", "dead_column_sum", "dequantize", "ternarize"),
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_LAZY)
@@ -32,8 +31,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
   from tequila_jax.quant.state import (group_threshold_stats, ternary_state,
                                        threshold_stats)
   from tequila_jax.quant.ternary import (TernaryState, dead_column_sum,
-                                         dequantize, ternarize,
-                                         threshold_ratio)
+                                         dequantize, ternarize)
 
 
 def __getattr__(name: str):

@@ -137,12 +137,6 @@ def threshold_stats(w: jax.Array, cfg: QuantConfig
   return codes.reshape(w.shape), ratio.reshape(w.shape)
 
 
-def threshold_ratio(w: jax.Array, cfg: QuantConfig) -> jax.Array:
-  """`|W| / delta` per weight (`[in, out]`): < 1 is the deadzone, 1 the
-  boundary. All-zero groups (delta = 0) give 0."""
-  return threshold_stats(w, cfg)[1]
-
-
 def dequantize(codes: jax.Array, alpha: jax.Array,
                dtype=jnp.float32) -> jax.Array:
   """`Q = codes * alpha` broadcast over each group, as `[in, out]` in dtype."""
