@@ -1,4 +1,5 @@
-"""Deadzone diagnostics (definitions in the README's "Deadzone diagnostics"), computed inside the jitted step.
+"""Deadzone diagnostics, computed inside the jitted step (a table of them,
+with when each is computed: docs/diagnostics.md).
 
 Per ternary layer type (q_proj ... down_proj; each a `[blocks, in, out]`
 stack) as `NAME/<type>`, and over the whole model as `NAME/all` (weighted by
