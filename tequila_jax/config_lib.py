@@ -1,14 +1,21 @@
-"""Helpers shared by the `configs/*.py` files and the code that reads them."""
+"""Helpers shared by the `configs/*.py` files and the code that reads them.
+
+The defaults of the `model`, `model.quant` and `diagnostics` sections are the
+field defaults of `ModelConfig`'s two halves, `QuantConfig` and
+`DiagnosticsConfig`, read from the dataclasses (never typed again here).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import pathlib
 
 import ml_collections
 from ml_collections import config_flags
 
-from tequila_jax.model import ModelConfig
+from tequila_jax.diagnostics import DiagnosticsConfig
+from tequila_jax.model import Architecture, ModelConfig, RunSettings
 from tequila_jax.quant import QuantConfig
 
 LLAMA3_ROPE_SCALING = {"factor": 32.0, "low_freq_factor": 1.0,
@@ -16,13 +23,24 @@ LLAMA3_ROPE_SCALING = {"factor": 32.0, "low_freq_factor": 1.0,
                        "original_max_position_embeddings": 8192}
 
 
-def quant_config(method="tequila", granularity="per_group", group_size=128,
-                 lam=1e-3, eps=1e-3, stat_dtype="float32", lam_mode="fixed",
-                 lam_std=0.01, act_bits=0) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      method=method, granularity=granularity, group_size=group_size, lam=lam,
-      eps=eps, stat_dtype=stat_dtype, lam_mode=lam_mode, lam_std=lam_std,
-      act_bits=act_bits))
+def field_defaults(cls) -> dict:
+  """The fields of dataclass `cls` that have a default, with it (a nested
+  dataclass default as its dict), in declaration order."""
+  return {f.name: (dataclasses.asdict(f.default)
+                   if dataclasses.is_dataclass(f.default) else f.default)
+          for f in dataclasses.fields(cls)
+          if f.default is not dataclasses.MISSING}
+
+
+def quant_config(*args, **fields) -> ml_collections.ConfigDict:
+  """A `ConfigDict` of every `QuantConfig` field: its defaults, replaced by
+  `args` (in field order: method, granularity, ...) and `fields`."""
+  defaults = field_defaults(QuantConfig)
+  if len(args) > len(defaults) or set(fields) - set(defaults):
+    raise TypeError(f"quant_config: QuantConfig's fields are "
+                    f"{list(defaults)}; got {args} and {sorted(fields)}.")
+  return ml_collections.ConfigDict(
+      {**defaults, **dict(zip(defaults, args)), **fields})
 
 
 def define_quant_flag() -> None:
@@ -46,11 +64,9 @@ def quant_from_flag(flag: ml_collections.ConfigDict) -> QuantConfig | None:
 
 
 def model_config(**fields) -> ml_collections.ConfigDict:
-  """A `ConfigDict` of `ModelConfig` fields with their defaults filled in."""
-  defaults = dict(rms_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
-                  tie_embeddings=True, max_seq_len=8192, dtype="bfloat16",
-                  scan_layers=True, remat="none", attention="auto",
-                  quant=quant_config())
+  """A `ConfigDict` of `ModelConfig` fields: the defaults of `Architecture`
+  and `RunSettings`, then `fields` (the dimensions, which have none)."""
+  defaults = {**field_defaults(Architecture), **field_defaults(RunSettings)}
   return ml_collections.ConfigDict({**defaults, **fields})
 
 
@@ -209,10 +225,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Deadzone diagnostics (tequila_jax/diagnostics.py): fractions, crossings,
   # pile-up and trapping every step (trapping on `sample_size` sampled weights
   # per layer type, trapped = in D for >= `trap_steps` steps); GSNR and
-  # |W|/delta histograms on logging steps.
-  config.diagnostics = ml_collections.ConfigDict(dict(
-      enabled=True, trap_steps=100, sample_size=4096, hist_bins=60,
-      hist_max=3.0))
+  # |W|/delta histograms on logging steps. The fields and defaults of
+  # DiagnosticsConfig, but its quant and seed: the run's model.quant and seed.
+  measures = {k: v for k, v in field_defaults(DiagnosticsConfig).items()
+              if k not in ("quant", "seed")}
+  config.diagnostics = ml_collections.ConfigDict(dict(enabled=True,
+                                                      **measures))
   return config
 
 

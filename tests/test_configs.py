@@ -1,14 +1,21 @@
-"""Every shipped config loads; the Llama-3.2 configs have their published sizes."""
+"""Every shipped config loads; the Llama-3.2 configs have their published
+sizes; config defaults are the dataclasses'."""
 
+import dataclasses
 import pathlib
 
 import pytest
 from flax import nnx
 
 from tequila_jax import config_lib, model
+from tequila_jax.diagnostics import DiagnosticsConfig
+from tequila_jax.quant import QuantConfig
+from tequila_jax.train import build
 
 CONFIG_DIR = pathlib.Path(__file__).parent.parent / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
+TINY_DIMS = dict(vocab_size=512, hidden_size=128, ffn_size=256, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=32)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -39,6 +46,40 @@ def test_unknown_model_key_is_an_error():
   d["hiden_size"] = 3
   with pytest.raises(ValueError, match="Unknown model config keys"):
     model.ModelConfig.from_dict(d)
+
+
+def test_quant_defaults_are_quant_configs():
+  section = config_lib.quant_config()
+  assert set(section) == {f.name for f in dataclasses.fields(QuantConfig)}
+  assert QuantConfig(**section.to_dict()) == QuantConfig()
+  assert QuantConfig(**config_lib.quant_config(
+      "absmean", "per_channel", lam=0.5).to_dict()) == QuantConfig(
+          "absmean", "per_channel", lam=0.5)
+  with pytest.raises(TypeError, match="group_size"):
+    config_lib.quant_config(groupsize=64)
+
+
+def test_model_defaults_are_model_configs():
+  """A config that gives only the dimensions builds the `ModelConfig` whose
+  other fields, quantizer included, are the dataclasses' defaults."""
+  section = config_lib.base_config().model
+  assert set(section) == model.ARCH_FIELDS | model.RUN_FIELDS
+  section.update(TINY_DIMS)
+  assert config_lib.to_model_config(section) == model.ModelConfig(
+      model.Architecture(**TINY_DIMS), model.RunSettings())
+
+
+def test_diagnostics_defaults_are_diagnostics_configs():
+  """The trainer builds the default `DiagnosticsConfig` from the default
+  section (its quant and seed are the run's)."""
+  config = config_lib.base_config()
+  config.seed = 7
+  config.model.update(TINY_DIMS)
+  cfg = config_lib.to_model_config(config.model)
+  assert build.diagnostics_config(config, cfg) == DiagnosticsConfig(
+      quant=cfg.quant, seed=7)
+  assert set(config.diagnostics) == {"enabled"} | {
+      f.name for f in dataclasses.fields(DiagnosticsConfig)} - {"quant", "seed"}
 
 
 def test_packaged_configs_equal_the_repository_ones():
