@@ -1,4 +1,7 @@
-"""Helpers shared by the `configs/*.py` files and the code that reads them.
+"""What every training config has (`base_config`), the builders the
+shipped configs (`tequila_jax/configs/*.py`) share, and the code that reads
+configs: loading a `path.py[:arg]`, the `--quant.*` flag, and which fields a
+resumed run may change (`RUN_TIME_FIELDS`).
 
 The defaults of the `model`, `model.quant` and `diagnostics` sections are the
 field defaults of `ModelConfig`'s two halves, `QuantConfig` and
@@ -14,13 +17,10 @@ import pathlib
 import ml_collections
 from ml_collections import config_flags
 
+from tequila_jax import configs
 from tequila_jax.diagnostics import DiagnosticsConfig
 from tequila_jax.model import Architecture, ModelConfig, RunSettings
 from tequila_jax.quant import QuantConfig
-
-LLAMA3_ROPE_SCALING = {"factor": 32.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 8192}
 
 
 def field_defaults(cls) -> dict:
@@ -70,41 +70,39 @@ def model_config(**fields) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**defaults, **fields})
 
 
-def llama32(size: str) -> ml_collections.ConfigDict:
-  """Exact Llama-3.2 1B / 3B dimensions (the published configs)."""
-  dims = {"1b": dict(hidden_size=2048, num_layers=16, num_heads=32,
-                     head_dim=64),
-          "3b": dict(hidden_size=3072, num_layers=28, num_heads=24,
-                     head_dim=128)}[size]
-  return model_config(vocab_size=128256, ffn_size=8192, num_kv_heads=8,
-                      rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE_SCALING),
-                      max_seq_len=131072, **dims)
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"config file {path} not found.")
+  spec_ = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
-def llama32_qat(size: str, method: str = "tequila") -> ml_collections.ConfigDict:
-  """The official Tequila recipe on Llama-3.2 `size` ("1b", "3b").
+def shipped_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
+  """The shipped config `tequila_jax/configs/NAME.py[:arg]` (the same file
+  as `configs/NAME.py` in a checkout)."""
+  path = configs.DIR / f"{name}.py"
+  return load_config_file(f"{path}:{arg}" if arg else str(path))
 
-  As the official run: AdamW with the Hugging Face defaults (β2 0.999, eps
-  1e-8, clip 1.0, weight decay 0), lr 1e-3, 256 x 1024 tokens per step, G =
-  128, λ = 1e-3 fixed, and its schedule (transformers 4.51
-  `warmup_stable_decay`, warmup_ratio 0.61, no stable phase, 14,592 cosine
-  decay steps of ~38k, min_lr_ratio 0.1): linear warmup from 0.1·lr over 61%
-  of the steps, cosine decay to 0.1·lr over the next 38.25%, then held.
 
-  Deliberately not copied: the official run probably updated bf16 weights
-  with no fp32 master copy (ours are fp32, matmuls in bf16), and it counted
-  padding tokens in the loss (we pack documents without padding).
-  """
-  config = base_config()
-  config.model = llama32(size)
-  config.model.quant.method = method
-  config.optim.update(lr=1e-3, schedule="official", initial_fraction=0.1,
-                      warmup_fraction=0.61, decay_fraction=0.3825,  # 14,592 / ~38.15k
-                      final_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8,
-                      weight_decay=0.0, clip_norm=1.0)
-  config.model.remat = "quantized"  # keeps Q and c(W); see gpu_perf.md
-  config.train.loss_chunk = 256  # 128k-vocab logits in 256-position chunks
-  return config
+def tiny(method: str = "tequila") -> ml_collections.ConfigDict:
+  """`configs/tiny.py:METHOD`, the few-MB model of tests and notebooks."""
+  return shipped_config("tiny", method)
+
+
+def llama32_qat(size: str, method: str = "tequila"
+                ) -> ml_collections.ConfigDict:
+  """`configs/llama{size}.py:METHOD` ("1b", "3b"): the official Tequila
+  recipe on Llama-3.2."""
+  return shipped_config(f"llama{size}", method)
+
+
+def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
+  return ModelConfig.from_dict(model.to_dict())
 
 
 # Fields a resumed run may change: how it runs, not what it computes.
@@ -147,26 +145,11 @@ def _normal(value):
   return list(map(_normal, value)) if isinstance(value, (list, tuple)) else value
 
 
-def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
-  return ModelConfig.from_dict(model.to_dict())
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
-  path, _, arg = spec.partition(":")
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"config file {path} not found.")
-  spec_ = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec_)
-  spec_.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def base_config() -> ml_collections.ConfigDict:
   """Every field a training config has, with the published recipe's data,
-  batch and λ defaults (the optimizer's are generic: `llama32_qat` sets the
-  official ones); config files fill in `model` and override the rest."""
+  batch and λ defaults (the optimizer's are generic: `configs/llama1b.py`
+  sets the official ones); config files fill in `model` and override the
+  rest."""
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = model_config(vocab_size=0, hidden_size=0, ffn_size=0,
@@ -203,7 +186,7 @@ def base_config() -> ml_collections.ConfigDict:
       # model, data, optimizer, seed: not RUN_TIME_FIELDS) unless this is set.
       allow_config_change=False,
       restore_step=-1))  # resume from this checkpoint step (-1: the latest)
-  # Generic AdamW defaults; the official run's settings are `llama32_qat`'s.
+  # Generic AdamW defaults; the official run's are `configs/llama1b.py`'s.
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="wsd",  # optim.SCHEDULES
       initial_fraction=0.0, warmup_fraction=0.05, decay_fraction=0.2,
@@ -231,20 +214,4 @@ def base_config() -> ml_collections.ConfigDict:
               if k not in ("quant", "seed")}
   config.diagnostics = ml_collections.ConfigDict(dict(enabled=True,
                                                       **measures))
-  return config
-
-
-def tiny(method: str = "tequila") -> ml_collections.ConfigDict:
-  """A few-MB random LLaMA on Shakespeare bytes: tests, notebooks, smoke runs."""
-  config = base_config()
-  config.model = model_config(
-      vocab_size=512, hidden_size=128, ffn_size=256, num_layers=2,
-      num_heads=4, num_kv_heads=2, head_dim=32, max_seq_len=256,
-      dtype="float32", quant=quant_config(method=method, group_size=64))
-  config.data.tokenizer = "bytes"  # 258 tokens fit the 512-entry vocabulary
-  config.data.seq_len = 64
-  config.train.update(steps=30, batch_size=8, log_every=5, eval_every=10,
-                      eval_batches=2, checkpoint_every=10, progress=False,
-                      tensorboard=False)
-  config.optim.update(warmup_fraction=0.1, lr=3e-3)
   return config

@@ -7,13 +7,13 @@ import pathlib
 import pytest
 from flax import nnx
 
-from tequila_jax import config_lib, model
+from tequila_jax import config_lib, configs, model
 from tequila_jax.diagnostics import DiagnosticsConfig
 from tequila_jax.quant import QuantConfig
 from tequila_jax.train import build
 
-CONFIG_DIR = pathlib.Path(__file__).parent.parent / "configs"
-CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = sorted(p for p in configs.DIR.glob("*.py") if p.name != "__init__.py")
 TINY_DIMS = dict(vocab_size=512, hidden_size=128, ffn_size=256, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=32)
 
@@ -26,22 +26,43 @@ def test_config_loads_and_builds_abstractly(path):
   assert model.param_count(nnx.state(abstract, nnx.Param)) > 0
 
 
-@pytest.mark.parametrize("name, billions", [("llama1b", 1.24), ("llama3b", 3.21)])
+def test_one_copy_of_the_configs():
+  """`configs/` in a checkout is the package's directory (what a wheel
+  ships), not a second copy; the CLI's default is one of them."""
+  assert (ROOT / "configs").is_symlink()
+  assert (ROOT / "configs").resolve() == configs.DIR
+  assert [p.name for p in CONFIGS] == [
+      "llama1b.py", "llama3b.py", "smollm2_135m.py", "tiny.py"]
+  assert configs.DEFAULT in CONFIGS
+
+
+@pytest.mark.parametrize("name, billions",
+                         [("llama1b", 1.24), ("llama3b", 3.21)])
 def test_llama32_parameter_counts(name, billions):
-  config = config_lib.load_config_file(str(CONFIG_DIR / f"{name}.py"))
+  config = config_lib.load_config_file(str(ROOT / "configs" / f"{name}.py"))
   cfg = config_lib.to_model_config(config.model)
   n = model.param_count(nnx.state(model.abstract_model(cfg), nnx.Param))
   assert round(n / 1e9, 2) == billions, n
   assert cfg.rope_scaling and cfg.tie_embeddings and cfg.quant.group_size == 128
 
 
+def test_llama3b_is_the_1b_recipe_on_the_3b_model():
+  small = config_lib.llama32_qat("1b", "absmean")
+  big = config_lib.llama32_qat("3b", "absmean")
+  dims = ("hidden_size", "num_layers", "num_heads", "head_dim")
+  for key in dims:
+    del small.model[key], big.model[key]
+  assert small == big and big.model.quant.method == "absmean"
+
+
 def test_variant_argument_selects_method():
-  config = config_lib.load_config_file(f"{CONFIG_DIR}/tiny.py:absmean")
+  config = config_lib.load_config_file(f"{ROOT}/configs/tiny.py:absmean")
   assert config_lib.to_model_config(config.model).quant.method == "absmean"
+  assert config == config_lib.tiny("absmean")
 
 
 def test_unknown_model_key_is_an_error():
-  config = config_lib.load_config_file(str(CONFIG_DIR / "tiny.py"))
+  config = config_lib.tiny()
   d = config.model.to_dict()
   d["hiden_size"] = 3
   with pytest.raises(ValueError, match="Unknown model config keys"):
@@ -80,13 +101,3 @@ def test_diagnostics_defaults_are_diagnostics_configs():
       quant=cfg.quant, seed=7)
   assert set(config.diagnostics) == {"enabled"} | {
       f.name for f in dataclasses.fields(DiagnosticsConfig)} - {"quant", "seed"}
-
-
-def test_packaged_configs_equal_the_repository_ones():
-  """The CLI's default ships inside the package (a wheel has no configs/
-  directory beside it); the two copies must not drift."""
-  from tequila_jax import configs  # pylint: disable=g-import-not-at-top
-  packaged = {p.name: p.read_text() for p in configs.DIR.glob("*.py")
-              if p.name != "__init__.py"}
-  assert packaged == {p.name: p.read_text() for p in CONFIGS}
-  assert configs.DEFAULT.exists() and configs.DEFAULT.parent == configs.DIR
