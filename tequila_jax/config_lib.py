@@ -105,18 +105,46 @@ def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig.from_dict(model.to_dict())
 
 
-# Fields a resumed run may change: how it runs, not what it computes.
+# The `train` and `data` fields that say how a run runs, not what it
+# computes, with their defaults: a resumed run may change them
+# (RUN_TIME_FIELDS). `base_config` adds them to its sections.
+RUN_TIME_DEFAULTS = {
+    "train": dict(
+        micro_batches=1,  # gradient accumulation
+        loss_chunk=0,  # >0: cross-entropy over chunks of this many positions
+        log_every=10, eval_every=500, eval_batches=8, eval_batch_size=0,
+        checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
+        progress=True, tensorboard=True,
+        parallelism="gspmd",  # or "shard_map" (explicit data parallelism)
+        # Several processes (hosts): jax.distributed.initialize() with these
+        # ("", 0, -1: detected from SLURM/Open MPI/Kubernetes or JAX_* vars).
+        distributed=False, coordinator_address="", num_processes=0,
+        process_id=-1,
+        # Resuming refuses a config that changes what the run computes (the
+        # model, data, optimizer, seed: not RUN_TIME_FIELDS) unless this is
+        # set.
+        allow_config_change=False,
+        restore_step=-1),  # resume from this checkpoint step (-1: the latest)
+    "data": dict(
+        cache_dir="",  # tokenized corpora; "" = ~/.cache/tequila_jax/corpora
+        num_threads=2, prefetch=8)}
+# Sections a resumed run may change as a whole: the device mesh (how the
+# state is laid out) and the diagnostics (what is measured, not trained).
+RUN_TIME_SECTIONS = ("mesh", "diagnostics")
+# RunSettings fields that a resume refuses all the same: the compute dtype
+# changes the numerics (bf16 or fp32 matmuls and activations), so a resumed
+# run would go on computing another function than the one it checkpointed.
+# (Like remat or scan, it is still never stored with the weights.)
+NUMERIC_RUN_SETTINGS = ("dtype",)
+
+# Fields a resumed run may change: how it runs, not what it computes (a
+# name ending in "." is a whole section).
 RUN_TIME_FIELDS = (
-    "model.scan_layers", "model.remat", "model.attention",
-    "train.micro_batches", "train.loss_chunk", "train.log_every",
-    "train.eval_every", "train.eval_batches", "train.eval_batch_size",
-    "train.checkpoint_every", "train.keep_checkpoints",
-    "train.async_checkpoints", "train.progress", "train.tensorboard",
-    "train.parallelism", "train.distributed", "train.coordinator_address",
-    "train.num_processes", "train.process_id", "train.allow_config_change",
-    "train.restore_step",
-    "data.cache_dir", "data.num_threads", "data.prefetch", "mesh.",
-    "diagnostics.")
+    *(f"model.{f.name}" for f in dataclasses.fields(RunSettings)
+      if f.name not in NUMERIC_RUN_SETTINGS),
+    *(f"{section}.{name}" for section, fields in RUN_TIME_DEFAULTS.items()
+      for name in fields),
+    *(f"{section}." for section in RUN_TIME_SECTIONS))
 
 
 def _flat(tree, prefix="") -> dict:
@@ -166,26 +194,12 @@ def base_config() -> ml_collections.ConfigDict:
       split="documents",  # hold out whole documents; "tail": each one's end
       max_documents=0,  # 0 = all
       errors="strict",  # bytes that are not UTF-8: "strict" refuses, "replace"
-      cache_dir="",  # tokenized corpora; "" = ~/.cache/tequila_jax/corpora
       corpus_dir="",  # use this prepared corpus as is (skips tokenization)
-      num_threads=2, prefetch=8))
+      **RUN_TIME_DEFAULTS["data"]))
   config.train = ml_collections.ConfigDict(dict(
       steps=38_000,  # ~10B tokens at 262k tokens per step
       batch_size=256,  # global, in sequences (256 x 1024 = 262k tokens)
-      micro_batches=1,  # gradient accumulation
-      loss_chunk=0,  # >0: cross-entropy over chunks of this many positions
-      log_every=10, eval_every=500, eval_batches=8, eval_batch_size=0,
-      checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
-      progress=True, tensorboard=True,
-      parallelism="gspmd",  # or "shard_map" (explicit data parallelism)
-      # Several processes (hosts): jax.distributed.initialize() with these
-      # ("", 0, -1: detected from SLURM/Open MPI/Kubernetes or JAX_* vars).
-      distributed=False, coordinator_address="", num_processes=0,
-      process_id=-1,
-      # Resuming refuses a config that changes what the run computes (the
-      # model, data, optimizer, seed: not RUN_TIME_FIELDS) unless this is set.
-      allow_config_change=False,
-      restore_step=-1))  # resume from this checkpoint step (-1: the latest)
+      **RUN_TIME_DEFAULTS["train"]))
   # Generic AdamW defaults; the official run's are `configs/llama1b.py`'s.
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="wsd",  # optim.SCHEDULES
