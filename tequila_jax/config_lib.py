@@ -1,28 +1,46 @@
-"""Helpers shared by the `configs/*.py` files and the code that reads them."""
+"""What every training config has (`base_config`), the builders the
+shipped configs (`tequila_jax/configs/*.py`) share, and the code that reads
+configs: loading a `path.py[:arg]`, the `--quant.*` flag, and which fields a
+resumed run may change (`RUN_TIME_FIELDS`).
+
+The defaults of the `model`, `model.quant` and `diagnostics` sections are the
+field defaults of `ModelConfig`'s two halves, `QuantConfig` and
+`DiagnosticsConfig`, read from the dataclasses (never typed again here).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import pathlib
 
 import ml_collections
 from ml_collections import config_flags
 
-from tequila_jax.model import ModelConfig
+from tequila_jax import configs
+from tequila_jax.diagnostics import DiagnosticsConfig
+from tequila_jax.model import Architecture, ModelConfig, RunSettings
 from tequila_jax.quant import QuantConfig
 
-LLAMA3_ROPE_SCALING = {"factor": 32.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 8192}
+
+def field_defaults(cls) -> dict:
+  """The fields of dataclass `cls` that have a default, with it (a nested
+  dataclass default as its dict), in declaration order."""
+  return {f.name: (dataclasses.asdict(f.default)
+                   if dataclasses.is_dataclass(f.default) else f.default)
+          for f in dataclasses.fields(cls)
+          if f.default is not dataclasses.MISSING}
 
 
-def quant_config(method="tequila", granularity="per_group", group_size=128,
-                 lam=1e-3, eps=1e-3, stat_dtype="float32", lam_mode="fixed",
-                 lam_std=0.01, act_bits=0) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      method=method, granularity=granularity, group_size=group_size, lam=lam,
-      eps=eps, stat_dtype=stat_dtype, lam_mode=lam_mode, lam_std=lam_std,
-      act_bits=act_bits))
+def quant_config(*args, **fields) -> ml_collections.ConfigDict:
+  """A `ConfigDict` of every `QuantConfig` field: its defaults, replaced by
+  `args` (in field order: method, granularity, ...) and `fields`."""
+  defaults = field_defaults(QuantConfig)
+  if len(args) > len(defaults) or set(fields) - set(defaults):
+    raise TypeError(f"quant_config: QuantConfig's fields are "
+                    f"{list(defaults)}; got {args} and {sorted(fields)}.")
+  return ml_collections.ConfigDict(
+      {**defaults, **dict(zip(defaults, args)), **fields})
 
 
 def define_quant_flag() -> None:
@@ -46,63 +64,87 @@ def quant_from_flag(flag: ml_collections.ConfigDict) -> QuantConfig | None:
 
 
 def model_config(**fields) -> ml_collections.ConfigDict:
-  """A `ConfigDict` of `ModelConfig` fields with their defaults filled in."""
-  defaults = dict(rms_eps=1e-5, rope_theta=500000.0, rope_scaling=None,
-                  tie_embeddings=True, max_seq_len=8192, dtype="bfloat16",
-                  scan_layers=True, remat="none", attention="auto",
-                  quant=quant_config())
+  """A `ConfigDict` of `ModelConfig` fields: the defaults of `Architecture`
+  and `RunSettings`, then `fields` (the dimensions, which have none)."""
+  defaults = {**field_defaults(Architecture), **field_defaults(RunSettings)}
   return ml_collections.ConfigDict({**defaults, **fields})
 
 
-def llama32(size: str) -> ml_collections.ConfigDict:
-  """Exact Llama-3.2 1B / 3B dimensions (the published configs)."""
-  dims = {"1b": dict(hidden_size=2048, num_layers=16, num_heads=32,
-                     head_dim=64),
-          "3b": dict(hidden_size=3072, num_layers=28, num_heads=24,
-                     head_dim=128)}[size]
-  return model_config(vocab_size=128256, ffn_size=8192, num_kv_heads=8,
-                      rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE_SCALING),
-                      max_seq_len=131072, **dims)
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"config file {path} not found.")
+  spec_ = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
-def llama32_qat(size: str, method: str = "tequila") -> ml_collections.ConfigDict:
-  """The official Tequila recipe on Llama-3.2 `size` ("1b", "3b").
-
-  As the official run: AdamW with the Hugging Face defaults (β2 0.999, eps
-  1e-8, clip 1.0, weight decay 0), lr 1e-3, 256 x 1024 tokens per step, G =
-  128, λ = 1e-3 fixed, and its schedule (transformers 4.51
-  `warmup_stable_decay`, warmup_ratio 0.61, no stable phase, 14,592 cosine
-  decay steps of ~38k, min_lr_ratio 0.1): linear warmup from 0.1·lr over 61%
-  of the steps, cosine decay to 0.1·lr over the next 38.25%, then held.
-
-  Deliberately not copied: the official run probably updated bf16 weights
-  with no fp32 master copy (ours are fp32, matmuls in bf16), and it counted
-  padding tokens in the loss (we pack documents without padding).
-  """
-  config = base_config()
-  config.model = llama32(size)
-  config.model.quant.method = method
-  config.optim.update(lr=1e-3, schedule="official", initial_fraction=0.1,
-                      warmup_fraction=0.61, decay_fraction=0.3825,  # 14,592 / ~38.15k
-                      final_fraction=0.1, b1=0.9, b2=0.999, eps=1e-8,
-                      weight_decay=0.0, clip_norm=1.0)
-  config.model.remat = "quantized"  # keeps Q and c(W); see gpu_perf.md
-  config.train.loss_chunk = 256  # 128k-vocab logits in 256-position chunks
-  return config
+def shipped_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
+  """The shipped config `tequila_jax/configs/NAME.py[:arg]` (the same file
+  as `configs/NAME.py` in a checkout)."""
+  path = configs.DIR / f"{name}.py"
+  return load_config_file(f"{path}:{arg}" if arg else str(path))
 
 
-# Fields a resumed run may change: how it runs, not what it computes.
+def tiny(method: str = "tequila") -> ml_collections.ConfigDict:
+  """`configs/tiny.py:METHOD`, the few-MB model of tests and notebooks."""
+  return shipped_config("tiny", method)
+
+
+def llama32_qat(size: str, method: str = "tequila"
+                ) -> ml_collections.ConfigDict:
+  """`configs/llama{size}.py:METHOD` ("1b", "3b"): the official Tequila
+  recipe on Llama-3.2."""
+  return shipped_config(f"llama{size}", method)
+
+
+def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
+  return ModelConfig.from_dict(model.to_dict())
+
+
+# The `train` and `data` fields that say how a run runs, not what it
+# computes, with their defaults: a resumed run may change them
+# (RUN_TIME_FIELDS). `base_config` adds them to its sections.
+RUN_TIME_DEFAULTS = {
+    "train": dict(
+        micro_batches=1,  # gradient accumulation
+        loss_chunk=0,  # >0: cross-entropy over chunks of this many positions
+        log_every=10, eval_every=500, eval_batches=8, eval_batch_size=0,
+        checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
+        progress=True, tensorboard=True,
+        parallelism="gspmd",  # or "shard_map" (explicit data parallelism)
+        # Several processes (hosts): jax.distributed.initialize() with these
+        # ("", 0, -1: detected from SLURM/Open MPI/Kubernetes or JAX_* vars).
+        distributed=False, coordinator_address="", num_processes=0,
+        process_id=-1,
+        # Resuming refuses a config that changes what the run computes (the
+        # model, data, optimizer, seed: not RUN_TIME_FIELDS) unless this is
+        # set.
+        allow_config_change=False,
+        restore_step=-1),  # resume from this checkpoint step (-1: the latest)
+    "data": dict(
+        cache_dir="",  # tokenized corpora; "" = ~/.cache/tequila_jax/corpora
+        num_threads=2, prefetch=8)}
+# Sections a resumed run may change as a whole: the device mesh (how the
+# state is laid out) and the diagnostics (what is measured, not trained).
+RUN_TIME_SECTIONS = ("mesh", "diagnostics")
+# RunSettings fields that a resume refuses all the same: the compute dtype
+# changes the numerics (bf16 or fp32 matmuls and activations), so a resumed
+# run would go on computing another function than the one it checkpointed.
+# (Like remat or scan, it is still never stored with the weights.)
+NUMERIC_RUN_SETTINGS = ("dtype",)
+
+# Fields a resumed run may change: how it runs, not what it computes (a
+# name ending in "." is a whole section).
 RUN_TIME_FIELDS = (
-    "model.scan_layers", "model.remat", "model.attention",
-    "train.micro_batches", "train.loss_chunk", "train.log_every",
-    "train.eval_every", "train.eval_batches", "train.eval_batch_size",
-    "train.checkpoint_every", "train.keep_checkpoints",
-    "train.async_checkpoints", "train.progress", "train.tensorboard",
-    "train.parallelism", "train.distributed", "train.coordinator_address",
-    "train.num_processes", "train.process_id", "train.allow_config_change",
-    "train.restore_step",
-    "data.cache_dir", "data.num_threads", "data.prefetch", "mesh.",
-    "diagnostics.")
+    *(f"model.{f.name}" for f in dataclasses.fields(RunSettings)
+      if f.name not in NUMERIC_RUN_SETTINGS),
+    *(f"{section}.{name}" for section, fields in RUN_TIME_DEFAULTS.items()
+      for name in fields),
+    *(f"{section}." for section in RUN_TIME_SECTIONS))
 
 
 def _flat(tree, prefix="") -> dict:
@@ -131,26 +173,11 @@ def _normal(value):
   return list(map(_normal, value)) if isinstance(value, (list, tuple)) else value
 
 
-def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
-  return ModelConfig.from_dict(model.to_dict())
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
-  path, _, arg = spec.partition(":")
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"config file {path} not found.")
-  spec_ = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec_)
-  spec_.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def base_config() -> ml_collections.ConfigDict:
   """Every field a training config has, with the published recipe's data,
-  batch and λ defaults (the optimizer's are generic: `llama32_qat` sets the
-  official ones); config files fill in `model` and override the rest."""
+  batch and λ defaults (the optimizer's are generic: `configs/llama1b.py`
+  sets the official ones); config files fill in `model` and override the
+  rest."""
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = model_config(vocab_size=0, hidden_size=0, ffn_size=0,
@@ -167,27 +194,13 @@ def base_config() -> ml_collections.ConfigDict:
       split="documents",  # hold out whole documents; "tail": each one's end
       max_documents=0,  # 0 = all
       errors="strict",  # bytes that are not UTF-8: "strict" refuses, "replace"
-      cache_dir="",  # tokenized corpora; "" = ~/.cache/tequila_jax/corpora
       corpus_dir="",  # use this prepared corpus as is (skips tokenization)
-      num_threads=2, prefetch=8))
+      **RUN_TIME_DEFAULTS["data"]))
   config.train = ml_collections.ConfigDict(dict(
       steps=38_000,  # ~10B tokens at 262k tokens per step
       batch_size=256,  # global, in sequences (256 x 1024 = 262k tokens)
-      micro_batches=1,  # gradient accumulation
-      loss_chunk=0,  # >0: cross-entropy over chunks of this many positions
-      log_every=10, eval_every=500, eval_batches=8, eval_batch_size=0,
-      checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
-      progress=True, tensorboard=True,
-      parallelism="gspmd",  # or "shard_map" (explicit data parallelism)
-      # Several processes (hosts): jax.distributed.initialize() with these
-      # ("", 0, -1: detected from SLURM/Open MPI/Kubernetes or JAX_* vars).
-      distributed=False, coordinator_address="", num_processes=0,
-      process_id=-1,
-      # Resuming refuses a config that changes what the run computes (the
-      # model, data, optimizer, seed: not RUN_TIME_FIELDS) unless this is set.
-      allow_config_change=False,
-      restore_step=-1))  # resume from this checkpoint step (-1: the latest)
-  # Generic AdamW defaults; the official run's settings are `llama32_qat`'s.
+      **RUN_TIME_DEFAULTS["train"]))
+  # Generic AdamW defaults; the official run's are `configs/llama1b.py`'s.
   config.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="wsd",  # optim.SCHEDULES
       initial_fraction=0.0, warmup_fraction=0.05, decay_fraction=0.2,
@@ -209,24 +222,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Deadzone diagnostics (tequila_jax/diagnostics.py): fractions, crossings,
   # pile-up and trapping every step (trapping on `sample_size` sampled weights
   # per layer type, trapped = in D for >= `trap_steps` steps); GSNR and
-  # |W|/delta histograms on logging steps.
-  config.diagnostics = ml_collections.ConfigDict(dict(
-      enabled=True, trap_steps=100, sample_size=4096, hist_bins=60,
-      hist_max=3.0))
-  return config
-
-
-def tiny(method: str = "tequila") -> ml_collections.ConfigDict:
-  """A few-MB random LLaMA on Shakespeare bytes: tests, notebooks, smoke runs."""
-  config = base_config()
-  config.model = model_config(
-      vocab_size=512, hidden_size=128, ffn_size=256, num_layers=2,
-      num_heads=4, num_kv_heads=2, head_dim=32, max_seq_len=256,
-      dtype="float32", quant=quant_config(method=method, group_size=64))
-  config.data.tokenizer = "bytes"  # 258 tokens fit the 512-entry vocabulary
-  config.data.seq_len = 64
-  config.train.update(steps=30, batch_size=8, log_every=5, eval_every=10,
-                      eval_batches=2, checkpoint_every=10, progress=False,
-                      tensorboard=False)
-  config.optim.update(warmup_fraction=0.1, lr=3e-3)
+  # |W|/delta histograms on logging steps. The fields and defaults of
+  # DiagnosticsConfig, but its quant and seed: the run's model.quant and seed.
+  measures = {k: v for k, v in field_defaults(DiagnosticsConfig).items()
+              if k not in ("quant", "seed")}
+  config.diagnostics = ml_collections.ConfigDict(dict(enabled=True,
+                                                      **measures))
   return config

@@ -1,14 +1,22 @@
-"""Every shipped config loads; the Llama-3.2 configs have their published sizes."""
+"""Every shipped config loads; the Llama-3.2 configs have their published
+sizes; config defaults are the dataclasses'; which fields a resume may
+change."""
 
+import dataclasses
 import pathlib
 
 import pytest
 from flax import nnx
 
-from tequila_jax import config_lib, model
+from tequila_jax import checkpoint, config_lib, configs, model
+from tequila_jax.diagnostics import DiagnosticsConfig
+from tequila_jax.quant import QuantConfig
+from tequila_jax.train import build, loop
 
-CONFIG_DIR = pathlib.Path(__file__).parent.parent / "configs"
-CONFIGS = sorted(CONFIG_DIR.glob("*.py"))
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = sorted(p for p in configs.DIR.glob("*.py") if p.name != "__init__.py")
+TINY_DIMS = dict(vocab_size=512, hidden_size=128, ffn_size=256, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=32)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -19,33 +27,142 @@ def test_config_loads_and_builds_abstractly(path):
   assert model.param_count(nnx.state(abstract, nnx.Param)) > 0
 
 
-@pytest.mark.parametrize("name, billions", [("llama1b", 1.24), ("llama3b", 3.21)])
+def test_one_copy_of_the_configs():
+  """`configs/` in a checkout is the package's directory (what a wheel
+  ships), not a second copy; the CLI's default is one of them."""
+  assert (ROOT / "configs").is_symlink()
+  assert (ROOT / "configs").resolve() == configs.DIR
+  assert [p.name for p in CONFIGS] == [
+      "llama1b.py", "llama3b.py", "smollm2_135m.py", "tiny.py"]
+  assert configs.DEFAULT in CONFIGS
+
+
+@pytest.mark.parametrize("name, billions",
+                         [("llama1b", 1.24), ("llama3b", 3.21)])
 def test_llama32_parameter_counts(name, billions):
-  config = config_lib.load_config_file(str(CONFIG_DIR / f"{name}.py"))
+  config = config_lib.load_config_file(str(ROOT / "configs" / f"{name}.py"))
   cfg = config_lib.to_model_config(config.model)
   n = model.param_count(nnx.state(model.abstract_model(cfg), nnx.Param))
   assert round(n / 1e9, 2) == billions, n
   assert cfg.rope_scaling and cfg.tie_embeddings and cfg.quant.group_size == 128
 
 
+def test_llama3b_is_the_1b_recipe_on_the_3b_model():
+  small = config_lib.llama32_qat("1b", "absmean")
+  big = config_lib.llama32_qat("3b", "absmean")
+  dims = ("hidden_size", "num_layers", "num_heads", "head_dim")
+  for key in dims:
+    del small.model[key], big.model[key]
+  assert small == big and big.model.quant.method == "absmean"
+
+
 def test_variant_argument_selects_method():
-  config = config_lib.load_config_file(f"{CONFIG_DIR}/tiny.py:absmean")
+  config = config_lib.load_config_file(f"{ROOT}/configs/tiny.py:absmean")
   assert config_lib.to_model_config(config.model).quant.method == "absmean"
+  assert config == config_lib.tiny("absmean")
 
 
 def test_unknown_model_key_is_an_error():
-  config = config_lib.load_config_file(str(CONFIG_DIR / "tiny.py"))
+  config = config_lib.tiny()
   d = config.model.to_dict()
   d["hiden_size"] = 3
   with pytest.raises(ValueError, match="Unknown model config keys"):
     model.ModelConfig.from_dict(d)
 
 
-def test_packaged_configs_equal_the_repository_ones():
-  """The CLI's default ships inside the package (a wheel has no configs/
-  directory beside it); the two copies must not drift."""
-  from tequila_jax import configs  # pylint: disable=g-import-not-at-top
-  packaged = {p.name: p.read_text() for p in configs.DIR.glob("*.py")
-              if p.name != "__init__.py"}
-  assert packaged == {p.name: p.read_text() for p in CONFIGS}
-  assert configs.DEFAULT.exists() and configs.DEFAULT.parent == configs.DIR
+def test_quant_defaults_are_quant_configs():
+  section = config_lib.quant_config()
+  assert set(section) == {f.name for f in dataclasses.fields(QuantConfig)}
+  assert QuantConfig(**section.to_dict()) == QuantConfig()
+  assert QuantConfig(**config_lib.quant_config(
+      "absmean", "per_channel", lam=0.5).to_dict()) == QuantConfig(
+          "absmean", "per_channel", lam=0.5)
+  with pytest.raises(TypeError, match="group_size"):
+    config_lib.quant_config(groupsize=64)
+
+
+def test_model_defaults_are_model_configs():
+  """A config that gives only the dimensions builds the `ModelConfig` whose
+  other fields, quantizer included, are the dataclasses' defaults."""
+  section = config_lib.base_config().model
+  assert set(section) == model.ARCH_FIELDS | model.RUN_FIELDS
+  section.update(TINY_DIMS)
+  assert config_lib.to_model_config(section) == model.ModelConfig(
+      model.Architecture(**TINY_DIMS), model.RunSettings())
+
+
+def test_diagnostics_defaults_are_diagnostics_configs():
+  """The trainer builds the default `DiagnosticsConfig` from the default
+  section (its quant and seed are the run's)."""
+  config = config_lib.base_config()
+  config.seed = 7
+  config.model.update(TINY_DIMS)
+  cfg = config_lib.to_model_config(config.model)
+  assert build.diagnostics_config(config, cfg) == DiagnosticsConfig(
+      quant=cfg.quant, seed=7)
+  assert set(config.diagnostics) == {"enabled"} | {
+      f.name for f in dataclasses.fields(DiagnosticsConfig)} - {"quant", "seed"}
+
+
+def _changes(**fields):
+  """What `config_changes` reports when `fields` ("section.key": value)
+  change between a stored tiny config and a resumed one."""
+  config = config_lib.tiny()
+  for key, value in fields.items():
+    *sections, name = key.split(".")
+    section = config
+    for part in sections:
+      section = section[part]
+    section[name] = value
+  return config_lib.config_changes(config_lib.tiny(), config)
+
+
+def test_run_settings_but_dtype_may_change_on_resume():
+  """scan, remat and the attention kernel change how the model runs (the
+  same numbers up to rounding); they are `RunSettings` fields, and so
+  run-time without being listed."""
+  assert _changes(**{"model.scan_layers": False, "model.remat": "full",
+                     "model.attention": "xla"}) == []
+  run_time = [f for f in config_lib.RUN_TIME_FIELDS if f.startswith("model.")]
+  assert sorted(run_time) == sorted(
+      f"model.{name}" for name in model.RUN_FIELDS - {"dtype"})
+
+
+def test_model_dtype_is_refused_on_resume(tmp_path):
+  """The compute dtype is a run setting (never stored with the weights),
+  but it changes the numerics: bf16 matmuls and activations are another
+  computation than fp32 ones, so a resume refuses it like an architecture
+  change (unless train.allow_config_change)."""
+  assert _changes(**{"model.dtype": "bfloat16"}) == [
+      "model.dtype: 'float32' -> 'bfloat16'"]
+  (tmp_path / checkpoint.CHECKPOINTS).mkdir()
+  checkpoint.write_config(tmp_path, config_lib.tiny())
+  config = config_lib.tiny()
+  config.model.dtype = "bfloat16"
+  with pytest.raises(ValueError, match="model.dtype: 'float32' -> 'bfloat16'"):
+    loop.check_resumed_config(config, tmp_path)
+  config.train.allow_config_change = True
+  loop.check_resumed_config(config, tmp_path)
+
+
+@pytest.mark.parametrize("key, value, refused", [
+    ("train.steps", 31, True), ("train.batch_size", 16, True),
+    ("data.seq_len", 32, True), ("data.corpus_dir", "/c", True),
+    ("optim.lr", 1e-4, True), ("model.quant.lam", 1e-2, True),
+    ("train.micro_batches", 2, False), ("train.log_every", 1, False),
+    ("train.restore_step", 10, False), ("data.cache_dir", "/c", False),
+    ("data.prefetch", 1, False), ("mesh.fsdp", 2, False),
+    ("diagnostics.enabled", False, False)])
+def test_what_a_resume_may_change(key, value, refused):
+  assert bool(_changes(**{key: value})) == refused
+
+
+def test_run_time_fields_name_fields_of_the_config():
+  """Each entry is a field (or, ending in ".", a section) of every config:
+  a renamed field cannot linger here."""
+  flat = config_lib._flat(  # pylint: disable=protected-access
+      config_lib.base_config().to_dict())
+  for entry in config_lib.RUN_TIME_FIELDS:
+    assert (entry in flat if not entry.endswith(".")
+            else any(k.startswith(entry) for k in flat)), entry
+  assert len(set(config_lib.RUN_TIME_FIELDS)) == len(config_lib.RUN_TIME_FIELDS)

@@ -1,6 +1,8 @@
-"""The shipped training configs, inside the package so that an installed
-wheel finds the CLI's default. `configs/` at the repository root holds the
-same files for users to read and copy (a test keeps them identical)."""
+"""The shipped training configs, each file its own recipe (`get_config(arg)`
+over `config_lib.base_config`). They live inside the package so that an
+installed wheel finds the CLI's default; `configs/` at the repository root
+is a symbolic link to this directory, so that `--config configs/X.py` works
+from a checkout."""
 
 import pathlib
 

@@ -174,8 +174,8 @@ def check_resumed_corpus(config: ml_collections.ConfigDict, workdir,
 
 def check_resumed_config(config: ml_collections.ConfigDict, workdir) -> None:
   """Refuses to resume the run in `workdir` with a config that changes what
-  it computes (`config_lib.RUN_TIME_FIELDS` may change), unless
-  `train.allow_config_change`."""
+  it computes (any field but `config_lib.RUN_TIME_FIELDS`; `model.dtype`
+  included), unless `train.allow_config_change`."""
   if not workdir_lib.is_workdir(workdir):
     return
   changes = config_lib.config_changes(workdir_lib.read_config(workdir), config)
