@@ -219,10 +219,10 @@ def base_config() -> ml_collections.ConfigDict:
       kind="kl",  # KL(teacher ‖ student); "reverse_kl": KL(student ‖ teacher)
       teacher="", attention_weight=0.0, attention_layer=-1,
       attention_heads=0))
-  # Deadzone diagnostics (tequila_jax/diagnostics.py): fractions, crossings,
-  # pile-up and trapping every step (trapping on `sample_size` sampled weights
-  # per layer type, trapped = in D for >= `trap_steps` steps); GSNR and
-  # |W|/delta histograms on logging steps. The fields and defaults of
+  # Deadzone diagnostics (tequila_jax/diagnostics.py): trapping every step
+  # on `sample_size` sampled weights per layer type (trapped = in D for >=
+  # `trap_steps` steps); fractions, crossings, pile-up, GSNR and |W|/delta
+  # histograms on logging steps, over all weights. The fields and defaults of
   # DiagnosticsConfig, but its quant and seed: the run's model.quant and seed.
   measures = {k: v for k, v in field_defaults(DiagnosticsConfig).items()
               if k not in ("quant", "seed")}
