@@ -14,7 +14,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Hashable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -31,8 +31,8 @@ def timed(fn: Callable, *args) -> Callable[[], float]:
   return call
 
 
-def round_robin(calls: dict[str, Callable[[], float]], rounds: int,
-                warmup: int = 0) -> dict[str, list[float]]:
+def round_robin(calls: dict[Hashable, Callable[[], float]], rounds: int,
+                warmup: int = 0) -> dict[Hashable, list[float]]:
   """Seconds of every `rounds` call of each of `calls` (`name -> call`, a
   call returning the seconds it measured, as `timed`'s do): one call of
   each in turn, `warmup + rounds` rounds with the first `warmup` not
