@@ -1,5 +1,6 @@
 """What the experiments share: the round-robin timer of the benchmarks, the
-machine a measurement ran on, and the git commit a result came from.
+machine a measurement ran on, the git commit a result came from, and the
+results folder (results.json beside results.md).
 
 jax is imported inside the functions that need it, so that a process which
 only records a commit (the sweep's parent, which never loads jax) stays
@@ -8,6 +9,7 @@ light.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import platform
@@ -67,6 +69,15 @@ def machine() -> dict:
               devices=[str(d) for d in jax.devices()],
               xla_flags=os.environ.get("XLA_FLAGS", ""),
               glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+
+
+def write_results(out, results, markdown: str) -> None:
+  """`out`/results.json (`results`, indented) and `out`/results.md
+  (`markdown`), `out` made if missing."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(results, indent=2))
+  (out / "results.md").write_text(markdown)
 
 
 def git_commit() -> str:

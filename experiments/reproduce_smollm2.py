@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from experiments import reproduce_smollm2_pack, sweep
+from experiments import common, reproduce_smollm2_pack, sweep
 from tequila_jax import config_lib
 from tequila_jax.configs import smollm2_135m
 from tequila_jax.quant import QuantConfig
@@ -412,10 +412,8 @@ def summarize(out: pathlib.Path, results: pathlib.Path) -> str:
                "way.* " + verdict)
   lines += ["## Verdict", "", verdict, ""]
   text = "\n".join(lines)
-  results.mkdir(parents=True, exist_ok=True)
-  (results / "results.md").write_text(text)
-  (results / "results.json").write_text(json.dumps(dict(
-      runs=table, paired=paired, verdict=verdict), indent=2))
+  common.write_results(results, dict(runs=table, paired=paired,
+                                     verdict=verdict), text)
   _plot(out, runs, paired, sources, results)
   return text
 

@@ -11,11 +11,13 @@ from tequila_jax.inference import model as inference_model
 def fused_linear(model):
   """`model`'s fused projection, `(x, layer entry) -> y`, as its decode
   step calls it (PackedLlama: `ternary_linear` with the model's strategy)."""
-  return model._linear  # TODO(i30): public hook  # pylint: disable=protected-access
+  # TODO(i30): public hook
+  return model._linear  # pylint: disable=protected-access
 
 
 def attend(q, k, v, positions):
   """The decoders' attention of `q[B, T, N, D]` at `positions[B, T]` over a
   heads-major cache's keys and values `[B, K, S, D]` -> `[B, T, N * D]`."""
-  return inference_model._attend(q, k, v, positions)  # TODO(i30): public hook  # pylint: disable=protected-access
+  # TODO(i30): public hook
+  return inference_model._attend(q, k, v, positions)  # pylint: disable=protected-access
 

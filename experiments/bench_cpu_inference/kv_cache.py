@@ -42,7 +42,7 @@ def bench_kv_cache(config: str, rounds: int, positions=(128, 1024, 4096)
     logits = {k: models.timed_step(m, token, filled[k])[1]
               for k, m in kv_models.items()}
     times = common.round_robin(
-        {k: lambda k=k, m=m: models.timed_step(m, token, filled[k])[0]
+        {k: lambda m=m, filled=filled[k]: models.timed_step(m, token, filled)[0]
          for k, m in kv_models.items()}, rounds)
     ratios = sorted(a / b for a, b in zip(times["float32"], times["bfloat16"]))
     rows.append(dict(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+from experiments import common
 from experiments.bench_cpu_inference import registry
 
 
@@ -25,11 +26,8 @@ def write(results: dict, decode_config: str, out: str = "") -> None:
   text = render(results, decode_config)
   print(text)
   if out:
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(
-        f"Machine: {json.dumps(results['machine'])}\n\n" + text)
+    common.write_results(
+        out, results, f"Machine: {json.dumps(results['machine'])}\n\n" + text)
 
 
 def merge(paths) -> dict:

@@ -113,11 +113,12 @@ def bench_llama_cpp(config: str, rounds: int, contexts=(128, 1024, 4096),
                            ours.init_cache(1, capacity))[1]
       theirs_prefill(n)
       times = common.round_robin(
-          {"ours": lambda n=n, filled=filled: step(ours, n, filled),
+          {"ours": lambda n=n, filled=filled, ours=ours: step(ours, n, filled),
            "llama.cpp": lambda n=n: theirs_step(n)}, rounds, warmup=1)
       if i == 0:  # ours alone: nothing else runs between its steps
         times.update(common.round_robin(
-            {"ours alone": lambda n=n, filled=filled: step(ours, n, filled)},
+            {"ours alone": lambda n=n, filled=filled, ours=ours: step(
+                ours, n, filled)},
             rounds, warmup=1))
       for name, t in times.items():
         summary("decode", n, name, t, layout=layout, format=fmt)
