@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import tempfile
 
 import numpy as np
 
-from experiments import sweep
+from experiments import common, sweep
 
 VARIANTS = (("A8 (ours)", 8, "exact"), ("16-bit activations", 0, "exact"),
             ("llama.cpp (Q8_K)", 0, "q8k"))
@@ -91,8 +90,6 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   from tequila_jax import data, train  # pylint: disable=g-import-not-at-top
   from tequila_jax.io import locations  # pylint: disable=g-import-not-at-top
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="a8_"))
   rows, report = [], {}
   for label, bits in (("trained A8", 8), ("trained A16", 0)):
@@ -125,9 +122,8 @@ def main(argv=None):
       "| model | runtime activations | held-out loss | Δ loss vs trained "
       "forward [95% CI] | logits rel. diff | argmax agreement |",
       "|---|---|---|---|---|---|", *rows]) + "\n"
-  (out / "results.md").write_text(text)
-  (out / "results.json").write_text(json.dumps(
-      dict(steps=args.steps, windows=args.windows, rows=report), indent=2))
+  common.write_results(args.out, dict(steps=args.steps, windows=args.windows,
+                                      rows=report), text)
   print(text)
 
 

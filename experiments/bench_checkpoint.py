@@ -23,8 +23,8 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
+from experiments import common
 from tequila_jax import checkpoint, config_lib, data
 from tequila_jax.io import locations
 from tequila_jax.train.build import build_train
@@ -100,9 +100,6 @@ def main(argv=None):
                                   / result[f"{what}_without"]["median"] - 1)
   print(json.dumps(result, indent=2))
   if args.out:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
     rows = "\n".join(
         f"| {what} | {result[f'{what}_without']['median']:.2f} "
         f"({result[f'{what}_without']['min']:.2f}-"
@@ -112,8 +109,8 @@ def main(argv=None):
         f"{result[f'{what}_with']['max']:.2f}) | "
         f"{100 * result[f'{what}_overhead']:+.1f}% |"
         for what in ("save", "restore"))
-    (out / "results.md").write_text(
-        f"# Checkpoint integrity cost: {args.config}\n\n"
+    common.write_results(
+        args.out, result, f"# Checkpoint integrity cost: {args.config}\n\n"
         f"Train state {state_bytes / 2**20:.0f} MiB in {result['leaves']} "
         f"arrays (params, AdamW, diagnostics), random init; {args.reps} "
         f"alternating repetitions after one warm-up, synchronous saves, "

@@ -31,8 +31,8 @@ timed 8192³ matmul), and
 
 import argparse
 import json
-import re
 import platform
+import re
 import statistics
 import time
 
@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import common
 from tequila_jax import config_lib, sharding, train
 
 
@@ -97,23 +98,24 @@ def build(config, spec: str, batch: int, seq: int):
   mem = compiled.memory_analysis()
   return dict(method=spec, compiled=compiled, state=state, tokens=tokens,
               args=args,
-              compile_s=time.perf_counter() - t0, times=[],
+              compile_s=time.perf_counter() - t0,
               flops_per_step=model_flops_per_token(cfg, seq) * batch * seq,
               temp_bytes=getattr(mem, "temp_size_in_bytes", None),
               arg_bytes=getattr(mem, "argument_size_in_bytes", None))
 
 
 def time_round_robin(candidates: list[dict], iters: int, warmup: int) -> None:
-  """One step of each candidate in turn, `warmup + iters` rounds, so that
-  every candidate sees the same machine state (noise, thermals)."""
-  for i in range(warmup + iters):
-    for c in candidates:
-      t0 = time.perf_counter()
-      c["state"], m = c["compiled"](c["state"], c["tokens"], *c["args"])
-      jax.block_until_ready((c["state"], m))
-      if i >= warmup:
-        c["times"].append(time.perf_counter() - t0)
-      c["loss"] = float(m["loss"])
+  """One step of each candidate in turn (`common.round_robin`), `warmup +
+  iters` rounds, so that every candidate sees the same machine state
+  (noise, thermals); sets each one's `times` and last `loss`."""
+  def step(c):
+    c["state"], c["metrics"] = c["compiled"](c["state"], c["tokens"],
+                                             *c["args"])
+    return c["state"], c["metrics"]
+  times = common.round_robin({i: common.timed(step, c)
+                              for i, c in enumerate(candidates)}, iters, warmup)
+  for i, c in enumerate(candidates):
+    c["times"], c["loss"] = times[i], float(c["metrics"]["loss"])
 
 
 def result(c: dict, batch: int, seq: int) -> dict:
@@ -140,13 +142,9 @@ def spec_peak_tflops(device_kind: str) -> float:
 
 def measured_peak_tflops(n: int = 8192, iters: int = 20) -> float:
   a = jnp.ones((n, n), jnp.bfloat16)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    f(a, a).block_until_ready()
-    times.append(time.perf_counter() - t0)
+  times = common.round_robin(
+      {"matmul": common.timed(jax.jit(lambda x, y: x @ y), a, a)}, iters,
+      warmup=1)["matmul"]
   return 2 * n**3 / statistics.median(times) / 1e12
 
 
@@ -202,8 +200,6 @@ def main():
         f"host={platform.processor() or platform.machine()}")
   runs = []
   for rep in range(args.repeat):
-    for c in candidates:
-      c["times"] = []
     time_round_robin(candidates, args.iters, args.warmup if rep == 0 else 1)
     rows = [result(c, args.batch, args.seq) for c in candidates]
     base = candidates[0]["times"]

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pathlib
 import tempfile
 
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import sweep
+from experiments import common, sweep
 from tequila_jax import data, evaluate
 from tequila_jax import workdir as workdir_lib
 from tequila_jax.inference import PackedLlama
@@ -105,10 +104,7 @@ def main(argv=None):
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-    (out / "results.md").write_text(text)
+    common.write_results(args.out, rows, text)
 
 
 if __name__ == "__main__":

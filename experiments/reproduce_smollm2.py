@@ -15,29 +15,27 @@ documents, per source, and on a 4-way next-sentence cloze.
 
 `prepare` tokenizes the corpus and builds the cloze items from held-out
 documents; `pack` splits what a GPU machine needs into parts that travel
-(.device/reproduce_smollm2/; experiments/results/reproduce_smollm2/README.md
-has the device commands). `run` trains the named runs (`RUNS`, priority
-order) and resumes unfinished ones; a finished run leaves
-DIR/runs/NAME/{summary,config}.json and metrics.jsonl, which `collect`
-copies out and `report` reads. `pretrained` scores the starting model.
+(.device/reproduce_smollm2/, by `reproduce_smollm2_pack`;
+experiments/results/reproduce_smollm2/README.md has the device commands).
+`run` trains the named runs (`RUNS`, priority order) and resumes unfinished
+ones; a finished run leaves DIR/runs/NAME/{summary,config}.json and
+metrics.jsonl, which `collect` copies out and `report` reads. `pretrained`
+scores the starting model.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from experiments import sweep
+from experiments import common, reproduce_smollm2_pack, sweep
 from tequila_jax import config_lib
 from tequila_jax.configs import smollm2_135m
 from tequila_jax.quant import QuantConfig
@@ -73,8 +71,6 @@ RUNS = {  # in priority order; sN = data-order seed N
                       "seed": 0},
     "tequila_a8-s0": {**_TEQUILA, "model.quant.act_bits": 8, "seed": 0},
 }
-DEVICE_WHEELS = ("grain==0.2.18", "array-record==0.8.1", "portpicker",
-                 "ml-collections==1.1.0", "gguf==0.19.0", "tensorboardX==2.6.5")
 PRETRAINED = "pretrained"  # the starting model, scored without training
 MAX_WINDOWS_PER_SOURCE = 128
 CLOZE_ITEMS = 2400
@@ -189,39 +185,6 @@ def collect(out: pathlib.Path, to: pathlib.Path) -> None:
       if (summary.parent / name).exists():
         shutil.copy(summary.parent / name, dest / name)
     print(f"collected {summary.parent.name}")
-
-
-def pack(out: pathlib.Path, dest: pathlib.Path, init: str,
-         part_bytes: int = 48 << 20) -> None:
-  """What a GPU machine needs, in parts that travel one call each (64 MiB
-  a call, code included): 1/ the corpus and cloze items (tar.xz) and the
-  wheels it lacks, then the GGUF split in `part_bytes` pieces with its
-  sha256 in the last part."""
-  from tequila_jax.io import locations  # pylint: disable=g-import-not-at-top
-  if dest.exists():
-    shutil.rmtree(dest)
-  first = dest / "1"
-  (first / "wheels").mkdir(parents=True)
-  subprocess.run(["tar", "-C", str(out), "-cJf", str(first / "corpus.tar.xz"),
-                  "corpus", "cloze.jsonl"], check=True)
-  subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
-                  "--no-deps", "--only-binary=:all:", "--python-version",
-                  "3.12", "--implementation", "cp", "--platform",
-                  "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-                  "--platform", "manylinux2014_x86_64", "-d",
-                  str(first / "wheels"), *DEVICE_WHEELS], check=True)
-  gguf = locations.resolve(init)
-  blob = gguf.read_bytes()
-  parts = [blob[i:i + part_bytes] for i in range(0, len(blob), part_bytes)]
-  for i, part in enumerate(parts):
-    folder = dest / str(i + 2)
-    folder.mkdir()
-    (folder / f"gguf.part{i}").write_bytes(part)
-  (dest / str(len(parts) + 1) / "gguf.sha256").write_text(
-      hashlib.sha256(blob).hexdigest() + "\n")
-  for folder in sorted(dest.iterdir()):
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    print(f"{folder}: {size / 2**20:.1f} MiB")
 
 
 # --------------------------------------------------------------------------
@@ -449,10 +412,8 @@ def summarize(out: pathlib.Path, results: pathlib.Path) -> str:
                "way.* " + verdict)
   lines += ["## Verdict", "", verdict, ""]
   text = "\n".join(lines)
-  results.mkdir(parents=True, exist_ok=True)
-  (results / "results.md").write_text(text)
-  (results / "results.json").write_text(json.dumps(dict(
-      runs=table, paired=paired, verdict=verdict), indent=2))
+  common.write_results(results, dict(runs=table, paired=paired,
+                                     verdict=verdict), text)
   _plot(out, runs, paired, sources, results)
   return text
 
@@ -573,7 +534,8 @@ def main(argv=None):
         max_items=args.max_items, overrides=overrides)
     print(f"runs took {time.time() - start:.0f} s", flush=True)
   if args.command == "pack":
-    pack(out, pathlib.Path(args.device_dir), args.init)
+    reproduce_smollm2_pack.pack(out, pathlib.Path(args.device_dir),
+                                args.init)
   if args.command == "collect":
     collect(out, pathlib.Path(args.to))
   if args.command in ("report", "smoke"):

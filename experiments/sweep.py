@@ -31,13 +31,13 @@ import itertools
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
 
 import numpy as np
 
+from experiments import common
 # Plain Python (no JAX): the sweep's parent process stays free of it.
 from tequila_jax.quant.config import LAM_MODES, METHODS
 
@@ -94,20 +94,6 @@ def parse_value(text: str):
     return text
 
 
-def hardware() -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  return dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__,
-              platform=platform.platform(), processor=platform.processor())
-
-
-def commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True,
-                          capture_output=True, text=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
               evaluate_fn=None, max_eval_windows: int = MAX_EVAL_WINDOWS
               ) -> dict:
@@ -162,8 +148,8 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
                 heldout_window_losses=losses.tolist(),
                 eval_float=summary.get("eval_float"),
                 eval_before=summary.get("eval_before"), **extra,
-                config=json.loads(config.to_json()), commit=commit(),
-                hardware=hardware())
+                config=json.loads(config.to_json()), commit=common.git_commit(),
+                hardware=common.machine())
   with atomic_path(workdir / "summary.json") as tmp:  # a finished point
     tmp.write_text(json.dumps(result, indent=2))
   return result
@@ -210,7 +196,7 @@ def _run_parallel(config_spec, todo, fixed, out, parallel):
           env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
         cmd = [sys.executable, "-m", "experiments.sweep", "--config", config_spec, "--point",
                json.dumps([point_name(p), {**fixed, **p}]), "--out", str(out)]
-        running[slot] = subprocess.Popen(cmd, env=env, cwd=ROOT)
+        running[slot] = subprocess.Popen(cmd, env=env, cwd=common.ROOT)
         print(f"started {point_name(p)} (slot {slot})", flush=True)
     for slot, proc in list(running.items()):
       if proc.poll() is not None:

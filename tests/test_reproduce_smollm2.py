@@ -86,3 +86,39 @@ def test_runs_end_with_the_reviewers_baselines():
         "per_channel")
   assert reproduce_smollm2.RUNS["tequila_lamv3-s0"]["model.quant.lam_mode"] == "v3"
   assert reproduce_smollm2.RUNS["tequila_a8-s0"]["model.quant.act_bits"] == 8
+
+
+def test_pack_splits_the_gguf_into_parts_that_travel(tmp_path, monkeypatch):
+  """`pack`: part 1 holds the corpus, cloze items and wheels (the wheel
+  download is stubbed: no network here), the GGUF follows in pieces of at
+  most `part_bytes` whose join matches the sha256 in the last part."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from experiments import reproduce_smollm2_pack  # pylint: disable=g-import-not-at-top
+  real_run, pips = subprocess.run, []
+
+  def run(cmd, **kwargs):
+    if cmd[1:4] == ["-m", "pip", "download"]:
+      pips.append(cmd)
+      return subprocess.CompletedProcess(cmd, 0)
+    return real_run(cmd, **kwargs)
+  monkeypatch.setattr(reproduce_smollm2_pack.subprocess, "run", run)
+  out = tmp_path / "out"
+  (out / "corpus").mkdir(parents=True)
+  (out / "corpus" / "train.bin").write_bytes(b"\0" * 100)
+  (out / "cloze.jsonl").write_text("{}\n")
+  blob = np.random.default_rng(0).bytes(2500)
+  (tmp_path / "m.gguf").write_bytes(blob)
+  dest = tmp_path / "parts"
+  reproduce_smollm2_pack.pack(out, dest, str(tmp_path / "m.gguf"),
+                              part_bytes=1000)
+  assert sorted(p.name for p in dest.iterdir()) == ["1", "2", "3", "4"]
+  assert (dest / "1" / "corpus.tar.xz").stat().st_size > 0
+  assert pips[0][-len(reproduce_smollm2_pack.DEVICE_WHEELS):] == list(
+      reproduce_smollm2_pack.DEVICE_WHEELS)
+  pieces = [(dest / str(i + 2) / f"gguf.part{i}").read_bytes()
+            for i in range(3)]
+  assert [len(p) for p in pieces] == [1000, 1000, 500]
+  assert b"".join(pieces) == blob
+  assert (dest / "4" / "gguf.sha256").read_text() == (
+      hashlib.sha256(blob).hexdigest() + "\n")
