@@ -4,6 +4,7 @@ points load no heavy stack, and every documented command starts from an
 installed wheel."""
 
 import ast
+import re
 import pathlib
 import shutil
 import subprocess
@@ -290,3 +291,36 @@ def test_every_command_starts_from_an_installed_wheel(wheel_python):
                        timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert '"params": 134515008' in out.stdout
+
+
+def _layout_block() -> str:
+  text = (ROOT / "README.md").read_text()
+  start = text.index("## Layout")
+  return text[text.index("```", start) + 3:text.index("```\n", text.index(
+      "```", start) + 3)]
+
+
+def test_the_readme_layout_matches_the_tree():
+  """Every path the README's Layout names exists, and it names every module
+  and package of tequila_jax (a package's modules by file name)."""
+  block = _layout_block()
+  named = set(re.findall(r"[\w./]+(?:\.py|/)", block))
+  missing = sorted(p for p in named if "/" in p.rstrip("/") or p.endswith("/")
+                   if p.startswith(("tequila_jax/", "experiments/", "configs/",
+                                    "notebooks/", "tests/", "docs/"))
+                   and not (ROOT / p).exists())
+  assert not missing, f"the Layout names paths that do not exist: {missing}"
+  unnamed = []
+  for path in sorted(PACKAGE.rglob("*.py")):
+    rel = path.relative_to(PACKAGE)
+    if path.name in ("__init__.py", "__main__.py") or rel.parts[0] == "configs":
+      continue
+    words = {f"{path.name}", f"tequila_jax/{rel.as_posix()}"}
+    if not words & named:
+      unnamed.append(rel.as_posix())
+  for path in sorted(p for p in PACKAGE.rglob("*") if p.is_dir()
+                     and p.name != "__pycache__"):
+    rel = path.relative_to(PACKAGE).as_posix()
+    if not {f"{path.name}/", f"tequila_jax/{rel}/"} & named:
+      unnamed.append(rel + "/")
+  assert not unnamed, f"the README's Layout does not name: {unnamed}"
