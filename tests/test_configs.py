@@ -8,7 +8,8 @@ import pathlib
 import pytest
 from flax import nnx
 
-from tequila_jax import checkpoint, config_lib, configs, model
+from tequila_jax import config_lib, configs, model
+from tequila_jax import workdir as workdir_lib
 from tequila_jax.diagnostics import DiagnosticsConfig
 from tequila_jax.quant import QuantConfig
 from tequila_jax.train import build, loop
@@ -135,8 +136,8 @@ def test_model_dtype_is_refused_on_resume(tmp_path):
   change (unless train.allow_config_change)."""
   assert _changes(**{"model.dtype": "bfloat16"}) == [
       "model.dtype: 'float32' -> 'bfloat16'"]
-  (tmp_path / checkpoint.CHECKPOINTS).mkdir()
-  checkpoint.write_config(tmp_path, config_lib.tiny())
+  (tmp_path / workdir_lib.CHECKPOINTS).mkdir()
+  workdir_lib.write_config(tmp_path, config_lib.tiny())
   config = config_lib.tiny()
   config.model.dtype = "bfloat16"
   with pytest.raises(ValueError, match="model.dtype: 'float32' -> 'bfloat16'"):
