@@ -221,7 +221,7 @@ assert not heavy, heavy
     ("tequila_jax.cli", ("jax", "tequila_jax.train")),
     ("tequila_jax.workdir", ("jax", "orbax.checkpoint")),
     ("tequila_jax.data", ("flax", "tequila_jax.io.load", "tequila_jax.model")),
-    ("tequila_jax.analyze", ("matplotlib.pyplot", "flax")),
+    ("tequila_jax.analyze", ("matplotlib.pyplot",)),
     ("experiments.sweep", ("jax",)),
 ])
 def test_light_modules_load_no_heavy_stack(module, heavy):
