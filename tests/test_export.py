@@ -35,6 +35,21 @@ def test_packing_round_trips_bit_exactly(shape):
   np.testing.assert_array_equal(tqj.unpack_base3(b3, shape[0]), codes)
 
 
+def test_2bit_layout_is_the_documented_one_and_the_kernels_read_it():
+  """`u = code + 1`, input 4k + j in bits 2j of byte k (the tqj docstring);
+  the `lut` kernel's byte table is that layout's inverse for every byte."""
+  codes = np.asarray([[-1], [0], [1], [0], [1], [1], [-1], [-1]], np.int8)
+  packed = tqj.pack_2bit(codes)
+  np.testing.assert_array_equal(packed, [[0 | 1 << 2 | 2 << 4 | 1 << 6],
+                                         [2 | 2 << 2 | 0 << 4 | 0 << 6]])
+  table = kernels._BYTE_CODES  # pylint: disable=protected-access
+  assert table.shape == (256, 4)
+  every = np.arange(256, dtype=np.uint8)
+  np.testing.assert_array_equal(tqj.pack_2bit(table[every].T), every[None])
+  jitted = jax.jit(kernels.unpack_codes)
+  np.testing.assert_array_equal(np.asarray(jitted(jnp.asarray(packed))), codes)
+
+
 def test_base3_odd_sizes():
   codes = np.random.default_rng(1).integers(-1, 2, (13, 7)).astype(np.int8)
   np.testing.assert_array_equal(
