@@ -29,7 +29,8 @@ from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, dense,
                                            int8_dense, int8_layout,
                                            lut_layout, quantize_int8,
                                            ternary_linear)
-from tequila_jax.layers import apply_rope, rms_norm, rope_frequencies
+from tequila_jax.layers import (apply_rope, attend_cache, rms_norm,
+                                rope_frequencies)
 from tequila_jax.model import PROJECTIONS, KVCache, ModelConfig
 
 # Attention reads the cache's filled prefix rounded up to a power of two of at
@@ -267,29 +268,6 @@ class DenseLlama(_Decoder):
     return dense(h, entry["w"])
 
 
-def _attend(q, k, v, positions):
-  """Causal grouped-query attention of rotated `q[B, T, N, D]` at
-  `positions[B, T]` over cached keys/values `[B, K, S, D]` (slot s holds
-  position s) -> `[B, T, N * D]`; `layers.attend_cache`'s math with the
-  heads-major cache, so no operand is transposed. A bf16 cache is read as
-  bf16 (queries and probabilities rounded to it, fp32 accumulation)."""
-  b, t, n, d = q.shape
-  heads, per = k.shape[1], n // k.shape[1]
-  # Queries of one KV head, [B, K, G * T, D]: row r is group r // T, token r % T.
-  qg = q.reshape(b, t, heads, per, d).transpose(0, 2, 3, 1, 4)
-  qg = qg.reshape(b, heads, per * t, d).astype(k.dtype)
-  scores = jnp.einsum("bkqd,bksd->bkqs", qg, k,
-                      preferred_element_type=jnp.float32) / np.sqrt(d).astype(
-                          np.float32)
-  rows = jnp.tile(positions, (1, per))  # [B, G * T]
-  mask = jnp.arange(k.shape[2]) <= rows[:, None, :, None]
-  probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
-  out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, heads, per, t, d).transpose(0, 3, 1, 2, 4).reshape(
-      b, t, n * d)
-
-
 def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
             linear: Callable, attend_len: int, last_only: bool,
             kv_dtype: str):
@@ -318,8 +296,9 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
     at = (i, 0, 0, cache.length, 0)
     k_all = jax.lax.dynamic_update_slice(k_all, _as_bits(k[None], kv), at)
     v_all = jax.lax.dynamic_update_slice(v_all, _as_bits(v[None], kv), at)
-    out = _attend(q, _from_bits(k_all[i, :, :, :attend_len], kv),
-                  _from_bits(v_all[i, :, :, :attend_len], kv), positions)
+    out = attend_cache(q, _from_bits(k_all[i, :, :, :attend_len], kv),
+                       _from_bits(v_all[i, :, :, :attend_len], kv), positions,
+                       layout="bksd")
     x = x + linear(out, layer["o"])
     h = rms_norm(x, params["mlp_norm"][i], cfg.rms_eps)
     gate, up = jnp.split(linear(h, layer["gate_up"]), 2, axis=-1)
