@@ -53,7 +53,7 @@ def measure(workdir: pathlib.Path, corpus, seq_len: int, windows: int):
   forward, on the export of `workdir`'s model."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from tequila_jax import evaluate, data  # pylint: disable=g-import-not-at-top
-  from tequila_jax.inference import PackedLlama  # pylint: disable=g-import-not-at-top
+  from tequila_jax.inference import InferenceSettings, PackedLlama  # pylint: disable=g-import-not-at-top
   from tequila_jax.io import load, tqj  # pylint: disable=g-import-not-at-top
   export = tqj.build_export(load.load_model(str(workdir)))
   trained_bits = export.cfg.quant.act_bits
@@ -65,7 +65,7 @@ def measure(workdir: pathlib.Path, corpus, seq_len: int, windows: int):
     ex = tqj.Export(export.cfg.replace(quant=dataclasses.replace(
         export.cfg.quant, act_bits=bits)), export.packing, export.tensors,
                     export.tokenizer)
-    model = PackedLlama(ex, strategy)
+    model = PackedLlama(ex, InferenceSettings(strategy))
     logits[name] = np.asarray(model(tokens))
     out[name] = dict(losses=evaluate.window_losses(
         model, corpus, seq_len=seq_len, max_windows=windows))

@@ -27,7 +27,7 @@ import numpy as np
 from experiments import common, sweep
 from tequila_jax import data, evaluate
 from tequila_jax import workdir as workdir_lib
-from tequila_jax.inference import PackedLlama
+from tequila_jax.inference import InferenceSettings, PackedLlama
 from tequila_jax.io import load, locations, tqj
 
 VARIANTS = {  # export float dtype, strategy, embed, alpha dtype, KV cache dtype
@@ -68,8 +68,8 @@ def main(argv=None):
     del model
     for name, (dtype, strategy, embed, alpha_dtype, kv_dtype) in (
         VARIANTS.items()):
-      packed = PackedLlama.load(f"{tmp}/{dtype}.tqj", strategy, embed,
-                                alpha_dtype, kv_dtype)
+      packed = PackedLlama.load(f"{tmp}/{dtype}.tqj", InferenceSettings(
+          strategy, embed, alpha_dtype, kv_dtype))
       losses[name] = evaluate.window_losses(
           packed, corpus, seq_len=args.seq_len, batch_size=args.batch_size,
           max_windows=args.max_windows)

@@ -160,15 +160,38 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
   return attend_cache(q, k_all, v_all, positions), (k_all, v_all)
 
 
+# How a KV cache orders its axes (batch, positions/slots, kv heads, head dim):
+# `Llama`'s cache is positions-major; the inference decoders' is heads-major,
+# so that attention reads each head's filled prefix without a transpose.
+CACHE_LAYOUTS = ("bskd", "bksd")
+
+
 def attend_cache(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                 positions: jax.Array) -> jax.Array:
+                 positions: jax.Array, layout: str = "bskd") -> jax.Array:
   """Causal grouped-query attention of rotated `q[B, T, N, D]` at
-  `positions[B, T]` over cached (rotated) keys/values `[B, S, K, D]`, whose
-  slot s holds position s; any prefix of the cache that covers the
-  positions gives the same result. Returns `out[B, T, N * D]`."""
-  b, t = q.shape[:2]
-  kv_pos = jnp.arange(k_cache.shape[1])
-  mask = kv_pos[None, None, None, :] <= positions[:, None, :, None]
-  out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype),
-                                     v_cache.astype(q.dtype), mask=mask)
-  return out.reshape(b, t, -1)
+  `positions[B, T]` over cached (rotated) keys/values laid out as `layout`
+  says (`"bskd"`: `[B, S, K, D]`; `"bksd"`: `[B, K, S, D]`), whose slot s
+  holds position s; any prefix of the cache that covers the positions gives
+  the same result. The cache is read in its own dtype (queries and
+  probabilities rounded to it; scores, softmax and sums in fp32). Returns
+  `out[B, T, N * D]` in `q`'s dtype."""
+  if layout not in CACHE_LAYOUTS:
+    raise ValueError(f"layout {layout!r}: choose one of {CACHE_LAYOUTS}.")
+  b, t, n, d = q.shape
+  heads = k_cache.shape[layout.index("k")]
+  slots = k_cache.shape[layout.index("s")]
+  per = n // heads
+  # Queries of one KV head, [B, K, G * T, D]: row r is group r // T, token
+  # r % T.
+  qg = q.reshape(b, t, heads, per, d).transpose(0, 2, 3, 1, 4)
+  qg = qg.reshape(b, heads, per * t, d).astype(k_cache.dtype)
+  scores = jnp.einsum(f"bkqd,{layout}->bkqs", qg, k_cache,
+                      preferred_element_type=jnp.float32) / np.sqrt(d).astype(
+                          np.float32)
+  rows = jnp.tile(positions, (1, per))  # [B, G * T]
+  mask = jnp.arange(slots) <= rows[:, None, :, None]
+  probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+  out = jnp.einsum(f"bkqs,{layout}->bkqd", probs.astype(v_cache.dtype),
+                   v_cache, preferred_element_type=jnp.float32)
+  return out.reshape(b, heads, per, t, d).transpose(0, 3, 1, 2, 4).reshape(
+      b, t, n * d).astype(q.dtype)

@@ -8,10 +8,10 @@ lm-eval's own command line:
         --model_args checkpoint=runs/llama1b_tequila,batch_size=16 \
         --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande
 
-`checkpoint` is anything `tequila_jax.io.load.load` opens (a training
-workdir, a Hugging Face directory, a .gguf file). From Python, `import
-tequila_jax.lm_eval_adapter` and pass `model="tequila_jax"` to
-`lm_eval.simple_evaluate`.
+`checkpoint` is anything `tequila_jax.inference.load` opens (a training
+workdir, a Hugging Face directory, a .gguf file, a .tqj export). From
+Python, `import tequila_jax.lm_eval_adapter` and pass `model="tequila_jax"`
+to `lm_eval.simple_evaluate`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from __future__ import annotations
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from tequila_jax import evaluate, sampling
-from tequila_jax.io import load
+from tequila_jax import evaluate, inference, sampling
 
 
 @register_model("tequila_jax")
@@ -31,7 +30,7 @@ class TequilaLM(LM):
                **kwargs):
     super().__init__()
     del kwargs  # lm-eval passes device and friends; XLA places the model
-    self.model, self.tok = load.load(
+    self.model, self.tok = inference.load(
         checkpoint, step=int(step) if step is not None else None)
     self.batch_size = int(batch_size)
     self.max_length = int(max_length or self.model.cfg.max_seq_len)

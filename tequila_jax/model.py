@@ -194,8 +194,11 @@ class ModelConfig:
 
 
 class KVCache(NamedTuple):
-  """Keys/values `[layers, batch, max_len, kv_heads, head_dim]`; `length` is the
-  number of positions already written (the same for every sequence)."""
+  """`Llama.decode`'s cache: rotated keys/values `[layers, batch, max_len,
+  kv_heads, head_dim]` (positions before heads: `layers.attend_cache`'s
+  `"bskd"` layout) in the compute dtype, slot s holding position s; `length`
+  is the number of positions already written (the same for every
+  sequence)."""
   k: jax.Array
   v: jax.Array
   length: jax.Array

@@ -1,4 +1,5 @@
-"""Greedy / temperature sampling with the KV cache of `Llama.decode`."""
+"""Greedy / temperature sampling through a model's own KV cache (`Llama`'s
+`model.KVCache`, or the inference decoders' `inference.PackedKVCache`)."""
 
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ def generate(model, prompt: Sequence[int], *, max_new_tokens: int,
              eos_id: int | None = None) -> Iterator[int]:
   """Yields new token ids one by one (greedy when `temperature == 0`).
 
-  `model` is a `Llama` or anything with `decode`, `init_cache` and `cfg`
-  (`tequila_jax.inference.PackedLlama`).
+  `model` is a `Llama` or anything with `decode(tokens, cache, logits=)`,
+  `init_cache` and `cfg` (`tequila_jax.inference.PackedLlama`).
   Stops after `max_new_tokens`, at `eos_id`, or when `stop(new_ids)` is true.
   The prompt is cut from the left to leave room in `model.cfg.max_seq_len`.
   """

@@ -9,7 +9,7 @@ from flax import nnx
 
 from tequila_jax import config_lib, quant
 from tequila_jax import model as model_lib
-from tequila_jax.inference import PackedLlama, kernels
+from tequila_jax.inference import InferenceSettings, PackedLlama, kernels
 from tequila_jax.io import tqj, tokenizers
 from tequila_jax.quant import QuantConfig
 from tests.conftest import tiny_model_config
@@ -104,7 +104,8 @@ def test_a8_export_runs_quantized_in_every_kernel(method, tmp_path):
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 512, (2, 24)))
   want = np.asarray(m(tokens))
   for strategy in ("exact", "lut", "int8"):
-    got = np.asarray(PackedLlama.load(path, strategy)(tokens))
+    packed = PackedLlama.load(path, InferenceSettings(strategy))
+    got = np.asarray(packed(tokens))
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert rel < 1e-4, (strategy, rel)
     assert np.mean(got.argmax(-1) == want.argmax(-1)) > 0.99
@@ -112,6 +113,6 @@ def test_a8_export_runs_quantized_in_every_kernel(method, tmp_path):
   # quantization is an error that model never saw (~1e-2).
   a16 = tqj.build_export(m)
   a16.cfg = a16.cfg.replace(quant=QuantConfig(method, group_size=64, lam=0.05))
-  full = np.asarray(PackedLlama(a16, "exact")(tokens))
-  int8 = np.asarray(PackedLlama(a16, "int8")(tokens))
+  full = np.asarray(PackedLlama(a16, InferenceSettings("exact"))(tokens))
+  int8 = np.asarray(PackedLlama(a16, InferenceSettings("int8"))(tokens))
   assert np.linalg.norm(int8 - full) / np.linalg.norm(full) > 1e-3

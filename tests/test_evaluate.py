@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tequila_jax import data, evaluate
+from tequila_jax import data, evaluate, inference
 from tequila_jax import workdir as workdir_lib
 from tequila_jax.io import load, locations, tokenizers
 from tequila_jax.model import Llama
@@ -127,7 +127,7 @@ metric_list:
       task_manager=TaskManager(include_path=str(task_dir)))
   got = results["results"]["tequila_tiny_mc"]
   # lm-eval puts a " " between context and choice; score the same way.
-  model, tok = load.load(str(trained / "run"))
+  model, tok = inference.load(str(trained / "run"))
   examples = evaluate.read_tasks(trained / "tiny_mc.jsonl")
   for ex in examples:
     ex["choices"] = [" " + c for c in ex["choices"]]

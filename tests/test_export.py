@@ -1,6 +1,9 @@
 """Packed exports: bit-exact packing, the container invariant, CPU inference."""
 
+import ast
+import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,9 @@ from safetensors.numpy import save_file
 
 from experiments import inference_precision
 from tequila_jax import config_lib, model as model_lib, quant, train
-from tequila_jax.inference import DenseLlama, PackedLlama, kernels
+from tequila_jax import inference
+from tequila_jax.inference import (DenseLlama, InferenceSettings, PackedLlama,
+                                   kernels)
 from tequila_jax.io import tokenizers, tqj
 from tests.cli import ROOT, run_cli
 from tests.conftest import tiny_model_config
@@ -33,6 +38,21 @@ def test_packing_round_trips_bit_exactly(shape):
   b3 = tqj.pack_base3(codes)
   assert b3.shape[-2] == -(-shape[0] // 5)
   np.testing.assert_array_equal(tqj.unpack_base3(b3, shape[0]), codes)
+
+
+def test_2bit_layout_is_the_documented_one_and_the_kernels_read_it():
+  """`u = code + 1`, input 4k + j in bits 2j of byte k (the tqj docstring);
+  the `lut` kernel's byte table is that layout's inverse for every byte."""
+  codes = np.asarray([[-1], [0], [1], [0], [1], [1], [-1], [-1]], np.int8)
+  packed = tqj.pack_2bit(codes)
+  np.testing.assert_array_equal(packed, [[0 | 1 << 2 | 2 << 4 | 1 << 6],
+                                         [2 | 2 << 2 | 0 << 4 | 0 << 6]])
+  table = kernels._BYTE_CODES  # pylint: disable=protected-access
+  assert table.shape == (256, 4)
+  every = np.arange(256, dtype=np.uint8)
+  np.testing.assert_array_equal(tqj.pack_2bit(table[every].T), every[None])
+  jitted = jax.jit(kernels.unpack_codes)
+  np.testing.assert_array_equal(np.asarray(jitted(jnp.asarray(packed))), codes)
 
 
 def test_base3_odd_sizes():
@@ -83,7 +103,7 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   tqj.write_export(qat_model, path)
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 512, (2, 24)))
   want = np.asarray(qat_model(tokens))
-  exact = PackedLlama.load(path, "exact")
+  exact = PackedLlama.load(path, InferenceSettings("exact"))
   got = np.asarray(exact(tokens))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   # A prompt's prefill runs the head on its last position only.
@@ -94,12 +114,12 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   with pytest.raises(ValueError, match="logits='first'"):
     exact.decode(tokens, exact.init_cache(2, 24), logits="first")
   # Prefill + one-token steps through the cache, LUT kernels for M = 1.
-  stepped, _ = decode_in_steps(PackedLlama.load(path, "lut"), tokens, 20, 32)
+  lut = PackedLlama.load(path, InferenceSettings("lut"))
+  stepped, _ = decode_in_steps(lut, tokens, 20, 32)
   np.testing.assert_allclose(stepped, want, rtol=1e-4,
                              atol=1e-4 * np.abs(want).max())
   # The cache's capacity changes nothing: attention reads its filled prefix
   # (256 positions here, the smallest size, of 32 or 1,000), written in place.
-  lut = PackedLlama.load(path, "lut")
   roomy, _ = decode_in_steps(lut, tokens, 20, 1000)
   np.testing.assert_array_equal(roomy, decode_in_steps(lut, tokens, 20, 256)[0])
   np.testing.assert_allclose(roomy, stepped, rtol=1e-6,
@@ -110,7 +130,7 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   # A bf16 KV cache (held as its uint16 bit patterns): the first layer's
   # keys are fp32's rounded to bf16 (later layers see rounded attention),
   # and the logits are within that rounding of fp32's.
-  half = PackedLlama.load(path, "lut", kv_dtype="bfloat16")
+  half = PackedLlama.load(path, InferenceSettings("lut", kv_dtype="bfloat16"))
   rounded, cache = decode_in_steps(half, tokens, 20, 32)
   assert cache.k.dtype == jnp.uint16 and cache.k.shape == (
       qat_model.cfg.num_layers, 2, qat_model.cfg.num_kv_heads, 32,
@@ -122,13 +142,13 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   err = np.linalg.norm(rounded - stepped) / np.linalg.norm(stepped)
   assert 1e-6 < err < 2e-2, err
   with pytest.raises(ValueError, match="kv_dtype 'float16': choose one of"):
-    PackedLlama.load(path, "lut", kv_dtype="float16")
+    PackedLlama.load(path, InferenceSettings("lut", kv_dtype="float16"))
   # `auto` prefills the 2 x 24 = 48 tokens with int8 activations.
-  auto = np.asarray(PackedLlama.load(path, "auto")(tokens))
+  auto = np.asarray(PackedLlama.load(path, InferenceSettings("auto"))(tokens))
   assert np.linalg.norm(auto - want) / np.linalg.norm(want) < 5e-2
   # The int8 embedding/head: per vocab row, one table when tied; the head
   # quantizes the hidden state.
-  int8 = PackedLlama.load(path, "exact", embed="int8")
+  int8 = PackedLlama.load(path, InferenceSettings("exact", embed="int8"))
   assert int8.params["head_t"] is int8.params["embed"]
   vocab, hidden = qat_model.cfg.vocab_size, qat_model.cfg.hidden_size
   assert int8.memory()["embed_head"] == vocab * hidden + 4 * vocab
@@ -136,28 +156,30 @@ def test_packed_model_equals_qat_forward(qat_model, tmp_path):
   assert np.linalg.norm(int8_logits - want) / np.linalg.norm(want) < 2e-2
   assert np.mean(int8_logits.argmax(-1) == want.argmax(-1)) > 0.9
   with pytest.raises(ValueError, match="embed 'fp8'"):
-    PackedLlama.load(path, embed="fp8")
+    PackedLlama.load(path, InferenceSettings(embed="fp8"))
   # fp16 alpha: exactly the fp32 model with alpha rounded to fp16, and
   # 16 / G bits less per weight (G = 64 here).
-  half = PackedLlama.load(path, "exact", alpha_dtype="float16")
+  half = PackedLlama.load(path, InferenceSettings("exact",
+                                                alpha_dtype="float16"))
   rounded = tqj.read_export(path)
   for key in [k for k in rounded.tensors if k.endswith(".alpha")]:
     rounded.tensors[key] = rounded.tensors[key].astype(np.float16).astype(
         np.float32)
-  np.testing.assert_array_equal(half(tokens), PackedLlama(rounded, "exact")(tokens))
+  np.testing.assert_array_equal(
+      half(tokens), PackedLlama(rounded, InferenceSettings("exact"))(tokens))
   assert (exact.memory()["bits_per_ternary_weight"] -
           half.memory()["bits_per_ternary_weight"]) == pytest.approx(16 / 64)
   # A bf16 export keeps its embedding (the tied head) bf16 at run time:
   # half the bytes, logits within bf16 rounding of the hidden state.
   tqj.write_export(qat_model, tmp_path / "bf16.tqj", float_dtype="bfloat16")
-  bf16 = PackedLlama.load(tmp_path / "bf16.tqj", "exact")
+  bf16 = PackedLlama.load(tmp_path / "bf16.tqj", InferenceSettings("exact"))
   assert bf16.params["embed"].dtype == jnp.bfloat16
   bf16_logits = np.asarray(bf16(tokens))
   assert np.linalg.norm(bf16_logits - got) / np.linalg.norm(got) < 1e-2
   # A base3 export is repacked to 2 bits at load: the same logits.
   tqj.write_export(qat_model, tmp_path / "b3.tqj", packing="base3")
   np.testing.assert_array_equal(
-      PackedLlama.load(tmp_path / "b3.tqj", "exact")(tokens), got)
+      PackedLlama.load(tmp_path / "b3.tqj", exact.settings)(tokens), got)
 
 
 def test_untied_head_exports_and_runs(tmp_path):
@@ -166,8 +188,59 @@ def test_untied_head_exports_and_runs(tmp_path):
   tqj.write_export(model, tmp_path / "u.tqj")
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 512, (1, 12)))
   want = np.asarray(model(tokens))
-  got = np.asarray(PackedLlama.load(tmp_path / "u.tqj", "lut")(tokens))
+  lut = PackedLlama.load(tmp_path / "u.tqj", InferenceSettings("lut"))
+  got = np.asarray(lut(tokens))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_inference_settings_validate_and_open_any_location(qat_model,
+                                                           tmp_path):
+  """One frozen value of the four run-time choices; a bad one is named with
+  the allowed ones; `inference.load` opens a .tqj as a PackedLlama run as
+  the settings say, and refuses what is not a settings value."""
+  default = InferenceSettings()
+  assert (default.strategy, default.embed, default.alpha_dtype,
+          default.kv_dtype) == ("auto", "float", "float32", "float32")
+  assert hash(default) == hash(InferenceSettings("auto"))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    default.strategy = "lut"
+  for field, bad, allowed in [
+      ("strategy", "fast", inference.STRATEGIES),
+      ("embed", "fp8", inference.EMBEDS),
+      ("alpha_dtype", "bfloat16", inference.ALPHA_DTYPES),
+      ("kv_dtype", "float16", inference.KV_DTYPES)]:
+    with pytest.raises(ValueError, match=re.escape(
+        f"{field} {bad!r}: choose one of {allowed}.")):
+      InferenceSettings(**{field: bad})
+  path = tmp_path / "m.tqj"
+  tqj.write_export(qat_model, path, tokenizer=tokenizers.ByteTokenizer())
+  with pytest.raises(TypeError, match="pass an InferenceSettings"):
+    PackedLlama(tqj.read_export(path), "exact")
+  settings = InferenceSettings("lut", "int8", "float16", "bfloat16")
+  model, tok = inference.load(str(path), settings=settings)
+  assert isinstance(model, PackedLlama) and model.settings is settings
+  assert tok.encode("hi") == [104, 105]
+  cache = model.init_cache(1, 8)
+  assert isinstance(cache, inference.PackedKVCache)
+  assert cache.k.dtype == jnp.uint16 and cache.dtype == jnp.bfloat16
+  assert cache.k.shape == (qat_model.cfg.num_layers, 1,
+                           qat_model.cfg.num_kv_heads, 8,
+                           qat_model.cfg.head_dim)
+  assert model.params["embed"]["w_t"].dtype == jnp.int8
+  assert model.params["layers"][0]["qkv"]["alpha"].dtype == jnp.float16
+  assert set(model.params["layers"][0]["qkv"]) == {"alpha", "c", "lut"}
+
+
+def test_io_imports_no_inference():
+  """Formats know no runtime: `inference` opens exports through `io`, never
+  the way back (an import of the package counts, not only of a module)."""
+  for path in (ROOT / "tequila_jax" / "io").glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [f"{node.module}.{a.name}" for a in node.names]
+               if isinstance(node, ast.ImportFrom) else [])
+      assert not any(n.startswith("tequila_jax.inference") for n in names), (
+          path.name, node.lineno)
 
 
 def test_dense_baseline_equals_float_llama(qat_model):

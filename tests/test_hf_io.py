@@ -12,7 +12,7 @@ from flax import nnx
 
 from tequila_jax import config_lib
 from tequila_jax import model as model_lib
-from tequila_jax.inference import PackedLlama
+from tequila_jax.inference import InferenceSettings, PackedLlama
 from tequila_jax.io import hf, load, tqj
 from tequila_jax.quant import QuantConfig
 from tequila_jax.train import build
@@ -268,7 +268,8 @@ def test_ternary_hf_export_runs_in_transformers_and_converts_back(tmp_path, tie)
     np.testing.assert_array_equal(back.tensors[f"layers.{name}.c"],
                                   export.tensors[f"layers.{name}.c"])
   assert back.cfg.arch == export.cfg.arch
-  packed = PackedLlama(load.read_inference_export(str(out)), "exact")
+  packed = PackedLlama(load.read_inference_export(str(out)),
+                       InferenceSettings("exact"))
   np.testing.assert_allclose(np.asarray(packed(tokens)), want, rtol=1e-5,
                              atol=1e-5 * np.abs(want).max())
 

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from tequila_jax import QuantConfig, TernaryDense, quant
+from tequila_jax.layers import attend_cache
 
 
 def _layer(cfg=QuantConfig(lam=0.01), **kw):
@@ -65,3 +66,34 @@ def test_jit_and_split_merge():
 
   x = jnp.ones((4, 256))
   np.testing.assert_array_equal(f(state, x), layer(x))
+
+
+def test_attend_cache_is_causal_attention_in_either_layout():
+  """One function for both caches: `bskd` (Llama) and `bksd` (the inference
+  decoders) agree bit for bit and equal masked softmax attention; a bf16
+  cache is read in bf16."""
+  b, t, n, k, d, slots = 2, 3, 4, 2, 8, 16
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32)
+  keys, values = (jnp.asarray(rng.normal(size=(b, slots, k, d)), jnp.float32)
+                  for _ in range(2))
+  positions = jnp.asarray([[5, 6, 7], [0, 1, 2]])
+  got = attend_cache(q, keys, values, positions)
+  assert got.shape == (b, t, n * d) and got.dtype == jnp.float32
+  heads_major = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
+  np.testing.assert_array_equal(
+      attend_cache(q, heads_major(keys), heads_major(values), positions,
+                   layout="bksd"), got)
+  mask = jnp.arange(slots)[None, None, None, :] <= positions[:, None, :, None]
+  want = jax.nn.dot_product_attention(q, keys, values, mask=mask)
+  np.testing.assert_allclose(got, want.reshape(b, t, -1), rtol=1e-5,
+                             atol=1e-6)
+  # Slots past the positions are never read.
+  junk = keys.at[:, 8:].set(1e4)
+  np.testing.assert_array_equal(attend_cache(q, junk, values, positions), got)
+  half = attend_cache(q, keys.astype(jnp.bfloat16), values.astype(jnp.bfloat16),
+                      positions)
+  assert half.dtype == jnp.float32
+  assert 0 < float(jnp.abs(half - got).max()) < 5e-2
+  with pytest.raises(ValueError, match="layout 'bsdk': choose one of"):
+    attend_cache(q, keys, values, positions, layout="bsdk")

@@ -17,7 +17,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from tequila_jax import config_lib, diagnostics, optim, quant, train
 from tequila_jax import model as model_lib
-from tequila_jax.inference import PackedLlama
+from tequila_jax.inference import InferenceSettings, PackedLlama
 from tequila_jax.io import gguf, hf, load, locations, tokenizers, tqj
 from tequila_jax.quant import QuantConfig
 from tests.conftest import tiny_model_config
@@ -121,9 +121,11 @@ def test_export_and_packed_model_equal_the_qat_forward(name, tmp_path):
   want = np.asarray(m(tokens))
   scale = np.abs(want).max()
   for strategy in ("exact", "lut"):
-    got = np.asarray(PackedLlama.load(path, strategy)(tokens))
+    packed = PackedLlama.load(path, InferenceSettings(strategy))
+    got = np.asarray(packed(tokens))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
-  got = np.asarray(PackedLlama.load(path, "int8")(tokens))  # int8 activations
+  int8 = PackedLlama.load(path, InferenceSettings("int8"))  # int8 activations
+  got = np.asarray(int8(tokens))
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 5e-2
 
 

@@ -14,7 +14,7 @@ from flax import nnx
 from tequila_jax import config_lib, configs, train
 from tequila_jax import model as model_lib
 from tequila_jax.data import corpora
-from tequila_jax.inference import PackedLlama
+from tequila_jax.inference import InferenceSettings, PackedLlama
 from tequila_jax.io import gguf as gguf_lib
 from tequila_jax.io import locations, tqj
 from tequila_jax.quant import QuantConfig
@@ -22,6 +22,7 @@ from tests.cli import run_cli
 from tests.conftest import tiny_model_config
 
 pytestmark = pytest.mark.slow
+Q8K, EXACT = InferenceSettings("q8k"), InferenceSettings("exact")
 
 
 def _config(tmp_path):
@@ -59,11 +60,11 @@ def test_llama_cpp_matches_our_q8k_emulation(tmp_path, ttype):
   llm.eval(ids)
   theirs = np.asarray(llm.scores[:len(ids)], np.float64)
   tokens = jnp.asarray([ids])
-  emulated = np.asarray(PackedLlama(ex, "q8k")(tokens)[0], np.float64)
-  exact = np.asarray(PackedLlama(ex, "exact")(tokens)[0], np.float64)
+  emulated = np.asarray(PackedLlama(ex, Q8K)(tokens)[0], np.float64)
+  exact = np.asarray(PackedLlama(ex, EXACT)(tokens)[0], np.float64)
   for name in model_lib.PROJECTIONS:  # the same model without c(W)
     ex.tensors[f"layers.{name}.c"] = np.zeros_like(ex.tensors[f"layers.{name}.c"])
-  no_bias = np.asarray(PackedLlama(ex, "q8k")(tokens)[0], np.float64)
+  no_bias = np.asarray(PackedLlama(ex, Q8K)(tokens)[0], np.float64)
   rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
   gap_emulated, gap_exact = rel(theirs, emulated), rel(theirs, exact)
   print(f"\n{ttype}: llama.cpp vs our Q8_K emulation: {gap_emulated:.2e} relative; "
@@ -114,8 +115,8 @@ def test_llama_cpp_runs_every_llama3_shape(tmp_path):
   assert len(ids) == 100  # positions 0..99, the original context is 32
   theirs = _llama_cpp_logits(llama_cpp, tmp_path / "m.gguf", ids, 128)
   tokens = jnp.asarray([ids])
-  emulated = np.asarray(PackedLlama(ex, "q8k")(tokens)[0], np.float64)
-  exact = np.asarray(PackedLlama(ex, "exact")(tokens)[0], np.float64)
+  emulated = np.asarray(PackedLlama(ex, Q8K)(tokens)[0], np.float64)
+  exact = np.asarray(PackedLlama(ex, EXACT)(tokens)[0], np.float64)
   late = slice(64, 100)  # past twice the original context
   print(f"\nllama3 shapes: llama.cpp vs Q8_K emulation {_rel(theirs, emulated):.2e}"
         f" (positions 64-99: {_rel(theirs[late], emulated[late]):.2e}); vs "
@@ -162,7 +163,7 @@ def test_llama_cpp_runs_the_main_job_model_as_q4_0(tmp_path):
       errors="replace")
   ids = tok.encode(text[text.index("To be, or not"):][:1200])[:128]
   theirs = _llama_cpp_logits(llama_cpp, tmp_path / "m.gguf", ids, 128)
-  exact = np.asarray(PackedLlama(ex, "exact")(jnp.asarray([ids]))[0])
+  exact = np.asarray(PackedLlama(ex, EXACT)(jnp.asarray([ids]))[0])
   agree = (theirs.argmax(-1) == exact.argmax(-1)).mean()
   print(f"\nmain-job model, Q4_0 GGUF: llama.cpp vs our exact path "
         f"{_rel(theirs, exact):.2e} relative, argmax agreement {agree:.3f} "

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from experiments import common
 from experiments.bench_cpu_inference import models
-from tequila_jax.inference import PackedLlama
+from tequila_jax.inference import InferenceSettings, PackedLlama
 
 TITLE = "part 3: KV cache capacity"
 
@@ -24,7 +24,7 @@ def bench_capacity(config: str, rounds: int, position: int = 128,
   the same, so the times should be too."""
   with tempfile.TemporaryDirectory() as tmp:
     models.random_export(config, f"{tmp}/m.tqj", max_seq_len=max(capacities))
-    model = PackedLlama.load(f"{tmp}/m.tqj", "lut")
+    model = PackedLlama.load(f"{tmp}/m.tqj", InferenceSettings("lut"))
   prompt = jnp.ones((1, position), jnp.int32)
   token = jnp.ones((1, 1), jnp.int32)
   filled = {}

@@ -16,7 +16,8 @@ from flax import nnx
 from experiments.bench_cpu_inference import models
 from tequila_jax import model as model_lib
 from tequila_jax import sampling
-from tequila_jax.inference import DenseLlama, PackedLlama, kernels
+from tequila_jax.inference import (DenseLlama, InferenceSettings, PackedLlama,
+                                   kernels)
 from tequila_jax.io import tqj
 
 TITLE = "part 2: end to end"
@@ -48,8 +49,9 @@ def bench_decode(config: str, tokens: int, runs: int) -> list[dict]:
     report = tqj.write_export(qat, f"{tmp}/m.tqj")
     base3 = tqj.size_report(tqj.export_tensors(qat, "base3"), cfg)
     del qat
-    packed = PackedLlama.load(f"{tmp}/m.tqj", "lut")
-    packed_i8 = PackedLlama.load(f"{tmp}/m.tqj", "lut", embed="int8")
+    packed = PackedLlama.load(f"{tmp}/m.tqj", InferenceSettings("lut"))
+    packed_i8 = PackedLlama.load(f"{tmp}/m.tqj",
+                                 InferenceSettings("lut", embed="int8"))
   n_params = sum(x.size for x in jax.tree.leaves(params))
   sizes = dict(decode_config=config, params=n_params,
                **{k: v for k, v in report.items() if v},

@@ -11,7 +11,7 @@ import numpy as np
 
 from experiments import common
 from experiments.bench_cpu_inference import models
-from tequila_jax.inference import PackedLlama
+from tequila_jax.inference import InferenceSettings, PackedLlama
 from tequila_jax.io import tqj
 from tequila_jax.quant import QuantConfig
 
@@ -30,7 +30,7 @@ def bench_kv_cache(config: str, rounds: int, positions=(128, 1024, 4096)
                          max_seq_len=capacity, tie_embeddings=True,
                          quant=QuantConfig("tequila", "per_channel"))
     export = tqj.read_export(f"{tmp}/m.tqj")
-  kv_models = {k: PackedLlama(export, "auto", kv_dtype=k)
+  kv_models = {k: PackedLlama(export, InferenceSettings("auto", kv_dtype=k))
                for k in ("float32", "bfloat16")}
   del export
   ids = np.random.default_rng(0).integers(10, 40000, capacity)

@@ -9,7 +9,7 @@ import pathlib
 import tempfile
 
 from experiments.bench_cpu_inference import models
-from tequila_jax.inference import PackedLlama
+from tequila_jax.inference import InferenceSettings, PackedLlama
 from tequila_jax.quant import QuantConfig
 
 TITLE = "part 6: memory"
@@ -32,7 +32,8 @@ def bench_memory(config: str,
       models.random_export(config, f"{tmp}/m.tqj", float_dtype="bfloat16",
                            quant=quant)
       for strategy, embed, alpha_dtype in MEMORY_VARIANTS:
-        m = PackedLlama.load(f"{tmp}/m.tqj", strategy, embed, alpha_dtype)
+        m = PackedLlama.load(f"{tmp}/m.tqj",
+                             InferenceSettings(strategy, embed, alpha_dtype))
         rows.append(dict(layout=f"G={group}" if group else granularity,
                          strategy=strategy, embed=embed if embed == "int8"
                          else "bf16", alpha=alpha_dtype, **m.memory()))

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
-from experiments.bench_cpu_inference import hooks, models
-from tequila_jax.inference import PackedLlama, kernels
+from experiments.bench_cpu_inference import models
+from tequila_jax.inference import InferenceSettings, PackedLlama, kernels
 from tequila_jax.inference import model as inference_model
+from tequila_jax.layers import attend_cache
 from tequila_jax.quant import QuantConfig
 
 TITLE = "part 5: per-op profile of a decode step"
@@ -51,7 +52,7 @@ def bench_decode_ops(config: str, rounds: int, position: int = 128,
       cfg = models.random_export(config, f"{tmp}/m.tqj", vocab_size=49152,
                                  max_seq_len=1024, tie_embeddings=True,
                                  quant=quant)
-      model = PackedLlama.load(f"{tmp}/m.tqj", "auto")
+      model = PackedLlama.load(f"{tmp}/m.tqj", InferenceSettings("auto"))
     layers = model.params["layers"]
     rng = np.random.default_rng(0)
     vec = lambda n: jnp.asarray(rng.normal(size=(1, n)), jnp.float32)  # noqa: E731
@@ -62,7 +63,7 @@ def bench_decode_ops(config: str, rounds: int, position: int = 128,
     fns, reads = {}, {}
     for name, entry in layers[0].items():
       d_in = entry["lut"].shape[0] * entry["lut"].shape[2] * 4
-      fns[name] = (every_layer(hooks.fused_linear(model)),
+      fns[name] = (every_layer(model.linear),
                    (vec(d_in), [layer[name] for layer in layers]))
       reads[name] = cfg.num_layers * sum(entry[k].nbytes
                                          for k in ("lut", "alpha", "c"))
@@ -73,8 +74,8 @@ def bench_decode_ops(config: str, rounds: int, position: int = 128,
           for _ in range(cfg.num_layers)]
     q = jnp.asarray(rng.normal(size=(1, 1, cfg.num_heads, cfg.head_dim)),
                     jnp.float32)
-    fns["attention"] = (every_layer(lambda q, kv: hooks.attend(
-        q, kv[0], kv[1], jnp.full((1, 1), position))), (q, kv))
+    fns["attention"] = (every_layer(lambda q, kv: attend_cache(
+        q, kv[0], kv[1], jnp.full((1, 1), position), layout="bksd")), (q, kv))
     reads["attention"] = sum(a.nbytes for a in kv)
     head = model.params["head_t"]
     fns["head"] = (kernel_jit(functools.partial(kernels.dense,

@@ -19,7 +19,7 @@ from flax import nnx
 from experiments import common
 from experiments.bench_cpu_inference import models
 from tequila_jax import model as model_lib
-from tequila_jax.inference import DenseLlama, PackedLlama
+from tequila_jax.inference import DenseLlama, InferenceSettings, PackedLlama
 from tequila_jax.io import gguf, tqj
 from tequila_jax.quant import QuantConfig
 
@@ -79,7 +79,7 @@ def bench_llama_cpp(config: str, rounds: int, contexts=(128, 1024, 4096),
     with tempfile.TemporaryDirectory() as tmp:
       models.random_export(config, f"{tmp}/m.tqj", tokenizer=True,
                            quant=quant, **shape)
-      ours = PackedLlama.load(f"{tmp}/m.tqj", "auto")
+      ours = PackedLlama.load(f"{tmp}/m.tqj", InferenceSettings("auto"))
       types = gguf.write_gguf(tqj.read_export(f"{tmp}/m.tqj"),
                               f"{tmp}/m.gguf")["tensor_types"]
       theirs = llama_cpp.Llama(model_path=f"{tmp}/m.gguf", n_ctx=capacity,

@@ -3,14 +3,16 @@
     python -m tequila_jax.evaluate --checkpoint runs/x \
         --text asset:shakespeare --tasks my_task.jsonl
 
-`--checkpoint` is anything `tequila_jax.io.load` opens (a training workdir,
-a Hugging Face directory, a `.gguf` file or `asset:NAME`). A task file holds one JSON object
-per line: `{"context": str, "choices": [str, ...], "label": int}` (and
-optionally `context_ids` / `choice_ids`, the same tokenized, used as given). Each
-choice is scored by the summed log-likelihood of its tokens after the
-context; `acc` picks the largest sum and `acc_norm` the largest sum divided
-by the choice's length in characters, as lm-eval defines them. For lm-eval's
-own tasks see `tequila_jax.lm_eval_adapter`.
+`--checkpoint` is anything `tequila_jax.inference.load` opens (a training
+workdir, a Hugging Face directory, a `.gguf` file, `asset:NAME`, or a packed
+`.tqj` / ternary Hugging Face export, scored as a `PackedLlama`). A task
+file holds one JSON object per line: `{"context": str, "choices": [str,
+...], "label": int}` (and optionally `context_ids` / `choice_ids`, the same
+tokenized, used as given). Each choice is scored by the summed
+log-likelihood of its tokens after the context; `acc` picks the largest sum
+and `acc_norm` the largest sum divided by the choice's length in
+characters, as lm-eval defines them. For lm-eval's own tasks see
+`tequila_jax.lm_eval_adapter`.
 """
 
 from __future__ import annotations

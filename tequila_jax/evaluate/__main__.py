@@ -10,9 +10,9 @@ import pathlib
 
 from absl import flags
 
-from tequila_jax import cli, config_lib, data, evaluate
+from tequila_jax import cli, config_lib, data, evaluate, inference
 from tequila_jax import workdir as workdir_lib
-from tequila_jax.io import load, locations
+from tequila_jax.io import locations
 
 flags.DEFINE_string("checkpoint", None, "Training workdir, Hugging Face dir, "
                     ".gguf or asset:NAME.", required=True)
@@ -36,8 +36,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   tasks = {task: evaluate.read_tasks(task) for task in FLAGS.tasks}  # first
-  model, tok = load.load(FLAGS.checkpoint, step=FLAGS.step,
-                         quant=config_lib.quant_from_flag(FLAGS.quant))
+  model, tok = inference.load(FLAGS.checkpoint, step=FLAGS.step,
+                              quant=config_lib.quant_from_flag(FLAGS.quant))
   results = {"quantization": model.cfg.quant.describe()}
   if FLAGS.heldout:
     results["heldout"] = _heldout(model)

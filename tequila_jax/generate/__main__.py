@@ -2,9 +2,11 @@
 
 Streams a completion from a packed export on the CPU (pure XLA; kernel
 strategy per `--strategy`, see `tequila_jax.inference.kernels`) and reports
-prefill and decode tokens/s. `--model` may also be a training workdir, a
-Hugging Face directory or a GGUF file (float/QAT model, for comparison;
-`--quant.*` applies a quantization to the latter two).
+prefill and decode tokens/s. `--strategy`, `--embed`, `--alpha_dtype` and
+`--kv_dtype` are the fields of `tequila_jax.inference.InferenceSettings`.
+`--model` may also be a training workdir, a Hugging Face directory or a GGUF
+file (float/QAT model, for comparison; `--quant.*` applies a quantization to
+the latter two); `tequila_jax.inference.load` opens it.
 """
 
 import sys
@@ -13,8 +15,8 @@ import time
 import jax
 from absl import flags
 
-from tequila_jax import cli, config_lib, sampling
-from tequila_jax.io import load
+from tequila_jax import cli, config_lib, inference, sampling
+from tequila_jax.inference import InferenceSettings
 
 flags.DEFINE_string("model", None, "A .tqj export, training workdir, Hugging "
                     "Face dir, .gguf or asset:NAME.", required=True)
@@ -22,15 +24,17 @@ flags.DEFINE_string("prompt", None, "Text to continue.", required=True)
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_enum("strategy", "auto", ["auto", "exact", "lut", "int8"],
+flags.DEFINE_enum("strategy", InferenceSettings.strategy,
+                  ["auto", "exact", "lut", "int8"],
                   "Ternary kernel of a .tqj model.")
-flags.DEFINE_enum("embed", "float", ["float", "int8"], "int8: embedding and "
-                  "output head as int8 with per-row scales (a quarter of fp32's "
-                  "memory; the head quantizes the last hidden state: logits "
-                  "~1e-2 relative error).")
-flags.DEFINE_enum("alpha_dtype", "float32", ["float32", "float16"],
+flags.DEFINE_enum("embed", InferenceSettings.embed, inference.EMBEDS,
+                  "int8: embedding and output head as int8 with per-row "
+                  "scales (a quarter of fp32's memory; the head quantizes the "
+                  "last hidden state: logits ~1e-2 relative error).")
+flags.DEFINE_enum("alpha_dtype", InferenceSettings.alpha_dtype,
+                  inference.ALPHA_DTYPES,
                   "How the group scales are held (float16: half the bytes).")
-flags.DEFINE_enum("kv_dtype", "float32", ["float32", "bfloat16"],
+flags.DEFINE_enum("kv_dtype", InferenceSettings.kv_dtype, inference.KV_DTYPES,
                   "How the KV cache is held (bfloat16: half the bytes, decode "
                   "1.2x faster at 4,096 positions; logits ~3e-4 relative).")
 config_lib.define_quant_flag()
@@ -39,9 +43,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  model, tok = load.load(FLAGS.model, quant=config_lib.quant_from_flag(
-      FLAGS.quant), strategy=FLAGS.strategy, embed=FLAGS.embed,
-      alpha_dtype=FLAGS.alpha_dtype, kv_dtype=FLAGS.kv_dtype)
+  settings = InferenceSettings(FLAGS.strategy, FLAGS.embed, FLAGS.alpha_dtype,
+                               FLAGS.kv_dtype)
+  model, tok = inference.load(
+      FLAGS.model, quant=config_lib.quant_from_flag(FLAGS.quant),
+      settings=settings)
   prompt = tok.encode(FLAGS.prompt, bos=tok.bos_id is not None)
   sys.stdout.write(FLAGS.prompt)
   sys.stdout.flush()

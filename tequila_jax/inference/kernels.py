@@ -1,7 +1,7 @@
 """Ternary linear layers on packed 2-bit codes, in plain XLA.
 
 All strategies compute `y = x @ Q + c` for `Q = codes * alpha` (per input
-group of G) from the packed bytes of `tequila_jax.export` (`2bit` layout):
+group of G) from the packed bytes of a `.tqj` export (`2bit` layout, `io.tqj`):
 
 - `exact`: unpack to fp32 Q and one fp32 dot. Bit-for-bit the QAT forward's
   math in fp32 (up to dot summation order).
@@ -36,23 +36,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tequila_jax.io import tqj
 from tequila_jax.quant.activations import fake_quantize_int8, quantize_int8
 
 STRATEGIES = ("exact", "lut", "int8", "q8k", "auto")
 # XLA:CPU's YNNPACK fusions for dots only, not for reductions (see `lut`).
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-_SHIFTS = np.asarray([0, 2, 4, 6], np.uint8)
-# _BYTE_CODES[b, j] = code of input j (0..3) in byte b.
-_BYTE_CODES = ((np.arange(256)[:, None] >> (2 * np.arange(4))) & 3).astype(
-    np.float32) - 1.0
+# _BYTE_CODES[b, j] = code of input j (0..3) in byte b: every byte value
+# unpacked by the export format's own `unpack_2bit`.
+_BYTE_CODES = tqj.unpack_2bit(np.arange(256, dtype=np.uint8)[None]).T.astype(
+    np.float32)
 
 
 def unpack_codes(packed: jax.Array, dtype=jnp.int8) -> jax.Array:
-  """uint8 `[in/4, out]` -> codes `[in, out]` in {-1, 0, 1}."""
-  parts = (packed[:, None, :] >> _SHIFTS[None, :, None]) & 3
-  codes = parts.astype(jnp.int8) - 1
-  return codes.reshape(-1, packed.shape[-1]).astype(dtype)
+  """uint8 `[in/4, out]` -> codes `[in, out]` in {-1, 0, 1}
+  (`tqj.unpack_2bit`)."""
+  return tqj.unpack_2bit(packed, jnp).astype(dtype)
 
 
 def _exact(x, packed, alpha, c):

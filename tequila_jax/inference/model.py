@@ -2,16 +2,17 @@
 packed `.tqj` export, and `DenseLlama`, the same decode loop over float
 weights (the baseline the ternary model is measured against).
 
-PackedLlama holds, per strategy: `lut` the 2-bit bytes reordered for table
-lookup (`kernels.lut_layout`); `int8` the codes unpacked to int8 (1
-byte/weight, `kernels.int8_layout`); `auto` both; `exact` / `q8k` the
-packing as exported.
+`PackedLlama(export, InferenceSettings(...))` holds, per strategy: `lut`
+the 2-bit bytes reordered for table lookup (`kernels.lut_layout`); `int8`
+the codes unpacked to int8 (1 byte/weight, `kernels.int8_layout`); `auto`
+both; `exact` / `q8k` the packing as exported.
 Projections that read the same input (q/k/v, gate/up) are concatenated at
 load and run as one kernel call, and every layer's weights are separate
 arrays, so the unrolled decode step slices nothing.
 
 Same architecture and numerics as `tequila_jax.model.Llama` (shared RMSNorm,
-RoPE and attention from `tequila_jax.layers`). Activations are fp32.
+RoPE and attention from `tequila_jax.layers`). Activations are fp32. The KV
+cache is a `PackedKVCache` (heads-major; bf16 held as bits).
 """
 
 from __future__ import annotations
@@ -24,21 +25,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tequila_jax.io import tqj as export_lib
+from tequila_jax.inference.cache import PackedKVCache
 from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, dense,
                                            int8_dense, int8_layout,
                                            lut_layout, quantize_int8,
                                            ternary_linear)
-from tequila_jax.layers import apply_rope, rms_norm, rope_frequencies
-from tequila_jax.model import PROJECTIONS, KVCache, ModelConfig
+from tequila_jax.inference.settings import (KV_DTYPES, InferenceSettings,
+                                            check_choice)
+from tequila_jax.io import tqj as export_lib
+from tequila_jax.layers import (apply_rope, attend_cache, rms_norm,
+                                rope_frequencies)
+from tequila_jax.model import PROJECTIONS, ModelConfig
 
 # Attention reads the cache's filled prefix rounded up to a power of two of at
 # least this many positions (a compilation per size).
 ATTEND_MIN = 256
-# How the KV cache may be held: bf16 halves what attention reads, as
-# llama.cpp's default f16 cache does (decode 1.2x faster at 4,096 positions
-# here; logits 2.5e-4 relative on a trained SmolLM2-135M).
-KV_DTYPES = ("float32", "bfloat16")
 # Projections that read the same input run as one kernel call (one table).
 _FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"),
           "gate_up": ("gate_proj", "up_proj"),
@@ -51,15 +52,14 @@ class _Decoder:
   Subclasses set `params` (`layers`: a list of per-layer dicts keyed by the
   `_FUSED` names, plus `attn_norm` / `mlp_norm` `[L, hidden]`, `embed`,
   `final_norm`, `head_t` `[vocab, hidden]`: the embedding array itself when
-  tied, no copy) and `_linear(h, entry)`.
+  tied, no copy) and `linear(h, entry)`.
   """
   cfg: ModelConfig
   params: dict
   kv_dtype: str = "float32"
 
   def _init(self, cfg: ModelConfig, kv_dtype: str):
-    if kv_dtype not in KV_DTYPES:
-      raise ValueError(f"kv_dtype {kv_dtype!r}: choose one of {KV_DTYPES}.")
+    check_choice("kv_dtype", kv_dtype, KV_DTYPES)
     self.cfg, self.kv_dtype = cfg.replace(dtype="float32"), kv_dtype
 
   def _compile(self):
@@ -68,23 +68,19 @@ class _Decoder:
                                      scaling)
     options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
     self._decode = jax.jit(functools.partial(_decode, cfg=self.cfg,
-                                             linear=self._linear,
-                                             kv_dtype=self.kv_dtype),
+                                             linear=self.linear),
                            static_argnames=("attend_len", "last_only"),
                            donate_argnums=3,
                            compiler_options=options)
 
-  def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-    """An empty cache, keys/values `[layers, batch, kv_heads, max_len,
-    head_dim]` in `kv_dtype` (bf16 held as its uint16 bit patterns: see
-    `_as_bits`): heads before positions (not `Llama`'s order), so that
-    attention reads each head's prefix without a transpose."""
-    shape = (self.cfg.num_layers, batch, self.cfg.num_kv_heads,
-             max_len or self.cfg.max_seq_len, self.cfg.head_dim)
-    zeros = lambda: _as_bits(jnp.zeros(shape), jnp.dtype(self.kv_dtype))  # noqa: E731
-    return KVCache(zeros(), zeros(), jnp.zeros((), jnp.int32))
+  def init_cache(self, batch: int, max_len: int | None = None
+                 ) -> PackedKVCache:
+    """An empty `PackedKVCache` of `max_len` positions (default the
+    model's `max_seq_len`) in `kv_dtype`."""
+    return PackedKVCache.init(self.cfg, batch, max_len, self.kv_dtype)
 
-  def decode(self, tokens: jax.Array, cache: KVCache, logits: str = "all"):
+  def decode(self, tokens: jax.Array, cache: PackedKVCache,
+             logits: str = "all"):
     """Logits of `tokens[B, T]` after the cache's positions (`[B, T, V]`;
     `logits="last"`: `[B, 1, V]`, the head run on the last position only, as
     a prompt's prefill needs), and the cache with them written. The cache is
@@ -94,7 +90,7 @@ class _Decoder:
     whatever the cache's capacity."""
     if logits not in ("all", "last"):
       raise ValueError(f"logits={logits!r}: choose 'all' or 'last'.")
-    end, capacity = int(cache.length) + tokens.shape[1], cache.k.shape[3]
+    end, capacity = int(cache.length) + tokens.shape[1], cache.capacity
     if end > capacity:
       raise ValueError(f"the KV cache holds {capacity} positions; decoding "
                        f"to position {end} would overrun it. Use "
@@ -108,8 +104,11 @@ class _Decoder:
     cache = self.init_cache(tokens.shape[0], tokens.shape[1])
     return self.decode(tokens, cache)[0]
 
-  @staticmethod
-  def _linear(h, entry):
+  def linear(self, h: jax.Array, entry: dict) -> jax.Array:
+    """One (fused) projection as the decode step runs it: `h[..., in]`
+    through `entry`, an item of `params["layers"][i]` (keyed `qkv`, `o`,
+    `gate_up`, `down`) -> `[..., out]` in fp32. Public so that benchmarks
+    time exactly the step's kernels."""
     raise NotImplementedError
 
 
@@ -130,10 +129,6 @@ def _float_params(t: dict, layers: dict, dtype) -> dict:
           "final_norm": f32(t["final_norm"]), "head_t": head_t}
 
 
-EMBEDS = ("float", "int8")
-ALPHA_DTYPES = ("float32", "float16")
-
-
 def _int8_rows(w: jax.Array) -> dict:
   """`[vocab, hidden]` as int8 with one fp32 scale per row (absmax / 127)."""
   w_t, scale = quantize_int8(w.astype(jnp.float32))
@@ -141,7 +136,9 @@ def _int8_rows(w: jax.Array) -> dict:
 
 
 class PackedLlama(_Decoder):
-  """A packed ternary export, projections by `ternary_linear(strategy)`.
+  """A packed ternary export, projections by `ternary_linear` with
+  `settings.strategy` (`InferenceSettings`; its defaults: `auto`, float
+  embedding, fp32 scales and cache).
 
   `embed`: `float` keeps the embedding and head in the export's float dtype
   (bf16 exports stay bf16; compute is fp32); `int8` holds them as int8 with
@@ -149,21 +146,20 @@ class PackedLlama(_Decoder):
   their rows, and the head is an int8 dot whose hidden state is quantized
   as value + residual (`int8_dense`), so the weights' per-row rounding is
   the error left (logits 2.2e-2 relative on SmolLM2; tests/test_export.py
-  bounds it). `alpha_dtype="float16"` holds the group scales in fp16 (rounded once
-  at load; compute stays fp32). `kv_dtype="bfloat16"` holds the KV cache in
-  bf16 (`KV_DTYPES`). `memory()` says what each part holds.
+  bounds it). `alpha_dtype="float16"` holds the group scales in fp16
+  (rounded once at load; compute stays fp32). `kv_dtype="bfloat16"` holds
+  the KV cache in bf16 (`PackedKVCache`). `memory()` says what each part
+  holds.
   """
 
-  def __init__(self, export: export_lib.Export, strategy: str = "auto",
-               embed: str = "float", alpha_dtype: str = "float32",
-               kv_dtype: str = "float32"):
-    if embed not in EMBEDS:
-      raise ValueError(f"embed {embed!r}: choose one of {EMBEDS}.")
-    if alpha_dtype not in ALPHA_DTYPES:
-      raise ValueError(f"alpha_dtype {alpha_dtype!r}: choose one of "
-                       f"{ALPHA_DTYPES}.")
-    self._init(export.cfg, kv_dtype)
-    self.strategy = strategy
+  def __init__(self, export: export_lib.Export,
+               settings: InferenceSettings = InferenceSettings()):
+    if not isinstance(settings, InferenceSettings):
+      raise TypeError(f"settings {settings!r}: pass an InferenceSettings "
+                      "(e.g. InferenceSettings(strategy='lut')).")
+    self.settings = settings
+    self._init(export.cfg, settings.kv_dtype)
+    strategy = settings.strategy
     t = export.tensors
     cat = lambda key, parts: np.concatenate(  # noqa: E731
         [t[f"layers.{p}.{key}"] for p in parts], axis=-1)
@@ -176,7 +172,7 @@ class PackedLlama(_Decoder):
       packed = (cat("codes", parts) if export.packing == "2bit"
                 else export_lib.pack_2bit(codes))
       layer = layers[name] = {
-          "alpha": jnp.asarray(cat("alpha", parts), alpha_dtype),
+          "alpha": jnp.asarray(cat("alpha", parts), settings.alpha_dtype),
           "c": jnp.asarray(cat("c", parts), jnp.float32)}
       if export.gamma(parts[0]) is not None:  # DLT
         layer["gamma"] = jnp.asarray(cat("gamma", parts), jnp.float32)
@@ -190,7 +186,7 @@ class PackedLlama(_Decoder):
       if strategy in ("exact", "q8k"):  # `lut` / `codes` replace the packing
         layer["packed"] = jnp.asarray(packed)
     self.params = _float_params(t, layers, t["embed"].dtype)
-    if embed == "int8":
+    if settings.embed == "int8":
       tied = self.params["head_t"] is self.params["embed"]
       self.params["embed"] = _int8_rows(self.params["embed"])
       self.params["head_t"] = (self.params["embed"] if tied
@@ -198,11 +194,11 @@ class PackedLlama(_Decoder):
     self._compile()
 
   @classmethod
-  def load(cls, path, strategy: str = "auto", embed: str = "float",
-           alpha_dtype: str = "float32", kv_dtype: str = "float32"
+  def load(cls, path, settings: InferenceSettings = InferenceSettings()
            ) -> "PackedLlama":
-    return cls(export_lib.read_export(path), strategy, embed, alpha_dtype,
-               kv_dtype)
+    """The `.tqj` export at `path` (for any location, a ternary Hugging
+    Face directory included: `inference.load`)."""
+    return cls(export_lib.read_export(path), settings)
 
   def memory(self) -> dict:
     """Bytes held, by part (a tied head counts once): `ternary` (the
@@ -235,10 +231,11 @@ class PackedLlama(_Decoder):
             "bits_per_ternary_weight": 8 * decode_bytes / n_weights,
             "bits_per_ternary_weight_all_held": 8 * all_bytes / n_weights}
 
-  def _linear(self, h, entry):
+  def linear(self, h: jax.Array, entry: dict) -> jax.Array:
     return ternary_linear(h, entry.get("packed"), entry["alpha"], entry["c"],
-                          self.strategy, entry.get("codes"), entry.get("lut"),
-                          entry.get("gamma"), self.cfg.quant.act_bits)
+                          self.settings.strategy, entry.get("codes"),
+                          entry.get("lut"), entry.get("gamma"),
+                          self.cfg.quant.act_bits)
 
 
 class DenseLlama(_Decoder):
@@ -262,37 +259,12 @@ class DenseLlama(_Decoder):
     self.params = _float_params(t, layers, dtype)
     self._compile()
 
-  @staticmethod
-  def _linear(h, entry):
+  def linear(self, h: jax.Array, entry: dict) -> jax.Array:
     return dense(h, entry["w"])
 
 
-def _attend(q, k, v, positions):
-  """Causal grouped-query attention of rotated `q[B, T, N, D]` at
-  `positions[B, T]` over cached keys/values `[B, K, S, D]` (slot s holds
-  position s) -> `[B, T, N * D]`; `layers.attend_cache`'s math with the
-  heads-major cache, so no operand is transposed. A bf16 cache is read as
-  bf16 (queries and probabilities rounded to it, fp32 accumulation)."""
-  b, t, n, d = q.shape
-  heads, per = k.shape[1], n // k.shape[1]
-  # Queries of one KV head, [B, K, G * T, D]: row r is group r // T, token r % T.
-  qg = q.reshape(b, t, heads, per, d).transpose(0, 2, 3, 1, 4)
-  qg = qg.reshape(b, heads, per * t, d).astype(k.dtype)
-  scores = jnp.einsum("bkqd,bksd->bkqs", qg, k,
-                      preferred_element_type=jnp.float32) / np.sqrt(d).astype(
-                          np.float32)
-  rows = jnp.tile(positions, (1, per))  # [B, G * T]
-  mask = jnp.arange(k.shape[2]) <= rows[:, None, :, None]
-  probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
-  out = jnp.einsum("bkqs,bksd->bkqd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, heads, per, t, d).transpose(0, 3, 1, 2, 4).reshape(
-      b, t, n * d)
-
-
-def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
-            linear: Callable, attend_len: int, last_only: bool,
-            kv_dtype: str):
+def _decode(params, inv_freq, tokens, cache: PackedKVCache, *, cfg,
+            linear: Callable, attend_len: int, last_only: bool):
   b, t = tokens.shape
   positions = cache.length + jnp.broadcast_to(jnp.arange(t), tokens.shape)
   embed = params["embed"]
@@ -302,8 +274,6 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
     x = embed[tokens].astype(jnp.float32)
   q_size = cfg.num_heads * cfg.head_dim
   kv_size = cfg.num_kv_heads * cfg.head_dim
-  kv = jnp.dtype(kv_dtype)
-  k_all, v_all = cache.k, cache.v
   for i, layer in enumerate(params["layers"]):
     h = rms_norm(x, params["attn_norm"][i], cfg.rms_eps)
     q, k, v = jnp.split(linear(h, layer["qkv"]), [q_size, q_size + kv_size],
@@ -315,11 +285,9 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(0, 2, 1, 3)
     # Only the new positions are written (in place: the cache is donated),
     # and only the filled prefix is read.
-    at = (i, 0, 0, cache.length, 0)
-    k_all = jax.lax.dynamic_update_slice(k_all, _as_bits(k[None], kv), at)
-    v_all = jax.lax.dynamic_update_slice(v_all, _as_bits(v[None], kv), at)
-    out = _attend(q, _from_bits(k_all[i, :, :, :attend_len], kv),
-                  _from_bits(v_all[i, :, :, :attend_len], kv), positions)
+    cache = cache.write(i, k, v)
+    out = attend_cache(q, *cache.read(i, attend_len), positions,
+                       layout="bksd")
     x = x + linear(out, layer["o"])
     h = rms_norm(x, params["mlp_norm"][i], cfg.rms_eps)
     gate, up = jnp.split(linear(h, layer["gate_up"]), 2, axis=-1)
@@ -333,17 +301,5 @@ def _decode(params, inv_freq, tokens, cache: KVCache, *, cfg,
     logits = logits.reshape(b, x.shape[1], -1)
   else:
     logits = dense(x, head, transposed=True)
-  return logits, KVCache(k_all, v_all, cache.length + t)
+  return logits, cache.advance(t)
 
-
-def _as_bits(x, dtype):
-  """`x` in the cache's storage: `dtype`, or its bit patterns as uint16 for
-  bf16 (XLA:CPU widens a bf16 dynamic-update-slice to fp32, converting the
-  whole cache in every layer; an integer one updates in place)."""
-  x = x.astype(dtype)
-  return (jax.lax.bitcast_convert_type(x, jnp.uint16)
-          if dtype == jnp.bfloat16 else x)
-
-
-def _from_bits(x, dtype):
-  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x

@@ -7,7 +7,8 @@
 - `tokenizers`: one `Tokenizer` interface over tokenizer.json, tiktoken and
   bytes.
 - `assets`: demo models and corpora that packages ship, pinned by sha256.
-- `load`: opens any location (training workdir, HF dir, .gguf, .tqj,
-  `asset:NAME`) as a model and its tokenizer.
+- `load`: opens a location (training workdir, HF dir, .gguf, .tqj,
+  `asset:NAME`) as what its format holds: a trainable `Llama` or a packed
+  `tqj.Export` (`tequila_jax.inference.load` runs the latter).
 - `atomic`: write a file or directory so that it appears whole or not at all.
 """

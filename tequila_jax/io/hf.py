@@ -67,7 +67,7 @@ def config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
           f"config.json sets {flag}=true; LLaMA-3 has no projection biases "
           "and tequila_jax trains none. A ternary export with biases "
           "(C(W)) is an inference model: open it with "
-          "tequila_jax.io.load.load, or convert it with `python -m "
+          "tequila_jax.inference.load, or convert it with `python -m "
           "tequila_jax.export --checkpoint DIR --out model.tqj`.")
   if hf.get("hidden_act", "silu") != "silu":
     raise CheckpointError(f"hidden_act {hf['hidden_act']!r} is not supported "

@@ -1,6 +1,9 @@
-"""Open any checkpoint location (`io.locations`) as a model and its
-tokenizer: a training workdir (its latest checkpoint, or `step`), a Hugging
-Face directory, a `.gguf` file, a `.tqj` export or `asset:NAME`."""
+"""Open a checkpoint location (`io.locations`) as what its format holds: a
+training workdir (its latest checkpoint, or `step`), a Hugging Face
+directory or a `.gguf` file as a trainable `Llama` (`load_model`), a `.tqj`
+export or a ternary Hugging Face directory as a packed `tqj.Export`
+(`read_inference_export`). Opening any location as a runnable model and its
+tokenizer, packed ones as a `PackedLlama`, is `tequila_jax.inference.load`."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ from flax import nnx
 from tequila_jax import checkpoint, config_lib
 from tequila_jax import model as model_lib
 from tequila_jax import workdir as workdir_lib
-from tequila_jax.inference import PackedLlama
 from tequila_jax.io import gguf, hf, locations, tqj
 from tequila_jax.model import Llama
 from tequila_jax.quant import QuantConfig
@@ -25,7 +27,7 @@ def load_model(location: str, step: int | None = None, **overrides) -> Llama:
   `quant=` learns other ones (another method, λ mode or group layout; not
   merely another lam, eps or act_bits): then they start from the kernels,
   as for Hugging Face and GGUF sources. A `.tqj` export is an inference model:
-  open it with `load`."""
+  open it with `tequila_jax.inference.load`."""
   path = locations.resolve(location)
   if workdir_lib.is_workdir(path):
     stored = config_lib.to_model_config(workdir_lib.read_config(path).model)
@@ -40,7 +42,7 @@ def load_model(location: str, step: int | None = None, **overrides) -> Llama:
     return nnx.merge(model_lib.graphdef(cfg), params)
   if path.suffix == ".tqj":
     raise ValueError(f"{path} is a packed inference export; open it with "
-                     "tequila_jax.io.load.load (a PackedLlama), not as a "
+                     "tequila_jax.inference.load (a PackedLlama), not as a "
                      "trainable model.")
   if path.suffix == ".gguf":
     return gguf.load_gguf(path, **overrides)
@@ -55,21 +57,3 @@ def read_inference_export(location: str,
   if path.suffix == ".tqj":
     return tqj.read_export(path)
   return hf.read_ternary_hf(path, quant)
-
-
-def load(location: str, *, step: int | None = None,
-         quant: QuantConfig | None = None, strategy: str = "auto",
-         embed: str = "float", alpha_dtype: str = "float32",
-         kv_dtype: str = "float32"):
-  """`(model, tokenizer)` at `location`. A `.tqj` export, or a ternary Hugging
-  Face export (projection biases = C(W)), opens as a `PackedLlama` (CPU
-  inference; `strategy`, `embed`, `alpha_dtype` and `kv_dtype` as there);
-  anything else as a `Llama`,
-  with `quant` replacing its quantization (Hugging Face and GGUF sources
-  record none: they load as the float model unless `quant` is given)."""
-  if str(location).endswith(".tqj") or hf.is_ternary_hf(locations.resolve(location)):
-    ex = read_inference_export(location, quant)
-    return (PackedLlama(ex, strategy, embed, alpha_dtype, kv_dtype),
-            ex.load_tokenizer())
-  overrides = {"quant": quant} if quant is not None else {}
-  return (load_model(location, step, **overrides), locations.load_tokenizer(location))

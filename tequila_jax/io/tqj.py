@@ -89,21 +89,28 @@ class ExportError(ExpectedError, ValueError):
 # Packing (numpy; along axis -2, the input axis of `[..., in, out]`)
 # --------------------------------------------------------------------------
 
+# The `2bit` byte layout, written here once (`inference.kernels` unpacks and
+# tabulates bytes with it): input 4k + j of column c is the field
+# `code + 1` in bits TWO_BIT_SHIFTS[j] .. +1 of byte [k, c].
+TWO_BIT_SHIFTS = np.asarray([0, 2, 4, 6], np.uint8)
+
+
 def pack_2bit(codes: np.ndarray) -> np.ndarray:
   """int8 codes `[..., in, out]` (in % 4 == 0) -> uint8 `[..., in/4, out]`."""
   u = (np.asarray(codes, np.int16) + 1).astype(np.uint8)
   if u.shape[-2] % 4:
     raise ValueError(f"2-bit packing needs in % 4 == 0, got in={u.shape[-2]}.")
   u = u.reshape(*u.shape[:-2], u.shape[-2] // 4, 4, u.shape[-1])
-  return (u[..., 0, :] | (u[..., 1, :] << 2) | (u[..., 2, :] << 4)
-          | (u[..., 3, :] << 6)).astype(np.uint8)
+  return np.bitwise_or.reduce(u << TWO_BIT_SHIFTS[:, None], axis=-2)
 
 
-def unpack_2bit(packed: np.ndarray) -> np.ndarray:
-  p = np.asarray(packed, np.uint8)
-  parts = [((p >> s) & 3).astype(np.int8) - 1 for s in (0, 2, 4, 6)]
-  out = np.stack(parts, axis=-2)  # [..., in/4, 4, out]
-  return out.reshape(*p.shape[:-2], p.shape[-2] * 4, p.shape[-1])
+def unpack_2bit(packed, xp=np):
+  """uint8 `[..., in/4, out]` -> int8 codes `[..., in, out]`. `xp=jax.numpy`
+  unpacks a jax array (traceable under jit)."""
+  p = xp.asarray(packed, xp.uint8)
+  fields = (p[..., :, None, :] >> xp.asarray(TWO_BIT_SHIFTS)[:, None]) & 3
+  codes = fields.astype(xp.int8) - 1  # [..., in/4, 4, out]
+  return codes.reshape(*p.shape[:-2], p.shape[-2] * 4, p.shape[-1])
 
 
 def pack_base3(codes: np.ndarray) -> np.ndarray:
