@@ -109,8 +109,10 @@ ORDER = (
     "tequila_jax.train.step", "tequila_jax.train.build",
     "tequila_jax.train.loop", "tequila_jax.train",
     # Inference, evaluation and analysis.
-    "tequila_jax.inference.kernels", "tequila_jax.inference.model",
-    "tequila_jax.inference", "tequila_jax.evaluate",
+    "tequila_jax.inference.kernels", "tequila_jax.inference.settings",
+    "tequila_jax.inference.cache", "tequila_jax.inference.model",
+    "tequila_jax.inference.loading", "tequila_jax.inference",
+    "tequila_jax.evaluate",
     "tequila_jax.lm_eval_adapter", "tequila_jax.analyze",
     # Commands (`python -m tequila_jax.X`): nothing imports them.
     "tequila_jax.export", "tequila_jax.generate", "*.__main__",
