@@ -95,7 +95,7 @@ def main(argv=None):
   for label, bits in (("trained A8", 8), ("trained A16", 0)):
     c = config(bits, args.steps, str(root / "corpora"))
     train.run(c, root / label.replace(" ", "_"), devices=jax.devices()[:1])
-    corpus = data.prepare_for_config(c, locations.config_tokenizer(c),
+    corpus = data.prepare_for_config(c, locations.load_tokenizer,
                                      progress=False)
     _, variants = measure(root / label.replace(" ", "_"), corpus,
                           c.data.seq_len, args.windows)

@@ -58,7 +58,7 @@ def main(argv=None):
   corpus_config = config_lib.tiny()
   corpus_config.data.cache_dir = str(root / "corpora")
   corpus = data.prepare_for_config(
-      corpus_config, locations.config_tokenizer(corpus_config), progress=False)
+      corpus_config, locations.load_tokenizer, progress=False)
   times = {f"{what}_{kind}": [] for what in ("save", "restore")
            for kind in ("with", "without")}
   fingerprint_s = []

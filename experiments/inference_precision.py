@@ -57,7 +57,7 @@ def main(argv=None):
     raise SystemExit(f"{workdir} is not a training workdir (no config.json "
                      "and checkpoints/); pass the --workdir of a train run.")
   config = workdir_lib.read_config(workdir)
-  corpus = data.prepare_for_config(config, locations.config_tokenizer(config))
+  corpus = data.prepare_for_config(config, locations.load_tokenizer)
   model = load.load_model(str(workdir))
   rows, losses, reference_logits = [], {}, None
   first = np.stack([data.PackedWindows(corpus, "eval", args.seq_len)[i][:-1]

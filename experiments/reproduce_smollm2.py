@@ -38,6 +38,7 @@ import numpy as np
 from experiments import common, reproduce_smollm2_pack, sweep
 from tequila_jax import config_lib
 from tequila_jax.configs import smollm2_135m
+from tequila_jax.io import locations
 from tequila_jax.quant import QuantConfig
 
 SOURCES = ("shakespeare", "austen", "bible_kjv", "jargon", "gcide",
@@ -262,7 +263,6 @@ def build_cloze(corpus_dir, tok, n_items: int, seed: int = 0) -> list[dict]:
 def prepare(out: pathlib.Path, *, smoke: bool, cloze_items: int) -> dict:
   """Tokenized corpus (DIR/corpus) and cloze items (DIR/cloze.jsonl)."""
   from tequila_jax import data  # pylint: disable=g-import-not-at-top
-  from tequila_jax.io import locations  # pylint: disable=g-import-not-at-top
   sources = ["shakespeare"] if smoke else SOURCES
   spec = "bytes" if smoke else TOKENIZER
   tok = locations.load_tokenizer(spec)

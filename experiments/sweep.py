@@ -41,7 +41,6 @@ from experiments import common
 # Plain Python (no JAX): the sweep's parent process stays free of it.
 from tequila_jax.quant.config import LAM_MODES, METHODS
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 SWEEPS = {
     "lambda": lambda: [{"model.quant.method": "tequila", "model.quant.lam": v}
@@ -133,7 +132,7 @@ def run_point(config_spec, overrides: dict, workdir: pathlib.Path, *,
   model = load.load_model(str(workdir))
   corpus = (config.data.corpus_dir or
             data.prepare_for_config(
-                config, locations.config_tokenizer(config), progress=False))
+                config, locations.load_tokenizer, progress=False))
   losses = evaluate.window_losses(
       model, corpus, seq_len=config.data.seq_len,
       max_windows=max_eval_windows,

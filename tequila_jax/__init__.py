@@ -21,8 +21,16 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
 
 
 def __getattr__(name: str):
+  """A public name, or a subpackage/module (`tequila_jax.quant`), imported on
+  first use."""
   if name not in _LAZY:
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+      return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"{__name__}.{name}":
+        raise
+      raise AttributeError(
+          f"module {__name__!r} has no attribute {name!r}") from None
   value = getattr(importlib.import_module(_LAZY[name]), name)
   globals()[name] = value  # later look-ups skip this function
   return value

@@ -33,6 +33,10 @@ LOCK = "lock"
 TEACHER = "teacher.json"
 
 
+class NoTokenizer(ExpectedError, ValueError):
+  """A config that names no tokenizer (neither data nor init)."""
+
+
 class WorkdirInUse(ExpectedError, RuntimeError):
   """Another run holds the workdir's lock."""
 
@@ -104,11 +108,12 @@ def read_teacher(workdir) -> dict | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def tokenizer_spec(config: ml_collections.ConfigDict) -> str:
+def tokenizer_spec(config: ml_collections.ConfigDict,
+                   where: str = "the config") -> str:
   """Where a training config's tokenizer comes from: `data.tokenizer`, else
   its `init.checkpoint`'s (a location `io.locations.load_tokenizer` opens)."""
   spec = config.data.tokenizer or config.init.checkpoint
   if not spec:
-    raise ValueError("the config names no tokenizer: set data.tokenizer (a "
-                     "path or 'bytes') or init.checkpoint.")
+    raise NoTokenizer(f"{where} names no tokenizer: set data.tokenizer (a "
+                      "path or 'bytes') or init.checkpoint.")
   return spec

@@ -194,14 +194,17 @@ def test_corpora_are_keyed_by_content_and_options(tmp_path):
   config = config_lib.tiny()
   config.data.update(sources=str(tmp_path / "d*.txt"),
                      cache_dir=str(tmp_path / "cache"), max_documents=3)
-  three = data.prepare_for_config(config, TOK, progress=False)
+  asked = []  # the spec the key hashes is the one the tokenizer comes from
+  load = lambda spec: asked.append(spec) or TOK  # noqa: E731
+  three = data.prepare_for_config(config, load, progress=False)
+  assert asked == ["bytes"]
   assert data.read_meta(three)["documents"] == 3
   config.data.max_documents = 0
-  everything = data.prepare_for_config(config, TOK, progress=False)
+  everything = data.prepare_for_config(config, load, progress=False)
   assert everything != three and data.read_meta(everything)["documents"] == 4
-  assert data.prepare_for_config(config, TOK, progress=False) == everything
+  assert data.prepare_for_config(config, load, progress=False) == everything
   (tmp_path / "d1.txt").write_text("edited " * 80)
-  edited = data.prepare_for_config(config, TOK, progress=False)
+  edited = data.prepare_for_config(config, load, progress=False)
   assert edited != everything
   meta = data.read_meta(edited)
   assert meta["train_tokens"] + meta["eval_tokens"] != (

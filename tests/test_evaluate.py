@@ -89,7 +89,7 @@ def test_cli_on_a_training_workdir(trained):
   assert out["quantization"] == "tequila per_group G=64 λ=0.001"
   # --heldout: every held-out window of the run's own corpus.
   config = workdir_lib.read_config(trained / "run")
-  corpus = data.prepare_for_config(config, locations.config_tokenizer(config))
+  corpus = data.prepare_for_config(config, locations.load_tokenizer)
   want = evaluate.window_losses(load.load_model(str(trained / "run")), corpus,
                                 seq_len=64)
   assert out["heldout"]["windows"] == len(want)

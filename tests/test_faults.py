@@ -152,7 +152,7 @@ def _rewrite(workdir, corpora, step, change):
   """Re-saves checkpoint `step` with `change(state)` (valid integrity: the
   fault is in the values, as if training had produced it)."""
   config = _tiny(corpora)
-  corpus = data.prepare_for_config(config, locations.config_tokenizer(config),
+  corpus = data.prepare_for_config(config, locations.load_tokenizer,
                                    progress=False)
   it = data.train_iterator(corpus, seq_len=config.data.seq_len, batch_size=8,
                            seed=0)

@@ -393,7 +393,7 @@ def test_learned_lambda_moves_and_starts_at_lam():
 
 
 def test_learned_scales_start_mostly_dead():
-  """README: with α₀ = max|W| per output unit, Gaussian rows of 2,048
+  """docs/methods.md: with α₀ = max|W| per output unit, Gaussian rows of 2,048
   weights start 93% dead under lsq/dlt (Δ = α/2) and 77% under seq (α/3)."""
   w = jax.random.normal(jax.random.key(0), (2048, 512))
   for method, want in (("lsq", 0.93), ("dlt", 0.93), ("seq", 0.77)):

@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 
 def _launch(tmp_path, workdir, **overrides):
-  """The README's command on 2 processes of 4 CPU devices each."""
+  """docs/training.md's command on 2 processes of 4 CPU devices each."""
   port = _free_port()
   flags = {**STEPS, **overrides, "async_checkpoints": False,
            "diagnostics.enabled": False,  # one compiled step: CI's 2 cores

@@ -17,7 +17,7 @@ flags.mark_flag_as_required("config")
 def main(argv):
   del argv
   config = flags.FLAGS.config
-  corpus = data.prepare_for_config(config, locations.config_tokenizer(config))
+  corpus = data.prepare_for_config(config, locations.load_tokenizer)
   print(corpus)
   print(json.dumps(data.read_meta(corpus), indent=2))
 

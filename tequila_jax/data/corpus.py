@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+from typing import Callable
 
 import numpy as np
 import tqdm
@@ -172,13 +173,15 @@ def prepare(sources: str, tok: Tokenizer, out_dir, *, tokenizer_name: str,
   return out_dir
 
 
-def prepare_for_config(config, tok: Tokenizer,
+def prepare_for_config(config, load_tokenizer: Callable[[str], Tokenizer],
                        progress: bool = True) -> pathlib.Path:
-  """The prepared corpus for a training config, tokenized by `tok` (the
-  tokenizer the config names: `io.locations.config_tokenizer(config)`),
-  cached under `data.cache_dir` by a hash of the sources, tokenizer, split
-  and max_documents."""
+  """The prepared corpus for a training config, cached under
+  `data.cache_dir` by a hash of the sources, tokenizer, split and
+  max_documents. `load_tokenizer(spec)` opens the tokenizer the config names
+  (`io.locations.load_tokenizer`): called here with the spec the key hashes,
+  so the tokens and the key always agree."""
   spec = workdir_lib.tokenizer_spec(config)
+  tok = load_tokenizer(spec)
   cache = pathlib.Path(config.data.cache_dir or
                        (assets.cache_dir() / "corpora")).expanduser()
   d = config.data

@@ -15,7 +15,7 @@ from tequila_jax import workdir as workdir_lib
 from tequila_jax.io import locations
 
 flags.DEFINE_string("checkpoint", None, "Training workdir, Hugging Face dir, "
-                    ".gguf or asset:NAME.", required=True)
+                    ".gguf, .tqj or asset:NAME.", required=True)
 flags.DEFINE_integer("step", None, "Checkpoint step of a workdir "
                      "(default: the latest).")
 flags.DEFINE_list("text", [], "Data source spec(s) for perplexity (see "
@@ -63,7 +63,7 @@ def _heldout(model) -> dict:
                      f"the corpus); {path} is not one. Pass --text with text "
                      "the model was not trained on instead.")
   config = workdir_lib.read_config(path)
-  corpus = data.prepare_for_config(config, locations.config_tokenizer(config))
+  corpus = data.prepare_for_config(config, locations.load_tokenizer)
 
   def score(source=None):
     nll = evaluate.window_losses(model, corpus, seq_len=FLAGS.seq_len,

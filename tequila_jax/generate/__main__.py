@@ -25,6 +25,8 @@ flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("strategy", InferenceSettings.strategy,
+                  # kernels.STRATEGIES but q8k (llama.cpp's Q8_K
+                  # emulation, for agreement studies only)
                   ["auto", "exact", "lut", "int8"],
                   "Ternary kernel of a .tqj model.")
 flags.DEFINE_enum("embed", InferenceSettings.embed, inference.EMBEDS,

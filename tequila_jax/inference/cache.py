@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from tequila_jax.inference.settings import KV_DTYPES, check_choice
 from tequila_jax.model import ModelConfig
 
+
 class PackedKVCache(NamedTuple):
   """Rotated keys and values of the positions decoded so far.
 

@@ -6,7 +6,9 @@
 - `tqj`: the packed ternary export (`.tqj`): packing, `Export`, read/write.
 - `tokenizers`: one `Tokenizer` interface over tokenizer.json, tiktoken and
   bytes.
-- `assets`: demo models and corpora that packages ship, pinned by sha256.
+- `assets`: demo models and tokenizers that packages ship, pinned by sha256
+  (offline text corpora are `tequila_jax.data.corpora`'s).
+- `locations`: what a location string names, and the tokenizer stored there.
 - `load`: opens a location (training workdir, HF dir, .gguf, .tqj,
   `asset:NAME`) as what its format holds: a trainable `Llama` or a packed
   `tqj.Export` (`tequila_jax.inference.load` runs the latter).

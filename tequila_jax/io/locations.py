@@ -34,14 +34,11 @@ def load_tokenizer(location: str) -> tokenizers.Tokenizer:
     return tokenizers.ByteTokenizer()
   path = resolve(location)
   if workdir_lib.is_workdir(path):
-    return config_tokenizer(workdir_lib.read_config(path))
+    return load_tokenizer(workdir_lib.tokenizer_spec(
+        workdir_lib.read_config(path), f"{path}/{workdir_lib.CONFIG}"))
   if path.suffix == ".gguf":
     return gguf.read_tokenizer(gguf.open_gguf(path))
   if path.suffix == ".tqj":
     return tqj.read_export(path).load_tokenizer()
   return tokenizers.from_file(path)
 
-
-def config_tokenizer(config) -> tokenizers.Tokenizer:
-  """The tokenizer a training config names (`workdir.tokenizer_spec`)."""
-  return load_tokenizer(workdir_lib.tokenizer_spec(config))

@@ -18,7 +18,13 @@ _MODULES = {
     "ternary": ("TernaryState", "dead_column_sum", "dequantize", "ternarize"),
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
-__all__ = sorted(_LAZY)
+__all__ = [  # = sorted(_LAZY), written out for readers and linters
+    "ACT_BITS", "GRANULARITIES", "LAM_MODES", "LEARNED_SCALE_METHODS",
+    "METHODS", "QPARAM_NAMES", "QuantConfig", "TernaryState",
+    "check_qparams", "dead_column_sum", "dequantize", "fake_quantize_int8",
+    "group_threshold_stats", "init_qparams", "qparam_axes", "quantize_int8",
+    "quantized_matmul", "ternarize", "ternary_matmul", "ternary_state",
+    "threshold_stats"]
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
   from tequila_jax.quant.activations import fake_quantize_int8, quantize_int8

@@ -232,8 +232,8 @@ def _corpus(tr: Train) -> pathlib.Path:
   """The run's tokenized corpus (prepared now unless `data.corpus_dir`)."""
   config = tr.config
   corpus = (pathlib.Path(config.data.corpus_dir) if config.data.corpus_dir
-            else data.prepare_for_config(config, locations.config_tokenizer(config),
-                                     progress=config.train.progress))
+            else data.prepare_for_config(config, locations.load_tokenizer,
+                                         progress=config.train.progress))
   vocab = data.read_meta(corpus)["vocab_size"]
   if vocab > tr.model_cfg.vocab_size:
     raise ValueError(f"the corpus was tokenized with {vocab} tokens but "

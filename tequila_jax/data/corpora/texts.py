@@ -4,8 +4,8 @@ Each reader takes the extracted package trees (`{package: root}`) and yields
 `(document name, text)`: one document per natural unit (a book of the Bible,
 a novel, a source file of the docs, the dictionary entries of one initial),
 so that a held-out split can take whole documents. Markup is stripped, the
-prose and code are kept. `tequila_jax.io.assets` runs them once and caches
-the documents as `.txt` files.
+prose and code are kept. `tequila_jax.data.corpora` runs them once and
+caches the documents as `.txt` files.
 """
 
 from __future__ import annotations
