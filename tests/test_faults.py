@@ -470,7 +470,7 @@ def test_resume_on_an_edited_corpus_is_refused(tmp_path, corpora):
   before = _tree(workdir)
   time.sleep(0.01)
   source.write_text(source.read_text() + "Whether 'tis nobler in the mind.")
-  with pytest.raises(ValueError, match=f"tiny_run on another corpus: {source} "
+  with pytest.raises(ValueError, match=f"trained on another corpus: {source} "
                      "changed.*allow_config_change=True"):
     train.run(with_source(config()), workdir, devices=ONE)
   assert _tree(workdir) == before
