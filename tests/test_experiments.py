@@ -49,6 +49,7 @@ def test_interrupted_sweep_resumes_without_redoing_points(tmp_path):
   assert (out / "results.png").exists()
 
 
+@pytest.mark.slow  # 75 s; the sweep machinery stays covered by default
 def test_reproduce_small_tiny_smoke(tmp_path):
   out = tmp_path / "repro"
   reproduce_small.main(["--tiny", "--seeds", "1", "--out", str(out),
@@ -90,6 +91,7 @@ def test_paired_difference_resamples_windows_not_seeds():
   assert "| x | -0.0" in table and "x better" in table
 
 
+@pytest.mark.slow  # 2 min (every method trained); see the distill sweep test
 def test_methods_sweep_pairs_every_method_with_absmean(tmp_path):
   """The methods sweep covers every method, learned quantizers included,
   and tabulates each one paired against `--reference method=absmean`."""
