@@ -37,8 +37,18 @@ TINY_RUN = dict(steps=12, checkpoint_every=5, log_every=1, eval_every=100,
 def tiny_model_config(method: str = "tequila", **fields):
   """The tiny config's `ModelConfig` with `method` and `fields` replaced."""
   from tequila_jax import config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config_file(f"{TINY}:{method}")
-  return config_lib.to_model_config(config.model).replace(**fields)
+  return config_lib.to_model_config(
+      config_lib.tiny(method).model).replace(**fields)
+
+
+def tiny_run_config(corpora, **train_overrides):
+  """The config of `tiny_run` (`TINY_RUN`, corpora cached in `corpora`),
+  with `train_overrides`: what resumes or repeats it."""
+  from tequila_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.tiny()
+  config.data.cache_dir = str(corpora)
+  config.train.update(**{**TINY_RUN, **train_overrides})
+  return config
 
 
 @pytest.fixture(scope="session")
@@ -51,10 +61,7 @@ def corpora(tmp_path_factory):
 def tiny_run(tmp_path_factory, corpora):
   """A finished tiny tequila run (`TINY_RUN`: checkpoints 5, 10 and 12);
   read it, or copy it to change it."""
-  from tequila_jax import config_lib, train  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config_file(TINY)
-  config.data.cache_dir = str(corpora)
-  config.train.update(**TINY_RUN)
+  from tequila_jax import train  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("tiny_run") / "run"
-  train.run(config, workdir, devices=jax.devices()[:1])
+  train.run(tiny_run_config(corpora), workdir, devices=jax.devices()[:1])
   return workdir

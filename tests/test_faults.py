@@ -22,25 +22,18 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from experiments import sweep
-from tequila_jax import checkpoint, cli as cli_lib, config_lib, data, evaluate
+from tequila_jax import checkpoint, cli as cli_lib, data, evaluate
 from tequila_jax import metrics
 from tequila_jax import model as model_lib
 from tequila_jax import train
 from tequila_jax.io import locations, tokenizers, tqj
 from tequila_jax.io.atomic import atomic_path, check_writable
 from tests import cli
-from tests.conftest import TINY, TINY_RUN, tiny_model_config
+from tests.conftest import (TINY, TINY_RUN, tiny_model_config,
+                            tiny_run_config)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ONE = jax.devices()[:1]  # one device: the fastest tiny run
-def _tiny(corpora, **train_overrides):
-  config = config_lib.load_config_file(TINY)
-  config.data.cache_dir = str(corpora)
-  config.train.update(**TINY_RUN)
-  config.train.update(**train_overrides)
-  return config
-
-
 @pytest.fixture
 def workdir(tiny_run, tmp_path):
   """A copy of the session's `tiny_run` to break."""
@@ -122,7 +115,7 @@ def test_corrupted_checkpoint_bytes_are_set_aside(workdir, corpora):
   with pytest.raises(checkpoint.CheckpointCorrupted,
                      match=r"12 is corrupted: 1 arrays differ.*--step"):
     checkpoint.restore_state(workdir, 12)
-  summary = train.run(_tiny(corpora), workdir, devices=ONE)
+  summary = train.run(tiny_run_config(corpora), workdir, devices=ONE)
   assert summary["start_step"] == 10 and summary["step"] == 12
   assert _steps(workdir) == ["10", "12", "5", "damaged-12"]
 
@@ -151,7 +144,7 @@ def test_fingerprints_cover_every_leaf_of_the_state(tiny_run):
 def _rewrite(workdir, corpora, step, change):
   """Re-saves checkpoint `step` with `change(state)` (valid integrity: the
   fault is in the values, as if training had produced it)."""
-  config = _tiny(corpora)
+  config = tiny_run_config(corpora)
   corpus = data.prepare_for_config(config, locations.load_tokenizer,
                                    progress=False)
   it = data.train_iterator(corpus, seq_len=config.data.seq_len, batch_size=8,
@@ -178,13 +171,13 @@ def test_nan_in_the_optimizer_state_is_set_aside(workdir, corpora):
     return state
 
   _rewrite(workdir, corpora, 12, poison)
-  summary = train.run(_tiny(corpora), workdir, devices=ONE)
+  summary = train.run(tiny_run_config(corpora), workdir, devices=ONE)
   assert summary["start_step"] == 10 and np.isfinite(summary["loss"])
   assert "damaged-12" in _steps(workdir)
 
 
 def test_nonfinite_right_after_a_resume_does_not_call_it_good(workdir, corpora):
-  config = _tiny(corpora, steps=14, allow_config_change=True)
+  config = tiny_run_config(corpora, steps=14, allow_config_change=True)
   config.optim.lr = 1e30
   with pytest.raises(train.TrainingError) as e:
     train.run(config, workdir, devices=ONE)
@@ -199,15 +192,15 @@ def test_nonfinite_right_after_a_resume_does_not_call_it_good(workdir, corpora):
 def test_a_shape_change_is_refused_before_anything_is_written(workdir, corpora,
                                                               tmp_path):
   before = _tree(workdir)
-  config = _tiny(corpora, allow_config_change=True)
+  config = tiny_run_config(corpora, allow_config_change=True)
   config.model.update(hidden_size=256, head_dim=64)
   with pytest.raises(ValueError, match=r"another shape .*embedding.*"
                      r"checkpoint \(\(512, 128\).*config \(\(512, 256\)"):
     train.run(config, workdir, devices=ONE)
   assert _tree(workdir) == before  # nothing renamed, config.json unchanged
-  assert train.run(_tiny(corpora), workdir, devices=ONE)["start_step"] == 12
+  assert train.run(tiny_run_config(corpora), workdir, devices=ONE)["start_step"] == 12
   for bad in ({"model.quant.group_size": 48}, {"train.batch_size": 0}):
-    config = _tiny(corpora)
+    config = tiny_run_config(corpora)
     config.update_from_flattened_dict(bad)
     with pytest.raises(ValueError):
       train.run(config, tmp_path / "new", devices=ONE)
@@ -299,7 +292,7 @@ def test_sweep_point_stopped_during_evaluation_records_real_figures(
   """A point stopped after its last checkpoint, in its evaluation, has no
   summary; the rerun evaluates it from its checkpoint and records the
   logged train loss and the wall time of both tries."""
-  config = lambda: _tiny(corpora, steps=6, checkpoint_every=3)  # noqa: E731
+  config = lambda: tiny_run_config(corpora, steps=6, checkpoint_every=3)  # noqa: E731
   point = tmp_path / "point"
 
   def stop(*_):
@@ -439,12 +432,12 @@ def test_ctrl_c_during_startup_exits_130(tmp_path, corpora):
 # 11 ------------------------------------------------------------------------
 
 def test_negative_lr_and_too_long_sequences_are_refused(tmp_path, corpora):
-  config = _tiny(corpora)
+  config = tiny_run_config(corpora)
   config.optim.lr = -1e-3
   with pytest.raises(ValueError, match="optim.lr=-0.001 is negative.*use a "
                      "positive"):
     train.run(config, tmp_path / "a", devices=ONE)
-  config = _tiny(corpora)
+  config = tiny_run_config(corpora)
   config.data.seq_len = 512
   with pytest.raises(ValueError, match="data.seq_len=512 exceeds "
                      "model.max_seq_len=256.*lower data.seq_len"):
@@ -457,7 +450,7 @@ def test_negative_lr_and_too_long_sequences_are_refused(tmp_path, corpora):
 def test_resume_on_an_edited_corpus_is_refused(tmp_path, corpora):
   source = tmp_path / "text.txt"
   source.write_text("To be, or not to be, that is the question. " * 400)
-  config = lambda **kw: _tiny(corpora, steps=6, checkpoint_every=2, **kw)  # noqa: E731
+  config = lambda **kw: tiny_run_config(corpora, steps=6, checkpoint_every=2, **kw)  # noqa: E731
 
   def with_source(c):
     c.data.sources = str(source)
