@@ -327,3 +327,21 @@ def test_the_readme_layout_matches_the_tree():
     if not {f"{path.name}/", f"tequila_jax/{rel}/"} & named:
       unnamed.append(rel + "/")
   assert not unnamed, f"the README's Layout does not name: {unnamed}"
+
+
+def test_ci_runs_the_readme_test_command_on_pinned_versions():
+  """`.ci/run` ends with the README's test command; both README install
+  commands use constraints.txt, which pins every package it names exactly."""
+  readme = (ROOT / "README.md").read_text()
+  commands = re.findall(r"^python -m pip install .*$", readme, re.M)
+  assert len(commands) == 2, commands
+  assert all("-c constraints.txt" in c for c in commands), commands
+  ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+  assert ci in commands and ci.endswith("python -m pytest"), ci
+  pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines()
+          if line and not line.startswith("#")]
+  loose = [p for p in pins if not re.fullmatch(r"[\w.\-\[\]]+==[\w.]+", p)]
+  assert not loose, f"constraints.txt lines that are not exact pins: {loose}"
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+               "numpy", "torch", "transformers"):
+    assert any(p.lower().startswith(name + "==") for p in pins), name
