@@ -15,10 +15,23 @@ import pathlib
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Hashable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def command(main: Callable[[], object]) -> None:
+  """Runs an experiment's `main()` as every `tequila_jax` command runs: an
+  expected error (a bad flag value, a missing run, a failed sweep point) is
+  one line on stderr, cause then fix, and exit status 2."""
+  from tequila_jax import cli  # pylint: disable=g-import-not-at-top
+  try:
+    main()
+  except cli.EXPECTED as e:
+    print(f"error: {cli.message(e)}", file=sys.stderr)
+    raise SystemExit(cli.EXIT_ERROR) from None
 
 
 def timed(fn: Callable, *args) -> Callable[[], float]:

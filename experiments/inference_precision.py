@@ -54,7 +54,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   workdir = locations.resolve(args.workdir)
   if not workdir_lib.is_workdir(workdir):
-    raise SystemExit(f"{workdir} is not a training workdir (no config.json "
+    raise ValueError(f"{workdir} is not a training workdir (no config.json "
                      "and checkpoints/); pass the --workdir of a train run.")
   config = workdir_lib.read_config(workdir)
   corpus = data.prepare_for_config(config, locations.load_tokenizer)
@@ -108,4 +108,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  common.command(main)

@@ -28,7 +28,7 @@ import pathlib
 
 import numpy as np
 
-from experiments import sweep
+from experiments import common, sweep
 from tequila_jax import config_lib
 
 METHODS = sweep.METHODS
@@ -149,4 +149,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  common.command(main)

@@ -137,7 +137,7 @@ def run(out: pathlib.Path, names: list[str], *, smoke: bool, tokens: int,
   from tequila_jax.io import load  # pylint: disable=g-import-not-at-top
   unknown = set(names) - set(RUNS) - {PRETRAINED}
   if unknown:
-    raise SystemExit(f"unknown run(s) {sorted(unknown)}; known: "
+    raise ValueError(f"unknown run(s) {sorted(unknown)}; known: "
                      f"{[PRETRAINED, *RUNS]}")
   corpus = out / "corpus"
   cloze = [json.loads(line) for line in
@@ -160,7 +160,7 @@ def run(out: pathlib.Path, names: list[str], *, smoke: bool, tokens: int,
     print(f"{name}: {tokens:,} tokens", flush=True)
     if name == PRETRAINED:
       if smoke:
-        raise SystemExit("--smoke trains a random model: no pretrained run.")
+        raise ValueError("--smoke trains a random model: no pretrained run.")
       config = make()
       model = load.load_model(init, quant=QuantConfig(method="none"),
                               dtype=config.model.dtype)
@@ -316,7 +316,7 @@ def summarize(out: pathlib.Path, results: pathlib.Path) -> str:
   runs = _load_runs(out)
   trained = {n: r for n, r in runs.items() if n != PRETRAINED}
   if not trained:
-    raise SystemExit(f"no finished run under {out}/runs.")
+    raise ValueError(f"no finished run under {out}/runs.")
   groups: dict[str, list[dict]] = {}
   for name, r in trained.items():
     groups.setdefault(_group(name), []).append(r)
@@ -543,4 +543,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  common.command(main)

@@ -39,6 +39,7 @@ import numpy as np
 
 from experiments import common
 # Plain Python (no JAX): the sweep's parent process stays free of it.
+from tequila_jax.errors import ExpectedError
 from tequila_jax.quant.config import LAM_MODES, METHODS
 
 
@@ -74,7 +75,7 @@ def grid(names: list[str]) -> list[dict]:
   """The cartesian product of the named sweeps' overrides."""
   unknown = [n for n in names if n not in SWEEPS]
   if unknown:
-    raise SystemExit(f"unknown sweep(s) {unknown}; known: {sorted(SWEEPS)}")
+    raise ValueError(f"unknown sweep(s) {unknown}; known: {sorted(SWEEPS)}")
   points = [{}]
   for name in names:
     points = [{**a, **b} for a, b in itertools.product(points, SWEEPS[name]())]
@@ -200,11 +201,11 @@ def _run_parallel(config_spec, todo, fixed, out, parallel):
     for slot, proc in list(running.items()):
       if proc.poll() is not None:
         if proc.returncode in train.STOPPED_EXIT_CODES:
-          raise SystemExit(f"a sweep point was stopped by a signal (exit "
+          raise ExpectedError(f"a sweep point was stopped by a signal (exit "
                            f"{proc.returncode}) after a checkpoint; rerun the "
                            "sweep to resume it.")
         if proc.returncode:
-          raise SystemExit(f"a sweep point failed (exit {proc.returncode}); "
+          raise ExpectedError(f"a sweep point failed (exit {proc.returncode}); "
                            "rerun the sweep to retry it.")
         del running[slot]
     time.sleep(1)
@@ -308,7 +309,7 @@ def write_results(results: list[dict], out: pathlib.Path,
   if len(groups) > 1 and all("heldout_window_losses" in r for r in results):
     reference = reference or next(iter(groups))
     if reference not in groups:
-      raise SystemExit(f"--reference {reference!r} is none of the swept "
+      raise ValueError(f"--reference {reference!r} is none of the swept "
                        f"settings {list(groups)}.")
     text += "\n" + paired_table(groups, reference)
   (out / "results.md").write_text(text)
@@ -368,4 +369,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  common.command(main)

@@ -17,8 +17,23 @@ def test_grid_is_a_product_and_names_are_stable():
   assert len(points) == 18 and len({sweep.point_name(p) for p in points}) == 18
   assert sweep.point_name({"model.quant.lam": 1e-3, "seed": 2}) == \
       "lam=0.001,seed=2"
-  with pytest.raises(SystemExit, match="unknown sweep"):
+  with pytest.raises(ValueError, match="unknown sweep"):
     sweep.grid(["lamda"])
+
+
+def test_an_experiment_s_expected_error_is_one_line_and_exit_2(tmp_path):
+  """As every tequila_jax command: a misspelt --sweep prints one line and
+  exits 2 (it exited 1 through SystemExit); nothing is written."""
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.sweep", "--config",
+       str(ROOT / "configs/tiny.py"), "--sweep", "lamda", "--out",
+       str(tmp_path / "s")], capture_output=True, text=True, env=_env(),
+      cwd=ROOT, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: unknown sweep(s) "
+                                                 "['lamda']; known: "), lines
+  assert not (tmp_path / "s").exists()
 
 
 def test_interrupted_sweep_resumes_without_redoing_points(tmp_path):

@@ -136,7 +136,7 @@ def parse_layouts(names) -> tuple:
     elif name.startswith("G=") and name[2:].isdigit():
       layouts.append(("per_group", int(name[2:])))
     else:
-      raise SystemExit(f"layout {name!r}: use per_channel or G=<group size>.")
+      raise ValueError(f"layout {name!r}: use per_channel or G=<group size>.")
   return tuple(layouts)
 
 
