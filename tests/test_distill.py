@@ -304,9 +304,9 @@ def test_enabling_distillation_on_an_older_run_is_a_config_change(tmp_path):
   del stored["distill"]  # a run of a version before distillation
   stored = config_lib.ml_collections.ConfigDict(stored)
   config = _tiny(tmp_path)
-  assert config_lib.config_changes(stored, config) == []
+  assert train.resume.config_changes(stored, config) == []
   config.distill.weight = 1.0
-  assert config_lib.config_changes(stored, config) == [
+  assert train.resume.config_changes(stored, config) == [
       "distill.weight: 0.0 -> 1.0"]
 
 
