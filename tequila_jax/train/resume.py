@@ -7,12 +7,13 @@ against them before anything is written:
 
 - `check_config`: a field that is not a `RUN_TIME_FIELDS` one differs;
 - `check_layout`: the train state has other shapes than the checkpoints';
-- `check_teacher`: the teacher's files or shapes differ;
+- `check_teacher`: the teacher is missing, or its files or shapes differ;
 - `check_corpus`: a source file was edited, added or removed.
 
 Each refusal is one line, what differs and then the fixes.
 `train.allow_config_change` lets a run change its config, teacher or corpus
-on purpose (with a warning); nothing lets it reshape a checkpoint.
+on purpose (with a warning); nothing lets it reshape a checkpoint or
+distill from a teacher that is not there.
 """
 
 from __future__ import annotations
@@ -140,10 +141,16 @@ def _teacher_record(tr: Train) -> dict:
   return {**teacher_source(tr), "shapes": shapes}
 
 
+def _missing(location: str) -> bool:
+  """Whether a model location names a path that is not there."""
+  return bool(location) and not location.startswith("asset:") and not (
+      pathlib.Path(location).expanduser().exists())
+
+
 def check_teacher(tr: Train, workdir) -> dict | None:
   """Loads a distilling run's teacher and checks it against the one the run
-  in `workdir` recorded (`teacher.json`): refused, unless
-  `train.allow_config_change`, if its content hash or shapes differ.
+  in `workdir` recorded (`teacher.json`): refused if it is missing, and,
+  unless `train.allow_config_change`, if its content hash or shapes differ.
   Returns the record `record` is to write (None: the workdir keeps its
   own)."""
   if tr.distill is None:
@@ -153,6 +160,12 @@ def check_teacher(tr: Train, workdir) -> dict | None:
     return _teacher_record(tr)
   was = (f"{workdir} was distilled from the teacher {stored['teacher']!r} "
          f"(content hash {stored['content_hash']}), but")
+  if _missing(tr.teacher_location):
+    raise ValueError(
+        f"{was} {tr.teacher_location!r} is missing (moved or deleted). "
+        "Restore it there, point --config.distill.teacher to where it is now "
+        "and pass --config.train.allow_config_change=True (its new paths "
+        "change its content hash), or train in another --workdir.")
   now = teacher_source(tr)
   problem = None
   if now["content_hash"] != stored["content_hash"]:
