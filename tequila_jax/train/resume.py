@@ -148,11 +148,11 @@ def _missing(location: str) -> bool:
 
 
 def check_teacher(tr: Train, workdir) -> dict | None:
-  """Loads a distilling run's teacher and checks it against the one the run
-  in `workdir` recorded (`teacher.json`): refused if it is missing, and,
-  unless `train.allow_config_change`, if its content hash or shapes differ.
-  Returns the record `record` is to write (None: the workdir keeps its
-  own)."""
+  """Checks a distilling run's teacher against the one the run in `workdir`
+  recorded (`teacher.json`): refused if it is missing, and, unless
+  `train.allow_config_change`, if its content hash or shapes differ. Loads
+  it (refusing early) to compare or record its shapes. Returns the record
+  `record` is to write (None: the workdir keeps its own)."""
   if tr.distill is None:
     return None
   stored = workdir_lib.read_teacher(workdir)
