@@ -1,7 +1,7 @@
 """What every training config has (`base_config`), the builders the
 shipped configs (`tequila_jax/configs/*.py`) share, and the code that reads
-configs: loading a `path.py[:arg]`, the `--quant.*` flag, and which fields a
-resumed run may change (`RUN_TIME_FIELDS`).
+configs: loading a `path.py[:arg]` and the `--quant.*` flag. Which fields a
+resumed run may change is `train.resume`'s (`RUN_TIME_FIELDS`).
 
 The defaults of the `model`, `model.quant` and `diagnostics` sections are the
 field defaults of `ModelConfig`'s two halves, `QuantConfig` and
@@ -107,7 +107,7 @@ def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
 
 # The `train` and `data` fields that say how a run runs, not what it
 # computes, with their defaults: a resumed run may change them
-# (RUN_TIME_FIELDS). `base_config` adds them to its sections.
+# (train.resume.RUN_TIME_FIELDS). `base_config` adds them to its sections.
 RUN_TIME_DEFAULTS = {
     "train": dict(
         micro_batches=1,  # gradient accumulation
@@ -128,49 +128,6 @@ RUN_TIME_DEFAULTS = {
     "data": dict(
         cache_dir="",  # tokenized corpora; "" = ~/.cache/tequila_jax/corpora
         num_threads=2, prefetch=8)}
-# Sections a resumed run may change as a whole: the device mesh (how the
-# state is laid out) and the diagnostics (what is measured, not trained).
-RUN_TIME_SECTIONS = ("mesh", "diagnostics")
-# RunSettings fields that a resume refuses all the same: the compute dtype
-# changes the numerics (bf16 or fp32 matmuls and activations), so a resumed
-# run would go on computing another function than the one it checkpointed.
-# (Like remat or scan, it is still never stored with the weights.)
-NUMERIC_RUN_SETTINGS = ("dtype",)
-
-# Fields a resumed run may change: how it runs, not what it computes (a
-# name ending in "." is a whole section).
-RUN_TIME_FIELDS = (
-    *(f"model.{f.name}" for f in dataclasses.fields(RunSettings)
-      if f.name not in NUMERIC_RUN_SETTINGS),
-    *(f"{section}.{name}" for section, fields in RUN_TIME_DEFAULTS.items()
-      for name in fields),
-    *(f"{section}." for section in RUN_TIME_SECTIONS))
-
-
-def _flat(tree, prefix="") -> dict:
-  if not isinstance(tree, dict):
-    return {prefix[:-1]: tree}
-  return {k: v for key, sub in tree.items()
-          for k, v in _flat(sub, f"{prefix}{key}.").items()}
-
-
-def config_changes(stored: ml_collections.ConfigDict,
-                   config: ml_collections.ConfigDict) -> list[str]:
-  """`field: stored -> new` for every field of `config` that differs from a
-  run's `stored` config and is not a run-time field (fields the stored
-  config lacks, from an older version, compare as their defaults)."""
-  defaults = _flat(base_config().to_dict())
-  old = {**defaults, **_flat(stored.to_dict())}
-  new = _flat(config.to_dict())
-  return [f"{k}: {old[k]!r} -> {v!r}" for k, v in sorted(new.items())
-          if k in old and _normal(old[k]) != _normal(v)
-          and not any(k == f or (f.endswith(".") and k.startswith(f))
-                      for f in RUN_TIME_FIELDS)]
-
-
-def _normal(value):
-  """JSON's view of a value (a stored config is read back from JSON)."""
-  return list(map(_normal, value)) if isinstance(value, (list, tuple)) else value
 
 
 def base_config() -> ml_collections.ConfigDict:

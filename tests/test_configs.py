@@ -1,6 +1,6 @@
 """Every shipped config loads; the Llama-3.2 configs have their published
-sizes; config defaults are the dataclasses'; which fields a resume may
-change."""
+sizes; config defaults are the dataclasses' (which fields a resume may
+change: test_resume.py)."""
 
 import dataclasses
 import pathlib
@@ -9,10 +9,9 @@ import pytest
 from flax import nnx
 
 from tequila_jax import config_lib, configs, model
-from tequila_jax import workdir as workdir_lib
 from tequila_jax.diagnostics import DiagnosticsConfig
 from tequila_jax.quant import QuantConfig
-from tequila_jax.train import build, loop
+from tequila_jax.train import build
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p for p in configs.DIR.glob("*.py") if p.name != "__init__.py")
@@ -103,67 +102,3 @@ def test_diagnostics_defaults_are_diagnostics_configs():
       quant=cfg.quant, seed=7)
   assert set(config.diagnostics) == {"enabled"} | {
       f.name for f in dataclasses.fields(DiagnosticsConfig)} - {"quant", "seed"}
-
-
-def _changes(**fields):
-  """What `config_changes` reports when `fields` ("section.key": value)
-  change between a stored tiny config and a resumed one."""
-  config = config_lib.tiny()
-  for key, value in fields.items():
-    *sections, name = key.split(".")
-    section = config
-    for part in sections:
-      section = section[part]
-    section[name] = value
-  return config_lib.config_changes(config_lib.tiny(), config)
-
-
-def test_run_settings_but_dtype_may_change_on_resume():
-  """scan, remat and the attention kernel change how the model runs (the
-  same numbers up to rounding); they are `RunSettings` fields, and so
-  run-time without being listed."""
-  assert _changes(**{"model.scan_layers": False, "model.remat": "full",
-                     "model.attention": "xla"}) == []
-  run_time = [f for f in config_lib.RUN_TIME_FIELDS if f.startswith("model.")]
-  assert sorted(run_time) == sorted(
-      f"model.{name}" for name in model.RUN_FIELDS - {"dtype"})
-
-
-def test_model_dtype_is_refused_on_resume(tmp_path):
-  """The compute dtype is a run setting (never stored with the weights),
-  but it changes the numerics: bf16 matmuls and activations are another
-  computation than fp32 ones, so a resume refuses it like an architecture
-  change (unless train.allow_config_change)."""
-  assert _changes(**{"model.dtype": "bfloat16"}) == [
-      "model.dtype: 'float32' -> 'bfloat16'"]
-  (tmp_path / workdir_lib.CHECKPOINTS).mkdir()
-  workdir_lib.write_config(tmp_path, config_lib.tiny())
-  config = config_lib.tiny()
-  config.model.dtype = "bfloat16"
-  with pytest.raises(ValueError, match="model.dtype: 'float32' -> 'bfloat16'"):
-    loop.check_resumed_config(config, tmp_path)
-  config.train.allow_config_change = True
-  loop.check_resumed_config(config, tmp_path)
-
-
-@pytest.mark.parametrize("key, value, refused", [
-    ("train.steps", 31, True), ("train.batch_size", 16, True),
-    ("data.seq_len", 32, True), ("data.corpus_dir", "/c", True),
-    ("optim.lr", 1e-4, True), ("model.quant.lam", 1e-2, True),
-    ("train.micro_batches", 2, False), ("train.log_every", 1, False),
-    ("train.restore_step", 10, False), ("data.cache_dir", "/c", False),
-    ("data.prefetch", 1, False), ("mesh.fsdp", 2, False),
-    ("diagnostics.enabled", False, False)])
-def test_what_a_resume_may_change(key, value, refused):
-  assert bool(_changes(**{key: value})) == refused
-
-
-def test_run_time_fields_name_fields_of_the_config():
-  """Each entry is a field (or, ending in ".", a section) of every config:
-  a renamed field cannot linger here."""
-  flat = config_lib._flat(  # pylint: disable=protected-access
-      config_lib.base_config().to_dict())
-  for entry in config_lib.RUN_TIME_FIELDS:
-    assert (entry in flat if not entry.endswith(".")
-            else any(k.startswith(entry) for k in flat)), entry
-  assert len(set(config_lib.RUN_TIME_FIELDS)) == len(config_lib.RUN_TIME_FIELDS)

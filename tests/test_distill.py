@@ -4,6 +4,7 @@ shard_map included), distill off = today's step, resume exact, a changed
 teacher refused."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -271,9 +272,12 @@ def test_resume_is_exact_with_distillation(tmp_path):
     train.run(_distilling(tmp_path, **kw), tmp_path / "split")
 
 
-def test_resume_refuses_a_changed_teacher(tmp_path):
+def test_resume_refuses_a_changed_or_missing_teacher(tmp_path):
   """The teacher is a training workdir; once its files change, resuming the
-  distilled run is refused, by the CLI, with one line and exit status 2."""
+  distilled run is refused, by the CLI, with one line and exit status 2.
+  Once it is moved away, the refusal names it missing, where it was, and
+  the fixes (allow_config_change alone cannot distill from nothing);
+  pointing to its new place on purpose resumes."""
   teacher_run = lambda: _tiny(tmp_path, steps=3, checkpoint_every=1,  # noqa: E731
                               eval_every=100)
   train.run(teacher_run(), tmp_path / "teacher", stop_at=2)
@@ -298,15 +302,35 @@ def test_resume_refuses_a_changed_teacher(tmp_path):
   assert "Restore that teacher" in lines[-1]
   assert checkpoint.restore_state(tmp_path / "student")["step"] == 2
 
+  (tmp_path / "teacher").rename(tmp_path / "moved")
+  files = lambda: {p.name: p.read_bytes()  # noqa: E731
+                   for p in (tmp_path / "student").iterdir() if p.is_file()}
+  before = files()
+  was = re.escape(str(tmp_path / "teacher"))
+  for allow in (False, True):
+    config.train.allow_config_change = allow
+    with pytest.raises(ValueError, match=(
+        rf"distilled from the teacher '{was}' \(content hash \w{{16}}\), but "
+        rf"'{was}' is missing \(moved or deleted\)\. Restore it there, point "
+        r"--config.distill.teacher to where it is now and pass "
+        r"--config.train.allow_config_change=True")):
+      train.run(config, tmp_path / "student")
+  assert files() == before
+  config.distill.teacher = str(tmp_path / "moved")
+  summary = train.run(config, tmp_path / "student")
+  assert summary["start_step"] == 2 and summary["step"] == 4
+  assert workdir_lib.read_teacher(tmp_path / "student")["teacher"] == str(
+      tmp_path / "moved")
+
 
 def test_enabling_distillation_on_an_older_run_is_a_config_change(tmp_path):
   stored = _tiny(tmp_path).to_dict()
   del stored["distill"]  # a run of a version before distillation
   stored = config_lib.ml_collections.ConfigDict(stored)
   config = _tiny(tmp_path)
-  assert config_lib.config_changes(stored, config) == []
+  assert train.resume.config_changes(stored, config) == []
   config.distill.weight = 1.0
-  assert config_lib.config_changes(stored, config) == [
+  assert train.resume.config_changes(stored, config) == [
       "distill.weight: 0.0 -> 1.0"]
 
 

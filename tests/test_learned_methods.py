@@ -343,10 +343,10 @@ def test_resume_refuses_a_key_the_stored_config_lacks():
   del stored.model.quant["lam_mode"]
   del stored.model.quant["lam_std"]
   same = config_lib.tiny()
-  assert config_lib.config_changes(stored, same) == []
+  assert train.resume.config_changes(stored, same) == []
   changed = config_lib.tiny()
   changed.model.quant.lam_mode = "per_layer"
-  assert config_lib.config_changes(stored, changed) == [
+  assert train.resume.config_changes(stored, changed) == [
       "model.quant.lam_mode: 'fixed' -> 'per_layer'"]
 
 

@@ -107,7 +107,7 @@ ORDER = (
     "tequila_jax.configs.llama3b",
     "tequila_jax.checkpoint", "tequila_jax.metrics", "tequila_jax.io.load",
     "tequila_jax.train.step", "tequila_jax.train.build",
-    "tequila_jax.train.loop", "tequila_jax.train",
+    "tequila_jax.train.resume", "tequila_jax.train.loop", "tequila_jax.train",
     # Inference, evaluation and analysis.
     "tequila_jax.inference.kernels", "tequila_jax.inference.settings",
     "tequila_jax.inference.cache", "tequila_jax.inference.model",

@@ -3,6 +3,8 @@
 - `step`: the pure `train_step` (gradient accumulation, AdamW, diagnostics).
 - `build`: `build_train(config)`, everything but data (mesh, optimizer,
   shardings, initial state, compiled steps); `describe` sizes a config.
+- `resume`: what a resumed run may change (`RUN_TIME_FIELDS`) and how the
+  rest is refused (config, checkpoint layout, teacher, corpus).
 - `loop`: `run`, the loop with checkpoints, metrics, evaluation and signals.
 
 `python -m tequila_jax.train` is the command line (`__main__.py`).

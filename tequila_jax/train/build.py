@@ -16,8 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tequila_jax import (config_lib, data, diagnostics, losses, optim,
-                         sharding)
+from tequila_jax import config_lib, diagnostics, losses, optim, sharding
 from tequila_jax import model as model_lib
 from tequila_jax.distill import DistillConfig
 from tequila_jax.io import load
@@ -100,29 +99,14 @@ class Teacher:
   non-donated argument of the step, never in the train state (so never in a
   checkpoint, with no gradient and no optimizer state); its parameters are
   laid out by the state's sharding rules (`sharding.state_shardings`), in
-  the run's compute dtype. `record` is what the workdir keeps of it to
-  check a resumed run's teacher (`teacher_source` and the shapes)."""
+  the run's compute dtype (a resume checks it: `train.resume`)."""
   cfg: ModelConfig
   params: dict
   shardings: dict
-  record: dict
 
   @functools.cached_property
   def graphdef(self):
     return model_lib.graphdef(self.cfg)
-
-
-def teacher_source(config: ml_collections.ConfigDict) -> dict:
-  """Which teacher a config names and the hash of its files' content keys
-  (`data.fingerprint`, as the corpus cache keys its sources; a demo asset is
-  pinned by its name). Without `distill.teacher` and `init.checkpoint` the
-  teacher is a float copy of the student's initial weights: no file, no hash."""
-  location = config.distill.teacher or config.init.checkpoint
-  if not location:
-    return dict(teacher=f"initial weights (seed {config.seed})",
-                content_hash=None)
-  return dict(teacher=location,
-              content_hash=data.content_hash(data.fingerprint(location)))
 
 
 def _like(tree: dict, like: dict) -> dict:
@@ -186,16 +170,22 @@ class Train:
     return jax.jit(self._around, out_shardings=self.shardings,
                    donate_argnums=0)(params)
 
+  @property
+  def teacher_location(self) -> str:
+    """Where the distillation teacher is: `distill.teacher`, else
+    `init.checkpoint`; "" for a float copy of the initial weights."""
+    return self.config.distill.teacher or self.config.init.checkpoint
+
   @functools.cached_property
   def teacher(self) -> Teacher:
-    """The distillation teacher (loaded on first use): `distill.teacher`,
-    else `init.checkpoint`, opened by `io.load.load_model` as the float model
-    (quant method none) with this run's settings; without either, a float
-    copy of the student's initial weights (`config.seed`)."""
+    """The distillation teacher (loaded on first use) at `teacher_location`,
+    opened by `io.load.load_model` as the float model (quant method none)
+    with this run's settings; without one, a float copy of the student's
+    initial weights (`config.seed`)."""
     if self.distill is None:
       raise ValueError("this run does not distill (distill.weight = 0).")
     float_quant = dataclasses.replace(self.model_cfg.quant, method="none")
-    location = self.distill.teacher or self.config.init.checkpoint
+    location = self.teacher_location
     if location:
       run = {**dataclasses.asdict(self.model_cfg.run), "remat": "none"}
       model = load.load_model(location, quant=float_quant, **run)
@@ -210,10 +200,7 @@ class Train:
                           params)
     shardings = sharding.state_shardings(params, self.mesh,
                                          model_lib.param_axes(cfg))
-    shapes = {jax.tree_util.keystr(path): list(x.shape) for path, x in
-              jax.tree_util.tree_flatten_with_path(params)[0]}
-    return Teacher(cfg, jax.device_put(params, shardings), shardings,
-                   {**teacher_source(self.config), "shapes": shapes})
+    return Teacher(cfg, jax.device_put(params, shardings), shardings)
 
   def step_args(self) -> tuple:
     """The step's arguments after `(state, batch)`: the teacher's parameters

@@ -1,11 +1,12 @@
 """`run(config, workdir)`: the training loop around `train_step`.
 
-`run` builds the train state abstractly, derives its shardings over a
-`(data, fsdp)` mesh, materializes it (random or from a pretrained checkpoint)
-directly in that layout, restores the latest orbax checkpoint if there is one,
-and runs one compiled, donated step per batch. Metrics are fetched one step
-late so the host never waits on the device; a SIGTERM/SIGINT saves a
-checkpoint and exits cleanly.
+`run` builds the train state abstractly, refuses what a resumed run may not
+change (`resume`), derives its shardings over a `(data, fsdp)` mesh,
+materializes it (random or from a pretrained checkpoint) directly in that
+layout, restores the latest orbax checkpoint if there is one, and runs one
+compiled, donated step per batch. Metrics are fetched one step late so the
+host never waits on the device; a SIGTERM/SIGINT saves a checkpoint and
+exits cleanly.
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from tequila_jax import (checkpoint, config_lib, data, diagnostics, metrics,
-                         sharding)
+from tequila_jax import checkpoint, data, diagnostics, metrics, sharding
 from tequila_jax import model as model_lib
 from tequila_jax import workdir as workdir_lib
 from tequila_jax.errors import ExpectedError
 from tequila_jax.io import locations
 from tequila_jax.quant import QuantConfig
-from tequila_jax.train.build import (Train, build_train, pretrained_params,
-                                     teacher_source)
+from tequila_jax.train import resume
+from tequila_jax.train.build import Train, build_train, pretrained_params
 
 log = logging.getLogger("tequila_jax")
 
@@ -114,118 +114,24 @@ def run(config: ml_collections.ConfigDict, workdir, *, devices=None,
   if config.train.distributed:
     initialize_distributed(config.train)
   # Everything that can refuse the command does so before anything is
-  # written; config.json and corpus.json are written once the state is
-  # restored (or initialized), so a refused or failed start leaves them.
+  # written; what the checks compare with is written once the state is
+  # restored (or initialized: `resume.record`), so a refused or failed
+  # start leaves it.
   tr = build_train(config, devices=devices)
   abstract = tr.abstract_state()  # traces the model: refuses e.g. group_size
   workdir = pathlib.Path(workdir)
-  check_resumed_config(config, workdir)
-  check_resumed_layout(config, workdir, abstract)
-  new_teacher = check_resumed_teacher(tr, workdir)
+  resume.check_config(config, workdir)
+  resume.check_layout(workdir, abstract)
+  teacher = resume.check_teacher(tr, workdir)
   corpus = _corpus(tr)
-  check_resumed_corpus(config, workdir, corpus)
+  resume.check_corpus(config, workdir, corpus)
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
   with workdir_lib.workdir_lock(workdir) if main else contextlib.nullcontext():
     # A signal from here on (compilation included) is a flag the run checks:
     # an interrupt inside XLA's compiler could crash the process.
     with _StopSignal() as stop:
-      return _run(tr, workdir, corpus, stop_at, stop, new_teacher)
-
-
-def check_resumed_layout(config: ml_collections.ConfigDict, workdir,
-                         abstract_state: dict) -> None:
-  """Refuses a config whose train state has other shapes than the
-  checkpoints in `workdir` (`allow_config_change` cannot reshape them): a
-  config error, so no checkpoint is set aside as damaged."""
-  if not workdir_lib.is_workdir(workdir):
-    return
-  diff = checkpoint.layout_differences(workdir, abstract_state,
-                                       ignore=("diag",))
-  if diff:
-    raise ValueError(
-        f"the checkpoints in {workdir} hold a train state of another shape "
-        f"than this config's: {'; '.join(diff[:3])}"
-        f"{'; ...' if len(diff) > 3 else ''}. Resume with the run's own "
-        "model config (allow_config_change cannot reshape a checkpoint), or "
-        "train in another --workdir.")
-
-
-def check_resumed_corpus(config: ml_collections.ConfigDict, workdir,
-                         corpus: pathlib.Path) -> None:
-  """Refuses to resume on a corpus other than the one the run trained on
-  (a source file edited, added or removed since: "resumes exactly" would
-  no longer hold), unless `train.allow_config_change`."""
-  stored = workdir_lib.read_corpus(workdir) if workdir_lib.is_workdir(
-      workdir) else None
-  now = data.corpus_id(corpus)
-  if stored is None or stored["key"] == now["key"]:
-    return
-  changed = data.changed_inputs(stored["inputs"], now["inputs"])
-  if not config.train.allow_config_change:
-    raise ValueError(
-        f"{workdir} trained on another corpus: {changed}. Resume on the "
-        "same files (restore them), train in another --workdir, or pass "
-        "--config.train.allow_config_change=True to continue on this "
-        "corpus on purpose.")
-  log.warning("resuming on a changed corpus (train.allow_config_change): %s",
-              changed)
-
-
-def check_resumed_config(config: ml_collections.ConfigDict, workdir) -> None:
-  """Refuses to resume the run in `workdir` with a config that changes what
-  it computes (any field but `config_lib.RUN_TIME_FIELDS`; `model.dtype`
-  included), unless `train.allow_config_change`."""
-  if not workdir_lib.is_workdir(workdir):
-    return
-  changes = config_lib.config_changes(workdir_lib.read_config(workdir), config)
-  if not changes:
-    return
-  if not config.train.allow_config_change:
-    raise ValueError(
-        f"{workdir} holds a run whose config differs in what it computes: "
-        f"{'; '.join(changes)}. Resume with its config (drop these "
-        "overrides), train in another --workdir, or pass "
-        "--config.train.allow_config_change=True to change them on purpose.")
-  log.warning("resuming with a changed config (train.allow_config_change): "
-              "%s", "; ".join(changes))
-
-
-def check_resumed_teacher(tr: Train, workdir) -> bool:
-  """Loads a distilling run's teacher and refuses to resume the run in
-  `workdir` with one whose content hash or shapes differ from those its
-  first run recorded (`teacher.json`), unless `train.allow_config_change`.
-  Returns whether the workdir is to record this teacher (it has none)."""
-  if tr.distill is None:
-    return False
-  stored = workdir_lib.read_teacher(workdir)
-  if stored is None:
-    tr.teacher  # pylint: disable=pointless-statement  (load: refuse early)
-    return True
-  now = teacher_source(tr.config)
-  problem = None
-  if now["content_hash"] != stored["content_hash"]:
-    problem = (f"{now['teacher']!r} now has content hash "
-               f"{now['content_hash']} (its files changed)")
-  else:
-    shapes = tr.teacher.record["shapes"]
-    diff = [f"{k} {stored['shapes'].get(k)} -> {v}" for k, v in shapes.items()
-            if stored["shapes"].get(k) != v]
-    diff += [f"{k} missing" for k in stored["shapes"] if k not in shapes]
-    if diff:
-      problem = f"its parameters differ in shape: {', '.join(diff[:3])}"
-  if problem is None:
-    return False
-  if not tr.config.train.allow_config_change:
-    raise ValueError(
-        f"{workdir} was distilled from the teacher {stored['teacher']!r} "
-        f"(content hash {stored['content_hash']}), but {problem}. Restore "
-        "that teacher, train in another --workdir, or pass "
-        "--config.train.allow_config_change=True to change teachers on "
-        "purpose.")
-  log.warning("resuming with another teacher (train.allow_config_change): "
-              "%s", problem)
-  return True
+      return _run(tr, workdir, corpus, stop_at, stop, teacher)
 
 
 def _corpus(tr: Train) -> pathlib.Path:
@@ -273,7 +179,7 @@ def _compiled_step(tr: Train):
 
 
 def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
-         stop_at: int | None, stop: _StopSignal, new_teacher: bool) -> dict:
+         stop_at: int | None, stop: _StopSignal, teacher: dict | None) -> dict:
   config, mesh = tr.config, tr.mesh
   t = config.train
   main = jax.process_index() == 0
@@ -302,10 +208,7 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
                   "version's diagnostics: they restart from step %d.", start)
     log.info("resumed from step %d", start)
   if main:  # the state restored: this config and corpus are the run's now
-    workdir_lib.write_config(workdir, config)
-    workdir_lib.write_corpus(workdir, data.corpus_id(corpus))
-    if new_teacher:
-      workdir_lib.write_teacher(workdir, tr.teacher.record)
+    resume.record(workdir, config, corpus, teacher)
   resumed, start = start, start or 0
 
   compiled = _compiled_step(tr)  # logging steps differ only by diagnostics
