@@ -12,15 +12,18 @@ Integrity: orbax and tensorstore keep no checksum of the array data (zarr3's
 `crc32c` codec guards only a shard's index, and orbax offers no codec
 option), so each checkpoint also holds `integrity`, a 64-bit fingerprint of
 every leaf of the state (`state_fingerprints`: params, optimizer state,
-diagnostics, whatever leaves it has), computed on the device before the
-save and verified after every restore: a flipped byte is
-`CheckpointCorrupted`, never a silently different state.
+diagnostics, whatever leaves it has), computed where the state lives (in
+place on the host for CPU arrays) at each save and verified after every
+restore: a flipped byte is `CheckpointCorrupted`, never a silently
+different state. Checkpoints of the previous algorithm (`FINGERPRINTS`)
+still verify.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import pathlib
 import shutil
 import sys
@@ -41,41 +44,138 @@ log = logging.getLogger("tequila_jax")
 
 ITEMS = ("state", "data", "integrity")
 _TMP = ".orbax-checkpoint-tmp"  # what orbax appends to an unfinished step
-FINGERPRINT = "fmix32x2-v1"  # the algorithm of `state_fingerprints`
+FINGERPRINT = "rowcol-fmix32x2-v2"  # the algorithm of `state_fingerprints`
 
 
 class CheckpointCorrupted(ExpectedError, ValueError):
-  """A checkpoint whose restored arrays differ from what was saved."""
+  """A checkpoint that cannot be read or whose restored arrays differ from
+  what was saved; `problem` says which (naming the file or the leaf), the
+  message says where too."""
+
+  def __init__(self, where: str, problem: str):
+    super().__init__(f"{where} {problem}")
+    self.where, self.problem = where, problem
 
 
 # --------------------------------------------------------------------------
 # Integrity: a fingerprint per leaf, computed where the state lives
 # --------------------------------------------------------------------------
 
+_SEEDS = (0x9E3779B9, 0x7F4A7C15)  # one per 32-bit lane
+_BLOCK = 1 << 18  # bytes of a leaf summed at a time on the host (in cache)
+
+
 def _fmix32(h):
-  """murmur3's finalizer: a bijection on uint32 that mixes every bit."""
+  """murmur3's finalizer: a bijection on uint32 that mixes every bit (numpy
+  or jax arrays alike)."""
   h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
+  h = h * np.uint32(0x85EBCA6B)
   h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
+  h = h * np.uint32(0xC2B2AE35)
   return h ^ (h >> 16)
 
 
 def _words(x) -> jax.Array:
-  """A leaf's bits as uint32 words (one per element; two for 64-bit)."""
+  """A leaf's bits as uint32 words, in its shape (one per element; 64-bit:
+  two, the last axis doubled)."""
   if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
   if x.dtype == jnp.bool_:
     x = x.astype(jnp.uint8)
   unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[
       x.dtype.itemsize]
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  w = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  return w.reshape(*x.shape[:-1], -1) if x.dtype.itemsize == 8 else w
 
 
-def _fingerprint(x) -> jax.Array:
-  """Two 32-bit lanes of `sum_i fmix(word_i ^ fmix(i + c))` mod 2^32: any
-  change of one word changes both (fmix is a bijection), whatever the
-  sharding (the sum is exact in integers), with no reshape or gather."""
+def _lanes(xp, rows, cols):
+  """The fingerprint (2 uint32) of a leaf from its row and column sums (of
+  its words as a matrix: rows = all but the last axis): per lane, every
+  sum mixed with its index, `sum_i fmix(s_i ^ fmix(i + seed))` mod 2^32.
+  `xp` is numpy or jax.numpy: one formula for both."""
+  return xp.stack([
+      xp.sum(_fmix32(s ^ _fmix32(xp.arange(s.size, dtype=xp.uint32)
+                                 + xp.uint32(seed))), dtype=xp.uint32)
+      for s, seed in zip((rows, cols), _SEEDS)])
+
+
+def _host_sums(x) -> tuple[np.ndarray, np.ndarray]:
+  """Row and column sums (mod 2^32) of a leaf's words, read in place on
+  the host, one cache-sized block of rows at a time (one pass)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  a = np.asarray(x)
+  a = a.reshape(a.shape or (1,))
+  if a.dtype == np.bool_:
+    a = a.view(np.uint8)
+  a = a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[
+      a.dtype.itemsize])  # 64-bit: two words, the last axis doubled
+  w = a.reshape(math.prod(a.shape[:-1]), a.shape[-1])
+  rows, cols = np.empty(w.shape[0], np.uint32), np.zeros(w.shape[1], np.uint32)
+  step = max(1, _BLOCK // max(1, w.shape[1] * w.itemsize))
+  for b in range(0, w.shape[0], step):
+    block = w[b:b + step]
+    np.add.reduce(block, axis=1, dtype=np.uint32, out=rows[b:b + step])
+    cols += np.add.reduce(block, axis=0, dtype=np.uint32)
+  return rows, cols
+
+
+def _device_lanes(x) -> jax.Array:
+  """`_lanes` of a leaf on its devices (any sharding: the sums are exact
+  in integers, so partial sums add up to the same words)."""
+  w = _words(x)
+  w = w.reshape(w.shape if w.ndim > 1 else (1, -1))
+  rows = jnp.sum(w, axis=-1, dtype=jnp.uint32).reshape(-1)
+  cols = jnp.sum(w, axis=tuple(range(w.ndim - 1)), dtype=jnp.uint32)
+  return _lanes(jnp, rows, cols)
+
+
+_device_fingerprints = jax.jit(lambda leaves: [_device_lanes(x)
+                                               for x in leaves])
+
+
+def _in_place(x) -> bool:
+  """Whether the host can read `x`'s bytes in place (numpy, or a jax array
+  on one CPU device): there numpy sums at memory speed, where XLA's CPU
+  reductions run at a fraction of it."""
+  if not isinstance(x, jax.Array):
+    return True
+  devices = x.sharding.device_set
+  return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+def state_fingerprints(state: dict) -> dict[str, str]:
+  """`{leaf path: 16 hex digits}` for every leaf of `state` (algorithm
+  `FINGERPRINT`): two 32-bit lanes from the row and column sums of the
+  leaf's bits, so any change of one element changes both (fmix is a
+  bijection), and a change goes unseen only if it keeps every row and
+  column sum (+d/-d at a rectangle's corners) or its mixed sums cancel
+  (odds 2^-32 a lane). Integer arithmetic: the same on every processor,
+  thread count and sharding. Leaves on one CPU device are read in place on
+  the host, others on their devices (one compiled call per set of
+  devices); only the fingerprints come to the host. Paths as `_path`
+  spells them, so a state restored as saved metadata lays it out (dicts
+  for named tuples) has the same keys."""
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  lanes, groups = [None] * len(leaves), {}
+  for i, (_, x) in enumerate(leaves):
+    if not _in_place(x):
+      groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
+  pending = [(ix, _device_fingerprints([leaves[i][1] for i in ix]))
+             for ix in groups.values()]  # dispatched: runs beside the host
+  for i, (_, x) in enumerate(leaves):
+    if _in_place(x):
+      lanes[i] = _lanes(np, *_host_sums(x))
+  for ix, out in pending:
+    for i, v in zip(ix, jax.device_get(out)):
+      lanes[i] = v
+  return {_path(p): "".join(f"{int(v):08x}" for v in np.asarray(lane))
+          for (p, _), lane in zip(leaves, lanes)}
+
+
+def _fingerprint_v1(x) -> jax.Array:
+  """fmix32x2-v1 (checkpoints before v2; read only): two 32-bit lanes of
+  `sum_i fmix(word_i ^ fmix(i + c))` mod 2^32 over every element."""
   w = _words(x)
   index = jnp.zeros(w.shape, jnp.uint32)
   stride = 1
@@ -84,26 +184,26 @@ def _fingerprint(x) -> jax.Array:
         jnp.uint32(stride % 2**32))
     stride *= w.shape[dim]
   return jnp.stack([jnp.sum(_fmix32(w ^ _fmix32(index + jnp.uint32(c))),
-                            dtype=jnp.uint32)
-                    for c in (0x9E3779B9, 0x7F4A7C15)])
+                            dtype=jnp.uint32) for c in _SEEDS])
 
 
-_fingerprints = jax.jit(lambda tree: jax.tree.map(_fingerprint, tree))
+_fingerprints_v1 = jax.jit(lambda tree: jax.tree.map(_fingerprint_v1, tree))
 
 
-def state_fingerprints(state: dict) -> dict[str, str]:
-  """`{leaf path: 16 hex digits}` for every leaf of `state` (computed on
-  the devices that hold it, one top-level entry at a time since a stale
-  entry may sit on other devices; only the fingerprints come to the host).
-  Paths as `_path` spells them, so a state restored as saved metadata lays
-  it out (dicts for named tuples) has the same keys."""
+def _state_fingerprints_v1(state: dict) -> dict[str, str]:
+  """`state_fingerprints` as fmix32x2-v1 computed them (one top-level entry
+  at a time: a stale entry may sit on other devices)."""
   out = {}
   for key, sub in state.items():
     leaves = jax.tree_util.tree_flatten_with_path(
-        jax.device_get(_fingerprints({key: sub})))[0]
+        jax.device_get(_fingerprints_v1({key: sub})))[0]
     out.update({_path(p): "".join(f"{int(v):08x}" for v in np.asarray(x))
                 for p, x in leaves})
   return out
+
+
+FINGERPRINTS = {FINGERPRINT: state_fingerprints,
+                "fmix32x2-v1": _state_fingerprints_v1}  # what verify reads
 
 
 def verify(state, saved: dict | None, where: str) -> None:
@@ -114,16 +214,21 @@ def verify(state, saved: dict | None, where: str) -> None:
     log.warning("%s carries no integrity data (written by an older version): "
                 "its arrays cannot be verified.", where)
     return
-  if saved.get("algorithm") != FINGERPRINT:
+  fingerprints = FINGERPRINTS.get(saved.get("algorithm"))
+  if fingerprints is None:
     raise CheckpointCorrupted(
-        f"{where}: unknown integrity algorithm {saved.get('algorithm')!r}.")
-  now, then = state_fingerprints(state), saved["leaves"]
-  bad = sorted(k for k in now.keys() | then.keys()
-               if now.get(k) != then.get(k))
+        where, f"has an unknown integrity algorithm "
+        f"{saved.get('algorithm')!r} (written by a newer version?).")
+  now, then = fingerprints(state), saved["leaves"]
+  paths = now.keys() | then.keys()
+  bad = sorted(k for k in paths if now.get(k) != then.get(k))
   if bad:
-    raise CheckpointCorrupted(
-        f"{where} is corrupted: {len(bad)} arrays differ from what was saved "
-        f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}).")
+    names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    raise CheckpointCorrupted(where, (
+        f"is corrupted: the fingerprint of 1 of {len(paths)} arrays differs "
+        f"from the saved one ({names})" if len(bad) == 1 else
+        f"is corrupted: the fingerprints of {len(bad)} of {len(paths)} "
+        f"arrays differ from the saved ones ({names})") + ".")
 
 
 class _OrbaxErrors(logging.Filter):
@@ -186,14 +291,15 @@ def restore_state(workdir, step: int | None = None) -> dict:
       saved = _integrity_of(directory / str(step), manager, step)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointCorrupted(
-        f"{where} cannot be read ({type(e).__name__}: {str(e)[:200]}); use "
+        where, f"cannot be read ({type(e).__name__}: {str(e)[:200]}); use "
         "another step (--step).") from e
   finally:
     manager.close()
   try:
     verify(state, saved, where)
   except CheckpointCorrupted as e:
-    raise CheckpointCorrupted(f"{e} Use another step (--step).") from None
+    raise CheckpointCorrupted(
+        where, f"{e.problem} Use another step (--step).") from None
   return state
 
 
