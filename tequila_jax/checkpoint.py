@@ -22,15 +22,16 @@ still verify.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import pathlib
+import re
 import shutil
 import sys
 
 import grain
 import jax
-from absl import logging as absl_logging
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -53,7 +54,7 @@ class CheckpointCorrupted(ExpectedError, ValueError):
   message says where too."""
 
   def __init__(self, where: str, problem: str):
-    super().__init__(f"{where} {problem}")
+    super().__init__(f"{where} {problem}.")
     self.where, self.problem = where, problem
 
 
@@ -218,7 +219,7 @@ def verify(state, saved: dict | None, where: str) -> None:
   if fingerprints is None:
     raise CheckpointCorrupted(
         where, f"has an unknown integrity algorithm "
-        f"{saved.get('algorithm')!r} (written by a newer version?).")
+        f"{saved.get('algorithm')!r} (written by a newer version?)")
   now, then = fingerprints(state), saved["leaves"]
   paths = now.keys() | then.keys()
   bad = sorted(k for k in paths if now.get(k) != then.get(k))
@@ -228,7 +229,7 @@ def verify(state, saved: dict | None, where: str) -> None:
         f"is corrupted: the fingerprint of 1 of {len(paths)} arrays differs "
         f"from the saved one ({names})" if len(bad) == 1 else
         f"is corrupted: the fingerprints of {len(bad)} of {len(paths)} "
-        f"arrays differ from the saved ones ({names})") + ".")
+        f"arrays differ from the saved ones ({names})"))
 
 
 class _OrbaxErrors(logging.Filter):
@@ -274,6 +275,46 @@ def _integrity_of(step_dir: pathlib.Path, manager, step: int) -> dict | None:
       integrity=ocp.args.JsonRestore()))["integrity"]
 
 
+@contextlib.contextmanager
+def _reading(where: str, step_dir: pathlib.Path, what: str):
+  """A failure to read `what` (of the checkpoint in `step_dir`) raised as
+  `CheckpointCorrupted` saying what was found."""
+  try:
+    yield
+  except CheckpointCorrupted:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointCorrupted(
+        where, f"cannot be read: {what}: {_found(e, step_dir)}") from e
+
+
+def _found(error: BaseException, step_dir: pathlib.Path) -> str:
+  """What a failed read met, in one line: the innermost error (orbax wraps
+  tensorstore's, which names the file and the array), paths relative to
+  the step, tensorstore's spec left out; a JSON error names its file."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  if isinstance(error, json.JSONDecodeError):
+    return _broken_json(step_dir) or f"invalid JSON ({error})"
+  text = re.sub(r"\s*\[tensorstore_spec=.*", "", str(error), flags=re.S)
+  text = " ".join(text.replace(f"{step_dir}/", "").split())
+  return f"{type(error).__name__}: {text[:400]}"
+
+
+def _broken_json(step_dir: pathlib.Path) -> str | None:
+  """'FILE is not valid JSON (why)' for the first of the step's JSON files
+  (orbax's metadata, the data position, the fingerprints) that is not."""
+  for path in sorted(step_dir.rglob("*")):
+    if not path.is_file() or path.suffix in (".txt", ".ocdbt") or (
+        "d" in path.relative_to(step_dir).parts[:-1]):  # ocdbt's data
+      continue
+    try:
+      json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      return f"{path.relative_to(step_dir)} is not valid JSON ({e})"
+  return None
+
+
 def restore_state(workdir, step: int | None = None) -> dict:
   """The train state of a run at `step` (default: the latest), on this
   host's first device, whatever topology (devices, hosts) saved it."""
@@ -282,24 +323,23 @@ def restore_state(workdir, step: int | None = None) -> dict:
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{workdir}/{CHECKPOINTS} holds no checkpoint.")
-  where = f"the checkpoint {directory / str(step)}"
+  where, step_dir = f"the checkpoint {directory / str(step)}", directory / str(
+      step)
   try:
     with _quiet_orbax():
-      target = _on_one_device(_saved_layout(directory, step))
-      state = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))["state"]
-      saved = _integrity_of(directory / str(step), manager, step)
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointCorrupted(
-        where, f"cannot be read ({type(e).__name__}: {str(e)[:200]}); use "
-        "another step (--step).") from e
-  finally:
-    manager.close()
-  try:
+      with _reading(where, step_dir, "the state's metadata"):
+        target = _on_one_device(_saved_layout(directory, step))
+      with _reading(where, step_dir, "the state"):
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+      with _reading(where, step_dir, "the fingerprints"):
+        saved = _integrity_of(step_dir, manager, step)
     verify(state, saved, where)
   except CheckpointCorrupted as e:
     raise CheckpointCorrupted(
-        where, f"{e.problem} Use another step (--step).") from None
+        where, f"{e.problem}; use another step (--step)") from e
+  finally:
+    manager.close()
   return state
 
 
@@ -309,15 +349,14 @@ def restore_params(workdir, step: int | None = None) -> dict:
 
 
 def _saved_layout(directory: pathlib.Path, step: int) -> dict:
-  """The saved state's tree of array metadata (shapes, dtypes)."""
-  verbosity = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)  # "no metadata file" notes
+  """The saved state's tree of array metadata (shapes, dtypes). Asked of
+  the handler itself: a `StandardCheckpointer` would turn a damaged file
+  into `None` and its error into a warning."""
+  handler = ocp.StandardCheckpointHandler()
   try:
-    with ocp.StandardCheckpointer() as reader:
-      return dict(reader.metadata(directory / str(step) / "state")
-                  .item_metadata)
+    return dict(handler.metadata(directory / str(step) / "state"))
   finally:
-    absl_logging.set_verbosity(verbosity)
+    handler.close()
 
 
 def _on_one_device(tree):
@@ -439,8 +478,13 @@ class Checkpointer:
     to its saved position in place. A top-level entry named in `rebuildable`
     whose saved layout differs from `abstract_state`'s (a checkpoint of
     another version, or saved with that entry off) is left out of the result
-    and named in the stale keys, for the caller to rebuild."""
-    saved = _saved_layout(self.directory, step)
+    and named in the stale keys, for the caller to rebuild. A checkpoint
+    that cannot be read or fails its fingerprints is `CheckpointCorrupted`
+    saying what was found (the file or the leaf)."""
+    where = f"the checkpoint of step {step}"
+    step_dir = self.directory / str(step)
+    with _reading(where, step_dir, "the state's metadata"):
+      saved = _saved_layout(self.directory, step)
     abstract, stale = dict(abstract_state), []
     for key in rebuildable:
       if _layout(saved.get(key)) == _layout(abstract.get(key)):
@@ -450,12 +494,16 @@ class Checkpointer:
         abstract[key] = _on_one_device(dict(saved[key]))
       else:
         abstract.pop(key, None)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))["state"]
+    with _reading(where, step_dir, "the state"):
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+    with _reading(where, step_dir, "the data position"):
+      self.manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
     if self.integrity:
-      verify(restored, _integrity_of(self.directory / str(step), self.manager,
-                                     step), f"the checkpoint of step {step}")
+      with _reading(where, step_dir, "the fingerprints"):
+        record = _integrity_of(step_dir, self.manager, step)
+      verify(restored, record, where)
     return {k: v for k, v in restored.items() if k not in stale}, stale
 
   def wait(self) -> None:
