@@ -21,7 +21,9 @@ still verify.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -232,6 +234,36 @@ def verify(state, saved: dict | None, where: str) -> None:
         f"arrays differ from the saved ones ({names})"))
 
 
+class _IntegrityHandler(ocp.JsonCheckpointHandler):
+  """The `integrity` item: JSON like `ocp.args.JsonSave`'s, written in the
+  save's background once its fingerprints (a future, computed beside the
+  state's write) are ready."""
+
+  async def async_save(self, directory, item=None, args=None):
+    del item
+    record = args.record
+
+    async def write():
+      leaves = record["leaves"].result()
+      if jax.process_index() == 0:
+        (directory / "metadata").write_text(
+            json.dumps({**record, "leaves": leaves}))
+    return [ocp.future.CommitFutureAwaitingContractedSignals(
+        write(), name="integrity")]
+
+
+@ocp.args.register_with_handler(_IntegrityHandler, for_save=True)
+@dataclasses.dataclass
+class _IntegritySave(ocp.args.CheckpointArgs):
+  record: dict  # {"algorithm": FINGERPRINT, "leaves": Future of the digits}
+
+
+@ocp.args.register_with_handler(_IntegrityHandler, for_restore=True)
+@dataclasses.dataclass
+class _IntegrityRestore(ocp.args.CheckpointArgs):
+  """The record as saved (also by `ocp.args.JsonSave`, before v2)."""
+
+
 class _OrbaxErrors(logging.Filter):
   """Drops orbax's own error logs (each a traceback of hundreds of lines)
   and asyncio's reports of the futures a failed save abandoned: the error
@@ -272,7 +304,7 @@ def _integrity_of(step_dir: pathlib.Path, manager, step: int) -> dict | None:
   if not (step_dir / "integrity").exists():
     return None
   return manager.restore(step, args=ocp.args.Composite(
-      integrity=ocp.args.JsonRestore()))["integrity"]
+      integrity=_IntegrityRestore()))["integrity"]
 
 
 @contextlib.contextmanager
@@ -405,6 +437,8 @@ class Checkpointer:
     cost: experiments/bench_checkpoint.py)."""
     self.directory = (pathlib.Path(workdir) / CHECKPOINTS).absolute()
     self.integrity = integrity
+    self._fingerprinter = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix="fingerprints")
     self._quiet = contextlib.ExitStack()  # until close(): saves run async
     self._quiet.enter_context(_quiet_orbax())
     if jax.process_index() == 0:
@@ -459,17 +493,24 @@ class Checkpointer:
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     """Saves `state` (and its fingerprints) and the data position at
     `step`; a failure, now or of the previous asynchronous save, is raised
-    (see `check`)."""
+    (see `check`). The fingerprints are computed on a thread while orbax
+    copies and writes the state, and are done when this returns (the
+    caller may then overwrite the state's buffers)."""
     items = dict(state=ocp.args.StandardSave(state),
                  data=grain.checkpoint.CheckpointSave(data_iter))
-    if self.integrity:
-      items["integrity"] = ocp.args.JsonSave(
-          {"algorithm": FINGERPRINT, "leaves": state_fingerprints(state)})
+    leaves = None
+    if self.integrity and (force or self.manager.should_save(step)):
+      leaves = self._fingerprinter.submit(state_fingerprints, state)
+      items["integrity"] = _IntegritySave(
+          {"algorithm": FINGERPRINT, "leaves": leaves})
     try:
       return self.manager.save(step, args=ocp.args.Composite(**items),
                                force=force)
     except Exception as e:  # pylint: disable=broad-except
       raise self._failed(e) from e
+    finally:
+      if leaves is not None:
+        concurrent.futures.wait([leaves])
 
   def restore(self, step: int, abstract_state: dict, data_iter,
               rebuildable: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
@@ -519,6 +560,7 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+      self._fingerprinter.shutdown()
       self._quiet.close()
 
 

@@ -133,6 +133,47 @@ def test_corrupted_checkpoint_bytes_are_set_aside(workdir, corpora, caplog):
           caplog.text)
 
 
+def _resume_from(workdir, corpora, step) -> dict:
+  """The state the trainer resumes from `step` (`Checkpointer.restore`)."""
+  config = tiny_run_config(corpora)
+  corpus = data.prepare_for_config(config, locations.load_tokenizer,
+                                   progress=False)
+  it = data.train_iterator(corpus, seq_len=config.data.seq_len, batch_size=8,
+                           seed=0)
+  ckpt = checkpoint.Checkpointer(workdir, every=1, keep=10, async_save=False)
+  try:
+    layout = checkpoint._on_one_device(  # pylint: disable=protected-access
+        checkpoint._saved_layout(ckpt.directory, 5))  # pylint: disable=protected-access
+    return ckpt.restore(step, layout, it)[0]
+  finally:
+    ckpt.close()
+
+
+def test_a_checkpoint_with_v1_fingerprints_still_verifies(workdir, corpora):
+  """A checkpoint as versions before fingerprints v2 wrote it (orbax's JSON
+  handler, fmix32x2-v1): it restores, and a damaged array in it is still
+  caught and named."""
+  step_dir = workdir / "checkpoints" / "12"
+  state = checkpoint.restore_state(workdir, 12)
+  (step_dir / "integrity" / "metadata").write_text(json.dumps(
+      {"algorithm": "fmix32x2-v1",
+       "leaves": checkpoint.FINGERPRINTS["fmix32x2-v1"](state)}))
+  meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+  meta["item_handlers"]["integrity"] = (
+      "orbax.checkpoint._src.handlers.json_checkpoint_handler."
+      "JsonCheckpointHandler")
+  (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
+  for restored in (checkpoint.restore_state(workdir, 12),
+                   _resume_from(workdir, corpora, 12)):
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+  _overwrite(_largest_state_file(workdir, 12), 0.5)
+  with pytest.raises(checkpoint.CheckpointCorrupted,
+                     match=r"12 is corrupted: the fingerprint of 1 of \d+ "
+                           r"arrays differs from the saved one \("
+                           r"(params|opt_state)/"):
+    _resume_from(workdir, corpora, 12)
+
+
 def _state_file(name):
   return lambda step_dir: step_dir / "state" / name
 
@@ -168,17 +209,8 @@ def test_an_unreadable_checkpoint_says_what_was_found(workdir, corpora,
   back empty), for the trainer and for an export or evaluation."""
   file, where, says = _DAMAGE[damage]
   _overwrite(file(workdir / "checkpoints" / "12"), where)
-  config = tiny_run_config(corpora)
-  corpus = data.prepare_for_config(config, locations.load_tokenizer,
-                                   progress=False)
-  it = data.train_iterator(corpus, seq_len=config.data.seq_len, batch_size=8,
-                           seed=0)
-  ckpt = checkpoint.Checkpointer(workdir, every=1, keep=10, async_save=False)
-  layout = checkpoint._on_one_device(  # pylint: disable=protected-access
-      checkpoint._saved_layout(ckpt.directory, 10))  # pylint: disable=protected-access
   with pytest.raises(checkpoint.CheckpointCorrupted) as e:
-    ckpt.restore(12, layout, it)
-  ckpt.close()
+    _resume_from(workdir, corpora, 12)
   assert re.fullmatch(rf"the checkpoint of step 12 cannot be read: {says}.*",
                       str(e.value)), str(e.value)
   assert "tensorstore_spec" not in str(e.value)
