@@ -6,15 +6,19 @@ side by side in one process, alternating, medians and ranges.
         --reps 5 --out experiments/results/checkpoint_integrity
 
 The state is the config's, randomly initialized (`init.checkpoint` is not
-read: the sizes are what matter), on this host's devices; saves are
-synchronous so that the timed span is the whole write (an asynchronous save
-hides the write, not the fingerprints, which are computed before it).
+read: the sizes are what matter), on this host's first device; saves are
+synchronous so that the timed span is the whole write (the fingerprints are
+computed on a thread beside it; an asynchronous save would hide the write
+but not them, since `save` returns when they are done). "The fingerprints
+alone" times `state_fingerprints` on the state by itself. The machine's
+load average is recorded: on a shared machine it moves every time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import shutil
@@ -59,9 +63,10 @@ def main(argv=None):
   corpus_config.data.cache_dir = str(root / "corpora")
   corpus = data.prepare_for_config(
       corpus_config, locations.load_tokenizer, progress=False)
+  load = [os.getloadavg()[0]]
   times = {f"{what}_{kind}": [] for what in ("save", "restore")
            for kind in ("with", "without")}
-  fingerprint_s = []
+  fingerprints = {name: [] for name in checkpoint.FINGERPRINTS}
   try:
     for rep in range(args.reps + 1):  # the first round compiles: not counted
       for integrity in ((True, False) if rep % 2 else (False, True)):
@@ -83,17 +88,23 @@ def main(argv=None):
         if rep:
           times[f"save_{kind}"].append(t1 - t0)
           times[f"restore_{kind}"].append(t2 - t1)
-      t0 = time.perf_counter()
-      checkpoint.state_fingerprints(state)
-      if rep:
-        fingerprint_s.append(time.perf_counter() - t0)
+      for name, fingerprint in checkpoint.FINGERPRINTS.items():
+        t0 = time.perf_counter()
+        fingerprint(state)
+        if rep:
+          fingerprints[name].append(time.perf_counter() - t0)
   finally:
     shutil.rmtree(root, ignore_errors=True)
+  load.append(os.getloadavg()[0])
 
-  result = dict(config=args.config, state_bytes=state_bytes,
+  result = dict(config=args.config, algorithm=checkpoint.FINGERPRINT,
+                commit=common.git_commit(), state_bytes=state_bytes,
                 leaves=len(jax.tree.leaves(state)), reps=args.reps,
                 device=str(jax.devices()[0]), platform=platform.platform(),
-                fingerprints_s=_stats(fingerprint_s),
+                cpus=os.cpu_count(), load_average=[round(x, 2) for x in load],
+                fingerprints_s=_stats(fingerprints[checkpoint.FINGERPRINT]),
+                fingerprints_by_algorithm_s={
+                    k: _stats(v) for k, v in fingerprints.items()},
                 **{k: _stats(v) for k, v in times.items()})
   for what in ("save", "restore"):
     result[f"{what}_overhead"] = (result[f"{what}_with"]["median"]
@@ -112,14 +123,19 @@ def main(argv=None):
     common.write_results(
         args.out, result, f"# Checkpoint integrity cost: {args.config}\n\n"
         f"Train state {state_bytes / 2**20:.0f} MiB in {result['leaves']} "
-        f"arrays (params, AdamW, diagnostics), random init; {args.reps} "
-        f"alternating repetitions after one warm-up, synchronous saves, "
-        f"{result['device']} ({platform.platform()}). Seconds, median "
-        "(min-max):\n\n| | without | with fingerprints | change |\n"
-        f"|---|---|---|---|\n{rows}\n\nThe fingerprints alone: "
-        f"{result['fingerprints_s']['median']:.2f} s "
-        f"({result['fingerprints_s']['min']:.2f}-"
-        f"{result['fingerprints_s']['max']:.2f}).\n\n"
+        f"arrays (params, AdamW, diagnostics), random init; fingerprints "
+        f"`{checkpoint.FINGERPRINT}`; {args.reps} alternating repetitions "
+        f"after one warm-up, synchronous saves, {result['device']} "
+        f"({os.cpu_count()} CPUs, {platform.platform()}; load average "
+        f"{load[0]:.1f} at the start, {load[1]:.1f} at the end), commit "
+        f"{result['commit'][:12]}. Seconds, median (min-max):\n\n"
+        "| | without | with fingerprints | change |\n"
+        f"|---|---|---|---|\n{rows}\n\nThe fingerprints alone, each "
+        "algorithm a checkpoint may carry (the first is written, the others "
+        "still verify): " + ", ".join(
+            f"`{name}` {t['median']:.2f} s ({t['min']:.2f}-{t['max']:.2f})"
+            for name, t in result["fingerprints_by_algorithm_s"].items())
+        + ".\n\n"
         f"`python -m experiments.bench_checkpoint --config {args.config} "
         f"--reps {args.reps} --out {args.out}`\n")
 

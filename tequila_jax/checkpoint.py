@@ -12,22 +12,28 @@ Integrity: orbax and tensorstore keep no checksum of the array data (zarr3's
 `crc32c` codec guards only a shard's index, and orbax offers no codec
 option), so each checkpoint also holds `integrity`, a 64-bit fingerprint of
 every leaf of the state (`state_fingerprints`: params, optimizer state,
-diagnostics, whatever leaves it has), computed on the device before the
-save and verified after every restore: a flipped byte is
-`CheckpointCorrupted`, never a silently different state.
+diagnostics, whatever leaves it has), computed where the state lives (in
+place on the host for CPU arrays) at each save and verified after every
+restore: a flipped byte is `CheckpointCorrupted`, never a silently
+different state. Checkpoints of the previous algorithm (`FINGERPRINTS`)
+still verify.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
+import json
 import logging
+import math
 import pathlib
+import re
 import shutil
 import sys
 
 import grain
 import jax
-from absl import logging as absl_logging
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -41,41 +47,138 @@ log = logging.getLogger("tequila_jax")
 
 ITEMS = ("state", "data", "integrity")
 _TMP = ".orbax-checkpoint-tmp"  # what orbax appends to an unfinished step
-FINGERPRINT = "fmix32x2-v1"  # the algorithm of `state_fingerprints`
+FINGERPRINT = "rowcol-fmix32x2-v2"  # the algorithm of `state_fingerprints`
 
 
 class CheckpointCorrupted(ExpectedError, ValueError):
-  """A checkpoint whose restored arrays differ from what was saved."""
+  """A checkpoint that cannot be read or whose restored arrays differ from
+  what was saved; `problem` says which (naming the file or the leaf), the
+  message says where too."""
+
+  def __init__(self, where: str, problem: str):
+    super().__init__(f"{where} {problem}.")
+    self.where, self.problem = where, problem
 
 
 # --------------------------------------------------------------------------
 # Integrity: a fingerprint per leaf, computed where the state lives
 # --------------------------------------------------------------------------
 
+_SEEDS = (0x9E3779B9, 0x7F4A7C15)  # one per 32-bit lane
+_BLOCK = 1 << 18  # bytes of a leaf summed at a time on the host (in cache)
+
+
 def _fmix32(h):
-  """murmur3's finalizer: a bijection on uint32 that mixes every bit."""
+  """murmur3's finalizer: a bijection on uint32 that mixes every bit (numpy
+  or jax arrays alike)."""
   h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
+  h = h * np.uint32(0x85EBCA6B)
   h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
+  h = h * np.uint32(0xC2B2AE35)
   return h ^ (h >> 16)
 
 
 def _words(x) -> jax.Array:
-  """A leaf's bits as uint32 words (one per element; two for 64-bit)."""
+  """A leaf's bits as uint32 words, in its shape (one per element; 64-bit:
+  two, the last axis doubled)."""
   if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
   if x.dtype == jnp.bool_:
     x = x.astype(jnp.uint8)
   unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[
       x.dtype.itemsize]
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  w = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  return w.reshape(*x.shape[:-1], -1) if x.dtype.itemsize == 8 else w
 
 
-def _fingerprint(x) -> jax.Array:
-  """Two 32-bit lanes of `sum_i fmix(word_i ^ fmix(i + c))` mod 2^32: any
-  change of one word changes both (fmix is a bijection), whatever the
-  sharding (the sum is exact in integers), with no reshape or gather."""
+def _lanes(xp, rows, cols):
+  """The fingerprint (2 uint32) of a leaf from its row and column sums (of
+  its words as a matrix: rows = all but the last axis): per lane, every
+  sum mixed with its index, `sum_i fmix(s_i ^ fmix(i + seed))` mod 2^32.
+  `xp` is numpy or jax.numpy: one formula for both."""
+  return xp.stack([
+      xp.sum(_fmix32(s ^ _fmix32(xp.arange(s.size, dtype=xp.uint32)
+                                 + xp.uint32(seed))), dtype=xp.uint32)
+      for s, seed in zip((rows, cols), _SEEDS)])
+
+
+def _host_sums(x) -> tuple[np.ndarray, np.ndarray]:
+  """Row and column sums (mod 2^32) of a leaf's words, read in place on
+  the host, one cache-sized block of rows at a time (one pass)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  a = np.asarray(x)
+  a = a.reshape(a.shape or (1,))
+  if a.dtype == np.bool_:
+    a = a.view(np.uint8)
+  a = a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[
+      a.dtype.itemsize])  # 64-bit: two words, the last axis doubled
+  w = a.reshape(math.prod(a.shape[:-1]), a.shape[-1])
+  rows, cols = np.empty(w.shape[0], np.uint32), np.zeros(w.shape[1], np.uint32)
+  step = max(1, _BLOCK // max(1, w.shape[1] * w.itemsize))
+  for b in range(0, w.shape[0], step):
+    block = w[b:b + step]
+    np.add.reduce(block, axis=1, dtype=np.uint32, out=rows[b:b + step])
+    cols += np.add.reduce(block, axis=0, dtype=np.uint32)
+  return rows, cols
+
+
+def _device_lanes(x) -> jax.Array:
+  """`_lanes` of a leaf on its devices (any sharding: the sums are exact
+  in integers, so partial sums add up to the same words)."""
+  w = _words(x)
+  w = w.reshape(w.shape if w.ndim > 1 else (1, -1))
+  rows = jnp.sum(w, axis=-1, dtype=jnp.uint32).reshape(-1)
+  cols = jnp.sum(w, axis=tuple(range(w.ndim - 1)), dtype=jnp.uint32)
+  return _lanes(jnp, rows, cols)
+
+
+_device_fingerprints = jax.jit(lambda leaves: [_device_lanes(x)
+                                               for x in leaves])
+
+
+def _in_place(x) -> bool:
+  """Whether the host can read `x`'s bytes in place (numpy, or a jax array
+  on one CPU device): there numpy sums at memory speed, where XLA's CPU
+  reductions run at a fraction of it."""
+  if not isinstance(x, jax.Array):
+    return True
+  devices = x.sharding.device_set
+  return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+def state_fingerprints(state: dict) -> dict[str, str]:
+  """`{leaf path: 16 hex digits}` for every leaf of `state` (algorithm
+  `FINGERPRINT`): two 32-bit lanes from the row and column sums of the
+  leaf's bits, so any change of one element changes both (fmix is a
+  bijection), and a change goes unseen only if it keeps every row and
+  column sum (+d/-d at a rectangle's corners) or its mixed sums cancel
+  (odds 2^-32 a lane). Integer arithmetic: the same on every processor,
+  thread count and sharding. Leaves on one CPU device are read in place on
+  the host, others on their devices (one compiled call per set of
+  devices); only the fingerprints come to the host. Paths as `_path`
+  spells them, so a state restored as saved metadata lays it out (dicts
+  for named tuples) has the same keys."""
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  lanes, groups = [None] * len(leaves), {}
+  for i, (_, x) in enumerate(leaves):
+    if not _in_place(x):
+      groups.setdefault(frozenset(x.sharding.device_set), []).append(i)
+  pending = [(ix, _device_fingerprints([leaves[i][1] for i in ix]))
+             for ix in groups.values()]  # dispatched: runs beside the host
+  for i, (_, x) in enumerate(leaves):
+    if _in_place(x):
+      lanes[i] = _lanes(np, *_host_sums(x))
+  for ix, out in pending:
+    for i, v in zip(ix, jax.device_get(out)):
+      lanes[i] = v
+  return {_path(p): "".join(f"{int(v):08x}" for v in np.asarray(lane))
+          for (p, _), lane in zip(leaves, lanes)}
+
+
+def _fingerprint_v1(x) -> jax.Array:
+  """fmix32x2-v1 (checkpoints before v2; read only): two 32-bit lanes of
+  `sum_i fmix(word_i ^ fmix(i + c))` mod 2^32 over every element."""
   w = _words(x)
   index = jnp.zeros(w.shape, jnp.uint32)
   stride = 1
@@ -84,26 +187,26 @@ def _fingerprint(x) -> jax.Array:
         jnp.uint32(stride % 2**32))
     stride *= w.shape[dim]
   return jnp.stack([jnp.sum(_fmix32(w ^ _fmix32(index + jnp.uint32(c))),
-                            dtype=jnp.uint32)
-                    for c in (0x9E3779B9, 0x7F4A7C15)])
+                            dtype=jnp.uint32) for c in _SEEDS])
 
 
-_fingerprints = jax.jit(lambda tree: jax.tree.map(_fingerprint, tree))
+_fingerprints_v1 = jax.jit(lambda tree: jax.tree.map(_fingerprint_v1, tree))
 
 
-def state_fingerprints(state: dict) -> dict[str, str]:
-  """`{leaf path: 16 hex digits}` for every leaf of `state` (computed on
-  the devices that hold it, one top-level entry at a time since a stale
-  entry may sit on other devices; only the fingerprints come to the host).
-  Paths as `_path` spells them, so a state restored as saved metadata lays
-  it out (dicts for named tuples) has the same keys."""
+def _state_fingerprints_v1(state: dict) -> dict[str, str]:
+  """`state_fingerprints` as fmix32x2-v1 computed them (one top-level entry
+  at a time: a stale entry may sit on other devices)."""
   out = {}
   for key, sub in state.items():
     leaves = jax.tree_util.tree_flatten_with_path(
-        jax.device_get(_fingerprints({key: sub})))[0]
+        jax.device_get(_fingerprints_v1({key: sub})))[0]
     out.update({_path(p): "".join(f"{int(v):08x}" for v in np.asarray(x))
                 for p, x in leaves})
   return out
+
+
+FINGERPRINTS = {FINGERPRINT: state_fingerprints,
+                "fmix32x2-v1": _state_fingerprints_v1}  # what verify reads
 
 
 def verify(state, saved: dict | None, where: str) -> None:
@@ -114,16 +217,51 @@ def verify(state, saved: dict | None, where: str) -> None:
     log.warning("%s carries no integrity data (written by an older version): "
                 "its arrays cannot be verified.", where)
     return
-  if saved.get("algorithm") != FINGERPRINT:
+  fingerprints = FINGERPRINTS.get(saved.get("algorithm"))
+  if fingerprints is None:
     raise CheckpointCorrupted(
-        f"{where}: unknown integrity algorithm {saved.get('algorithm')!r}.")
-  now, then = state_fingerprints(state), saved["leaves"]
-  bad = sorted(k for k in now.keys() | then.keys()
-               if now.get(k) != then.get(k))
+        where, f"has an unknown integrity algorithm "
+        f"{saved.get('algorithm')!r} (written by a newer version?)")
+  now, then = fingerprints(state), saved["leaves"]
+  paths = now.keys() | then.keys()
+  bad = sorted(k for k in paths if now.get(k) != then.get(k))
   if bad:
-    raise CheckpointCorrupted(
-        f"{where} is corrupted: {len(bad)} arrays differ from what was saved "
-        f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}).")
+    names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    raise CheckpointCorrupted(where, (
+        f"is corrupted: the fingerprint of 1 of {len(paths)} arrays differs "
+        f"from the saved one ({names})" if len(bad) == 1 else
+        f"is corrupted: the fingerprints of {len(bad)} of {len(paths)} "
+        f"arrays differ from the saved ones ({names})"))
+
+
+class _IntegrityHandler(ocp.JsonCheckpointHandler):
+  """The `integrity` item: JSON like `ocp.args.JsonSave`'s, written in the
+  save's background once its fingerprints (a future, computed beside the
+  state's write) are ready."""
+
+  async def async_save(self, directory, item=None, args=None):
+    del item
+    record = args.record
+
+    async def write():
+      leaves = record["leaves"].result()
+      if jax.process_index() == 0:
+        (directory / "metadata").write_text(
+            json.dumps({**record, "leaves": leaves}))
+    return [ocp.future.CommitFutureAwaitingContractedSignals(
+        write(), name="integrity")]
+
+
+@ocp.args.register_with_handler(_IntegrityHandler, for_save=True)
+@dataclasses.dataclass
+class _IntegritySave(ocp.args.CheckpointArgs):
+  record: dict  # {"algorithm": FINGERPRINT, "leaves": Future of the digits}
+
+
+@ocp.args.register_with_handler(_IntegrityHandler, for_restore=True)
+@dataclasses.dataclass
+class _IntegrityRestore(ocp.args.CheckpointArgs):
+  """The record as saved (also by `ocp.args.JsonSave`, before v2)."""
 
 
 class _OrbaxErrors(logging.Filter):
@@ -166,7 +304,47 @@ def _integrity_of(step_dir: pathlib.Path, manager, step: int) -> dict | None:
   if not (step_dir / "integrity").exists():
     return None
   return manager.restore(step, args=ocp.args.Composite(
-      integrity=ocp.args.JsonRestore()))["integrity"]
+      integrity=_IntegrityRestore()))["integrity"]
+
+
+@contextlib.contextmanager
+def _reading(where: str, step_dir: pathlib.Path, what: str):
+  """A failure to read `what` (of the checkpoint in `step_dir`) raised as
+  `CheckpointCorrupted` saying what was found."""
+  try:
+    yield
+  except CheckpointCorrupted:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointCorrupted(
+        where, f"cannot be read: {what}: {_found(e, step_dir)}") from e
+
+
+def _found(error: BaseException, step_dir: pathlib.Path) -> str:
+  """What a failed read met, in one line: the innermost error (orbax wraps
+  tensorstore's, which names the file and the array), paths relative to
+  the step, tensorstore's spec left out; a JSON error names its file."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  if isinstance(error, json.JSONDecodeError):
+    return _broken_json(step_dir) or f"invalid JSON ({error})"
+  text = re.sub(r"\s*\[tensorstore_spec=.*", "", str(error), flags=re.S)
+  text = " ".join(text.replace(f"{step_dir}/", "").split())
+  return f"{type(error).__name__}: {text[:400]}"
+
+
+def _broken_json(step_dir: pathlib.Path) -> str | None:
+  """'FILE is not valid JSON (why)' for the first of the step's JSON files
+  (orbax's metadata, the data position, the fingerprints) that is not."""
+  for path in sorted(step_dir.rglob("*")):
+    if not path.is_file() or path.suffix in (".txt", ".ocdbt") or (
+        "d" in path.relative_to(step_dir).parts[:-1]):  # ocdbt's data
+      continue
+    try:
+      json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      return f"{path.relative_to(step_dir)} is not valid JSON ({e})"
+  return None
 
 
 def restore_state(workdir, step: int | None = None) -> dict:
@@ -177,23 +355,23 @@ def restore_state(workdir, step: int | None = None) -> dict:
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{workdir}/{CHECKPOINTS} holds no checkpoint.")
-  where = f"the checkpoint {directory / str(step)}"
+  where, step_dir = f"the checkpoint {directory / str(step)}", directory / str(
+      step)
   try:
     with _quiet_orbax():
-      target = _on_one_device(_saved_layout(directory, step))
-      state = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))["state"]
-      saved = _integrity_of(directory / str(step), manager, step)
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointCorrupted(
-        f"{where} cannot be read ({type(e).__name__}: {str(e)[:200]}); use "
-        "another step (--step).") from e
-  finally:
-    manager.close()
-  try:
+      with _reading(where, step_dir, "the state's metadata"):
+        target = _on_one_device(_saved_layout(directory, step))
+      with _reading(where, step_dir, "the state"):
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+      with _reading(where, step_dir, "the fingerprints"):
+        saved = _integrity_of(step_dir, manager, step)
     verify(state, saved, where)
   except CheckpointCorrupted as e:
-    raise CheckpointCorrupted(f"{e} Use another step (--step).") from None
+    raise CheckpointCorrupted(
+        where, f"{e.problem}; use another step (--step)") from e
+  finally:
+    manager.close()
   return state
 
 
@@ -203,15 +381,14 @@ def restore_params(workdir, step: int | None = None) -> dict:
 
 
 def _saved_layout(directory: pathlib.Path, step: int) -> dict:
-  """The saved state's tree of array metadata (shapes, dtypes)."""
-  verbosity = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)  # "no metadata file" notes
+  """The saved state's tree of array metadata (shapes, dtypes). Asked of
+  the handler itself: a `StandardCheckpointer` would turn a damaged file
+  into `None` and its error into a warning."""
+  handler = ocp.StandardCheckpointHandler()
   try:
-    with ocp.StandardCheckpointer() as reader:
-      return dict(reader.metadata(directory / str(step) / "state")
-                  .item_metadata)
+    return dict(handler.metadata(directory / str(step) / "state"))
   finally:
-    absl_logging.set_verbosity(verbosity)
+    handler.close()
 
 
 def _on_one_device(tree):
@@ -260,6 +437,8 @@ class Checkpointer:
     cost: experiments/bench_checkpoint.py)."""
     self.directory = (pathlib.Path(workdir) / CHECKPOINTS).absolute()
     self.integrity = integrity
+    self._fingerprinter = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix="fingerprints")
     self._quiet = contextlib.ExitStack()  # until close(): saves run async
     self._quiet.enter_context(_quiet_orbax())
     if jax.process_index() == 0:
@@ -314,17 +493,24 @@ class Checkpointer:
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     """Saves `state` (and its fingerprints) and the data position at
     `step`; a failure, now or of the previous asynchronous save, is raised
-    (see `check`)."""
+    (see `check`). The fingerprints are computed on a thread while orbax
+    copies and writes the state, and are done when this returns (the
+    caller may then overwrite the state's buffers)."""
     items = dict(state=ocp.args.StandardSave(state),
                  data=grain.checkpoint.CheckpointSave(data_iter))
-    if self.integrity:
-      items["integrity"] = ocp.args.JsonSave(
-          {"algorithm": FINGERPRINT, "leaves": state_fingerprints(state)})
+    leaves = None
+    if self.integrity and (force or self.manager.should_save(step)):
+      leaves = self._fingerprinter.submit(state_fingerprints, state)
+      items["integrity"] = _IntegritySave(
+          {"algorithm": FINGERPRINT, "leaves": leaves})
     try:
       return self.manager.save(step, args=ocp.args.Composite(**items),
                                force=force)
     except Exception as e:  # pylint: disable=broad-except
       raise self._failed(e) from e
+    finally:
+      if leaves is not None:
+        concurrent.futures.wait([leaves])
 
   def restore(self, step: int, abstract_state: dict, data_iter,
               rebuildable: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
@@ -333,8 +519,13 @@ class Checkpointer:
     to its saved position in place. A top-level entry named in `rebuildable`
     whose saved layout differs from `abstract_state`'s (a checkpoint of
     another version, or saved with that entry off) is left out of the result
-    and named in the stale keys, for the caller to rebuild."""
-    saved = _saved_layout(self.directory, step)
+    and named in the stale keys, for the caller to rebuild. A checkpoint
+    that cannot be read or fails its fingerprints is `CheckpointCorrupted`
+    saying what was found (the file or the leaf)."""
+    where = f"the checkpoint of step {step}"
+    step_dir = self.directory / str(step)
+    with _reading(where, step_dir, "the state's metadata"):
+      saved = _saved_layout(self.directory, step)
     abstract, stale = dict(abstract_state), []
     for key in rebuildable:
       if _layout(saved.get(key)) == _layout(abstract.get(key)):
@@ -344,12 +535,16 @@ class Checkpointer:
         abstract[key] = _on_one_device(dict(saved[key]))
       else:
         abstract.pop(key, None)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))["state"]
+    with _reading(where, step_dir, "the state"):
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+    with _reading(where, step_dir, "the data position"):
+      self.manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
     if self.integrity:
-      verify(restored, _integrity_of(self.directory / str(step), self.manager,
-                                     step), f"the checkpoint of step {step}")
+      with _reading(where, step_dir, "the fingerprints"):
+        record = _integrity_of(step_dir, self.manager, step)
+      verify(restored, record, where)
     return {k: v for k, v in restored.items() if k not in stale}, stale
 
   def wait(self) -> None:
@@ -365,6 +560,7 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+      self._fingerprinter.shutdown()
       self._quiet.close()
 
 

@@ -1,9 +1,13 @@
-"""MFU is reported against the chip's spec peak, not a measured one."""
+"""The benchmarks' units and reports: MFU against the chip's spec peak,
+not a measured one; the parts of the CPU inference and checkpoint
+benchmarks."""
+
+import json
 
 import pytest
 
-from experiments import bench_train_step
-from tequila_jax import config_lib
+from experiments import bench_checkpoint, bench_train_step
+from tequila_jax import checkpoint, config_lib
 from tests.cli import ROOT
 
 
@@ -94,3 +98,23 @@ def test_cpu_inference_parts_registry_and_switches():
     assert wanted | {name, "llama_cpp"} == set(registry.PARTS)
     assert registry.PARTS["llama_cpp"].notes(args)["llama_cpp_note"] in (
         "", versus_llama_cpp.MISSING)
+
+
+def test_checkpoint_integrity_bench_on_the_tiny_config(tmp_path):
+  """bench_checkpoint end to end, one repetition: both timings of save and
+  restore, each algorithm's fingerprints, the table and its command."""
+  out = tmp_path / "out"
+  bench_checkpoint.main(["--config", str(ROOT / "configs/tiny.py"),
+                         "--reps", "1", "--out", str(out),
+                         "--tmp", str(tmp_path)])
+  result = json.loads((out / "results.json").read_text())
+  assert result["algorithm"] == checkpoint.FINGERPRINT
+  assert set(result["fingerprints_by_algorithm_s"]) == set(
+      checkpoint.FINGERPRINTS)
+  for what in ("save", "restore"):
+    assert result[f"{what}_overhead"] == pytest.approx(
+        result[f"{what}_with"]["median"] / result[f"{what}_without"]["median"]
+        - 1)
+  md = (out / "results.md").read_text()
+  assert f"`{checkpoint.FINGERPRINT}`" in md and "| save |" in md
+  assert f"--reps 1 --out {out}`" in md

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -104,20 +105,132 @@ def _export(tmp_path) -> pathlib.Path:
 
 # 1 -------------------------------------------------------------------------
 
-def test_corrupted_checkpoint_bytes_are_set_aside(workdir, corpora):
+def _overwrite(path: pathlib.Path, where: float):
+  """4 bytes of `path`, at fraction `where` of it, made 01 02 03 04."""
+  raw = bytearray(path.read_bytes())
+  at = min(int(len(raw) * where), len(raw) - 4)
+  raw[at:at + 4] = b"\x01\x02\x03\x04"
+  path.write_bytes(bytes(raw))
+
+
+def test_corrupted_checkpoint_bytes_are_set_aside(workdir, corpora, caplog):
   """4 bytes overwritten inside the latest checkpoint's largest data file:
-  the restore's integrity check sets it aside and resumes from the one
-  before; reading it for an export is one clear error."""
-  target = _largest_state_file(workdir, 12)
-  raw = bytearray(target.read_bytes())
-  raw[len(raw) // 2:len(raw) // 2 + 4] = b"\x01\x02\x03\x04"
-  target.write_bytes(bytes(raw))
+  the restore's integrity check sets it aside, naming the array, and
+  resumes from the one before; reading it for an export is one clear
+  error."""
+  _overwrite(_largest_state_file(workdir, 12), 0.5)
   with pytest.raises(checkpoint.CheckpointCorrupted,
-                     match=r"12 is corrupted: 1 arrays differ.*--step"):
+                     match=r"12 is corrupted: the fingerprint of 1 of \d+ "
+                           r"arrays differs.*--step"):
     checkpoint.restore_state(workdir, 12)
   summary = train.run(tiny_run_config(corpora), workdir, devices=ONE)
   assert summary["start_step"] == 10 and summary["step"] == 12
   assert _steps(workdir) == ["10", "12", "5", "damaged-12"]
+  assert re.search(
+      r"the checkpoint of step 12 is corrupted: the fingerprint of 1 of \d+ "
+      r"arrays differs from the saved one \((params|opt_state)/[\w/]+\): "
+      r"moved checkpoints/12 to checkpoints/damaged-12", caplog.text), (
+          caplog.text)
+
+
+def _resume_from(workdir, corpora, step) -> dict:
+  """The state the trainer resumes from `step` (`Checkpointer.restore`)."""
+  config = tiny_run_config(corpora)
+  corpus = data.prepare_for_config(config, locations.load_tokenizer,
+                                   progress=False)
+  it = data.train_iterator(corpus, seq_len=config.data.seq_len, batch_size=8,
+                           seed=0)
+  ckpt = checkpoint.Checkpointer(workdir, every=1, keep=10, async_save=False)
+  try:
+    layout = checkpoint._on_one_device(  # pylint: disable=protected-access
+        checkpoint._saved_layout(ckpt.directory, 5))  # pylint: disable=protected-access
+    return ckpt.restore(step, layout, it)[0]
+  finally:
+    ckpt.close()
+
+
+def test_a_checkpoint_with_v1_fingerprints_still_verifies(workdir, corpora):
+  """A checkpoint as versions before fingerprints v2 wrote it (orbax's JSON
+  handler, fmix32x2-v1): it restores, and a damaged array in it is still
+  caught and named."""
+  step_dir = workdir / "checkpoints" / "12"
+  state = checkpoint.restore_state(workdir, 12)
+  (step_dir / "integrity" / "metadata").write_text(json.dumps(
+      {"algorithm": "fmix32x2-v1",
+       "leaves": checkpoint.FINGERPRINTS["fmix32x2-v1"](state)}))
+  meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+  meta["item_handlers"]["integrity"] = (
+      "orbax.checkpoint._src.handlers.json_checkpoint_handler."
+      "JsonCheckpointHandler")
+  (step_dir / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
+  for restored in (checkpoint.restore_state(workdir, 12),
+                   _resume_from(workdir, corpora, 12)):
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+  _overwrite(_largest_state_file(workdir, 12), 0.5)
+  with pytest.raises(checkpoint.CheckpointCorrupted,
+                     match=r"12 is corrupted: the fingerprint of 1 of \d+ "
+                           r"arrays differs from the saved one \("
+                           r"(params|opt_state)/"):
+    _resume_from(workdir, corpora, 12)
+
+
+def _state_file(name):
+  return lambda step_dir: step_dir / "state" / name
+
+
+_DAMAGE = {  # file, where in it: what the error names
+    "metadata": (_state_file("_METADATA"), 0.5,
+                 r"the state's metadata: state/_METADATA is not valid JSON "
+                 r"\(.* \(char \d+\)\)"),
+    "b-tree": (lambda step_dir: next((step_dir / "state" / "d").iterdir()),
+               0.5, r"the state's metadata: .*local file \"state/d/\w+\": "
+               r"Error decoding b-tree node: CRC-32C checksum verification "
+               r"failed"),
+    "chunk header": (lambda step_dir: _largest_state_file(
+        step_dir.parent.parent, step_dir.name), 0,
+                     r"the state: ValueError: .*Error reading "
+                     r"\"\w+\.[\w.]+/[\d.]+\" .*"
+                     r"ZSTD_decompressStream\(\) failed"),
+    "fingerprints": (lambda step_dir: step_dir / "integrity" / "metadata",
+                     0.5, r"the fingerprints: integrity/metadata is not "
+                     r"valid JSON"),
+    "data position": (lambda step_dir: next((step_dir / "data").glob(
+        "*.json")), 0, r"the data position: data/process_0-of-1\.json is "
+                      r"not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", _DAMAGE)
+def test_an_unreadable_checkpoint_says_what_was_found(workdir, corpora,
+                                                      damage):
+  """4 bytes overwritten in a file orbax reads before the arrays are
+  compared: the error says which part could not be read and why, naming
+  the file or the array (not a TypeError from a metadata read that came
+  back empty), for the trainer and for an export or evaluation."""
+  file, where, says = _DAMAGE[damage]
+  _overwrite(file(workdir / "checkpoints" / "12"), where)
+  with pytest.raises(checkpoint.CheckpointCorrupted) as e:
+    _resume_from(workdir, corpora, 12)
+  assert re.fullmatch(rf"the checkpoint of step 12 cannot be read: {says}.*",
+                      str(e.value)), str(e.value)
+  assert "tensorstore_spec" not in str(e.value)
+  if damage != "data position":  # which an export does not read
+    with pytest.raises(checkpoint.CheckpointCorrupted) as e:
+      checkpoint.restore_state(workdir, 12)
+    assert re.fullmatch(
+        rf"the checkpoint \S+/checkpoints/12 cannot be read: {says}.*; use "
+        r"another step \(--step\)\.", str(e.value)), str(e.value)
+
+
+def test_the_trainer_says_what_it_found_in_a_checkpoint_it_sets_aside(
+    workdir, corpora, caplog):
+  file, where, says = _DAMAGE["metadata"]
+  _overwrite(file(workdir / "checkpoints" / "12"), where)
+  summary = train.run(tiny_run_config(corpora), workdir, devices=ONE)
+  assert summary["start_step"] == 10
+  assert re.search(rf"the checkpoint of step 12 cannot be read: {says}: "
+                   r"moved checkpoints/12 to checkpoints/damaged-12",
+                   caplog.text), caplog.text
 
 
 def test_fingerprints_cover_every_leaf_of_the_state(tiny_run):
@@ -135,7 +248,8 @@ def test_fingerprints_cover_every_leaf_of_the_state(tiny_run):
     bits.reshape(-1).view(np.uint8)[-1] ^= 1
     flipped.append(bits)
   with pytest.raises(checkpoint.CheckpointCorrupted,
-                     match=f": {len(leaves)} arrays differ"):
+                     match=f"the fingerprints of {len(leaves)} of "
+                           f"{len(leaves)} arrays differ"):
     checkpoint.verify(jax.tree.unflatten(treedef, flipped), saved, "step 12")
 
 

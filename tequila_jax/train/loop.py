@@ -289,7 +289,7 @@ def _restore(tr: Train, ckpt: checkpoint.Checkpointer, data_iter):
       state, stale = ckpt.restore(step, tr.abstract_state(), data_iter,
                                   rebuildable=("diag",))
     except checkpoint.CheckpointCorrupted as e:
-      problem = f"fails its integrity check ({e})"
+      problem = e.problem  # what was found: the file or the leaf
     except Exception as e:  # pylint: disable=broad-except
       problem = f"cannot be read ({type(e).__name__}: {str(e)[:200]})"
     else:
