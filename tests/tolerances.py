@@ -86,3 +86,120 @@ def llama_k(cfg, tokens: int = 0) -> int:
   sequence, or the tokens a weight gradient sums over."""
   return max(cfg.hidden_size, cfg.ffn_size, cfg.vocab_size,
              cfg.num_heads * cfg.head_dim, cfg.max_seq_len, tokens)
+
+
+
+def code_margin(cfg, shape) -> float:
+  """How far from 1 a weight's r = |W|/Δ must be for its code to be the
+  same in every program: Δ comes from a mean of |W| over the weights of a
+  group (G of them: the group, the input axis or the whole kernel), which
+  two summation orders give within 2·γ_G of each other (relative), and r
+  takes one more rounding: 2·γ_{G+2}, doubled for safety."""
+  d_in, d_out = shape[-2:]
+  g = {"per_group": cfg.group_size, "per_channel": d_in,
+       "per_tensor": d_in * d_out}[cfg.granularity]
+  return 4 * gamma(g + 2)
+
+
+def settle_codes(model, rounds: int = 8):
+  """Moves the few weights of a test `model` that lie within `code_margin`
+  of their deadzone threshold away from it (|W| scaled by 1 ± 4·margin),
+  so that every program, in any summation order of the group statistics,
+  gives every weight the same code. Such a weight flips between two
+  programs (one level, α·|x_i|, in one output, which no fp32 tolerance
+  covers); test models are arbitrary, so they are chosen off the
+  thresholds (ties themselves are tested in test_quant). Learned scales
+  (Δ a parameter, r elementwise) need nothing. Returns `model`, updated."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from tequila_jax import quant  # pylint: disable=g-import-not-at-top
+  from tequila_jax.model import PROJECTIONS  # pylint: disable=g-import-not-at-top
+  cfg = model.cfg.quant
+  if not cfg.is_ternary or cfg.learned_scale:
+    return model
+  state = nnx.state(model.layers, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  for name, block in PROJECTIONS.items():
+    p = pure[block][name]
+    qp = {k: v for k, v in p.items() if k != "kernel"}
+    w = np.asarray(p["kernel"], np.float32)
+    need = code_margin(cfg, w.shape)
+    for _ in range(rounds):
+      _, r = jax.vmap(lambda w, q: quant.threshold_stats(w, cfg, q))(
+          jnp.asarray(w), qp)
+      r = np.asarray(r, np.float64)
+      near = np.abs(r - 1) <= need
+      if not near.any():
+        break
+      w = np.where(near, w * np.where(r >= 1, 1 + 4 * need, 1 - 4 * need),
+                   w).astype(np.float32)
+    else:
+      raise AssertionError(f"{name}: weights still at their threshold")
+    p["kernel"] = jnp.asarray(w)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model.layers, state)
+  return model
+
+
+
+def assert_runs_close(params_a, params_b, rtol=1e-4, atol=1e-5,
+                      max_off=1e-3, max_diff=1e-3):
+  """Parameters of two short training runs that differ only in how they are
+  computed (devices, processes, micro-batches: other summation orders).
+  Entries agree to fp32 drift through a few Adam steps (`rtol`, `atol`),
+  except where summation order moved a weight across its deadzone threshold
+  on one side: its code, so its gradient (dead path vs active) and its
+  updates, differ. Those isolated entries (< `max_off` of a leaf) may be
+  off by a few Adam steps (`max_diff`); any systematic difference is not
+  isolated. The form test_learned_methods' sharded test uses."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    x, y = np.asarray(x), np.asarray(y)
+    off = ~np.isclose(x, y, rtol=rtol, atol=atol)
+    assert off.mean() < max_off and np.abs(x - y).max() < max_diff, (
+        off.mean(), np.abs(x - y).max())
+
+
+def matmul_tolerances(cfg, x, w, g, dtype):
+  """Per entry of (y, dx, dW) of `quantized_matmul` under a static method:
+  the tolerance of two evaluations on any processor, in any order.
+
+  T: Σ|terms| of each entry, covering every method's paths (x·Q, the bias
+  λ·Σ_D W, tequila_dynamic's λ·x·W_D, minima's ε·sign(x)·sign(W_D); their
+  gradients, minima's unscaled Σ sign(x)·g), from the dot and α's mean
+  (over G weights): 2·γ_k·T. bf16 adds two roundings of partial
+  results to bf16 (2·2^-7·T). And a weight whose |W|/Δ lies within the
+  statistics' rounding of 1 (`code_margin`) may take another code on
+  another processor: one level α (+ its bias paths) more in the entries it
+  feeds."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from tequila_jax import quant  # pylint: disable=g-import-not-at-top
+  xa = np.abs(np.asarray(x, np.float64)).reshape(-1, x.shape[-1])
+  ga = np.abs(np.asarray(g, np.float64)).reshape(-1, g.shape[-1])
+  wa = np.abs(np.asarray(w, np.float64))
+  st = quant.ternary_state(w, cfg)
+  level = np.asarray(quant.dequantize(jnp.ones_like(st.codes), st.alpha),
+                     np.float64)
+  _, r = quant.threshold_stats(w, cfg)
+  near = np.abs(np.asarray(r, np.float64) - 1) <= code_margin(cfg, w.shape)
+  lam, eps = cfg.lam, cfg.eps
+  coef = np.abs(np.asarray(st.codes)) * level + lam * wa + eps
+  flip = near * (level + lam * wa + eps)
+  terms = (xa @ coef + lam * wa.sum(0),
+           ga @ coef.T,
+           (1 + lam) * (xa.T @ ga + ga.sum(0)))
+  flips = (xa @ flip + lam * (near * wa).sum(0),
+           ga @ flip.T,
+           near * (1 + lam) * ga.sum(0))
+  stat = {"per_group": cfg.group_size, "per_channel": w.shape[0],
+          "per_tensor": w.size}[cfg.granularity]
+  k = w.shape[0] + stat + 2
+  out = []
+  for t, f in zip(terms, flips):
+    tol = sum_order_bound(t, k) + f
+    if dtype == jnp.bfloat16:
+      tol = tol + 2 * EPS_BF16 * t
+    out.append(tol)
+  return out[0].reshape(x.shape[:-1] + (w.shape[1],)), out[1].reshape(
+      x.shape), out[2]
