@@ -203,3 +203,26 @@ def matmul_tolerances(cfg, x, w, g, dtype):
     out.append(tol)
   return out[0].reshape(x.shape[:-1] + (w.shape[1],)), out[1].reshape(
       x.shape), out[2]
+
+
+
+def bf16_mean_ambiguous(values):
+  """Per group (the last axis) of bf16-valued `values`: True where the mean
+  of |values|, accumulated in fp32 in some order and rounded to bf16, may
+  land on either bf16 neighbour. bf16 values carry 8 significant bits: if
+  every one is a multiple of the smallest one's last bit q and Σ|v| <
+  2^24·q, every partial sum is exact in fp32, in any order, and the mean
+  (a power-of-two division) too. Otherwise the sum is within γ_k of exact
+  (relative, k terms) and may round either way if the exact mean lies that
+  close to a bf16 rounding midpoint."""
+  v = np.abs(np.asarray(values, np.float64))
+  k = v.shape[-1]
+  last_bit = np.where(v > 0, 2.0 ** (np.floor(np.log2(np.where(
+      v > 0, v, 1.0))) - 7), np.inf)
+  q = last_bit.min(-1)
+  total = v.sum(-1)
+  exact = total < 2.0 ** 24 * q
+  m = total / k
+  ulp = 2.0 ** (np.floor(np.log2(np.where(m > 0, m, 1.0))) - 7)
+  mid = (np.floor(m / ulp) + 0.5) * ulp
+  return ~exact & (m > 0) & (np.abs(m - mid) <= gamma(k + 1) * m)
