@@ -97,7 +97,8 @@ def test_export_invariant_recovers_q_and_c_exactly(qat_model, tmp_path, packing)
   assert 0.5 + 32 / 256 < extra < 0.5 + 32 / 128
   ex = tqj.read_export(path)
   layers = nnx.to_pure_dict(nnx.state(qat_model.layers, nnx.Param))
-  lam, group_size = qat_model.cfg.quant.bias_lam, qat_model.cfg.quant.group_size
+  lam = qat_model.cfg.quant.bias_lam
+  group_size = qat_model.cfg.quant.group_size
   for name, group in model_lib.PROJECTIONS.items():
     w = layers[group][name]["kernel"]
     st = jax.vmap(lambda k: quant.ternary_state(k, qat_model.cfg.quant))(w)
@@ -106,7 +107,8 @@ def test_export_invariant_recovers_q_and_c_exactly(qat_model, tmp_path, packing)
     # c = λ·Σ_D W to the order of their sums.
     np.testing.assert_array_equal(ex.codes(name), st.codes)
     alpha = ex.tensors[f"layers.{name}.alpha"]
-    assert_within(alpha, st.alpha, sum_order_bound(alpha, group_size + 1), name)
+    assert_within(alpha, st.alpha, sum_order_bound(alpha, group_size + 1),
+                  name)
     dead = np.abs(np.asarray(w)) * (np.asarray(st.codes) == 0)
     assert_within(ex.tensors[f"layers.{name}.c"], st.c,
                   sum_order_bound(lam * dead.sum(1), w.shape[1] + 1), name)
