@@ -133,9 +133,10 @@ def test_captured_qkv_are_the_layers_projections():
   h, (q, k, v) = m.hidden_states_and_qkv(inputs, 0)
   # Not bit-identical: the blocks around the captured one are separate scans
   # (tests/tolerances.py).
-  k, depth = llama_k(float_cfg, inputs.size), llama_depth(float_cfg.num_layers)
+  terms = llama_k(float_cfg, inputs.size)
+  depth = llama_depth(float_cfg.num_layers)
   np.testing.assert_allclose(h, m.hidden_states(inputs), rtol=1e-5,
-                             atol=chain_atol(h, k, depth))
+                             atol=chain_atol(h, terms, depth))
   x = np.float64(m.embed(inputs))  # layer 0's input, normed by hand
   norm = x / np.sqrt((x * x).mean(-1, keepdims=True) + float_cfg.rms_eps)
   norm = norm * np.asarray(teacher["layers"]["attn_norm"]["scale"][0])
@@ -152,7 +153,7 @@ def test_captured_qkv_are_the_layers_projections():
     b = unscanned.hidden_states_and_qkv(inputs, layer)
     for x_, y_ in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_allclose(x_, y_, rtol=1e-4,
-                                 atol=chain_atol(y_, k, depth))
+                                 atol=chain_atol(y_, terms, depth))
 
 
 def test_weight_zero_objective_is_the_next_token_loss():
