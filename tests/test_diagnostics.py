@@ -9,6 +9,7 @@ import pytest
 
 from tequila_jax import diagnostics, losses, metrics, quant, train
 from tequila_jax.quant import QuantConfig
+from tests.tolerances import code_margin
 
 QCFG = QuantConfig("tequila", group_size=4)
 DCFG = diagnostics.DiagnosticsConfig(quant=QCFG, trap_steps=3, sample_size=16)
@@ -224,16 +225,37 @@ def test_train_step_gsnr_equals_direct_computation(tmp_path):
   codes, r = jax.vmap(lambda x: quant.threshold_stats(
       x, setup.model_cfg.quant))(w)
   dead = np.asarray(codes) == 0
-  band = (np.asarray(r) >= 0.8) & (np.asarray(r) < 1.0)
+  r = np.asarray(r, np.float64)
+  band = (r >= 0.8) & (r < 1.0)
   sig, var = g.mean(0) ** 2, g.var(0, ddof=1)
-  np.testing.assert_allclose(m["gsnr_pooled_dead/q_proj"],
-                             sig[dead].sum() / var[dead].sum(), rtol=1e-4)
-  np.testing.assert_allclose(m["gsnr_pooled_active/q_proj"],
-                             sig[~dead].sum() / var[~dead].sum(), rtol=1e-4)
-  np.testing.assert_allclose(m["gsnr_dead/q_proj"],
-                             (sig / var)[dead].mean(), rtol=1e-3)
-  np.testing.assert_allclose(m["gsnr_ratio_0.8_1/q_proj"],
-                             sig[band].sum() / var[band].sum(), rtol=1e-4)
+  # The step's micro-batch gradients are another program's (jitted, in a
+  # scan): their roundings differ, and a variance of nearly equal values
+  # amplifies that (no bound follows: a ratio with var -> 0 has none).
+  # Measured here: 7e-8 relative (pooled), 3.4e-6 (mean of ratios); the
+  # rtols below leave >= 300x to another processor.
+  # A weight within the statistics' rounding of a class boundary (r = 1
+  # for D, 0.8 for the band) may sit on the other side in the step: the
+  # value moves by what toggling it moves it (tests/tolerances.py).
+  margin = code_margin(setup.model_cfg.quant, w.shape)
+  near_dead = np.abs(r - 1) <= margin
+  near_band = near_dead | (np.abs(r - 0.8) <= margin)
+
+  def pooled(mask):
+    return sig[mask].sum() / var[mask].sum()
+
+  def check(got, mask, near, rtol, stat=pooled):
+    want, atol = stat(mask), 0.0
+    for i in zip(*np.nonzero(near)):
+      toggled = mask.copy()
+      toggled[i] = ~toggled[i]
+      atol += abs(stat(toggled) - want)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+  check(m["gsnr_pooled_dead/q_proj"], dead, near_dead, 1e-4)
+  check(m["gsnr_pooled_active/q_proj"], ~dead, near_dead, 1e-4)
+  check(m["gsnr_dead/q_proj"], dead, near_dead, 1e-3,
+        lambda mask: (sig / var)[mask].mean())
+  check(m["gsnr_ratio_0.8_1/q_proj"], band, near_band, 1e-4)
 
 
 def test_frozen_weights_control(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from tequila_jax import train
 from tests.cli import ROOT
 from tests.test_trainer import TINY, _losses, _params, _tiny
+from tests.tolerances import assert_runs_close
 
 STEPS = dict(steps=6, log_every=1, checkpoint_every=3, keep_checkpoints=5,
              eval_every=100, batch_size=16, eval_batch_size=16)
@@ -61,9 +62,7 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path):
   assert sorted(b) == list(range(1, 7))  # process 0 alone writes metrics
   np.testing.assert_allclose([b[k] for k in a], list(a.values()), rtol=2e-5)
   two = _params(tmp_path / "two", 6)
-  for x, y in zip(jax.tree.leaves(_params(tmp_path / "single", 6)),
-                  jax.tree.leaves(two)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  assert_runs_close(_params(tmp_path / "single", 6), two)  # tests/tolerances
   # Both processes' data positions are in the checkpoint.
   data_dir = tmp_path / "two" / "checkpoints" / "3" / "data"
   assert len(list(data_dir.glob("process_*"))) == 2
@@ -80,6 +79,4 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path):
   _launch(tmp_path, tmp_path / "shard_map", parallelism="shard_map")
   c = _losses(tmp_path / "shard_map")
   np.testing.assert_allclose([c[k] for k in a], list(a.values()), rtol=2e-5)
-  for x, y in zip(jax.tree.leaves(two),
-                  jax.tree.leaves(_params(tmp_path / "shard_map", 6))):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  assert_runs_close(two, _params(tmp_path / "shard_map", 6))

@@ -17,6 +17,7 @@ import pytest
 from tequila_jax import checkpoint, config_lib, losses, metrics, train
 from tequila_jax import workdir as workdir_lib
 from tests import cli
+from tests.tolerances import assert_runs_close, chain_atol
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -79,8 +80,7 @@ def test_parallel_matches_single_device(tmp_path, mesh, micro, parallelism):
   assert sorted(a) == sorted(b) == list(range(1, 7))
   np.testing.assert_allclose([b[k] for k in a], list(a.values()), rtol=2e-5)
   pa, pb = _params(tmp_path / "single", 6), _params(tmp_path / "par", 6)
-  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  assert_runs_close(pa, pb)  # isolated threshold flips: tests/tolerances.py
   assert abs(s1["eval_after"]["loss"] - s8["eval_after"]["loss"]) < 1e-4
 
 
@@ -224,9 +224,12 @@ def test_chunked_cross_entropy_equals_full():
   full = lambda h, w: losses.cross_entropy(h @ w, t)  # noqa: E731
   chunked = lambda h, w: losses.chunked_cross_entropy(h, w, t, 4)  # noqa: E731
   np.testing.assert_allclose(chunked(h, head), full(h, head), rtol=1e-6)
+  # Two programs (chunks of 4 positions or one): sums of <= 50 terms in
+  # their own orders through the log-softmax and its gradient's two dots
+  # (tests/tolerances.py).
   for a, b in zip(jax.grad(chunked, (0, 1))(h, head),
                   jax.grad(full, (0, 1))(h, head)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=chain_atol(b, 50, 4))
 
 
 def test_workdir_guards_and_metrics_after_a_crash(tmp_path):
