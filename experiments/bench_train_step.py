@@ -10,6 +10,9 @@ tequila:model.quant.lam_mode=v3"
     python -m experiments.bench_train_step --config configs/smollm2_135m.py \
         --batch 2 --seq 128 --iters 20 --repeat 2 \
         --methods "tequila,tequila:distill.weight=1.0"   # + the teacher
+    python -m experiments.bench_train_step --config configs/smollm2_135m.py \
+        --batch 2 --seq 128 --iters 20 --repeat 2 --optimizer \
+        --methods "tequila,tequila:model.quant.lam_mode=v3"   # v3 vs fixed λ
 
 A candidate is `METHOD[+diag|+fulldiag][:KEY=VALUE[:KEY=VALUE...]]`:
 the quant method, optionally with the per-step deadzone diagnostics
@@ -26,7 +29,10 @@ the median and range of `--iters` steps after warm-up, tokens/s, the ratio to
 the device's bf16 dense **spec** peak (detected; H100 SXM 989 TFLOP/s;
 `--peak_tflops` overrides, `--measure_peak` adds a labelled column against a
 timed 8192³ matmul), and
-`compiled.memory_analysis()`. Results go to stdout (markdown) and `--out`.
+`compiled.memory_analysis()`. `--optimizer` then times each candidate's
+optimizer update alone (`Train.tx` on its own parameters as the gradient,
+round robin too): the part of the step that the parameter count sets,
+whatever the tokens. Results go to stdout (markdown) and `--out`.
 """
 
 import argparse
@@ -39,6 +45,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments import common
 from tequila_jax import config_lib, sharding, train
@@ -97,7 +104,7 @@ def build(config, spec: str, batch: int, seq: int):
   compiled = step.lower(state, tokens, *args).compile()
   mem = compiled.memory_analysis()
   return dict(method=spec, compiled=compiled, state=state, tokens=tokens,
-              args=args,
+              args=args, tx=tr.tx,
               compile_s=time.perf_counter() - t0,
               flops_per_step=model_flops_per_token(cfg, seq) * batch * seq,
               temp_bytes=getattr(mem, "temp_size_in_bytes", None),
@@ -116,6 +123,34 @@ def time_round_robin(candidates: list[dict], iters: int, warmup: int) -> None:
                               for i, c in enumerate(candidates)}, iters, warmup)
   for i, c in enumerate(candidates):
     c["times"], c["loss"] = times[i], float(c["metrics"]["loss"])
+
+
+def time_optimizer(candidates: list[dict], iters: int, warmup: int) -> None:
+  """Each candidate's optimizer update alone (clipping, AdamW, apply), its
+  parameters standing in for the gradient, round robin; sets `opt_times`.
+  Run after the steps: it moves the parameters."""
+  calls = {}
+  for i, c in enumerate(candidates):
+    def update(params, opt_state, tx=c["tx"]):
+      updates, opt_state = tx.update(params, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+    s = c["state"]
+    fn = jax.jit(update, donate_argnums=(0, 1)).lower(
+        s["params"], s["opt_state"]).compile()
+    def step(c=c, fn=fn):
+      p, o = fn(c["state"]["params"], c["state"]["opt_state"])
+      c["state"] = {**c["state"], "params": p, "opt_state": o}
+      return p
+    calls[i] = common.timed(step)
+  times = common.round_robin(calls, iters, warmup)
+  for i, c in enumerate(candidates):
+    c["opt_times"] = times[i]
+
+
+def _ratios(times: list[float], base: list[float]) -> tuple[float, tuple]:
+  """Per-round ratio to the baseline's time: median and (min, max)."""
+  r = [t / b for t, b in zip(times, base)]
+  return statistics.median(r), (min(r), max(r))
 
 
 def result(c: dict, batch: int, seq: int) -> dict:
@@ -172,6 +207,8 @@ def main():
   p.add_argument("--measure_peak", action="store_true",
                  help="also time an 8192^3 bf16 matmul and show MFU against "
                  "it in a second, labelled column")
+  p.add_argument("--optimizer", action="store_true",
+                 help="then time each candidate's optimizer update alone")
   p.add_argument("--out", default="")
   args = p.parse_args()
   kind = jax.devices()[0].device_kind
@@ -204,14 +241,34 @@ def main():
     rows = [result(c, args.batch, args.seq) for c in candidates]
     base = candidates[0]["times"]
     for c, r in zip(candidates, rows):  # drift-robust: ratio within a round
-      r["round_ratio"] = statistics.median(
-          t / b for t, b in zip(c["times"], base))
-      r["round_ratio_range"] = (min(t / b for t, b in zip(c["times"], base)),
-                                max(t / b for t, b in zip(c["times"], base)))
+      r["round_ratio"], r["round_ratio_range"] = _ratios(c["times"], base)
+      r["round_extra_s"] = statistics.median(
+          t - b for t, b in zip(c["times"], base))
     print(f"\nrepetition {rep + 1} of {args.repeat}, {args.iters} timed "
           "steps of each, round robin")
     _table(rows, args.peak_tflops, measured)
     runs.append(rows)
+  if args.optimizer:
+    time_optimizer(candidates, args.iters, args.warmup)
+    base = candidates[0]["opt_times"]
+    print(f"\noptimizer update alone, {args.iters} of each, round robin")
+    print(f"| method | ms (median) | min–max ms | per-round ratio to "
+          f"{candidates[0]['method']} | extra ms vs it (median of rounds) | "
+          "the step's extra ms (last repetition) |")
+    print("|---|---|---|---|---|---|")
+    for c, r in zip(candidates, runs[-1]):
+      t = c["opt_times"]
+      r["optimizer_s"], r["optimizer_spread"] = statistics.median(t), (
+          min(t), max(t))
+      r["optimizer_ratio"], r["optimizer_ratio_range"] = _ratios(t, base)
+      r["optimizer_extra_s"] = statistics.median(
+          a - b for a, b in zip(t, base))
+      lo, hi = r["optimizer_ratio_range"]
+      print(f"| {r['method']} | {r['optimizer_s'] * 1e3:.0f} | "
+            f"{min(t) * 1e3:.0f}–{max(t) * 1e3:.0f} | "
+            f"{r['optimizer_ratio']:.3f}x ({lo:.2f}–{hi:.2f}) | "
+            f"{r['optimizer_extra_s'] * 1e3:.0f} | "
+            f"{r['round_extra_s'] * 1e3:.0f} |")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(dict(args=vars(args), measured_peak_tflops=measured or None,

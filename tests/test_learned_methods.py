@@ -475,3 +475,30 @@ def test_a_workdir_keeps_its_trained_parameters_unless_another_quantizer():
   other, start = alpha(load.load_model(
       f"{tmp}/run", quant=QuantConfig("seq", "per_channel")))
   np.testing.assert_array_equal(other[:, 0], start)
+
+
+def test_v3_backward_is_elementwise_over_the_kernel():
+  """v3's backward makes no sum and no matmul over a kernel-sized operand
+  (the regression's x̄·B and s = c come from the forward, as one `[out]`
+  residual), and saves no float kernel-sized residual but W, Λ and the
+  quantized kernel the matmul keeps (the fixed-λ step saves that one too)."""
+  cfg = LEARNED["lam_v3"]
+  w = jax.random.normal(jax.random.key(0), (128, 48))
+  x = jax.random.normal(jax.random.key(1), (5, 128))
+  qp = quant.init_qparams(w, cfg, key=jax.random.key(2))
+  primals, bwd = jax.vjp(
+      lambda w, lam: quant.learned.v3_kernel(w, lam, x.mean(0), cfg,
+                                             jnp.float32), w, qp["lam_weight"])
+  jaxpr = jax.make_jaxpr(bwd)(primals).jaxpr
+  over_w = [e.primitive.name for e in jaxpr.eqns
+            if any(getattr(v.aval, "shape", ()) == w.shape for v in e.invars)
+            and (e.primitive.name.startswith("reduce")
+                 or e.primitive.name == "dot_general")]
+  assert not over_w, over_w
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    print_saved_residuals(
+        lambda x, w, qp: quant.quantized_matmul(x, w, cfg, qp).sum(), x, w, qp)
+  big = [line for line in buf.getvalue().splitlines()
+         if line.startswith("f32[128,48]") and "from the argument" not in line]
+  assert len(big) == 1 and "named 'quantized_kernel'" in big[0], big

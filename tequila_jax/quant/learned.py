@@ -230,33 +230,46 @@ def v3_kernel(w, lam_weight, x_mean, cfg: QuantConfig, dtype):
 def _v3_fwd(w, lam_weight, x_mean, cfg, dtype):
   codes, alpha = ternary.ternarize(w, cfg)
   q = ternary.dequantize(codes, alpha, dtype)
-  c = v3_bias(w, codes, lam_weight)
-  return (q, c), (codes, alpha, w, lam_weight, x_mean)
+  c, y_mean = _v3_sums(w, codes, lam_weight, x_mean)
+  # The regression's residual x̄·B_:j - s_j (s_j = c_j), made here from the
+  # B the forward builds anyway, is all that Λ's gradient needs besides W
+  # and the codes: the backward is then elementwise over W (no B, no sum,
+  # no matvec).
+  return (q, c), (codes, alpha, w, lam_weight, y_mean - c, x_mean)
+
+
+def _v3_sums(w, codes, lam_weight, x_mean=None):
+  """`(c, x̄·B)`, both `[out]` fp32 (`x_mean` None: c alone), from one
+  B = W on D: c_j = Σ_i Λ_ij B_ij, (x̄·B)_j = Σ_i x̄_i B_ij."""
+  stat = ternary.stat_dtype(w.dtype)
+  b = jnp.where(codes == 0, w.astype(stat), 0)
+  c = jnp.sum(jax.lax.stop_gradient(lam_weight).astype(stat) * b, axis=0)
+  if x_mean is None:
+    return c, None
+  return c, jnp.matmul(x_mean.astype(stat), b,
+                       precision=jax.lax.Precision.HIGHEST)
 
 
 def v3_bias(w, codes, lam_weight) -> jax.Array:
   """c_j = Σ_{i∈D} Λ_ij W_ij (fp32; no gradient to Λ)."""
-  stat = ternary.stat_dtype(w.dtype)
-  b = jnp.where(codes == 0, w.astype(stat), 0)  # B = W on D
-  return jnp.sum(jax.lax.stop_gradient(lam_weight).astype(stat) * b, axis=0)
+  return _v3_sums(w, codes, lam_weight)[0]
 
 
 def _v3_bwd(cfg, dtype, res, cotangents):
-  del dtype
-  codes, alpha, w, lam_weight, x_mean = res
+  del cfg, dtype
+  codes, alpha, w, lam_weight, resid, x_mean = res
   dq, dc = cotangents
   stat = ternary.stat_dtype(w.dtype)
   dead = codes == 0
-  lam = lam_weight.astype(stat)
   # UltraQuantV3.backward: grad_A * scale on active weights, grad_B on D.
   active = dq.astype(stat) * _per_weight(alpha.astype(stat), w.shape)
-  dw = jnp.where(dead, lam * dc.astype(stat)[None, :], active)
+  # (-Λ)·(-dc) = Λ·dc exactly; the negation keeps XLA:CPU from fusing the
+  # token sum that makes dc, and its broadcast, into a YNNPACK call that
+  # writes a W-sized copy of dc.
+  dc = -dc.astype(stat)
+  dw = jnp.where(dead, -lam_weight.astype(stat) * dc[None, :], active)
   # update_lambada_v3: d/dΛ of Σ_t Σ_j (x_t · B_:j - s_j)^2 / T.
-  b = jnp.where(dead, w.astype(stat), 0)
-  s = jnp.sum(lam * b, axis=0)
-  y_mean = jnp.matmul(x_mean.astype(stat), b,
-                      precision=jax.lax.Precision.HIGHEST)
-  dlam = -2.0 * b * (y_mean - s)[None, :]
+  dlam = jnp.where(dead, -2.0 * w.astype(stat) * resid[None, :], 0)
   return (dw.astype(w.dtype), dlam.astype(lam_weight.dtype),
           jnp.zeros_like(x_mean))
 
