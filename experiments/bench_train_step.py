@@ -68,11 +68,11 @@ def parse_candidate(spec: str) -> tuple[str, str, dict]:
   # ":" before KEY= separates overrides (a value may hold ":", asset:NAME).
   head, *pairs = re.split(r":(?=[\w.]+=)", spec)
   if ":" in head:
-    raise SystemExit(f"candidate {spec!r}: {head.split(':', 1)[1]!r} is not "
+    raise ValueError(f"candidate {spec!r}: {head.split(':', 1)[1]!r} is not "
                      "KEY=VALUE.")
   method, _, diag_mode = head.partition("+")
   if diag_mode not in DIAG_MODES:
-    raise SystemExit(f"candidate {spec!r}: '+{diag_mode}' is not a diagnostics"
+    raise ValueError(f"candidate {spec!r}: '+{diag_mode}' is not a diagnostics"
                      " mode; use METHOD+diag or METHOD+fulldiag.")
   overrides = {}
   for pair in pairs:
@@ -305,4 +305,4 @@ def _table(rows: list[dict], peak_tflops: float, measured: float) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  common.command(main)

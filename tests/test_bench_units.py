@@ -74,9 +74,9 @@ def test_bench_candidates_are_config_overrides():
                      {"model.quant.lam": 0.01, "train.micro_batches": 2})
   assert parse("tequila:init.checkpoint=asset:smollm2_gguf") == (
       "tequila", "", {"init.checkpoint": "asset:smollm2_gguf"})
-  with pytest.raises(SystemExit, match="not a diagnostics mode"):
+  with pytest.raises(ValueError, match="not a diagnostics mode"):
     parse("tequila+anything")
-  with pytest.raises(SystemExit, match="'lam' is not KEY=VALUE"):
+  with pytest.raises(ValueError, match="'lam' is not KEY=VALUE"):
     parse("tequila+diag:lam")
 
 
