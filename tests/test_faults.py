@@ -133,17 +133,24 @@ def test_corrupted_checkpoint_bytes_are_set_aside(workdir, corpora, caplog):
           caplog.text)
 
 
-def _resume_from(workdir, corpora, step) -> dict:
-  """The state the trainer resumes from `step` (`Checkpointer.restore`)."""
+def _opened(workdir, corpora, layout_step):
+  """`(Checkpointer, data iterator, layout of checkpoint layout_step on one
+  device)` of a tiny run's workdir, opened as the trainer opens them."""
   config = tiny_run_config(corpora)
   corpus = data.prepare_for_config(config, locations.load_tokenizer,
                                    progress=False)
   it = data.train_iterator(corpus, seq_len=config.data.seq_len, batch_size=8,
                            seed=0)
   ckpt = checkpoint.Checkpointer(workdir, every=1, keep=10, async_save=False)
+  layout = checkpoint._on_one_device(  # pylint: disable=protected-access
+      checkpoint._saved_layout(ckpt.directory, layout_step))  # pylint: disable=protected-access
+  return ckpt, it, layout
+
+
+def _resume_from(workdir, corpora, step) -> dict:
+  """The state the trainer resumes from `step` (`Checkpointer.restore`)."""
+  ckpt, it, layout = _opened(workdir, corpora, 5)
   try:
-    layout = checkpoint._on_one_device(  # pylint: disable=protected-access
-        checkpoint._saved_layout(ckpt.directory, 5))  # pylint: disable=protected-access
     return ckpt.restore(step, layout, it)[0]
   finally:
     ckpt.close()
@@ -258,14 +265,7 @@ def test_fingerprints_cover_every_leaf_of_the_state(tiny_run):
 def _rewrite(workdir, corpora, step, change):
   """Re-saves checkpoint `step` with `change(state)` (valid integrity: the
   fault is in the values, as if training had produced it)."""
-  config = tiny_run_config(corpora)
-  corpus = data.prepare_for_config(config, locations.load_tokenizer,
-                                   progress=False)
-  it = data.train_iterator(corpus, seq_len=config.data.seq_len, batch_size=8,
-                           seed=0)
-  ckpt = checkpoint.Checkpointer(workdir, every=1, keep=10, async_save=False)
-  saved = checkpoint._on_one_device(  # pylint: disable=protected-access
-      checkpoint._saved_layout(ckpt.directory, step))  # pylint: disable=protected-access
+  ckpt, it, saved = _opened(workdir, corpora, step)
   state, _ = ckpt.restore(step, saved, it)
   shutil.rmtree(ckpt.directory / str(step))
   ckpt.manager.reload()
