@@ -219,12 +219,16 @@ def test_official_checkpoint_converts_to_the_official_codes(tmp_path):
     for layer in range(2):
       w = sd[f"model.layers.{layer}.{hf_name}.{name}.weight"].float().numpy()
       codes, alpha, c = official_ultraquantv2_stats_bf16(w, 128, 1e-3)
-      # Every group's mean|W| rounds to one bf16 value in any summation
-      # order (tests/tolerances.py), so the codes and scales are exact.
-      assert not bf16_mean_ambiguous(w.reshape(-1, 128)).any(), name
-      np.testing.assert_array_equal(ex.codes(name)[layer], codes.T)
+      # Groups whose mean|W| rounds to one bf16 value in any summation order
+      # (tests/tolerances.py) have exact codes and scales; an ambiguous group
+      # may round either way on another processor, so it is left out.
+      amb = bf16_mean_ambiguous(w.reshape(-1, 128)).reshape(w.shape[0], -1)
+      assert amb.mean() < 0.05, (name, amb.mean())
+      sure = ~np.repeat(amb, 128, axis=1)
+      np.testing.assert_array_equal(ex.codes(name)[layer][sure.T],
+                                    codes.T[sure.T])
       np.testing.assert_array_equal(
-          ex.tensors[f"layers.{name}.alpha"][layer], alpha.T)
+          ex.tensors[f"layers.{name}.alpha"][layer][~amb.T], alpha.T[~amb.T])
       bound = 1e-3 * np.sum(np.abs(w) * (codes == 0), -1) * 2.0**-8
       assert np.all(np.abs(ex.tensors[f"layers.{name}.c"][layer] - c) <= bound)
   bad = run_cli("export", "--checkpoint", path, "--out", tmp_path / "x.tqj",
