@@ -202,11 +202,12 @@ def _run_parallel(config_spec, todo, fixed, out, parallel):
       if proc.poll() is not None:
         if proc.returncode in train.STOPPED_EXIT_CODES:
           raise ExpectedError(f"a sweep point was stopped by a signal (exit "
-                           f"{proc.returncode}) after a checkpoint; rerun the "
-                           "sweep to resume it.")
+                              f"{proc.returncode}) after a checkpoint; rerun "
+                              "the sweep to resume it.")
         if proc.returncode:
-          raise ExpectedError(f"a sweep point failed (exit {proc.returncode}); "
-                           "rerun the sweep to retry it.")
+          raise ExpectedError(f"a sweep point failed (exit "
+                              f"{proc.returncode}); rerun the sweep to retry "
+                              "it.")
         del running[slot]
     time.sleep(1)
 
