@@ -148,7 +148,7 @@ def unpack(packed: np.ndarray, packing: str, d_in: int) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 # Methods with a multiplication-free inference form (codes · alpha, c, γ).
-EXPORTABLE = ("absmean", "twn", "tequila", "lsq", "seq", "dlt")
+EXPORTABLE = ("absmean", "twn", "tequila", "lsq", "seq", "dlt", "sherry")
 
 
 def _stacked_projections(model: Llama) -> dict[str, dict]:
