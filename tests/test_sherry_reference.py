@@ -171,6 +171,28 @@ def test_torch_cpu_ties_prune_one_of_the_equal():
     assert all(v[i] == v.min() for i in tpruned)
 
 
+def _cuda_topk_indices(v, k):
+  """torch's CUDA top-k selection (TensorTopK.cu, gatherTopK), transcribed:
+  the k-th largest value t; every value > t in index order, then values
+  == t in index order until k are written."""
+  t = np.sort(v)[::-1][k - 1]
+  above = [i for i in range(len(v)) if v[i] > t]
+  equal = [i for i in range(len(v)) if v[i] == t]
+  return above + equal[:k - len(above)]
+
+
+def test_reference_mask_is_the_cuda_rule():
+  """nm_mask keeps what the CUDA top-k keeps, on every block with values in
+  {0, 1, 2} (81 blocks, all tie patterns)."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  blocks = np.array(list(itertools.product([0., 1., 2.], repeat=4)))
+  mask = ref.nm_mask(blocks.reshape(1, -1)).reshape(-1, 4)
+  for v, got in zip(blocks, mask):
+    want = np.zeros(4, bool)
+    want[_cuda_topk_indices(v, 3)] = True
+    np.testing.assert_array_equal(got, want, err_msg=str(v))
+
+
 @pytest.mark.parametrize("granularity,group_size", GRANS)
 @pytest.mark.parametrize("counter", [1, 2211, 2212, 15000, 22110])
 def test_numpy_arenas_matches_torch_autograd(granularity, group_size,
