@@ -385,8 +385,9 @@ def test_state_codes_and_scales(granularity, group_size):
   """ternary_state: codes equal the reference exactly (one zero per block of
   4 on tie-free weights, at the smallest |W|), α within its fp32 summation
   bound (Σ of G_s terms + one division: 2·γ_{G_s+1}·α), c = 0, gamma None;
-  threshold_stats: the same codes, r = |W| / smallest kept |W| within the
-  rounding of one division (2u, allowing a reciprocal multiply: EPS32)."""
+  threshold_stats: the same codes, and for the pruned weight r = |W| /
+  smallest kept |W| within the rounding of one division (2u, allowing a
+  reciprocal multiply: EPS32)."""
   _, w, _ = _data(5)
   cfg = _cfg(granularity, group_size)
   st = quant.ternary_state(jnp.asarray(w), cfg)
@@ -402,11 +403,27 @@ def test_state_codes_and_scales(granularity, group_size):
   assert st.gamma is None
   tcodes, r = quant.threshold_stats(jnp.asarray(w), cfg)
   np.testing.assert_array_equal(np.asarray(tcodes), codes)
+  r = np.asarray(r)
+  # kept at or above 1, pruned below it, up to the division's rounding
+  assert (r[codes != 0] >= 1 - EPS32).all()
+  assert (r[codes == 0] <= 1 + EPS32).all()
   want_r = ref.threshold_ratio(w)
-  assert_within(r, want_r, EPS32 * want_r, "r")
-  # kept at or above 1, pruned below it, up to that rounding
-  assert (np.asarray(r)[codes != 0] >= 1 - EPS32).all()
-  assert (np.asarray(r)[codes == 0] <= 1 + EPS32).all()
+  pruned = codes == 0
+  assert_within(r[pruned], want_r[pruned], EPS32 * want_r[pruned],
+                "r of pruned weights")
+
+
+@pytest.mark.parametrize("granularity,group_size", GRANS)
+def test_threshold_stats_kept_ratio(granularity, group_size):
+  """The brief's r for a kept weight: |W| / (the smallest kept |W| of its
+  block), as for the pruned one (one division: EPS32 relative)."""
+  _, w, _ = _data(5)
+  codes, _, _ = ref.nm_quantize(w, granularity, group_size)
+  _, r = quant.threshold_stats(jnp.asarray(w), _cfg(granularity, group_size))
+  want_r = ref.threshold_ratio(w)
+  kept = codes != 0
+  assert_within(np.asarray(r)[kept], want_r[kept], EPS32 * want_r[kept],
+                "r of kept weights")
 
 
 def _tie_kernel():
