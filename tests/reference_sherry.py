@@ -119,16 +119,18 @@ def nm_quantize(w_in_out, granularity, group_size, n=N, m=M):
 
 
 def threshold_ratio(w_in_out, n=N, m=M):
-  """r = |W| / (the smallest kept |W| of its block of `m`), `[in, out]`: r >= 1
-  for kept weights, r <= 1 for the pruned one (= 1 at a tie). Blocks whose
-  smallest kept |W| is 0 give inf/nan (not compared)."""
+  """Each weight's distance to its block's boundary, `[in, out]`: the pruned
+  weight's |W| / (the smallest kept |W| of its block) (<= 1, = 1 at a tie),
+  a kept weight's |W| / (the pruned |W|) (>= 1: it is pruned once it falls
+  below that). Blocks with a 0 on either side give inf/nan (not compared)."""
   w = np.asarray(w_in_out, np.float64).T
   d_out, d_in = w.shape
   mask = nm_mask(w, n, m).reshape(d_out, d_in // m, m)
   a = np.abs(w).reshape(d_out, d_in // m, m)
-  smallest = np.where(mask, a, np.inf).min(-1, keepdims=True)
+  smallest_kept = np.where(mask, a, np.inf).min(-1, keepdims=True)
+  pruned = np.where(mask, -np.inf, a).max(-1, keepdims=True)
   with np.errstate(divide="ignore", invalid="ignore"):
-    r = a / smallest
+    r = a / np.where(mask, pruned, smallest_kept)
   return r.reshape(d_out, d_in).T
 
 

@@ -139,7 +139,8 @@ def test_weights_pushed_across_the_threshold():
     QuantConfig("tequila", "per_channel"), QuantConfig("absmean", "per_tensor"),
     QuantConfig("tequila", group_size=64, stat_dtype="bfloat16"),
     QuantConfig("lsq", group_size=64), QuantConfig("seq", "per_channel"),
-    QuantConfig("dlt", "per_tensor")],
+    QuantConfig("dlt", "per_tensor"), QuantConfig("sherry", group_size=64),
+    QuantConfig("sherry", "per_tensor")],
                          ids=lambda c: f"{c.method}-{c.granularity}-{c.stat_dtype}")
 def test_sampled_groups_give_the_full_kernels_codes_exactly(qcfg):
   """The per-step counters read only the sampled weights' groups (and their

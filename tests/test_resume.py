@@ -55,6 +55,8 @@ def test_model_dtype_is_refused_on_resume(tmp_path):
     ("train.steps", 31, True), ("train.batch_size", 16, True),
     ("data.seq_len", 32, True), ("data.corpus_dir", "/c", True),
     ("optim.lr", 1e-4, True), ("model.quant.lam", 1e-2, True),
+    ("model.quant.arenas_max_eps", 0.0, True),
+    ("model.quant.arenas_warmup_fraction", 0.2, True),
     ("train.micro_batches", 2, False), ("train.log_every", 1, False),
     ("train.restore_step", 10, False), ("data.cache_dir", "/c", False),
     ("data.prefetch", 1, False), ("mesh.fsdp", 2, False),

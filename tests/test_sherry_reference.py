@@ -415,8 +415,8 @@ def test_state_codes_and_scales(granularity, group_size):
 
 @pytest.mark.parametrize("granularity,group_size", GRANS)
 def test_threshold_stats_kept_ratio(granularity, group_size):
-  """The brief's r for a kept weight: |W| / (the smallest kept |W| of its
-  block), as for the pruned one (one division: EPS32 relative)."""
+  """r of a kept weight: |W| / (the pruned |W| of its block), its distance
+  to being pruned (one division: EPS32 relative)."""
   _, w, _ = _data(5)
   codes, _, _ = ref.nm_quantize(w, granularity, group_size)
   _, r = quant.threshold_stats(jnp.asarray(w), _cfg(granularity, group_size))

@@ -84,12 +84,15 @@ def test_parallel_matches_single_device(tmp_path, mesh, micro, parallelism):
   assert abs(s1["eval_after"]["loss"] - s8["eval_after"]["loss"]) < 1e-4
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("method", ["tequila", "sherry"])
+def test_resume_is_exact(tmp_path, method):
+  """Sherry's Arenas ε is a function of the step: it resumes exactly too."""
   kw = dict(steps=20, log_every=1, checkpoint_every=5, eval_every=100)
 
   def config():  # trap windows of 4 steps: the split at 10 is mid-window
     c = _tiny(tmp_path, **kw)
     c.diagnostics.trap_steps = 4
+    c.model.quant.method = method
     return c
 
   train.run(config(), tmp_path / "straight")
@@ -111,6 +114,17 @@ def test_resume_is_exact(tmp_path):
   assert straight == split
   assert straight[-1]["train/escape_rate/all"] is not None
   assert straight[-1]["train/trapped_fraction/all"] > 0
+  if method == "sherry":  # record k logs step k - 1's ε; 1 of 4 is pruned
+    from tequila_jax import quant  # pylint: disable=g-import-not-at-top
+    # jitted inside the step vs eagerly here: cos may differ by a few ulps
+    # of its value, which is <= 1 (8 ulps of 1 in fp32 bound it).
+    np.testing.assert_allclose(
+        [r["train/arenas_eps"] for r in straight],
+        [float(quant.arenas_eps(k, 20)) for k in range(20)],
+        rtol=0, atol=8 * np.finfo(np.float32).eps)
+    assert {r["train/dead_fraction/all"] for r in straight} == {0.25}
+  else:
+    assert all("train/arenas_eps" not in r for r in straight)
   for x, y in zip(jax.tree.leaves(_state(tmp_path / "straight", 20)),
                   jax.tree.leaves(_state(tmp_path / "split", 20))):
     np.testing.assert_array_equal(x, y)

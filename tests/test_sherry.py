@@ -1,0 +1,82 @@
+"""Sherry's configuration, its Arenas plumbing through the model and its
+block statistics (the float64 comparisons with the official code:
+test_sherry_reference.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tequila_jax import model as model_lib
+from tequila_jax import quant
+from tequila_jax.quant import QuantConfig
+from tests.tolerances import chain_atol, llama_depth
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(method="sherry", group_size=66), "multiple of 4"),
+    (dict(method="sherry", stat_dtype="bfloat16"), "stat_dtype='float32'"),
+    (dict(method="tequila", arenas_max_eps=0.0), "method 'sherry'"),
+    (dict(method="absmean", arenas_warmup_fraction=0.2), "method 'sherry'"),
+    (dict(method="sherry", arenas_max_eps=-1.0), "arenas_max_eps must be"),
+    (dict(method="sherry", arenas_warmup_fraction=1.5), "in \\[0, 1\\]"),
+])
+def test_bad_settings_name_the_fix(fields, message):
+  with pytest.raises(ValueError, match=message):
+    QuantConfig(**fields)
+
+
+def test_input_width_must_be_a_multiple_of_4():
+  cfg = QuantConfig("sherry", "per_channel")
+  with pytest.raises(ValueError, match="multiple of 4 \\(got 18\\)"):
+    cfg.check_kernel_shape((18, 8), "q_proj")
+
+
+def test_describe_names_the_ablation():
+  assert "3:4 Arenas ε≤1" in QuantConfig("sherry").describe()
+  assert "3:4 no Arenas" in QuantConfig("sherry",
+                                        arenas_max_eps=0.0).describe()
+
+
+def test_schedule_shape():
+  """Rises linearly to max_eps at the end of warmup, falls monotonically,
+  is 0 at the last step and after; max_eps = 0 is 0 throughout."""
+  eps = np.asarray([quant.arenas_eps(s, 50, 0.2, 0.5) for s in range(60)])
+  np.testing.assert_allclose(eps[:10], 0.5 * np.arange(1, 11) / 10,
+                             rtol=1e-6)
+  assert np.all(np.diff(eps[9:50]) < 0) and eps[9] == np.float32(0.5)
+  assert np.all(eps[49:] == 0)
+  assert not np.any([quant.arenas_eps(s, 50, 0.2, 0.0) for s in range(60)])
+
+
+def test_model_passes_eps_to_every_projection():
+  """`Llama(tokens, arenas_eps=ε)` equals the model whose every kernel is
+  `Q + εW` in float (method none): ε reaches all seven projections."""
+  cfg = model_lib.ModelConfig.from_dict(dict(
+      vocab_size=64, hidden_size=32, ffn_size=64, num_layers=2, num_heads=2,
+      num_kv_heads=1, head_dim=16, max_seq_len=16, dtype="float32",
+      quant=dict(method="sherry", granularity="per_group", group_size=16)))
+  m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.arange(12).reshape(2, 6) % 64
+  eps = 0.3
+  params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+  dense = model_lib.Llama(cfg.replace(quant=QuantConfig("none")),
+                          rngs=nnx.Rngs(0))
+
+  def folded(p):
+    if isinstance(p, dict) and "kernel" in p:
+      k = jax.vmap(lambda w: quant.ternary_state(w, cfg.quant))(p["kernel"])
+      q = jax.vmap(quant.dequantize)(k.codes, k.alpha)
+      return {**p, "kernel": q + eps * p["kernel"]}
+    if isinstance(p, dict):
+      return {k: folded(v) for k, v in p.items()}
+    return p
+
+  nnx.update(dense, folded(params))
+  want = np.asarray(dense(tokens))
+  got = np.asarray(jax.jit(lambda t, e: m(t, arenas_eps=e))(tokens, eps))
+  # The same kernels: at most the sums' order differs (jit vs eager).
+  np.testing.assert_allclose(got, want, rtol=0, atol=chain_atol(
+      want, cfg.ffn_size, llama_depth(cfg.num_layers)))
+  assert not np.allclose(np.asarray(m(tokens)), want)  # ε = 0 differs
