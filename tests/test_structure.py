@@ -91,6 +91,7 @@ ORDER = (
     # trains it.
     "tequila_jax.quant.config", "tequila_jax.quant.activations",
     "tequila_jax.quant.ternary", "tequila_jax.quant.learned",
+    "tequila_jax.quant.sherry",
     "tequila_jax.quant.state", "tequila_jax.quant.matmul", "tequila_jax.quant",
     "tequila_jax.layers", "tequila_jax.model", "tequila_jax.sampling",
     "tequila_jax.optim", "tequila_jax.diagnostics", "tequila_jax.distill",
