@@ -22,9 +22,27 @@ are packed along the input axis:
 - `base3` (1.6 bits/weight): byte `[k, j]` holds inputs 5k..5k+4 as
   `u0 + 3 u1 + 9 u2 + 27 u3 + 81 u4`; the input axis is padded with code 0 to
   a multiple of 5 and cut back on unpacking.
+- `sparse34` (1.25 bits/weight; 3:4 codes only, e.g. Sherry's: every block
+  of 4 consecutive inputs of a column holds exactly one zero, in % 32 == 0).
+  A block is 5 bits: a pattern n (4 bits) and a sign s (1 bit), the paper's
+  mirror symmetry (32 blocks = 16 patterns x a global sign flip):
+  n = z | r1 << 2 | r2 << 3, z the zero's position, r1 / r2 set when the
+  second / third nonzero differs in sign from the first; s = 1 when the
+  first nonzero is -1 (`SPARSE34_PATTERNS[n]` is the block with s = 0).
+  Stored as two power-of-two planes, rows concatenated: first in/8 pattern
+  rows, byte `[k, j]` = `n(block 2k) | n(block 2k+1) << 4`, then in/32 sign
+  rows, bit b of byte `[in/8 + t, j]` = s(block 8t + b). Why planes, not
+  5-bit fields: every field is byte-aligned, so XLA unpacks with shifts and
+  masks, and a pattern byte with its two sign bits (bits 2q, 2q+1 of sign
+  byte k // 4, q = k % 4) is a 10-bit index into a 1024-entry table of 8
+  inputs' partial sums, which the `lut` kernel gathers from (one gather per
+  8 inputs). Blocks that are not 3:4 (a kept weight exactly 0 gives two
+  zeros) are refused on export, naming the layer and the count: `2bit` and
+  `base3` hold any codes. The check is on the codes, not the method: any
+  model whose codes happen to be 3:4 packs.
 
-Tensors (stacked over blocks): `layers.P.codes` uint8 `[L, in/4 or ceil(in/5),
-out]`, `layers.P.alpha` fp32 `[L, groups, out]` (one group for per-channel
+Tensors (stacked over blocks): `layers.P.codes` uint8 `[L, in/4, ceil(in/5)
+or in/8 + in/32, out]`, `layers.P.alpha` fp32 `[L, groups, out]` (one group for per-channel
 and per-tensor scales, repeated across outputs), `layers.P.gamma` (DLT only,
 like alpha), `layers.P.c` fp32 `[L, out]`,
 `layers.attn_norm` / `layers.mlp_norm` `[L, hidden]`, `embed` `[vocab,
