@@ -441,6 +441,12 @@ def test_export_and_generate_clis(tmp_path):
                 tmp_path / "m.tqj").stdout
   assert json.loads(out[:out.index("\nwrote")])["code_bits_per_weight"] == 2.0
   assert "bits per ternary weight" in out
+  # sparse34 on a tequila run (codes not 3:4): one line, no file.
+  bad = run_cli("export", "--checkpoint", tmp_path / "run", "--out",
+                tmp_path / "s.tqj", "--packing", "sparse34", check=False)
+  assert bad.returncode == 2 and "are not 3:4" in bad.stderr.splitlines()[-1]
+  assert "--packing 2bit or base3" in bad.stderr and "Traceback" not in bad.stderr
+  assert not (tmp_path / "s.tqj").exists()
   gen = run_cli("generate", "--model", tmp_path / "m.tqj", "--prompt",
                 "To be", "--max_new_tokens", "5")
   assert gen.stdout.startswith("To be") and "5 tokens" in gen.stderr
