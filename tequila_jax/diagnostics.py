@@ -7,7 +7,10 @@ the number of weights of each type). `r = |W| / delta` is a weight's distance
 to the threshold: `r < 1` is the deadzone D. delta is the method's own
 threshold (`quant.threshold_stats`: mean|W|/2 for absmean and Tequila, α/2
 for lsq/dlt and α/3 for seq with the learned α), so every figure means the
-same thing for every method.
+same thing for every method. For Sherry (3:4), D is the pruned weight of
+each block of 4 (`dead_fraction` = 0.25 by construction) and r its |W| over
+the smallest kept |W| of the block (a kept weight's r: its |W| over the
+pruned one), so the trap band is a pruned weight within 20% of being kept.
 
 Every step, on a fixed random sample of `sample_size` weights per layer type
 (drawn once, without replacement, from the seed), each with a counter of the
@@ -178,13 +181,16 @@ def _group_rows(shape: tuple, idx: np.ndarray, qcfg: QuantConfig):
   """For sampled flat indices into a `[blocks, in, out]` stack: the flat
   indices of each one's whole quantizer group `[n, G]`, its position in it
   and its group's index `(block, group, out)` into a `[blocks, groups, out]`
-  scale; or None for `per_tensor` (one group per block)."""
-  if qcfg.granularity == "per_tensor":
+  scale; or None for `per_tensor` (one group per block). For `sherry` the
+  "group" is the weight's block of 4 inputs (its statistics are the
+  block's)."""
+  if qcfg.granularity == "per_tensor" and qcfg.method != "sherry":
     return None
   _, d_in, d_out = shape
   b, rem = np.divmod(idx, d_in * d_out)
   i, j = np.divmod(rem, d_out)
-  size = d_in // qcfg.num_groups(d_in)
+  size = (quant.sherry.BLOCK if qcfg.method == "sherry"
+          else d_in // qcfg.num_groups(d_in))
   first = i - i % size
   rows = ((b * d_in * d_out)[:, None]
           + (first[:, None] + np.arange(size)) * d_out + j[:, None])

@@ -148,19 +148,22 @@ def relation_kl(student: jax.Array, teacher: jax.Array, heads: int,
 
 
 def objective(params, graphdef, teacher_params, teacher_graphdef,
-              tokens: jax.Array, cfg: DistillConfig, loss_chunk: int = 0
-              ) -> tuple[jax.Array, dict]:
+              tokens: jax.Array, cfg: DistillConfig, loss_chunk: int = 0,
+              arenas_eps=0.0) -> tuple[jax.Array, dict]:
   """The distillation loss of the student `(graphdef, params)` on `[B, T + 1]`
   tokens, and its parts: `(loss, {"ce_loss", "kd_loss"[, "attention_loss"]})`
-  (the module docstring's formula). Differentiate it in `params` only."""
+  (the module docstring's formula); the student runs at Sherry's Arenas ε
+  `arenas_eps`. Differentiate it in `params` only."""
   student = nnx.merge(graphdef, params)
   teacher = nnx.merge(teacher_graphdef, teacher_params)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   if cfg.attention_weight:
-    h_s, qkv_s = student.hidden_states_and_qkv(inputs, cfg.attention_layer)
+    h_s, qkv_s = student.hidden_states_and_qkv(inputs, cfg.attention_layer,
+                                               arenas_eps=arenas_eps)
     h_t, qkv_t = teacher.hidden_states_and_qkv(inputs, cfg.attention_layer)
   else:
-    h_s, h_t = student.hidden_states(inputs), teacher.hidden_states(inputs)
+    h_s = student.hidden_states(inputs, arenas_eps=arenas_eps)
+    h_t = teacher.hidden_states(inputs)
   h_t = jax.lax.stop_gradient(h_t)
   head_s = student.head_matrix()
   head_t = jax.lax.stop_gradient(teacher.head_matrix())

@@ -66,13 +66,16 @@ class TernaryDense(nnx.Module):
     return {k: getattr(self, k)[...] for k in quant.QPARAM_NAMES
             if getattr(self, k) is not None}
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, arenas_eps=0.0) -> jax.Array:
+    """`x[..., in] -> [..., out]`; `arenas_eps` is Sherry's Arenas ε (a
+    float or traced scalar; `sherry` only, 0 at inference)."""
     if x.ndim < 1 or x.shape[-1] != self.in_features:
       raise ValueError(
           f"{self.name} [in={self.in_features}, out={self.out_features}]: "
           f"input of shape {x.shape} must end in {self.in_features} features.")
     y = quant.quantized_matmul(jnp.asarray(x, self.dtype), self.kernel[...],
-                               self.quant_config, self.qparams())
+                               self.quant_config, self.qparams(),
+                               arenas_eps=arenas_eps)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -56,15 +56,17 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array,
 
 
 def next_token_loss(params, graphdef, tokens: jax.Array,
-                    loss_chunk: int = 0) -> jax.Array:
+                    loss_chunk: int = 0, arenas_eps=0.0) -> jax.Array:
   """Mean next-token loss of the model `(graphdef, params)` on `[B, T + 1]`
-  tokens (the training objective and the held-out loss)."""
+  tokens (the training objective, with Sherry's Arenas ε `arenas_eps`, and
+  the held-out loss, at ε = 0)."""
   model = nnx.merge(graphdef, params)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   if loss_chunk and loss_chunk < inputs.shape[1]:
-    return chunked_cross_entropy(model.hidden_states(inputs),
-                                 model.head_matrix(), targets, loss_chunk)
-  return cross_entropy(model(inputs), targets)
+    return chunked_cross_entropy(
+        model.hidden_states(inputs, arenas_eps=arenas_eps),
+        model.head_matrix(), targets, loss_chunk)
+  return cross_entropy(model(inputs, arenas_eps=arenas_eps), targets)
 
 
 def _score(model, tokens):

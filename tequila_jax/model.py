@@ -224,22 +224,23 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
     self.attention_impl = cfg.attention_impl
 
-  def projections(self, x):
+  def projections(self, x, arenas_eps=0.0):
     """The query, key and value projections of `x`, `[B, T, heads * d]`,
     `[B, T, kv_heads * d]` twice (before RoPE)."""
-    return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    return (self.q_proj(x, arenas_eps), self.k_proj(x, arenas_eps),
+            self.v_proj(x, arenas_eps))
 
   def __call__(self, x, positions, inv_freq, kv=None, cache_length=None,
-               qkv=None):
+               qkv=None, arenas_eps=0.0):
     """Attention of `x`, or of its projections `qkv` if they are given."""
     b, t, _ = x.shape
-    q, k, v = self.projections(x) if qkv is None else qkv
+    q, k, v = self.projections(x, arenas_eps) if qkv is None else qkv
     q = q.reshape(b, t, self.num_heads, self.head_dim)
     k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
     v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     out, new_kv = attend(q, k, v, positions, inv_freq, kv, cache_length,
                          self.attention_impl)
-    return self.o_proj(out), new_kv
+    return self.o_proj(out, arenas_eps), new_kv
 
 
 class MLP(nnx.Module):
@@ -253,8 +254,9 @@ class MLP(nnx.Module):
     self.down_proj = TernaryDense(f, h, name="down_proj", kernel_axes=out,
                                   **dense)
 
-  def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x, arenas_eps=0.0):
+    h = jax.nn.silu(self.gate_proj(x, arenas_eps)) * self.up_proj(x, arenas_eps)
+    return self.down_proj(h, arenas_eps)
 
 
 class Block(nnx.Module):
@@ -265,13 +267,16 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, positions, inv_freq, kv=None, cache_length=None, *,
-               return_qkv: bool = False):
-    """`(output, new kv)`, or `(output, (q, k, v))` with `return_qkv`."""
+               return_qkv: bool = False, arenas_eps=0.0):
+    """`(output, new kv)`, or `(output, (q, k, v))` with `return_qkv`;
+    `arenas_eps`: Sherry's Arenas ε for every projection (training only)."""
     y = self.attn_norm(x)
-    qkv = self.attn.projections(y)
-    h, new_kv = self.attn(y, positions, inv_freq, kv, cache_length, qkv=qkv)
+    qkv = self.attn.projections(y, arenas_eps)
+    h, new_kv = self.attn(y, positions, inv_freq, kv, cache_length, qkv=qkv,
+                          arenas_eps=arenas_eps)
     x = x + h
-    return x + self.mlp(self.mlp_norm(x)), qkv if return_qkv else new_kv
+    return (x + self.mlp(self.mlp_norm(x), arenas_eps),
+            qkv if return_qkv else new_kv)
 
 
 class Llama(nnx.Module):
@@ -301,7 +306,7 @@ class Llama(nnx.Module):
     return rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, scaling)
 
   def _run_layers(self, x, positions, cache: KVCache | None,
-                  capture: int | None = None):
+                  capture: int | None = None, arenas_eps=0.0):
     """`(x, new kv)` through every block; with `capture` (training only, no
     cache) `(x, (q, k, v))` of block `capture` instead: the blocks before
     and after it run as two stacks around it."""
@@ -312,11 +317,12 @@ class Llama(nnx.Module):
     def body(x, xs):
       layer_state, kv = xs
       block = nnx.merge(graphdef, layer_state)
-      return block(x, positions, inv_freq, kv, length)
+      return block(x, positions, inv_freq, kv, length, arenas_eps=arenas_eps)
 
     def captured(x, layer_state):
       block = nnx.merge(graphdef, layer_state)
-      return block(x, positions, inv_freq, return_qkv=True)
+      return block(x, positions, inv_freq, return_qkv=True,
+                   arenas_eps=arenas_eps)
 
     if self.cfg.remat != "none":
       policy = REMAT_POLICIES[self.cfg.remat]
@@ -352,28 +358,31 @@ class Llama(nnx.Module):
             else self.lm_head[...])
     return head.astype(self.cfg.compute_dtype)
 
-  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None
-                    ) -> jax.Array:
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                    *, arenas_eps=0.0) -> jax.Array:
     """Final-normed hidden states `[B, T, hidden]` (the head's input)."""
-    return self._hidden(tokens, positions)[0]
+    return self._hidden(tokens, positions, arenas_eps=arenas_eps)[0]
 
-  def hidden_states_and_qkv(self, tokens: jax.Array, layer: int
-                            ) -> tuple[jax.Array, tuple]:
+  def hidden_states_and_qkv(self, tokens: jax.Array, layer: int, *,
+                            arenas_eps=0.0) -> tuple[jax.Array, tuple]:
     """`hidden_states(tokens)` and the query, key and value projections of
     block `layer` (`Attention.projections`: before RoPE), e.g. for an
     attention-relation distillation loss."""
-    return self._hidden(tokens, None, layer % self.cfg.num_layers)
+    return self._hidden(tokens, None, layer % self.cfg.num_layers,
+                        arenas_eps=arenas_eps)
 
-  def _hidden(self, tokens, positions, capture=None):
+  def _hidden(self, tokens, positions, capture=None, arenas_eps=0.0):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.embed(tokens).astype(self.cfg.compute_dtype)
-    x, qkv = self._run_layers(x, positions, None, capture)
+    x, qkv = self._run_layers(x, positions, None, capture, arenas_eps)
     return self.final_norm(x), qkv
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None):
-    """Logits `[B, T, vocab]` in fp32."""
-    h = self.hidden_states(tokens, positions)
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               *, arenas_eps=0.0):
+    """Logits `[B, T, vocab]` in fp32. `arenas_eps` is Sherry's Arenas ε
+    (`quant.arenas_eps`; training only: 0, the default, is the model)."""
+    h = self.hidden_states(tokens, positions, arenas_eps=arenas_eps)
     return jnp.matmul(h, self.head_matrix()).astype(jnp.float32)
 
   def decode(self, tokens: jax.Array, cache: KVCache):

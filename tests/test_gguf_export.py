@@ -27,7 +27,8 @@ def _export(tmp_path, quant, hidden=256):
 @pytest.mark.parametrize("ttype", ["tq2_0", "tq1_0"])
 @pytest.mark.parametrize("quant", [
     QuantConfig("tequila", "per_channel", lam=0.05),
-    QuantConfig("tequila", "per_group", 256, lam=0.05)], ids=["channel", "g256"])
+    QuantConfig("tequila", "per_group", 256, lam=0.05),
+    QuantConfig("sherry", "per_group", 256)], ids=["channel", "g256", "sherry"])
 def test_ternary_gguf_round_trip(tmp_path, quant, ttype):
   ex = _export(tmp_path, quant)
   errors = gguf_lib.write_gguf(ex, tmp_path / "m.gguf", ternary_type=ttype)

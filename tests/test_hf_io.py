@@ -256,10 +256,9 @@ def test_pretrained_init_must_fit_the_config(hf_dir):
     build.pretrained_params(config, cfg.replace(ffn_size=512))
 
 
-def _tequila_model(tie=True):
-  cfg = tiny_model_config("tequila").replace(
-      quant=QuantConfig("tequila", group_size=64, lam=0.05),
-      tie_embeddings=tie)
+def _tequila_model(tie=True, quant=QuantConfig("tequila", group_size=64,
+                                               lam=0.05)):
+  cfg = tiny_model_config("tequila").replace(quant=quant, tie_embeddings=tie)
   m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
   state = nnx.state(m, nnx.Param)  # off init, so that C(W) is not tiny
   nnx.update(m, jax.tree.map(lambda a: a + 0.02 * jax.random.normal(
@@ -267,9 +266,14 @@ def _tequila_model(tie=True):
   return settle_codes(m)  # codes free of summation order (tests/tolerances)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_ternary_hf_export_runs_in_transformers_and_converts_back(tmp_path, tie):
-  model = _tequila_model(tie)
+@pytest.mark.parametrize("tie, quant", [
+    (True, QuantConfig("tequila", group_size=64, lam=0.05)),
+    (False, QuantConfig("tequila", group_size=64, lam=0.05)),
+    (True, QuantConfig("sherry", group_size=64))],
+    ids=["tequila-tied", "tequila-untied", "sherry"])
+def test_ternary_hf_export_runs_in_transformers_and_converts_back(tmp_path, tie,
+                                                                  quant):
+  model = _tequila_model(tie, quant)
   export = tqj.build_export(model)
   out = hf.save_ternary_hf(export, tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())

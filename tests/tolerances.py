@@ -109,14 +109,15 @@ def settle_codes(model, rounds: int = 8):
   programs (one level, α·|x_i|, in one output, which no fp32 tolerance
   covers); test models are arbitrary, so they are chosen off the
   thresholds (ties themselves are tested in test_quant). Learned scales
-  (Δ a parameter, r elementwise) need nothing. Returns `model`, updated."""
+  (Δ a parameter, r elementwise) and Sherry (codes from comparisons of |W|
+  within a block of 4: no sum) need nothing. Returns `model`, updated."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from tequila_jax import quant  # pylint: disable=g-import-not-at-top
   from tequila_jax.model import PROJECTIONS  # pylint: disable=g-import-not-at-top
   cfg = model.cfg.quant
-  if not cfg.is_ternary or cfg.learned_scale:
+  if not cfg.is_ternary or cfg.learned_scale or cfg.method == "sherry":
     return model
   state = nnx.state(model.layers, nnx.Param)
   pure = nnx.to_pure_dict(state)

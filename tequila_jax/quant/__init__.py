@@ -14,6 +14,7 @@ _MODULES = {
     "learned": ("QPARAM_NAMES", "check_qparams", "init_qparams",
                 "qparam_axes"),
     "matmul": ("quantized_matmul", "ternary_matmul"),
+    "sherry": ("arenas_eps",),
     "state": ("group_threshold_stats", "ternary_state", "threshold_stats"),
     "ternary": ("TernaryState", "dead_column_sum", "dequantize", "ternarize"),
 }
@@ -21,7 +22,7 @@ _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = [  # = sorted(_LAZY), written out for readers and linters
     "ACT_BITS", "GRANULARITIES", "LAM_MODES", "LEARNED_SCALE_METHODS",
     "METHODS", "QPARAM_NAMES", "QuantConfig", "TernaryState",
-    "check_qparams", "dead_column_sum", "dequantize", "fake_quantize_int8",
+    "arenas_eps", "check_qparams", "dead_column_sum", "dequantize", "fake_quantize_int8",
     "group_threshold_stats", "init_qparams", "qparam_axes", "quantize_int8",
     "quantized_matmul", "ternarize", "ternary_matmul", "ternary_state",
     "threshold_stats"]
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
   from tequila_jax.quant.learned import (QPARAM_NAMES, check_qparams,
                                          init_qparams, qparam_axes)
   from tequila_jax.quant.matmul import quantized_matmul, ternary_matmul
+  from tequila_jax.quant.sherry import arenas_eps
   from tequila_jax.quant.state import (group_threshold_stats, ternary_state,
                                        threshold_stats)
   from tequila_jax.quant.ternary import (TernaryState, dead_column_sum,

@@ -8,7 +8,7 @@ import dataclasses
 
 ACT_BITS = (0, 8)  # 0: activations as they are; 8: per-token absmax int8
 METHODS = ("none", "absmean", "twn", "tequila", "tequila_dynamic", "minima",
-           "lsq", "seq", "dlt")
+           "lsq", "seq", "dlt", "sherry")
 # Methods whose scale alpha is a learned parameter (LSQ, ParetoQ's SEQ,
 # TernaryLLM's DLT), initialized to max|W| of each group.
 LEARNED_SCALE_METHODS = ("lsq", "seq", "dlt")
@@ -42,6 +42,11 @@ class QuantConfig:
       ternary projection fake-quantized to int8 per token (absmax) with a
       straight-through gradient, as the CPU `int8` kernel quantizes it. Part
       of the architecture: exports record it and the packed model applies it.
+    arenas_max_eps: `sherry` only: the peak ε of the Arenas residual
+      `x·(Q + εW)` in training (`quant.arenas_eps`); 0 is Sherry without
+      Arenas (the ablation). Inference and exports always use ε = 0.
+    arenas_warmup_fraction: `sherry` only: the share of the run's steps over
+      which ε rises linearly to `arenas_max_eps` (then a cosine to 0).
     stat_dtype: `float32` (default: alpha and delta in fp32, or fp64 for fp64
       weights) or `bfloat16`, the official code's statistics on bf16 weights:
       W rounded to bf16, alpha = bf16(mean|W|) accumulated in fp32, delta =
@@ -58,6 +63,8 @@ class QuantConfig:
   lam_mode: str = "fixed"
   lam_std: float = 0.01
   act_bits: int = 0
+  arenas_max_eps: float = 1.0
+  arenas_warmup_fraction: float = 0.1
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -97,6 +104,24 @@ class QuantConfig:
                        "ternary method or act_bits=0.")
     if self.lam_std < 0:
       raise ValueError(f"lam_std must be >= 0, got {self.lam_std}.")
+    if self.method == "sherry":
+      if self.stat_dtype != "float32":
+        raise ValueError("method 'sherry' keeps the 3 largest |W| of every 4 "
+                         "in fp32 statistics: use stat_dtype='float32'.")
+      if self.granularity == "per_group" and self.group_size % 4:
+        raise ValueError(f"method 'sherry' quantizes blocks of 4 inputs: "
+                         f"group_size {self.group_size} must be a multiple "
+                         "of 4.")
+    elif (self.arenas_max_eps, self.arenas_warmup_fraction) != (1.0, 0.1):
+      raise ValueError(f"arenas_max_eps / arenas_warmup_fraction set the "
+                       f"Arenas residual of method 'sherry'; method is "
+                       f"{self.method!r}: leave them at 1.0 / 0.1.")
+    if self.arenas_max_eps < 0:
+      raise ValueError(f"arenas_max_eps must be >= 0 (0: Sherry without "
+                       f"Arenas), got {self.arenas_max_eps}.")
+    if not 0 <= self.arenas_warmup_fraction <= 1:
+      raise ValueError(f"arenas_warmup_fraction must be in [0, 1], got "
+                       f"{self.arenas_warmup_fraction}.")
     if self.learned_scale and self.stat_dtype != "float32":
       raise ValueError(f"stat_dtype={self.stat_dtype!r} reproduces the "
                        "official absmean statistics; method "
@@ -139,6 +164,10 @@ class QuantConfig:
       parts.append(f"λ={self.lam:g}")
     if self.method == "minima":
       parts.append(f"eps={self.eps:g}")
+    if self.method == "sherry":
+      parts.append(f"3:4 Arenas ε≤{self.arenas_max_eps:g} warmup "
+                   f"{self.arenas_warmup_fraction:g}"
+                   if self.arenas_max_eps else "3:4 no Arenas")
     if self.stat_dtype != "float32":
       parts.append(f"stats in {self.stat_dtype}")
     if self.act_bits:
@@ -163,6 +192,11 @@ class QuantConfig:
       raise ValueError(f"{name}: expected a 2-D [in, out] kernel, got shape "
                        f"{tuple(shape)}.")
     d_in = shape[0]
+    if self.method == "sherry" and d_in % 4:
+      raise ValueError(
+          f"{name} of shape [in={d_in}, out={shape[1]}]: method 'sherry' "
+          f"keeps 3 of every 4 inputs, so in_features must be a multiple of "
+          f"4 (got {d_in}); use another method for this layer's shape.")
     if (self.is_ternary and self.granularity == "per_group"
         and d_in % self.group_size):
       divisors = [g for g in (256, 128, 64, 32, 16) if d_in % g == 0]

@@ -10,7 +10,8 @@ over W and saves only the int8 codes:
 dQ straight through and adds λ·dc on the deadzone.) λ = 0 (`absmean`, `twn`)
 is the identity-STE baseline through the very same code. The learned-scale
 methods (`lsq`, `seq`, `dlt`) and Tequila's `v3` λ have their own custom_vjp
-in `learned.py`, followed by the same one matmul. `Q` and `c` carry
+in `learned.py`, Sherry's 3:4 kernel (with its Arenas residual) in
+`sherry.py`, each followed by the same one matmul. `Q` and `c` carry
 checkpoint names so that a remat policy can keep them (`QUANT_NAMES`).
 """
 
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from tequila_jax.quant import learned, ternary
+from tequila_jax.quant import learned, sherry, ternary
 from tequila_jax.quant.activations import fake_quantize_int8
 from tequila_jax.quant.config import QuantConfig
 
@@ -145,12 +146,14 @@ def _input_dependent(x, w, cfg):
 
 
 def quantized_matmul(x: jax.Array, w: jax.Array, cfg: QuantConfig,
-                     qparams: dict | None = None) -> jax.Array:
+                     qparams: dict | None = None, *,
+                     arenas_eps=0.0) -> jax.Array:
   """`x[..., in] @ w[in, out]` under `cfg.method`, computed in `x.dtype`;
   `qparams` holds the kernel's learned quantizer parameters, if its method
   has any (`learned.init_qparams`). With `cfg.act_bits == 8` the input is
   first fake-quantized to int8 per token (`activations`), bias paths
-  included."""
+  included. `arenas_eps` is Sherry's Arenas ε (`x·(Q + εW)`, `sherry`
+  only; 0 at inference), a float or a traced scalar."""
   cfg.check_kernel_shape(w.shape)
   if x.shape[-1] != w.shape[0]:
     raise ValueError(f"input has {x.shape[-1]} features but the kernel is "
@@ -160,6 +163,9 @@ def quantized_matmul(x: jax.Array, w: jax.Array, cfg: QuantConfig,
     x = fake_quantize_int8(x)
   if cfg.method == "none":  # the float baseline, as a bf16 nn.Dense computes
     return jnp.matmul(x, w.astype(x.dtype))
+  if cfg.method == "sherry":
+    q = sherry.arenas_kernel(w, arenas_eps, cfg, x.dtype)
+    return jnp.matmul(x, checkpoint_name(q, QUANT_NAMES[0]))
   if cfg.method in ("tequila_dynamic", "minima"):
     return _input_dependent(x, w, cfg)
   if cfg.learned_scale:

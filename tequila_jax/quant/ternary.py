@@ -90,6 +90,10 @@ def _group_threshold(wg: jax.Array, cfg: QuantConfig):
 
 
 def _static_only(cfg: QuantConfig) -> None:
+  if cfg.method == "sherry":
+    raise ValueError("method 'sherry' prunes 1 of every 4 weights before its "
+                     "scale: use quant.ternary_state / quant.threshold_stats "
+                     "(or quant.sherry).")
   if cfg.learned_scale:
     raise ValueError(
         f"method {cfg.method!r} learns its scale α: its codes and threshold "

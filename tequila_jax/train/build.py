@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tequila_jax import config_lib, diagnostics, losses, optim, sharding
+from tequila_jax import config_lib, diagnostics, losses, optim, quant, sharding
 from tequila_jax import model as model_lib
 from tequila_jax.distill import DistillConfig
 from tequila_jax.io import load
@@ -207,6 +207,17 @@ class Train:
     when distilling, else none."""
     return () if self.distill is None else (self.teacher.params,)
 
+  @property
+  def arenas_schedule(self) -> Callable | None:
+    """Sherry's Arenas ε as a function of the optimizer step over this run's
+    `train.steps` (`quant.arenas_eps`); None for every other method."""
+    q = self.model_cfg.quant
+    if q.method != "sherry":
+      return None
+    return functools.partial(
+        quant.arenas_eps, total_steps=self.config.train.steps,
+        warmup_fraction=q.arenas_warmup_fraction, max_eps=q.arenas_max_eps)
+
   def step_fn(self, full_diagnostics: bool = False):
     """The jitted, donated `train_step` (its logging-step variant if
     `full_diagnostics`) of `(state, batch, *step_args())`: over the whole
@@ -221,7 +232,8 @@ class Train:
         diag=self.diag, full_diagnostics=full_diagnostics,
         loss_chunk=t.loss_chunk, quant_config=self.model_cfg.quant,
         distill=self.distill,
-        teacher_graphdef=self.teacher.graphdef if distilling else None)
+        teacher_graphdef=self.teacher.graphdef if distilling else None,
+        arenas_schedule=self.arenas_schedule)
     teacher = (self.teacher.shardings,) if distilling else ()
     if t.parallelism == "shard_map":  # the state is replicated (validate)
       step = jax.shard_map(

@@ -29,6 +29,7 @@ def train_step(state: dict, batch: jax.Array, teacher: dict | None = None,
                quant_config=None,
                distill: distill_lib.DistillConfig | None = None,
                teacher_graphdef=None,
+               arenas_schedule: Callable | None = None,
                axis_name: str | tuple[str, ...] | None = None
                ) -> tuple[dict, dict]:
   """One optimizer step on `batch[B, T + 1]`, averaged over `micro_batches`.
@@ -43,22 +44,29 @@ def train_step(state: dict, batch: jax.Array, teacher: dict | None = None,
   not part of the state), and the metrics add its parts (`ce_loss`,
   `kd_loss`, `attention_loss`); without it, the next-token loss.
 
+  With `arenas_schedule` (Sherry), every forward of this step runs at the
+  Arenas ε `arenas_schedule(step)` (a function of the optimizer step, the
+  same for each micro-batch), which is logged as `arenas_eps`.
+
   Under `shard_map`, `batch` is this device's rows and `axis_name` the mesh
   axes they are split over: each micro-batch's loss and gradients are
   averaged over them (`lax.pmean`), so that every device applies the same
   update to its replica of the state (what GSPMD derives from shardings).
   """
   params = state["params"]
+  eps = (jnp.zeros((), jnp.float32) if arenas_schedule is None
+         else arenas_schedule(state["step"]))
+  arenas = {} if arenas_schedule is None else dict(arenas_eps=eps)
   if distill is None:
-    value_and_grad = jax.value_and_grad(
-        functools.partial(losses.next_token_loss, loss_chunk=loss_chunk))
+    value_and_grad = jax.value_and_grad(functools.partial(
+        losses.next_token_loss, loss_chunk=loss_chunk, **arenas))
 
     def loss_and_grads(params, tokens):
       loss, grads = value_and_grad(params, graphdef, tokens)
       return (loss, {}), grads
   else:
     value_and_grad = jax.value_and_grad(functools.partial(
-        distill_lib.objective, cfg=distill, loss_chunk=loss_chunk),
+        distill_lib.objective, cfg=distill, loss_chunk=loss_chunk, **arenas),
         has_aux=True)
 
     def loss_and_grads(params, tokens):
@@ -102,7 +110,7 @@ def train_step(state: dict, batch: jax.Array, teacher: dict | None = None,
   new_params = optax.apply_updates(params, updates)
   new = dict(step=state["step"] + 1, params=new_params, opt_state=opt_state)
   out = dict(loss=loss, grad_norm=optax.tree.norm(grads),
-             lr=lr_schedule(state["step"]), **parts)
+             lr=lr_schedule(state["step"]), **parts, **arenas)
   if quant_config is not None and quant_config.learned_lam:
     out.update(diagnostics.lam_metrics(new_params, quant_config))
   if diag is not None:
