@@ -717,3 +717,46 @@ def test_sparse34_refuses_codes_that_are_not_3_of_4(qat_model, tmp_path):
                      r"blocks .*\(method 'tequila' does not make 3:4 codes; "
                      r"sherry does\)"):
     tqj.export_tensors(qat_model, "sparse34")
+
+
+def test_sherry_model_exports_sparse34_and_runs_as_its_qat_forward(tmp_path):
+  """A sherry model (3:4 by construction) exports as sparse34 with its 2bit
+  export's codes, runs as its QAT forward (exact and lut, the 2bit test's
+  bound); a kept weight exactly 0 (sign(0) = 0: two zeros) is refused;
+  the CLI writes a trained sherry run at 1.25 code bits per weight."""
+  cfg = tiny_model_config("sherry")
+  model = model_lib.Llama(cfg, rngs=nnx.Rngs(5))
+  tqj.write_export(model, tmp_path / "s.tqj", packing="sparse34")
+  sparse = tqj.read_export(tmp_path / "s.tqj")
+  two = tqj.build_export(model)
+  for name in model_lib.PROJECTIONS:
+    np.testing.assert_array_equal(sparse.codes(name), two.codes(name))
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 512, (2, 24)))
+  want = np.asarray(model(tokens))
+  atol = _atol(want, cfg, 48)
+  np.testing.assert_allclose(PackedLlama(sparse, InferenceSettings("exact"))(
+      tokens), want, rtol=1e-5, atol=atol)
+  stepped, _ = decode_in_steps(PackedLlama(sparse, InferenceSettings("lut")),
+                               tokens, 20, 32)
+  np.testing.assert_allclose(stepped, want, rtol=1e-4, atol=atol)
+  state = nnx.state(model.layers, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  kernel = np.array(pure["attn"]["o_proj"]["kernel"])
+  kernel[0, :2, 7] = 0.0  # one pruned, one kept: sign(0) = 0, two zeros
+  pure["attn"]["o_proj"]["kernel"] = jnp.asarray(kernel)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model.layers, state)
+  with pytest.raises(tqj.ExportError, match=re.escape(
+      "layer 0 o_proj: 1 of 4096 blocks of 4 codes are not 3:4 (exactly one "
+      "zero), 1 in all layers")):
+    tqj.export_tensors(model, "sparse34")
+  config = config_lib.tiny("sherry")
+  config.data.cache_dir = str(tmp_path / "corpora")
+  config.train.update(steps=2, async_checkpoints=False)
+  train.run(config, tmp_path / "run", devices=jax.devices()[:1])
+  out = run_cli("export", "--checkpoint", tmp_path / "run", "--out",
+                tmp_path / "m.tqj", "--packing", "sparse34").stdout
+  assert json.loads(out[:out.index("\nwrote")])["code_bits_per_weight"] == 1.25
+  gen = run_cli("generate", "--model", tmp_path / "m.tqj", "--prompt",
+                "To be", "--max_new_tokens", "3")
+  assert gen.stdout.startswith("To be") and "3 tokens" in gen.stderr
