@@ -83,7 +83,7 @@ def _atol(want, cfg, tokens=0):
   return chain_atol(want, llama_k(cfg, tokens), llama_depth(cfg.num_layers))
 
 
-@pytest.mark.parametrize("packing", tqj.PACKINGS)
+@pytest.mark.parametrize("packing", ["2bit", "base3"])  # any codes
 def test_export_invariant_recovers_q_and_c_exactly(qat_model, tmp_path, packing):
   path = tmp_path / "m.tqj"
   report = tqj.write_export(qat_model, path, tokenizer=tokenizers.ByteTokenizer(),
@@ -441,6 +441,12 @@ def test_export_and_generate_clis(tmp_path):
                 tmp_path / "m.tqj").stdout
   assert json.loads(out[:out.index("\nwrote")])["code_bits_per_weight"] == 2.0
   assert "bits per ternary weight" in out
+  # sparse34 on a tequila run (codes not 3:4): one line, no file.
+  bad = run_cli("export", "--checkpoint", tmp_path / "run", "--out",
+                tmp_path / "s.tqj", "--packing", "sparse34", check=False)
+  assert bad.returncode == 2 and "are not 3:4" in bad.stderr.splitlines()[-1]
+  assert "--packing 2bit or base3" in bad.stderr and "Traceback" not in bad.stderr
+  assert not (tmp_path / "s.tqj").exists()
   gen = run_cli("generate", "--model", tmp_path / "m.tqj", "--prompt",
                 "To be", "--max_new_tokens", "5")
   assert gen.stdout.startswith("To be") and "5 tokens" in gen.stderr
@@ -512,3 +518,245 @@ def test_disk_full_reads_as_one_line(tmp_path):
       raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
   assert cli.message(e.value).startswith("disk full writing ")
   assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------
+# sparse34: 3:4 codes (Sherry) at 1.25 bits/weight
+# --------------------------------------------------------------------------
+
+def random_34_codes(rng, shape) -> np.ndarray:
+  """Random 3:4 codes `[..., in, out]`: per output, each block of 4 inputs
+  holds one zero at a random position and random signs elsewhere."""
+  *lead, d_in, d_out = shape
+  codes = rng.choice(np.int8([-1, 1]), size=(*lead, d_in // 4, 4, d_out))
+  zero = rng.integers(0, 4, (*lead, d_in // 4, 1, d_out))
+  np.put_along_axis(codes, zero, 0, axis=-2)
+  return codes.reshape(shape)
+
+
+def test_sparse34_layout_holds_all_32_patterns():
+  """Each of the 32 3:4 blocks (16 patterns, first nonzero +1, times a sign)
+  round-trips; the layout is the documented one (tqj docstring): nibble n
+  = z | r1 << 2 | r2 << 3 of block 2k in the low half of byte k, the sign
+  of block 8t + b in bit b of sign byte t, after the in/8 nibble rows."""
+  blocks = [tqj.SPARSE34_PATTERNS[n] * (1 - 2 * s)
+            for s in range(2) for n in range(16)]
+  assert len({tuple(b) for b in blocks}) == 32
+  assert all(np.sum(b == 0) == 1 for b in blocks)
+  codes = np.concatenate(blocks)[:, None].astype(np.int8)  # [128, 1]
+  packed = tqj.pack_sparse34(codes)
+  assert packed.shape == (128 // 8 + 128 // 32, 1)
+  np.testing.assert_array_equal(tqj.unpack_sparse34(packed), codes)
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(kernels.unpack_codes, static_argnames="packing")(
+          jnp.asarray(packed), packing="sparse34")), codes)
+  np.testing.assert_array_equal(
+      packed[:16, 0], [n | (n + 1) << 4 for n in range(0, 16, 2)] * 2)
+  np.testing.assert_array_equal(packed[16:, 0], [0, 0, 255, 255])
+  # [0, 1, -1, 1]: zero at 0, second nonzero negative -> n = 0 | 1 << 2;
+  # [0, -1, 1, -1]: the same pattern negated.
+  one = np.asarray([0, 1, -1, 1] * 7 + [0, -1, 1, -1], np.int8)[:, None]
+  got = tqj.pack_sparse34(one)
+  assert got[0, 0] == 4 | 4 << 4 and got[4, 0] == 1 << 7
+  # The kernels' pair table: entry i is the two blocks of byte i & 255
+  # with sign bits i >> 8.
+  pairs = kernels.SPARSE34_PAIRS
+  for i in (0, 17, 255, 256 + 33, 512 + 200, 1023):
+    two = np.concatenate([tqj.SPARSE34_PATTERNS[i & 15] * (1 - 2 * (i >> 8 & 1)),
+                          tqj.SPARSE34_PATTERNS[i >> 4 & 15] * (1 - 2 * (i >> 9))])
+    np.testing.assert_array_equal(pairs[i], two)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse34_round_trips_bit_exactly(shape):
+  codes = random_34_codes(np.random.default_rng(0), (2, *shape))
+  packed = tqj.pack_sparse34(codes)
+  assert packed.shape == (2, shape[0] * 5 // 32, shape[1])
+  assert 8 * packed.size / codes.size == 1.25
+  np.testing.assert_array_equal(tqj.unpack_sparse34(packed), codes)
+  np.testing.assert_array_equal(np.asarray(kernels.unpack_codes(
+      jnp.asarray(packed[1]), packing="sparse34")), codes[1])
+  np.testing.assert_array_equal(tqj.not_sparse34(codes), [0, 0])
+  codes[1, 4, 3] = 0 if codes[1, 4, 3] else 1  # a block with 2 (or 0) zeros
+  np.testing.assert_array_equal(tqj.not_sparse34(codes), [0, 1])
+  with pytest.raises(ValueError, match="1 blocks of 4 codes are not 3:4"):
+    tqj.pack_sparse34(codes)
+  with pytest.raises(ValueError, match="in % 32 == 0, got in=36"):
+    tqj.pack_sparse34(codes[:, :36])
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 13])
+@pytest.mark.parametrize("shape, groups", [
+    ((256, 37), 4), ((128, 96), 1), ((64, 5), 2), ((512, 24), 2),
+    ((384, 16), 1), ((576, 8), 1)])
+def test_sparse34_kernels_match_f32_reference(m, shape, groups):
+  """Every strategy on sparse34 bytes: `exact` and `lut` within the sum's
+  order of x @ Q + c (as for 2bit), `int8` within its activation rounding,
+  `q8k` equal to its 2bit run (the same program after unpacking)."""
+  rng = np.random.default_rng(m)
+  codes = random_34_codes(rng, shape)
+  alpha = rng.uniform(0.5, 2.0, (groups, shape[1])).astype(np.float32)
+  c = rng.normal(size=shape[1]).astype(np.float32)
+  x = rng.normal(size=(m, shape[0])).astype(np.float32)
+  q = (codes.reshape(groups, -1, shape[1]) * alpha[:, None]).reshape(shape)
+  want = x.astype(np.float64) @ q + c
+  # As for 2bit; lut's table adds each pair's 8 terms first (same count).
+  tol = sum_order_bound(np.abs(x) @ np.abs(q) + np.abs(c),
+                        shape[0] + groups + 1)
+  packed = jnp.asarray(tqj.pack_sparse34(codes))
+  args = (jnp.asarray(x), packed, jnp.asarray(alpha), jnp.asarray(c))
+  run = lambda strategy, **kw: np.asarray(kernels.ternary_linear(  # noqa: E731
+      *args, strategy, packing="sparse34", **kw))
+  for strategy in ("exact", "lut"):
+    assert_within(run(strategy), want, tol, strategy)
+  assert_within(run("lut", lut=kernels.lut34_layout(packed, groups)), want,
+                tol, "lut, held layout")
+  got = run("int8")
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3e-2
+  two_bit = jnp.asarray(tqj.pack_2bit(codes))
+  for strategy in ("int8", "q8k")[:1 + (shape[0] % 256 == 0)]:  # Q8_K: 256
+    np.testing.assert_array_equal(run(strategy), kernels.ternary_linear(
+        args[0], two_bit, *args[2:], strategy))
+  with pytest.raises(ValueError, match="packing 'base3': the kernels read"):
+    kernels.ternary_linear(*args, "exact", packing="base3")
+
+
+def sparse34_model(method: str = "tequila", seed: int = 0):
+  """A tiny model whose every projection quantizes to 3:4 codes: per output,
+  in each block of 4 inputs one weight near 0 and three of |W| in [1, 2]
+  (x 0.02), far from the threshold 0.5·mean|W| ~ 0.56 (x 0.02) in any
+  summation order."""
+  cfg = tiny_model_config(method)
+  m = model_lib.Llama(cfg, rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  state = nnx.state(m.layers, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  for name, group in model_lib.PROJECTIONS.items():
+    w = pure[group][name]["kernel"]
+    codes = random_34_codes(rng, w.shape)
+    mag = np.where(codes == 0, 0.01, rng.uniform(1.0, 2.0, w.shape))
+    pure[group][name]["kernel"] = jnp.asarray(0.02 * codes * mag + 0.02 * (
+        codes == 0) * 0.01 * rng.choice([-1, 1], w.shape), jnp.float32)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(m.layers, state)
+  return m
+
+
+def test_sparse34_export_equals_qat_forward_and_2bit(tmp_path):
+  """A model whose codes are 3:4 exports as sparse34 at 1.25 code bits per
+  weight, with the 2bit export's codes, alpha and c; PackedLlama runs it in
+  every strategy with the 2bit export's logits (exact and lut: the QAT
+  forward's, to the bound of the 2bit test)."""
+  model = sparse34_model()
+  cfg = model.cfg
+  report = tqj.write_export(model, tmp_path / "s.tqj", packing="sparse34")
+  assert report["code_bits_per_weight"] == 1.25
+  tqj.write_export(model, tmp_path / "b.tqj")
+  sparse, two = tqj.read_export(tmp_path / "s.tqj"), tqj.read_export(
+      tmp_path / "b.tqj")
+  assert sparse.packing == "sparse34"
+  for name in model_lib.PROJECTIONS:
+    np.testing.assert_array_equal(sparse.codes(name), two.codes(name))
+    assert not tqj.not_sparse34(sparse.codes(name)).any()
+    for key in ("alpha", "c"):
+      np.testing.assert_array_equal(sparse.tensors[f"layers.{name}.{key}"],
+                                    two.tensors[f"layers.{name}.{key}"])
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 512, (2, 24)))
+  want = np.asarray(model(tokens))
+  atol = _atol(want, cfg, 48)
+  exact = PackedLlama(sparse, InferenceSettings("exact"))
+  got = np.asarray(exact(tokens))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+  np.testing.assert_array_equal(  # unpacked in-program: the same program
+      got, PackedLlama(two, InferenceSettings("exact"))(tokens))
+  lut = PackedLlama(sparse, InferenceSettings("lut"))
+  stepped, _ = decode_in_steps(lut, tokens, 20, 32)
+  np.testing.assert_allclose(stepped, want, rtol=1e-4, atol=atol)
+  for strategy in ("int8", "auto"):  # (q8k needs widths of 256: kernels)
+    np.testing.assert_array_equal(
+        PackedLlama(sparse, InferenceSettings(strategy))(tokens),
+        PackedLlama(two, InferenceSettings(strategy))(tokens), strategy)
+  # lut holds the sparse34 bytes (1.25 bits) + fp32 alpha per 64 + c.
+  held = lut.memory()
+  extra = held["bits_per_ternary_weight"] - 1.25
+  assert 0.5 + 32 / 256 < extra < 0.5 + 32 / 128, held
+  assert held["bits_per_ternary_weight_all_held"] == held[
+      "bits_per_ternary_weight"]
+
+
+def test_sparse34_refuses_codes_that_are_not_3_of_4(qat_model, tmp_path):
+  """Codes with a block of 0 or >= 2 zeros (a kept weight exactly 0, sign(0)
+  = 0) are refused in one line naming the layer and the count, suggesting
+  the packings that hold them; nothing is written. 2bit and base3 hold
+  such a model exactly."""
+  model = sparse34_model()
+  state = nnx.state(model.layers, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  kernel = np.array(pure["mlp"]["up_proj"]["kernel"])
+  layer1 = kernel[1]
+  i = int(np.flatnonzero(np.abs(layer1[:4, 5]) > 0.01)[0])
+  kernel[1, i, 5] = 0.0  # a kept weight exactly 0: two zeros in its block
+  pure["mlp"]["up_proj"]["kernel"] = jnp.asarray(kernel)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model.layers, state)
+  blocks = 128 * 256 // 4
+  with pytest.raises(tqj.ExportError, match=re.escape(
+      f"layer 1 up_proj: 1 of {blocks} blocks of 4 codes are not 3:4 "
+      "(exactly one zero) (method 'tequila' does not make 3:4 codes; sherry "
+      "does), 1 in all layers; sparse34 cannot hold them: use "
+      "--packing 2bit or base3, which hold any codes exactly.")) as e:
+    tqj.write_export(model, tmp_path / "x.tqj", packing="sparse34")
+  assert "\n" not in str(e.value)
+  assert not list(tmp_path.iterdir())
+  for packing in ("2bit", "base3"):
+    tqj.write_export(model, tmp_path / f"{packing}.tqj", packing=packing)
+    assert (tqj.read_export(tmp_path / f"{packing}.tqj").codes("up_proj")[
+        1, :4, 5] == 0).sum() == 2
+  # A method that does not make 3:4 codes is named as the reason.
+  with pytest.raises(tqj.ExportError, match=r"layer 0 q_proj: \d+ of 4096 "
+                     r"blocks .*\(method 'tequila' does not make 3:4 codes; "
+                     r"sherry does\)"):
+    tqj.export_tensors(qat_model, "sparse34")
+
+
+def test_sherry_model_exports_sparse34_and_runs_as_its_qat_forward(tmp_path):
+  """A sherry model (3:4 by construction) exports as sparse34 with its 2bit
+  export's codes, runs as its QAT forward (exact and lut, the 2bit test's
+  bound); a kept weight exactly 0 (sign(0) = 0: two zeros) is refused;
+  the CLI writes a trained sherry run at 1.25 code bits per weight."""
+  cfg = tiny_model_config("sherry")
+  model = model_lib.Llama(cfg, rngs=nnx.Rngs(5))
+  tqj.write_export(model, tmp_path / "s.tqj", packing="sparse34")
+  sparse = tqj.read_export(tmp_path / "s.tqj")
+  two = tqj.build_export(model)
+  for name in model_lib.PROJECTIONS:
+    np.testing.assert_array_equal(sparse.codes(name), two.codes(name))
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 512, (2, 24)))
+  want = np.asarray(model(tokens))
+  atol = _atol(want, cfg, 48)
+  np.testing.assert_allclose(PackedLlama(sparse, InferenceSettings("exact"))(
+      tokens), want, rtol=1e-5, atol=atol)
+  stepped, _ = decode_in_steps(PackedLlama(sparse, InferenceSettings("lut")),
+                               tokens, 20, 32)
+  np.testing.assert_allclose(stepped, want, rtol=1e-4, atol=atol)
+  state = nnx.state(model.layers, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  kernel = np.array(pure["attn"]["o_proj"]["kernel"])
+  kernel[0, :2, 7] = 0.0  # one pruned, one kept: sign(0) = 0, two zeros
+  pure["attn"]["o_proj"]["kernel"] = jnp.asarray(kernel)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model.layers, state)
+  with pytest.raises(tqj.ExportError, match=re.escape(
+      "layer 0 o_proj: 1 of 4096 blocks of 4 codes are not 3:4 (exactly one "
+      "zero), 1 in all layers")):
+    tqj.export_tensors(model, "sparse34")
+  config = config_lib.tiny("sherry")
+  config.data.cache_dir = str(tmp_path / "corpora")
+  config.train.update(steps=2, async_checkpoints=False)
+  train.run(config, tmp_path / "run", devices=jax.devices()[:1])
+  out = run_cli("export", "--checkpoint", tmp_path / "run", "--out",
+                tmp_path / "m.tqj", "--packing", "sparse34").stdout
+  assert json.loads(out[:out.index("\nwrote")])["code_bits_per_weight"] == 1.25
+  gen = run_cli("generate", "--model", tmp_path / "m.tqj", "--prompt",
+                "To be", "--max_new_tokens", "3")
+  assert gen.stdout.startswith("To be") and "3 tokens" in gen.stderr

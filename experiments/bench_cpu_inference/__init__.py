@@ -18,7 +18,10 @@ our bf16 DenseLlama), decode at 128, 1,024 and 4,096 positions (and ours
 alone). Part 5: where a decode step's time goes, per op, beside each op's
 bandwidth floor. Part 6: what PackedLlama holds per layout, strategy,
 embedding and alpha dtype. Part 7: a decode step with a bf16 KV cache
-against fp32 at 128, 1,024 and 4,096 positions. Writes `results.json` and
+against fp32 at 128, 1,024 and 4,096 positions. Part 8 (only with
+`--sparse34_rounds N`): the `sparse34` packing against `2bit` on the same
+random 3:4 codes: memory held, decode step and prefill, round robin.
+Writes `results.json` and
 `results.md` to `--out`. Set GLIBC_TUNABLES (e.g.
 glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:
 glibc.malloc.trim_threshold=2000000000) yourself if wanted; the value in

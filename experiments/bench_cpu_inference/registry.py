@@ -13,7 +13,7 @@ import dataclasses
 from typing import Callable
 
 from experiments.bench_cpu_inference import (capacity, decode, kv_cache,
-                                             layers, memory, ops,
+                                             layers, memory, ops, sparse34,
                                              versus_llama_cpp)
 
 
@@ -45,8 +45,9 @@ PARTS = {
     "ops": _part(ops),
     "memory": _part(memory),
     "kv_cache": _part(kv_cache),
+    "sparse34": _part(sparse34),
     "llama_cpp": _part(versus_llama_cpp, notes=versus_llama_cpp.notes),
 }
 # The tables' order in results.md.
 TABLE_ORDER = ("layers", "decode", "capacity", "llama_cpp", "ops",
-               "kv_cache", "memory")
+               "kv_cache", "memory", "sparse34")

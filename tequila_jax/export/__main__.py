@@ -27,8 +27,9 @@ flags.DEFINE_string("hf_out", "", "Also write a Hugging Face LLaMA directory "
                     "(Q as weights, C(W) as biases).")
 flags.DEFINE_enum("hf_dtype", "float32", ["float32", "bfloat16", "float16"],
                   "Dtype of the Hugging Face directory's tensors.")
-flags.DEFINE_enum("packing", "2bit", tqj.PACKINGS, "Code packing: 2 bits or "
-                  "base 3 (1.6 bits) per weight.")
+flags.DEFINE_enum("packing", "2bit", tqj.PACKINGS, "Code packing: 2 bits, "
+                  "base 3 (1.6 bits) or, for 3:4 codes (sherry), sparse34 "
+                  "(1.25 bits) per weight.")
 flags.DEFINE_enum("float_dtype", "float32", list(tqj.FLOAT_DTYPES),
                   "Dtype of the float tensors (embeddings, norms, head).")
 flags.DEFINE_integer("step", None, "Checkpoint step of a workdir "

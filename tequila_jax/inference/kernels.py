@@ -49,14 +49,29 @@ _BYTE_CODES = tqj.unpack_2bit(np.arange(256, dtype=np.uint8)[None]).T.astype(
     np.float32)
 
 
-def unpack_codes(packed: jax.Array, dtype=jnp.int8) -> jax.Array:
-  """uint8 `[in/4, out]` -> codes `[in, out]` in {-1, 0, 1}
-  (`tqj.unpack_2bit`)."""
+# SPARSE34_PAIRS[i] = the 8 codes of two sparse34 blocks (inputs 8k..8k+7)
+# whose pattern byte and sign bits are i = byte | s_lo << 8 | s_hi << 9.
+_INDEX = np.arange(1024)
+SPARSE34_PAIRS = np.concatenate(
+    [tqj.SPARSE34_PATTERNS[_INDEX & 15] * (1 - 2 * (_INDEX >> 8 & 1))[:, None],
+     tqj.SPARSE34_PATTERNS[_INDEX >> 4 & 15] * (1 - 2 * (_INDEX >> 9))[:, None]],
+    axis=1).astype(np.float32)
+
+
+KERNEL_PACKINGS = ("2bit", "sparse34")  # what the kernels read (base3: repack)
+
+
+def unpack_codes(packed: jax.Array, dtype=jnp.int8,
+                 packing: str = "2bit") -> jax.Array:
+  """uint8 `[in/4, out]` (`2bit`) or `[in/8 + in/32, out]` (`sparse34`) ->
+  codes `[in, out]` in {-1, 0, 1} (`tqj.unpack_2bit`, `unpack_sparse34`)."""
+  if packing == "sparse34":
+    return tqj.unpack_sparse34(packed, jnp).astype(dtype)
   return tqj.unpack_2bit(packed, jnp).astype(dtype)
 
 
-def _exact(x, packed, alpha, c):
-  codes = unpack_codes(packed, jnp.float32)
+def _exact(x, packed, alpha, c, packing="2bit"):
+  codes = unpack_codes(packed, jnp.float32, packing)
   d_in, d_out = codes.shape
   groups = alpha.shape[0]
   q = (codes.reshape(groups, d_in // groups, d_out) * alpha[:, None, :]
@@ -94,11 +109,18 @@ def _lut_one(x, lut_bytes, alpha, c):
   row = jnp.arange(blocks * per_block, dtype=jnp.int32).reshape(blocks, 1, -1)
   flat = lut_bytes.astype(jnp.int32) + row * 256
   partial = table.reshape(-1).at[flat].get(mode="promise_in_bounds")
+  return _block_sums(partial, alpha, c)
+
+
+def _block_sums(partial, alpha, c):
+  """`[blocks, out, k]` gathered partial sums -> `[out]`: summed per block,
+  per group, scaled by alpha, summed over groups, plus c."""
   # Pairwise halving: XLA:CPU emits independent adds, not one serial chain.
   while partial.shape[-1] > 4 and partial.shape[-1] % 2 == 0:
     half = partial.shape[-1] // 2
     partial = partial[..., :half] + partial[..., half:]
   partial = partial.sum(axis=-1)  # [blocks, out]
+  blocks = partial.shape[0]
   # Sums over blocks as reduce-windows, which XLA:CPU does not fuse with the
   # gathers above; fused, the whole kernel becomes one slow loop (1.5x).
   groups = alpha.shape[0]
@@ -111,6 +133,56 @@ def _lut_one(x, lut_bytes, alpha, c):
   partial_sums = jax.lax.reduce_window(scaled, 0.0, jax.lax.add,
                                        (window, 1), (window, 1))
   return partial_sums.sum(axis=0) + c
+
+
+# The `sparse34` `lut` kernel's block (inputs per pass): its table holds
+# 1024 fp32 entries per 8 inputs, so 64 inputs are 32 KiB (one core's L1).
+LUT34_BLOCK = 64
+
+
+def lut34_block(d_in: int, groups: int) -> int:
+  """Inputs per sparse34 `lut` block: gcd(group size, LUT34_BLOCK), a
+  multiple of 32 (one sign byte)."""
+  size = d_in // groups if d_in % groups == 0 else 0
+  block = int(np.gcd(size, LUT34_BLOCK))
+  if size == 0 or block % tqj.SPARSE34_ROWS:
+    raise ValueError(f"{d_in} inputs in {groups} groups: sparse34's `lut` "
+                     f"needs a group size that is a multiple of "
+                     f"{tqj.SPARSE34_ROWS}; use strategy exact or int8.")
+  return block
+
+
+def lut34_layout(packed: jax.Array, groups: int) -> jax.Array:
+  """sparse34 bytes `[in/8 + in/32, out]` -> the `lut` kernel's order
+  `[blocks, out, block/8 + block/32]`: per block and column, its pattern
+  bytes then its sign bytes, contiguous. Same bytes, reordered."""
+  rows, d_out = packed.shape
+  d_in = rows * 32 // 5
+  block = lut34_block(d_in, groups)
+  nib = packed[:d_in // 8].reshape(d_in // block, block // 8, d_out)
+  sgn = packed[d_in // 8:].reshape(d_in // block, block // 32, d_out)
+  return jnp.concatenate([nib, sgn], axis=1).transpose(0, 2, 1)
+
+
+def _lut34_one(x, lut_bytes, alpha, c):
+  """x `[in]` -> `[out]` by table lookup over sparse34 bytes in
+  `lut34_layout` order: one gather per pattern byte (8 inputs) from a
+  1024-entry table per 8 inputs, indexed by the byte and its blocks' two
+  sign bits. The table is one dot (`SPARSE34_PAIRS`): built elementwise
+  from two 16-entry tables, XLA:CPU fuses it into the gather loop (2.5x
+  slower)."""
+  blocks, _, width = lut_bytes.shape
+  per_block = width * 4 // 5  # pattern bytes per block; then its sign bytes
+  table = x.reshape(-1, 8) @ jnp.asarray(SPARSE34_PAIRS).T  # [in/8, 1024]
+  nib = lut_bytes[..., :per_block].astype(jnp.int32)
+  sgn = lut_bytes[..., per_block:].astype(jnp.int32)
+  # Pattern byte 4t + q's sign bits: bits 2q, 2q + 1 of sign byte t.
+  pair_signs = ((sgn[..., None] >> jnp.asarray([0, 2, 4, 6])) & 3
+                ).reshape(nib.shape)
+  row = jnp.arange(blocks * per_block, dtype=jnp.int32).reshape(blocks, 1, -1)
+  flat = nib + pair_signs * 256 + row * 1024
+  partial = table.reshape(-1).at[flat].get(mode="promise_in_bounds")
+  return _block_sums(partial, alpha, c)
 
 
 def _two_rows(x):
@@ -187,7 +259,7 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
                    codes: jax.Array | None = None,
                    lut: jax.Array | None = None,
                    gamma: jax.Array | None = None,
-                   act_bits: int = 0) -> jax.Array:
+                   act_bits: int = 0, packing: str = "2bit") -> jax.Array:
   """`x[..., in] @ Q + c` from packed codes `[in/4, out]`, in fp32; with
   DLT's per-group offset `gamma [groups, out]` (Q = codes · alpha + γ),
   y_j also gains Σ_g γ_gj · Σ_{i∈g} x_i (a `[groups]`-deep dot). With
@@ -198,8 +270,13 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
   `int8` strategy and `lut` (= `lut_layout(packed, groups)`) the `lut`
   strategy; each is derived
   on the fly when not given (`packed` may then be None). `alpha` may be held
-  in fp16 (half the bytes); it is widened to fp32 here.
+  in fp16 (half the bytes); it is widened to fp32 here. `packing="sparse34"`:
+  `packed` holds sparse34 bytes `[in/8 + in/32, out]` and `lut` their
+  `lut34_layout`.
   """
+  if packing not in KERNEL_PACKINGS:
+    raise ValueError(f"packing {packing!r}: the kernels read "
+                     f"{KERNEL_PACKINGS}; repack the codes with tqj.pack.")
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   alpha = alpha.astype(jnp.float32)
@@ -207,19 +284,22 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
   if strategy == "auto":
     strategy = "lut" if m < 8 else "int8"
   xq = fake_quantize_int8(x2) if act_bits == 8 else x2
+  sparse = packing == "sparse34"
   if strategy == "exact":
-    y = _exact(xq, packed, alpha, c)
+    y = _exact(xq, packed, alpha, c, packing)
   elif strategy == "lut":
     if lut is None:
-      lut = lut_layout(packed, alpha.shape[0])
-    y = jax.vmap(lambda r: _lut_one(r, lut, alpha, c))(xq)
+      lut = (lut34_layout if sparse else lut_layout)(packed, alpha.shape[0])
+    one = _lut34_one if sparse else _lut_one
+    y = jax.vmap(lambda r: one(r, lut, alpha, c))(xq)
   elif strategy == "int8":
     if codes is None:
-      codes = int8_layout(unpack_codes(packed), alpha.shape[0])
+      codes = int8_layout(unpack_codes(packed, packing=packing),
+                          alpha.shape[0])
     y = _int8(x2, codes, alpha, c)
   elif strategy == "q8k":
     alpha16 = alpha.astype(jnp.float16).astype(jnp.float32)
-    y = _exact(q8k_activations(x2), packed, alpha16, c)
+    y = _exact(q8k_activations(x2), packed, alpha16, c, packing)
   else:
     raise ValueError(f"strategy {strategy!r}: choose one of {STRATEGIES}.")
   if gamma is not None:

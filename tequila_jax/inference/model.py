@@ -3,7 +3,8 @@ packed `.tqj` export, and `DenseLlama`, the same decode loop over float
 weights (the baseline the ternary model is measured against).
 
 `PackedLlama(export, InferenceSettings(...))` holds, per strategy: `lut`
-the 2-bit bytes reordered for table lookup (`kernels.lut_layout`); `int8`
+the 2-bit (or `sparse34`) bytes reordered for table lookup
+(`kernels.lut_layout`, `lut34_layout`); `int8`
 the codes unpacked to int8 (1 byte/weight, `kernels.int8_layout`); `auto`
 both; `exact` / `q8k` the packing as exported.
 Projections that read the same input (q/k/v, gate/up) are concatenated at
@@ -28,14 +29,15 @@ from flax import nnx
 from tequila_jax.inference.cache import PackedKVCache
 from tequila_jax.inference.kernels import (CPU_COMPILER_OPTIONS, dense,
                                            int8_dense, int8_layout,
-                                           lut_layout, quantize_int8,
+                                           lut34_layout, lut_layout,
+                                           quantize_int8,
                                            ternary_linear)
 from tequila_jax.inference.settings import (KV_DTYPES, InferenceSettings,
                                             check_choice)
 from tequila_jax.io import tqj as export_lib
 from tequila_jax.layers import (apply_rope, attend_cache, rms_norm,
                                 rope_frequencies)
-from tequila_jax.model import PROJECTIONS, ModelConfig
+from tequila_jax.model import PROJECTIONS, ModelConfig, projection_dims
 
 # Attention reads the cache's filled prefix rounded up to a power of two of at
 # least this many positions (a compilation per size).
@@ -164,13 +166,14 @@ class PackedLlama(_Decoder):
     cat = lambda key, parts: np.concatenate(  # noqa: E731
         [t[f"layers.{p}.{key}"] for p in parts], axis=-1)
     int8_codes = strategy in ("int8", "auto")  # for batched calls
+    # The kernels read 2bit and sparse34; base3 is repacked to 2bit.
+    self.packing = "sparse34" if export.packing == "sparse34" else "2bit"
     layers = {}
     for name, parts in _FUSED.items():
       codes = (np.concatenate([export.codes(p) for p in parts], axis=-1)
-               if int8_codes or export.packing != "2bit" else None)
-      # The kernels read 2bit; base3 is repacked from the codes.
-      packed = (cat("codes", parts) if export.packing == "2bit"
-                else export_lib.pack_2bit(codes))
+               if int8_codes or export.packing == "base3" else None)
+      packed = (export_lib.pack_2bit(codes) if export.packing == "base3"
+                else cat("codes", parts))  # outputs concatenate: same rows
       layer = layers[name] = {
           "alpha": jnp.asarray(cat("alpha", parts), settings.alpha_dtype),
           "c": jnp.asarray(cat("c", parts), jnp.float32)}
@@ -181,8 +184,9 @@ class PackedLlama(_Decoder):
         layer["codes"] = jax.vmap(functools.partial(
             int8_layout, groups=groups))(jnp.asarray(codes))
       if strategy in ("lut", "auto"):
+        layout = lut34_layout if self.packing == "sparse34" else lut_layout
         layer["lut"] = jax.vmap(functools.partial(
-            lut_layout, groups=groups))(jnp.asarray(packed))
+            layout, groups=groups))(jnp.asarray(packed))
       if strategy in ("exact", "q8k"):  # `lut` / `codes` replace the packing
         layer["packed"] = jnp.asarray(packed)
     self.params = _float_params(t, layers, t["embed"].dtype)
@@ -202,24 +206,21 @@ class PackedLlama(_Decoder):
 
   def memory(self) -> dict:
     """Bytes held, by part (a tied head counts once): `ternary` (the
-    projections' codes in every form held: `lut` / `packed` bytes, `codes`
-    int8, plus alpha and c), `embed_head`, `other` (norms); and
-    `bits_per_ternary_weight` for the form one token reads (`lut`/`packed`
-    or, for `int8` alone, the codes; alpha, c) and with everything the
-    strategy holds."""
-    n_weights, decode_bytes, all_bytes = 0, 0, 0
+    projections' codes in every form held: `lut` / `packed` bytes (2bit or
+    sparse34), `codes` int8, plus alpha and c), `embed_head`, `other`
+    (norms); and `bits_per_ternary_weight` for the form one token reads
+    (`lut`/`packed` or, for `int8` alone, the codes; alpha, c) and with
+    everything the strategy holds."""
+    n_weights = self.cfg.num_layers * sum(
+        int(np.prod(projection_dims(self.cfg, p))) for p in PROJECTIONS)
+    decode_bytes, all_bytes = 0, 0
     for layer in self.params["layers"]:
       for entry in layer.values():
-        d_in = (entry["codes"].shape[0] * entry["codes"].shape[2]
-                if "codes" in entry else
-                4 * (entry["lut"].shape[0] * entry["lut"].shape[2]
-                     if "lut" in entry else entry["packed"].shape[0]))
-        n_weights += d_in * entry["c"].shape[-1]
         held = {k: v.nbytes for k, v in entry.items()}
         all_bytes += sum(held.values())
-        two_bit = "lut" in entry or "packed" in entry
+        packed = "lut" in entry or "packed" in entry
         decode_bytes += sum(v for k, v in held.items()
-                            if k != "codes" or not two_bit)
+                            if k != "codes" or not packed)
     embed_head = {id(a): a.nbytes for a in jax.tree.leaves(
         [self.params["embed"], self.params["head_t"]])}
     other = sum(self.params[k].nbytes
@@ -235,7 +236,7 @@ class PackedLlama(_Decoder):
     return ternary_linear(h, entry.get("packed"), entry["alpha"], entry["c"],
                           self.settings.strategy, entry.get("codes"),
                           entry.get("lut"), entry.get("gamma"),
-                          self.cfg.quant.act_bits)
+                          self.cfg.quant.act_bits, self.packing)
 
 
 class DenseLlama(_Decoder):

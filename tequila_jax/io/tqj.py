@@ -22,9 +22,27 @@ are packed along the input axis:
 - `base3` (1.6 bits/weight): byte `[k, j]` holds inputs 5k..5k+4 as
   `u0 + 3 u1 + 9 u2 + 27 u3 + 81 u4`; the input axis is padded with code 0 to
   a multiple of 5 and cut back on unpacking.
+- `sparse34` (1.25 bits/weight; 3:4 codes only, e.g. Sherry's: every block
+  of 4 consecutive inputs of a column holds exactly one zero, in % 32 == 0).
+  A block is 5 bits: a pattern n (4 bits) and a sign s (1 bit), the paper's
+  mirror symmetry (32 blocks = 16 patterns x a global sign flip):
+  n = z | r1 << 2 | r2 << 3, z the zero's position, r1 / r2 set when the
+  second / third nonzero differs in sign from the first; s = 1 when the
+  first nonzero is -1 (`SPARSE34_PATTERNS[n]` is the block with s = 0).
+  Stored as two power-of-two planes, rows concatenated: first in/8 pattern
+  rows, byte `[k, j]` = `n(block 2k) | n(block 2k+1) << 4`, then in/32 sign
+  rows, bit b of byte `[in/8 + t, j]` = s(block 8t + b). Why planes, not
+  5-bit fields: every field is byte-aligned, so XLA unpacks with shifts and
+  masks, and a pattern byte with its two sign bits (bits 2q, 2q+1 of sign
+  byte k // 4, q = k % 4) is a 10-bit index into a 1024-entry table of 8
+  inputs' partial sums, which the `lut` kernel gathers from (one gather per
+  8 inputs). Blocks that are not 3:4 (a kept weight exactly 0 gives two
+  zeros) are refused on export, naming the layer and the count: `2bit` and
+  `base3` hold any codes. The check is on the codes, not the method: any
+  model whose codes happen to be 3:4 packs.
 
-Tensors (stacked over blocks): `layers.P.codes` uint8 `[L, in/4 or ceil(in/5),
-out]`, `layers.P.alpha` fp32 `[L, groups, out]` (one group for per-channel
+Tensors (stacked over blocks): `layers.P.codes` uint8 `[L, in/4, ceil(in/5)
+or in/8 + in/32, out]`, `layers.P.alpha` fp32 `[L, groups, out]` (one group for per-channel
 and per-tensor scales, repeated across outputs), `layers.P.gamma` (DLT only,
 like alpha), `layers.P.c` fp32 `[L, out]`,
 `layers.attn_norm` / `layers.mlp_norm` `[L, hidden]`, `embed` `[vocab,
@@ -76,7 +94,7 @@ VERSION = "4"
 # none of them and load at their defaults.
 READABLE = ("1", "2", "3", "4")
 HEADER_CHECKSUM = "header_checksum"  # the metadata entry that covers the rest
-PACKINGS = ("2bit", "base3")
+PACKINGS = ("2bit", "base3", "sparse34")
 FLOAT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                 "float16": np.float16}
 
@@ -137,9 +155,92 @@ def unpack_base3(packed: np.ndarray, d_in: int) -> np.ndarray:
   return out[..., :d_in, :]
 
 
+# The `sparse34` layout (module docstring). A 3:4 block is its zero's
+# position z and the signs of its three nonzeros; 16 patterns with the first
+# nonzero +1, times a sign. SPARSE34_PATTERNS[n] is pattern n = z | r1 << 2 |
+# r2 << 3 (r: the second / third nonzero is negative); s = 1 negates it.
+SPARSE34_PATTERNS = np.asarray(
+    [np.insert([1, 1 - 2 * ((n >> 2) & 1), 1 - 2 * (n >> 3)], n & 3, 0)
+     for n in range(16)], np.int8)
+# The 5-bit field `n | s << 4` of each 4-code block by its base-3 key
+# sum_j (code_j + 1) 3^j; 255 for the 49 blocks that are not 3:4.
+_SPARSE34_FIELD = np.full(81, 255, np.uint8)
+for _n in range(16):
+  for _s in range(2):
+    _SPARSE34_FIELD[np.dot(SPARSE34_PATTERNS[_n] * (1 - 2 * _s) + 1,
+                           [1, 3, 9, 27])] = _n | _s << 4
+SPARSE34_ROWS = 32  # inputs per sign byte: `in` must be a multiple of it
+
+
+def sparse34_rows(d_in: int) -> int:
+  """Rows of a `sparse34` codes tensor for `d_in` inputs: in/8 + in/32."""
+  return d_in // 8 + d_in // 32
+
+
+def not_sparse34(codes: np.ndarray) -> np.ndarray:
+  """Blocks of 4 consecutive inputs (per output) that do not hold exactly
+  one zero, counted per leading index (`codes [..., in, out]` ->
+  `[...]`)."""
+  c = np.asarray(codes)
+  blocks = c.reshape(*c.shape[:-2], c.shape[-2] // 4, 4, c.shape[-1])
+  return np.sum(np.sum(blocks == 0, axis=-2) != 1, axis=(-2, -1))
+
+
+def pack_sparse34(codes: np.ndarray) -> np.ndarray:
+  """3:4 int8 codes `[..., in, out]` (in % 32 == 0) -> uint8
+  `[..., in/8 + in/32, out]`: the pattern nibbles, then the sign bits."""
+  c = np.asarray(codes, np.int16)
+  d_in = c.shape[-2]
+  if d_in % SPARSE34_ROWS:
+    raise ValueError(f"sparse34 packing needs in % {SPARSE34_ROWS} == 0, got "
+                     f"in={d_in}; use --packing 2bit or base3.")
+  blocks = (c + 1).reshape(*c.shape[:-2], d_in // 4, 4, c.shape[-1])
+  field = _SPARSE34_FIELD[np.sum(blocks * np.asarray([1, 3, 9, 27])[:, None],
+                                 axis=-2)]  # [..., in/4, out]
+  if (field == 255).any():
+    raise ValueError(f"{int((field == 255).sum())} blocks of 4 codes are not "
+                     "3:4 (exactly one zero); sparse34 cannot hold them.")
+  pairs = field.reshape(*field.shape[:-2], d_in // 8, 2, field.shape[-1]) & 15
+  nibbles = pairs[..., 0, :] | pairs[..., 1, :] << 4
+  signs = (field >> 4).reshape(*field.shape[:-2], d_in // 32, 8,
+                               field.shape[-1])
+  signs = np.bitwise_or.reduce(signs << np.arange(8, dtype=np.uint8)[:, None],
+                               axis=-2)
+  return np.concatenate([nibbles, signs], axis=-2).astype(np.uint8)
+
+
+def unpack_sparse34(packed, xp=np):
+  """uint8 `[..., in/8 + in/32, out]` -> int8 codes `[..., in, out]`.
+  `xp=jax.numpy` unpacks a jax array (traceable under jit)."""
+  p = xp.asarray(packed, xp.uint8)
+  d_in = p.shape[-2] * 32 // 5
+  nib, sgn = p[..., :d_in // 8, :], p[..., d_in // 8:, :]
+  index = xp.stack([nib & 15, nib >> 4], axis=-2)  # [..., in/8, 2, out]
+  index = index.reshape(*p.shape[:-2], d_in // 4, p.shape[-1])
+  bits = (sgn[..., :, None, :] >> xp.arange(8, dtype=xp.uint8)[:, None]) & 1
+  sign = 1 - 2 * bits.reshape(index.shape).astype(xp.int8)
+  codes = xp.asarray(SPARSE34_PATTERNS)[index.astype(xp.int32)] * sign[..., None]
+  codes = xp.swapaxes(codes, -1, -2)  # [..., in/4, 4, out]
+  return codes.reshape(*p.shape[:-2], d_in, p.shape[-1]).astype(xp.int8)
+
+
+def pack(codes: np.ndarray, packing: str) -> np.ndarray:
+  """int8 codes `[..., in, out]` -> the `packing`'s uint8 tensor."""
+  return {"2bit": pack_2bit, "base3": pack_base3,
+          "sparse34": pack_sparse34}[packing](codes)
+
+
+def packed_rows(packing: str, d_in: int) -> int:
+  """Rows (axis -2) of a packed codes tensor for `d_in` inputs."""
+  return {"2bit": d_in // 4, "base3": -(-d_in // 5),
+          "sparse34": sparse34_rows(d_in)}[packing]
+
+
 def unpack(packed: np.ndarray, packing: str, d_in: int) -> np.ndarray:
   if packing == "2bit":
     return unpack_2bit(packed)
+  if packing == "sparse34":
+    return unpack_sparse34(packed)
   return unpack_base3(packed, d_in)
 
 
@@ -177,8 +278,9 @@ def export_tensors(model: Llama, packing: str = "2bit",
     codes = np.asarray(st.codes)
     per_out = lambda a: np.broadcast_to(  # noqa: E731  [L, groups, out]
         np.asarray(a, np.float32), (*a.shape[:2], codes.shape[-1]))
-    out[f"layers.{name}.codes"] = (pack_2bit(codes) if packing == "2bit"
-                                   else pack_base3(codes))
+    if packing == "sparse34":
+      _check_sparse34(name, codes, cfg.quant.method)
+    out[f"layers.{name}.codes"] = pack(codes, packing)
     out[f"layers.{name}.alpha"] = per_out(st.alpha)
     out[f"layers.{name}.c"] = np.asarray(st.c, np.float32)
     if st.gamma is not None:
@@ -191,6 +293,26 @@ def export_tensors(model: Llama, packing: str = "2bit",
   if model.lm_head is not None:
     out["lm_head"] = np.asarray(model.lm_head[...], fdt)
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _check_sparse34(name: str, codes: np.ndarray, method: str) -> None:
+  """Refuses codes `[L, in, out]` that `sparse34` cannot hold, naming the
+  first layer with blocks that are not 3:4 and how many."""
+  d_in = codes.shape[-2]
+  if d_in % SPARSE34_ROWS:
+    raise ExportError(
+        f"layers.{name}: {d_in} inputs, not a multiple of {SPARSE34_ROWS}: "
+        "sparse34 cannot pack them; use --packing 2bit or base3.")
+  bad = not_sparse34(codes)
+  if bad.any():
+    layer = int(np.flatnonzero(bad)[0])
+    why = ("" if method == "sherry" else
+           f" (method {method!r} does not make 3:4 codes; sherry does)")
+    raise ExportError(
+        f"layer {layer} {name}: {int(bad[layer])} of {codes[layer].size // 4} "
+        f"blocks of 4 codes are not 3:4 (exactly one zero){why}, "
+        f"{int(bad.sum())} in all layers; sparse34 cannot hold them: use "
+        "--packing 2bit or base3, which hold any codes exactly.")
 
 
 def tokenizer_metadata(tok: tokenizers.Tokenizer | None) -> str:
@@ -409,7 +531,7 @@ def read_export(path) -> Export:
   for name in PROJECTIONS:  # shape check against the config
     d_in, d_out = projection_dims(cfg, name)
     codes = tensors.get(f"layers.{name}.codes")
-    rows = d_in // 4 if export.packing == "2bit" else -(-d_in // 5)
+    rows = packed_rows(export.packing, d_in)
     want = (cfg.num_layers, rows, d_out)
     if codes is None or codes.shape != want:
       raise ExportError(f"{path}: layers.{name}.codes has shape "
