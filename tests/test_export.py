@@ -284,6 +284,22 @@ def test_dense_baseline_equals_float_llama(qat_model):
   assert np.linalg.norm(bf16 - want) / np.linalg.norm(want) < 2e-2
 
 
+def _kernel_case(rng, m, codes, groups):
+  """`(x, alpha, c, float64 x @ Q + c, its bound)` for a kernel test on
+  `codes [in, out]`: exact and lut are fp32 sums of the in + groups + 1
+  terms x_i·Q_ij (lut scales each group's sum by α; its sparse34 table adds
+  each pair's 8 terms first, the same count), in an order of their own."""
+  shape = codes.shape
+  alpha = rng.uniform(0.5, 2.0, (groups, shape[1])).astype(np.float32)
+  c = rng.normal(size=shape[1]).astype(np.float32)
+  x = rng.normal(size=(m, shape[0])).astype(np.float32)
+  q = (codes.reshape(groups, -1, shape[1]) * alpha[:, None]).reshape(shape)
+  want = x.astype(np.float64) @ q + c
+  tol = sum_order_bound(np.abs(x) @ np.abs(q) + np.abs(c),
+                        shape[0] + groups + 1)
+  return x, alpha, c, want, tol
+
+
 @pytest.mark.parametrize("m", [1, 3, 8, 13])
 @pytest.mark.parametrize("shape, groups", [
     ((256, 37), 4), ((128, 96), 1), ((64, 5), 2),
@@ -292,15 +308,7 @@ def test_dense_baseline_equals_float_llama(qat_model):
 def test_kernel_strategies_match_f32_reference(m, shape, groups):
   rng = np.random.default_rng(m)
   codes = rng.integers(-1, 2, shape).astype(np.int8)
-  alpha = rng.uniform(0.5, 2.0, (groups, shape[1])).astype(np.float32)
-  c = rng.normal(size=shape[1]).astype(np.float32)
-  x = rng.normal(size=(m, shape[0])).astype(np.float32)
-  q = (codes.reshape(groups, -1, shape[1]) * alpha[:, None]).reshape(shape)
-  want = x.astype(np.float64) @ q + c
-  # exact and lut: fp32 sums of the in + groups + 1 terms x_i·Q_ij (lut
-  # scales each group's sum by α), in an order of their own.
-  tol = sum_order_bound(np.abs(x) @ np.abs(q) + np.abs(c),
-                        shape[0] + groups + 1)
+  x, alpha, c, want, tol = _kernel_case(rng, m, codes, groups)
   packed = jnp.asarray(tqj.pack_2bit(codes))
   for strategy in ("exact", "lut", "int8"):
     got = np.asarray(kernels.ternary_linear(jnp.asarray(x), packed,
@@ -595,14 +603,7 @@ def test_sparse34_kernels_match_f32_reference(m, shape, groups):
   `q8k` equal to its 2bit run (the same program after unpacking)."""
   rng = np.random.default_rng(m)
   codes = random_34_codes(rng, shape)
-  alpha = rng.uniform(0.5, 2.0, (groups, shape[1])).astype(np.float32)
-  c = rng.normal(size=shape[1]).astype(np.float32)
-  x = rng.normal(size=(m, shape[0])).astype(np.float32)
-  q = (codes.reshape(groups, -1, shape[1]) * alpha[:, None]).reshape(shape)
-  want = x.astype(np.float64) @ q + c
-  # As for 2bit; lut's table adds each pair's 8 terms first (same count).
-  tol = sum_order_bound(np.abs(x) @ np.abs(q) + np.abs(c),
-                        shape[0] + groups + 1)
+  x, alpha, c, want, tol = _kernel_case(rng, m, codes, groups)
   packed = jnp.asarray(tqj.pack_sparse34(codes))
   args = (jnp.asarray(x), packed, jnp.asarray(alpha), jnp.asarray(c))
   run = lambda strategy, **kw: np.asarray(kernels.ternary_linear(  # noqa: E731
