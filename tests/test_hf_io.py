@@ -256,7 +256,7 @@ def test_pretrained_init_must_fit_the_config(hf_dir):
     build.pretrained_params(config, cfg.replace(ffn_size=512))
 
 
-def _tequila_model(tie=True, quant=QuantConfig("tequila", group_size=64,
+def _ternary_model(tie=True, quant=QuantConfig("tequila", group_size=64,
                                                lam=0.05)):
   cfg = tiny_model_config("tequila").replace(quant=quant, tie_embeddings=tie)
   m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
@@ -273,7 +273,7 @@ def _tequila_model(tie=True, quant=QuantConfig("tequila", group_size=64,
     ids=["tequila-tied", "tequila-untied", "sherry"])
 def test_ternary_hf_export_runs_in_transformers_and_converts_back(tmp_path, tie,
                                                                   quant):
-  model = _tequila_model(tie, quant)
+  model = _ternary_model(tie, quant)
   export = tqj.build_export(model)
   out = hf.save_ternary_hf(export, tmp_path / "hf")
   config = json.loads((out / "config.json").read_text())
@@ -299,7 +299,7 @@ def test_ternary_hf_export_runs_in_transformers_and_converts_back(tmp_path, tie,
 
 
 def test_ternary_hf_in_bfloat16_keeps_the_codes(tmp_path):
-  model = _tequila_model()
+  model = _ternary_model()
   export = tqj.build_export(model)
   out = hf.save_ternary_hf(export, tmp_path / "hf", dtype="bfloat16")
   back = hf.read_ternary_hf(out)
@@ -312,7 +312,7 @@ def test_ternary_hf_in_bfloat16_keeps_the_codes(tmp_path):
 
 
 def test_ternary_hf_refusals(tmp_path):
-  out = hf.save_ternary_hf(tqj.build_export(_tequila_model()), tmp_path / "hf")
+  out = hf.save_ternary_hf(tqj.build_export(_ternary_model()), tmp_path / "hf")
   with pytest.raises(hf.CheckpointError, match="inference model"):
     load.load_model(str(out))
   with pytest.raises(hf.CheckpointError, match="not ternary with groups of 128"):
@@ -324,7 +324,7 @@ def test_ternary_hf_refusals(tmp_path):
     hf.read_ternary_hf(out)
   assert hf.read_ternary_hf(out, QuantConfig("tequila", group_size=64)).cfg
   with pytest.raises(FileExistsError):
-    hf.save_ternary_hf(tqj.build_export(_tequila_model()), out)
+    hf.save_ternary_hf(tqj.build_export(_ternary_model()), out)
 
 
 def test_sources_without_quantization_load_as_float(hf_dir):

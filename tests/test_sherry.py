@@ -48,19 +48,21 @@ def test_schedule_shape():
   assert np.all(np.diff(eps[9:50]) < 0) and eps[9] == np.float32(0.5)
   assert np.all(eps[49:] == 0)
   assert not np.any([quant.arenas_eps(s, 50, 0.2, 0.0) for s in range(60)])
+  # All warmup: the rise ends one step early, and the last step is 0.
+  full = np.asarray([quant.arenas_eps(s, 10, 1.0) for s in range(11)])
+  np.testing.assert_allclose(full[:9], np.arange(1, 10) / 10, rtol=1e-6)
+  assert full[9] == full[10] == 0 and float(quant.arenas_eps(0, 1)) == 0
 
 
-def test_model_passes_eps_to_every_projection():
-  """`Llama(tokens, arenas_eps=ε)` equals the model whose every kernel is
-  `Q + εW` in float (method none): ε reaches all seven projections."""
+def _sherry_and_folded(eps: float, **run):
+  """A small sherry Llama and the float model (method none) whose every
+  kernel is its `Q + εW`: what the sherry model computes at Arenas ε."""
   cfg = model_lib.ModelConfig.from_dict(dict(
       vocab_size=64, hidden_size=32, ffn_size=64, num_layers=2, num_heads=2,
       num_kv_heads=1, head_dim=16, max_seq_len=16, dtype="float32",
-      quant=dict(method="sherry", granularity="per_group", group_size=16)))
+      quant=dict(method="sherry", granularity="per_group", group_size=16),
+      **run))
   m = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
-  tokens = jnp.arange(12).reshape(2, 6) % 64
-  eps = 0.3
-  params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
   dense = model_lib.Llama(cfg.replace(quant=QuantConfig("none")),
                           rngs=nnx.Rngs(0))
 
@@ -73,10 +75,64 @@ def test_model_passes_eps_to_every_projection():
       return {k: folded(v) for k, v in p.items()}
     return p
 
-  nnx.update(dense, folded(params))
-  want = np.asarray(dense(tokens))
-  got = np.asarray(jax.jit(lambda t, e: m(t, arenas_eps=e))(tokens, eps))
+  nnx.update(dense, folded(nnx.to_pure_dict(nnx.state(m, nnx.Param))))
+  return m, dense
+
+
+def _split(model):
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, params
+
+
+TOKENS = jnp.arange(26).reshape(2, 13) % 64
+
+
+def test_model_passes_eps_to_every_projection():
+  """`Llama(tokens, arenas_eps=ε)` equals the model whose every kernel is
+  `Q + εW` in float (method none): ε reaches all seven projections."""
+  m, dense = _sherry_and_folded(0.3)
+  want = np.asarray(dense(TOKENS))
+  got = np.asarray(jax.jit(lambda t, e: m(t, arenas_eps=e))(TOKENS, 0.3))
   # The same kernels: at most the sums' order differs (jit vs eager).
   np.testing.assert_allclose(got, want, rtol=0, atol=chain_atol(
-      want, cfg.ffn_size, llama_depth(cfg.num_layers)))
-  assert not np.allclose(np.asarray(m(tokens)), want)  # ε = 0 differs
+      want, m.cfg.ffn_size, llama_depth(m.cfg.num_layers)))
+  assert not np.allclose(np.asarray(m(TOKENS)), want)  # ε = 0 differs
+
+
+@pytest.mark.parametrize("run, loss_chunk", [
+    (dict(), 0), (dict(), 4), (dict(scan_layers=False), 0),
+    (dict(remat="full"), 0), (dict(remat="quantized"), 4)])
+def test_training_losses_see_eps(run, loss_chunk):
+  """Every path the train step takes (chunked loss, unrolled layers, remat)
+  and the distillation objective (with its attention relation) compute the
+  sherry model at the ε given, and its gradient flows (1 + ε)·xᵀg to W."""
+  from tequila_jax import distill, losses  # pylint: disable=g-import-not-at-top
+  eps = 0.3
+  m, dense = _sherry_and_folded(eps, **run)
+  (gs, ps), (gd, pd) = _split(m), _split(dense)
+  loss = jax.jit(lambda p: losses.next_token_loss(
+      p, gs, TOKENS, loss_chunk, arenas_eps=eps))(ps)
+  want = losses.next_token_loss(pd, gd, TOKENS, loss_chunk)
+  tol = chain_atol(want, m.cfg.vocab_size, llama_depth(m.cfg.num_layers))
+  np.testing.assert_allclose(loss, want, rtol=0, atol=tol)
+  cfg = distill.DistillConfig(weight=1.0, attention_weight=1.0,
+                              attention_heads=1)
+  teacher = _split(model_lib.Llama(dense.cfg, rngs=nnx.Rngs(3)))
+  got, _ = distill.objective(ps, gs, teacher[1], teacher[0], TOKENS, cfg,
+                             loss_chunk, arenas_eps=eps)
+  want, _ = distill.objective(pd, gd, teacher[1], teacher[0], TOKENS, cfg,
+                              loss_chunk)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2 * tol)
+
+
+def test_distilling_a_sherry_ablation_builds_its_float_teacher(tmp_path):
+  """The float teacher of a sherry run is method none, whatever the
+  student's Arenas fields (they belong to sherry alone)."""
+  from tequila_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_trainer import _tiny  # pylint: disable=g-import-not-at-top
+  config = _tiny(tmp_path)
+  config.model.quant.update(method="sherry", arenas_max_eps=0.0)
+  config.distill.weight = 1.0
+  tr = train.build_train(config, devices=jax.devices()[:1])
+  assert tr.teacher.cfg.quant == QuantConfig("none")
+  assert train.describe(config, devices=jax.devices()[:1])["params"]

@@ -41,10 +41,11 @@ are packed along the input axis:
   `base3` hold any codes. The check is on the codes, not the method: any
   model whose codes happen to be 3:4 packs.
 
-Tensors (stacked over blocks): `layers.P.codes` uint8 `[L, in/4, ceil(in/5)
-or in/8 + in/32, out]`, `layers.P.alpha` fp32 `[L, groups, out]` (one group for per-channel
-and per-tensor scales, repeated across outputs), `layers.P.gamma` (DLT only,
-like alpha), `layers.P.c` fp32 `[L, out]`,
+Tensors (stacked over blocks): `layers.P.codes` uint8 `[L, rows, out]` (rows
+= in/4, ceil(in/5) or in/8 + in/32), `layers.P.alpha` fp32 `[L, groups,
+out]` (one group for per-channel and per-tensor scales, repeated across
+outputs), `layers.P.gamma` (DLT only, like alpha), `layers.P.c` fp32
+`[L, out]`,
 `layers.attn_norm` / `layers.mlp_norm` `[L, hidden]`, `embed` `[vocab,
 hidden]`, `final_norm` `[hidden]`, and `lm_head` `[hidden, vocab]` if untied.
 Metadata (`__metadata__`, strings): `format` = "tequila_jax", `version`,
@@ -86,13 +87,14 @@ from tequila_jax.model import (ARCH_FIELDS, PROJECTIONS, Architecture, Llama,
 
 log = logging.getLogger("tequila_jax")
 FORMAT = "tequila_jax"
-VERSION = "4"
+VERSION = "5"
 # Version 1 also recorded run-time settings; versions 1-2 carry no checksums;
 # version 3 carries tensor checksums only. Version 4 adds the header's
 # checksum and the learned-quantizer methods (lsq, seq, dlt's `gamma`
-# tensors, learned λ in `c`, act_bits in the quantizer); older files hold
-# none of them and load at their defaults.
-READABLE = ("1", "2", "3", "4")
+# tensors, learned λ in `c`, act_bits in the quantizer). Version 5 adds
+# `sherry` (the quantizer's Arenas fields) and the `sparse34` packing. Older
+# files hold none of them and load at their defaults.
+READABLE = ("1", "2", "3", "4", "5")
 HEADER_CHECKSUM = "header_checksum"  # the metadata entry that covers the rest
 PACKINGS = ("2bit", "base3", "sparse34")
 FLOAT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
@@ -528,8 +530,16 @@ def read_export(path) -> Export:
   except (KeyError, TypeError, ValueError) as e:
     raise ExportError(f"{path} has a broken header ({type(e).__name__}: "
                       f"{e}); re-export the checkpoint.") from e
+  if export.packing not in PACKINGS:
+    raise ExportError(f"{path}: packing {export.packing!r} is not one this "
+                      f"tequila_jax reads ({', '.join(PACKINGS)}); re-export "
+                      "the checkpoint.")
   for name in PROJECTIONS:  # shape check against the config
     d_in, d_out = projection_dims(cfg, name)
+    if export.packing == "sparse34" and d_in % SPARSE34_ROWS:
+      raise ExportError(f"{path}: layers.{name} has {d_in} inputs, which "
+                        f"sparse34 cannot hold (a multiple of "
+                        f"{SPARSE34_ROWS}); the file is damaged.")
     codes = tensors.get(f"layers.{name}.codes")
     rows = packed_rows(export.packing, d_in)
     want = (cfg.num_layers, rows, d_out)

@@ -113,18 +113,20 @@ def arenas_eps(step, total_steps: int, warmup_fraction: float = 0.1,
                max_eps: float = 1.0) -> jax.Array:
   """Arenas' ε at 0-based optimizer step `step` (an int or traced int):
   linear from 0 to `max_eps` over the first `int(warmup_fraction ·
-  total_steps)` steps, cosine back to 0 at the last step, 0 after. Equals the
-  official schedule with its counter at `step + 1` and its total
-  `total_steps`. The official counter counts forward calls (evaluation and
-  gradient-accumulation forwards too) and its hard-coded total is 22111;
-  here ε is a function of the optimizer step, whatever the forwards."""
+  total_steps)` steps, cosine back to 0 at the last step, 0 from the last
+  step on (also with `warmup_fraction=1`). Equals the official schedule with
+  its counter at `step + 1` and its total `total_steps`. The official
+  counter counts forward calls (evaluation and gradient-accumulation
+  forwards too), its total is hard-coded to 22111, and its last branch
+  crashes (docs/methods.md); here ε is a function of the optimizer step,
+  whatever the forwards."""
   warmup = int(warmup_fraction * total_steps)
   count = jnp.asarray(step, jnp.float32) + 1
   rise = count / max(warmup, 1)
   progress = (count - warmup) / max(total_steps - warmup, 1)
   fall = 0.5 * (1 + jnp.cos(math.pi * progress))
-  eps = jnp.where(count <= warmup, rise,
-                  jnp.where(count < total_steps, fall, 0.0))
+  eps = jnp.where(count >= total_steps, 0.0,
+                  jnp.where(count <= warmup, rise, fall))
   return (max_eps * eps).astype(jnp.float32)
 
 

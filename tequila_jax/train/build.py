@@ -184,7 +184,7 @@ class Train:
     initial weights (`config.seed`)."""
     if self.distill is None:
       raise ValueError("this run does not distill (distill.weight = 0).")
-    float_quant = dataclasses.replace(self.model_cfg.quant, method="none")
+    float_quant = QuantConfig("none")
     location = self.teacher_location
     if location:
       run = {**dataclasses.asdict(self.model_cfg.run), "remat": "none"}
@@ -315,8 +315,7 @@ def describe(config: ml_collections.ConfigDict, *, devices=None) -> dict:
   out = dict(params=model_lib.param_count(abstract["params"]),
              mesh=dict(tr.mesh.shape), **_bytes(abstract, "state"))
   if tr.distill is not None:
-    cfg = tr.model_cfg.replace(quant=dataclasses.replace(
-        tr.model_cfg.quant, method="none"))
+    cfg = tr.model_cfg.replace(quant=QuantConfig("none"))
     shapes = jax.eval_shape(lambda: jax.tree.map(
         lambda x: x.astype(cfg.compute_dtype), model_lib.init_params(cfg)))
     shardings = sharding.state_shardings(shapes, tr.mesh,
