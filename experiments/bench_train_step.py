@@ -14,11 +14,19 @@ tequila:model.quant.lam_mode=v3"
         --batch 2 --seq 128 --iters 20 --repeat 2 --optimizer \
         --methods "tequila,tequila:model.quant.lam_mode=v3"   # v3 vs fixed λ
 
+    python -m experiments.bench_train_step --config configs/smollm2_135m.py \
+        --batch 2 --seq 128 --iters 20 --repeat 2 \
+        --methods "absmean,sherry,sherry_twomatmul"   # Arenas: 1 dot vs 2
+
 A candidate is `METHOD[+diag|+fulldiag][:KEY=VALUE[:KEY=VALUE...]]`:
 the quant method, optionally with the per-step deadzone diagnostics
 (`+diag`) or their logging-step variant (`+fulldiag`), then any config
 overrides (`--config.KEY` spelling without the prefix; values parsed as
-JSON when they parse). Every candidate runs the same jitted, donated
+JSON when they parse). `sherry_twomatmul` is no library method: it is
+`sherry` with its Arenas layer in the official code's form, two matmuls
+`x·Q + ε·(x·W)` with the identity STE through Q, swapped in for this
+benchmark only (`two_matmul_arenas`), to weigh the library's one dot
+`x·(Q + εW)` against it. Every candidate runs the same jitted, donated
 `train.train_step` (AdamW) on the same random token batch in one process
 (a candidate that distills gets its teacher, `Train.teacher`, as the step's
 extra argument),
@@ -84,9 +92,56 @@ def parse_candidate(spec: str) -> tuple[str, str, dict]:
   return method, diag_mode, overrides
 
 
+# Benchmark-only candidate: `sherry` with the official two-matmul Arenas.
+TWO_MATMUL = "sherry_twomatmul"
+
+
+def _nm_quant_fwd_value(w, cfg, dtype):
+  """The official `NMQuant`: Q(W) of `sherry.ternarize` in `dtype`, with the
+  identity straight-through gradient (dW = dQ)."""
+  from tequila_jax.quant import sherry, ternary  # pylint: disable=g-import-not-at-top
+  codes, alpha = sherry.ternarize(w, cfg)
+  return ternary.dequantize(codes, alpha,
+                            ternary.stat_dtype(w.dtype)).astype(dtype)
+
+
+_nm_quant = jax.custom_vjp(_nm_quant_fwd_value, nondiff_argnums=(1, 2))
+_nm_quant.defvjp(lambda w, cfg, dtype: (_nm_quant_fwd_value(w, cfg, dtype),
+                                        jnp.zeros((), w.dtype)),
+                 lambda cfg, dtype, proto, dq: (dq.astype(proto.dtype),))
+
+
+def two_matmul_arenas(original):
+  """`quant.quantized_matmul` with Sherry's Arenas layer as the official
+  AngelSlim code computes it, `x·Q + ε·(x·W)` (two matmuls; autodiff, the
+  identity STE through Q: dW = xᵀg + ε·xᵀg, dx = g·Qᵀ + ε·g·Wᵀ); every other
+  method goes to `original`. For `TWO_MATMUL` only: not a library method."""
+  from jax.ad_checkpoint import checkpoint_name  # pylint: disable=g-import-not-at-top
+  from tequila_jax.quant import matmul  # pylint: disable=g-import-not-at-top
+
+  def quantized_matmul(x, w, cfg, qparams=None, *, arenas_eps=0.0):
+    if cfg.method != "sherry":
+      return original(x, w, cfg, qparams, arenas_eps=arenas_eps)
+    if cfg.act_bits == 8:
+      x = matmul.fake_quantize_int8(x)
+    q = _nm_quant(w, cfg, x.dtype)
+    y = jnp.matmul(x, checkpoint_name(q, matmul.QUANT_NAMES[0]))
+    return y + arenas_eps * jnp.matmul(x, w.astype(x.dtype))
+  return quantized_matmul
+
+
 def build(config, spec: str, batch: int, seq: int):
   """One candidate: its compiled step, state and batch (not yet timed)."""
   method, diag_mode, overrides = parse_candidate(spec)
+  if method == TWO_MATMUL:  # traced and compiled with the official form
+    from tequila_jax import quant  # pylint: disable=g-import-not-at-top
+    original = quant.quantized_matmul
+    quant.quantized_matmul = two_matmul_arenas(original)
+    try:
+      return {**build(config, "sherry" + spec[len(TWO_MATMUL):], batch, seq),
+              "method": spec}
+    finally:
+      quant.quantized_matmul = original
   config = config_lib.load_config_file(config) if isinstance(config, str) else config
   config.model.quant.method = method
   config.diagnostics.enabled = bool(diag_mode)

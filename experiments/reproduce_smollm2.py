@@ -71,6 +71,11 @@ RUNS = {  # in priority order; sN = data-order seed N
     "absmean_kd-s0": {"model.quant.method": "absmean", "distill.weight": 1.0,
                       "seed": 0},
     "tequila_a8-s0": {**_TEQUILA, "model.quant.act_bits": 8, "seed": 0},
+    # Sherry (3:4 sparse ternary) with its Arenas residual, and without it
+    # (ε = 0: the paper's ablation); groups as absmean's and tequila's.
+    "sherry-s0": {"model.quant.method": "sherry", "seed": 0},
+    "sherry_noarenas-s0": {"model.quant.method": "sherry",
+                           "model.quant.arenas_max_eps": 0.0, "seed": 0},
 }
 PRETRAINED = "pretrained"  # the starting model, scored without training
 MAX_WINDOWS_PER_SOURCE = 128

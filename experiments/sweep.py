@@ -43,11 +43,21 @@ from tequila_jax.errors import ExpectedError
 from tequila_jax.quant.config import LAM_MODES, METHODS
 
 
+# Sherry without Arenas: the 3:4 ternary quantizer alone (ε = 0).
+SHERRY_NO_ARENAS = {"model.quant.method": "sherry",
+                    "model.quant.arenas_max_eps": 0.0}
 SWEEPS = {
     "lambda": lambda: [{"model.quant.method": "tequila", "model.quant.lam": v}
                        for v in (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)],
-    # Compare with `--reference method=absmean` (the static baseline).
-    "methods": lambda: [{"model.quant.method": m} for m in METHODS],
+    # Compare with `--reference method=absmean` (the static baseline); Sherry
+    # also without its Arenas residual (ε = 0: the paper's ablation).
+    "methods": lambda: [{"model.quant.method": m} for m in METHODS] + [
+        SHERRY_NO_ARENAS],
+    # Sherry (3:4 sparse ternary) with and without Arenas beside AbsMean and
+    # Tequila (compare with `--reference method=absmean`).
+    "sherry": lambda: [{"model.quant.method": m}
+                       for m in ("absmean", "tequila", "sherry")] + [
+                           SHERRY_NO_ARENAS],
     # Tequila's λ fixed, learned per layer / per output unit, or the official
     # ultraquantv3 (compare with `--reference lam_mode=fixed`).
     "lam_mode": lambda: [{"model.quant.method": "tequila",

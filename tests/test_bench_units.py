@@ -80,6 +80,38 @@ def test_bench_candidates_are_config_overrides():
     parse("tequila+diag:lam")
 
 
+def test_two_matmul_arenas_is_the_one_dot_s_function_and_gradient():
+  """The benchmark's `sherry_twomatmul` (the official x·Q + ε·(x·W)) and
+  the library's x·(Q + εW) are one function with one gradient (identity STE
+  through Q, dW = (1 + ε)·xᵀg), at a traced ε; other methods pass through."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from tequila_jax import quant  # pylint: disable=g-import-not-at-top
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (3, 5, 128), jnp.float32)
+  w = 0.05 * jax.random.normal(kw, (128, 16), jnp.float32)
+  cfg = quant.QuantConfig(method="sherry", group_size=64)
+  two = bench_train_step.two_matmul_arenas(quant.quantized_matmul)
+
+  def loss(f, x, w, eps):
+    return jnp.sum(jnp.sin(f(x, w, cfg, arenas_eps=eps)))
+  for eps in (0.0, 0.3, 1.0):
+    one_v, one_g = jax.jit(jax.value_and_grad(
+        lambda x, w, e: loss(quant.quantized_matmul, x, w, e), (0, 1)))(
+            x, w, eps)
+    two_v, two_g = jax.jit(jax.value_and_grad(
+        lambda x, w, e: loss(two, x, w, e), (0, 1)))(x, w, eps)
+    assert jnp.allclose(one_v, two_v, rtol=1e-5, atol=1e-4)
+    for a, b in zip(one_g, two_g):
+      assert jnp.allclose(a, b, rtol=1e-4, atol=1e-5)
+  # Inside remat (the model's scanned, checkpointed layers) too.
+  g = jax.grad(jax.checkpoint(lambda w: loss(two, x, w, 0.0)))(w)
+  assert jnp.allclose(g, jax.grad(lambda w: loss(two, x, w, 0.0))(w))
+  absmean = quant.QuantConfig(method="absmean", group_size=64)
+  assert jnp.array_equal(two(x, w, absmean),
+                         quant.quantized_matmul(x, w, absmean))
+
+
 def test_cpu_inference_parts_registry_and_switches():
   """Every part has a table; each of the seven switches skips its part
   alone; the defaults run every part but llama.cpp's when it is missing."""

@@ -21,6 +21,28 @@ def test_grid_is_a_product_and_names_are_stable():
     sweep.grid(["lamda"])
 
 
+def test_methods_and_sherry_sweeps_hold_sherry_without_arenas():
+  """The methods sweep is every method plus Sherry without Arenas (ε = 0);
+  the sherry sweep sets Sherry, with and without Arenas, beside AbsMean and
+  Tequila, all four with distinct point names."""
+  from tequila_jax import quant  # pylint: disable=g-import-not-at-top
+  no_arenas = {"model.quant.method": "sherry",
+               "model.quant.arenas_max_eps": 0.0}
+  assert sweep.grid(["methods"]) == [
+      {"model.quant.method": m} for m in quant.METHODS] + [no_arenas]
+  points = sweep.grid(["sherry"])
+  assert points == [{"model.quant.method": m}
+                    for m in ("absmean", "tequila", "sherry")] + [no_arenas]
+  assert [sweep.point_name(p) for p in points] == [
+      "method=absmean", "method=tequila", "method=sherry",
+      "arenas_max_eps=0.0,method=sherry"]
+  # Grouped for the paired table, the ablation is its own setting.
+  runs = [{"overrides": p} for p in points]
+  assert list(sweep.groups_by_setting(runs)) == [
+      "method=absmean", "method=tequila", "method=sherry",
+      "arenas_max_eps=0.0,method=sherry"]
+
+
 def test_an_experiment_s_expected_error_is_one_line_and_exit_2(tmp_path):
   """As every tequila_jax command: a misspelt --sweep prints one line and
   exits 2 (it exited 1 through SystemExit); nothing is written."""
@@ -122,7 +144,8 @@ def test_methods_sweep_pairs_every_method_with_absmean(tmp_path):
   assert "vs `method=absmean`" in table
   paired_part = table.split("Paired held-out loss differences")[1]
   rows = [line for line in paired_part.splitlines()
-          if line.startswith("| method=")]
+          if line.startswith(("| method=", "| arenas_max_eps="))]
   paired_rows = {r.split(" | ")[0][2:] for r in rows}
   assert paired_rows == {f"method={m}" for m in quant.METHODS
-                         if m != "absmean"}, table
+                         if m != "absmean"} | {
+                             "arenas_max_eps=0.0,method=sherry"}, table

@@ -74,13 +74,21 @@ def test_gap_share_against_a_direct_computation():
 
 def test_runs_end_with_the_reviewers_baselines():
   """The learned-scale baselines and v3 follow the runs that existed, in the
-  references' layout; distillation and A8 come after them."""
+  references' layout; distillation and A8 come after them, then Sherry with
+  and without Arenas."""
   from experiments import reproduce_smollm2  # pylint: disable=g-import-not-at-top
   names = list(reproduce_smollm2.RUNS)
   assert names.index("tequila_dynamic-s0") < names.index("seq-s0")
   assert names[names.index("seq-s0"):] == [
       "seq-s0", "lsq-s0", "dlt-s0", "tequila_lamv3-s0", "tequila_kd-s0",
-      "absmean_kd-s0", "tequila_a8-s0"]
+      "absmean_kd-s0", "tequila_a8-s0", "sherry-s0", "sherry_noarenas-s0"]
+  # The report groups runs by the name before "-sN": one group each.
+  assert rep._group("sherry_noarenas-s0") == "sherry_noarenas"  # pylint: disable=protected-access
+  assert reproduce_smollm2.RUNS["sherry-s0"] == {
+      "model.quant.method": "sherry", "seed": 0}
+  assert reproduce_smollm2.RUNS["sherry_noarenas-s0"] == {
+      "model.quant.method": "sherry", "model.quant.arenas_max_eps": 0.0,
+      "seed": 0}
   for name in ("seq-s0", "lsq-s0", "dlt-s0"):
     assert reproduce_smollm2.RUNS[name]["model.quant.granularity"] == (
         "per_channel")
