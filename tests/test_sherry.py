@@ -11,7 +11,8 @@ from flax import nnx
 from tequila_jax import model as model_lib
 from tequila_jax import quant
 from tequila_jax.quant import QuantConfig
-from tests.tolerances import chain_atol, llama_depth
+from tests.tolerances import (assert_within, chain_atol, llama_depth,
+                               sum_order_bound)
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -136,3 +137,32 @@ def test_distilling_a_sherry_ablation_builds_its_float_teacher(tmp_path):
   tr = train.build_train(config, devices=jax.devices()[:1])
   assert tr.teacher.cfg.quant == QuantConfig("none")
   assert train.describe(config, devices=jax.devices()[:1])["params"]
+
+
+def test_gradient_with_the_default_eps_under_remat_jit_and_scan():
+  """The layer's default ε (a Python 0.0) differentiates under
+  `jax.checkpoint`, `jit` and `lax.scan` (dW = xᵀg), and at ε = 0.5
+  dW = 1.5·xᵀg with g taken at the kernel Q + 0.5·W."""
+  cfg = QuantConfig("sherry", group_size=32)
+  x = jax.random.normal(jax.random.key(1), (3, 64))
+  w = jax.random.normal(jax.random.key(0), (64, 8))
+  loss = lambda w, e=0.0: jnp.sum(  # noqa: E731
+      jnp.sin(quant.quantized_matmul(x, w, cfg, arenas_eps=e)))
+  q = quant.dequantize(*quant.ternary_state(w, cfg)[:2])
+  want = np.asarray(x.T @ jnp.cos(x @ q))
+  scanned = lambda w: jax.lax.scan(  # noqa: E731
+      lambda c, xi: (c + jnp.sum(jnp.sin(quant.quantized_matmul(
+          xi, w, cfg))), None), 0.0, x[:, None, :])[0]
+  def bound(kernel):
+    """dW = xᵀ cos(x·K): the forward dot's order (64 terms) moves cos by at
+    most as much, plus cos's own rounding, then the 3-term dot's order."""
+    ax, ak = np.abs(np.asarray(x, np.float64)), np.abs(np.asarray(kernel))
+    dg = sum_order_bound(ax @ ak, 64) + np.finfo(np.float32).eps
+    return ax.T @ dg + sum_order_bound(ax.T @ np.ones((3, 8)), 3)
+
+  for grad in (jax.grad(jax.checkpoint(loss)), jax.jit(jax.grad(loss)),
+               jax.grad(scanned)):
+    assert_within(grad(w), want, bound(q), "default ε")
+  at_half = 1.5 * np.asarray(x.T @ jnp.cos(x @ (q + 0.5 * w)))
+  got = jax.grad(jax.checkpoint(loss))(w, jnp.float32(0.5))
+  assert_within(got, at_half, 1.5 * bound(q + 0.5 * w), "ε = 0.5")

@@ -151,7 +151,8 @@ def _ak_bwd(cfg, dtype, res, dk):
   del cfg, dtype
   eps, w_proto = res
   stat = ternary.stat_dtype(w_proto.dtype)
-  dw = (1 + eps.astype(stat)) * dk.astype(stat)
+  # ε may come back as a Python scalar (the default 0.0 under remat/scan).
+  dw = (1 + jnp.asarray(eps, stat)) * dk.astype(stat)
   return dw.astype(w_proto.dtype), jnp.zeros_like(eps)
 
 
