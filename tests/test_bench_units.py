@@ -113,23 +113,27 @@ def test_two_matmul_arenas_is_the_one_dot_s_function_and_gradient():
 
 
 def test_cpu_inference_parts_registry_and_switches():
-  """Every part has a table; each of the seven switches skips its part
-  alone; the defaults run every part but llama.cpp's when it is missing."""
+  """Every part has a table; each switch skips its part alone; the defaults
+  run every part but llama.cpp's when it is missing and sparse34's (opt-in:
+  `--sparse34_rounds N` builds four 1B models)."""
   from experiments.bench_cpu_inference import __main__ as command  # pylint: disable=g-import-not-at-top
   from experiments.bench_cpu_inference import registry, versus_llama_cpp  # pylint: disable=g-import-not-at-top
   assert sorted(registry.TABLE_ORDER) == sorted(registry.PARTS)
   switches = {"layers": ["--skip_layers"], "decode": ["--skip_decode"],
               "capacity": ["--capacity_rounds", "0"], "ops": ["--skip_ops"],
               "memory": ["--skip_memory"], "kv_cache": ["--kv_rounds", "0"],
-              "llama_cpp": ["--llama_cpp_rounds", "0"]}
+              "llama_cpp": ["--llama_cpp_rounds", "0"],
+              "sparse34": ["--sparse34_rounds", "0"]}
   assert sorted(switches) == sorted(registry.PARTS)
   for name, flags in switches.items():
     args = command.parser().parse_args(flags)
     wanted = {n for n, part in registry.PARTS.items() if part.wanted(args)}
     assert name not in wanted
-    assert wanted | {name, "llama_cpp"} == set(registry.PARTS)
+    assert wanted | {name, "llama_cpp", "sparse34"} == set(registry.PARTS)
     assert registry.PARTS["llama_cpp"].notes(args)["llama_cpp_note"] in (
         "", versus_llama_cpp.MISSING)
+  assert registry.PARTS["sparse34"].wanted(
+      command.parser().parse_args(["--sparse34_rounds", "12"]))
 
 
 def test_checkpoint_integrity_bench_on_the_tiny_config(tmp_path):
