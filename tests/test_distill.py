@@ -373,8 +373,9 @@ def test_sweep_runs_and_benchmark_candidates_distill(tmp_path):
     config.update_from_flattened_dict(p)
     tr = train.build_train(config, devices=jax.devices()[:1])
     assert (tr.distill is None) == (p["distill.weight"] == 0)
-  assert list(reproduce_smollm2.RUNS)[-3:] == ["tequila_kd-s0", "absmean_kd-s0",
-                                                "tequila_a8-s0"]
+  runs = list(reproduce_smollm2.RUNS)
+  assert runs[runs.index("tequila_kd-s0"):][:2] == ["tequila_kd-s0",
+                                                    "absmean_kd-s0"]
   assert reproduce_smollm2.RUNS["absmean_kd-s0"]["distill.weight"] == 1.0
   assert bench_train_step.parse_candidate("tequila:distill.weight=1.0") == (
       "tequila", "", {"distill.weight": 1.0})
