@@ -329,6 +329,24 @@ def test_kernel_strategies_match_f32_reference(m, shape, groups):
                                 kernels.int8_layout(jnp.asarray(codes), groups))
   np.testing.assert_array_equal(held, kernels.ternary_linear(
       jnp.asarray(x), packed, jnp.asarray(alpha), jnp.asarray(c), "int8"))
+  _check_lean(x, alpha, c, codes, kernels.lut_layout(packed, groups), "2bit")
+
+
+def _check_lean(x, alpha, c, codes, lut, packing):
+  """`lut_codes` unpacks the held `lut` bytes to exactly the int8 kernel's
+  codes, and `lean` from those bytes alone runs `lut` below 8 rows and
+  `int8` from 8 (the same programs on the same codes: equal)."""
+  groups = alpha.shape[0]
+  want_codes = kernels.int8_layout(jnp.asarray(codes), groups)
+  np.testing.assert_array_equal(
+      jax.jit(kernels.lut_codes, static_argnums=(1, 2))(lut, groups, packing),
+      want_codes)
+  run = lambda strategy, **kw: kernels.ternary_linear(  # noqa: E731
+      jnp.asarray(x), None, jnp.asarray(alpha), jnp.asarray(c), strategy,
+      packing=packing, **kw)
+  want = (run("lut", lut=lut) if x.shape[0] < 8 else
+          run("int8", codes=want_codes))
+  np.testing.assert_array_equal(run("lean", lut=lut), want)
 
 
 def test_int8_dense_leaves_only_the_weights_rounding():
@@ -610,8 +628,9 @@ def test_sparse34_kernels_match_f32_reference(m, shape, groups):
       *args, strategy, packing="sparse34", **kw))
   for strategy in ("exact", "lut"):
     assert_within(run(strategy), want, tol, strategy)
-  assert_within(run("lut", lut=kernels.lut34_layout(packed, groups)), want,
-                tol, "lut, held layout")
+  lut = kernels.lut34_layout(packed, groups)
+  assert_within(run("lut", lut=lut), want, tol, "lut, held layout")
+  _check_lean(x, alpha, c, codes, lut, "sparse34")
   got = run("int8")
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3e-2
   two_bit = jnp.asarray(tqj.pack_2bit(codes))
@@ -673,10 +692,15 @@ def test_sparse34_export_equals_qat_forward_and_2bit(tmp_path):
   lut = PackedLlama(sparse, InferenceSettings("lut"))
   stepped, _ = decode_in_steps(lut, tokens, 20, 32)
   np.testing.assert_allclose(stepped, want, rtol=1e-4, atol=atol)
-  for strategy in ("int8", "auto"):  # (q8k needs widths of 256: kernels)
+  for strategy in ("int8", "auto", "lean"):  # (q8k: widths of 256, kernels)
     np.testing.assert_array_equal(
         PackedLlama(sparse, InferenceSettings(strategy))(tokens),
         PackedLlama(two, InferenceSettings(strategy))(tokens), strategy)
+  # `lean` holds what `lut` holds and prefills as `auto` does.
+  lean = PackedLlama(sparse, InferenceSettings("lean"))
+  np.testing.assert_array_equal(
+      lean(tokens), PackedLlama(sparse, InferenceSettings("auto"))(tokens))
+  assert lean.memory() == lut.memory()
   # lut holds the sparse34 bytes (1.25 bits) + fp32 alpha per 64 + c.
   held = lut.memory()
   extra = held["bits_per_ternary_weight"] - 1.25

@@ -65,13 +65,14 @@ def random_34_exports(config: str, group: int = 128, seed: int = 0
 def bench_sparse34(config: str, rounds: int, prefill_rounds: int,
                    position: int = 128, prompt: int = 128) -> list[dict]:
   """Per packing, PackedLlama as the memory part's smallest 2bit variant
-  holds it (`lut`, int8 embedding/head, fp16 alpha): `memory()`, one decode
-  step at `position` (cache of 1,024) and a `prompt`-token prefill
-  (`logits="last"`), each called round robin across the packings; also
-  `auto` (int8 codes for the prefill) prefill. Medians and ranges."""
+  holds it (`lean` = `lut`'s bytes alone, int8 embedding/head, fp16 alpha):
+  `memory()`, one decode step at `position` (cache of 1,024; the `lut`
+  kernel) and a `prompt`-token prefill (`logits="last"`; int8 codes
+  unpacked in-program), each called round robin across the packings; also
+  `auto`'s prefill (int8 codes held). Medians and ranges."""
   exports = random_34_exports(config)
   rows, models_ = [], {}
-  for strategy in ("lut", "auto"):
+  for strategy in ("lean", "auto"):
     for p in PACKINGS:
       models_[strategy, p] = PackedLlama(
           exports[p], InferenceSettings(strategy, "int8", "float16"))
@@ -81,7 +82,7 @@ def bench_sparse34(config: str, rounds: int, prefill_rounds: int,
       0, 1000, (1, prompt)), jnp.int32)
   filled, step_calls, prefill_calls = {}, {}, {}
   for (strategy, p), m in models_.items():
-    if strategy == "lut":
+    if strategy == "lean":
       filled[p] = m.decode(tokens[:, :position], m.init_cache(1, 1024))[1]
       models.timed_step(m, token, filled[p])  # compile
       step_calls[p] = lambda m=m, p=p: models.timed_step(m, token,
@@ -95,9 +96,9 @@ def bench_sparse34(config: str, rounds: int, prefill_rounds: int,
   steps = common.round_robin(step_calls, rounds, warmup=2)
   prefills = common.round_robin(prefill_calls, prefill_rounds, warmup=1)
   for p in PACKINGS:
-    mem = models_["lut", p].memory()
+    mem = models_["lean", p].memory()
     t = steps[p]
-    rows.append(dict(kind="decode", packing=p, strategy="lut",
+    rows.append(dict(kind="decode", packing=p, strategy="lean",
                      position=position, tokens_per_s=1 / statistics.median(t),
                      ms=1e3 * statistics.median(t), min_ms=1e3 * min(t),
                      max_ms=1e3 * max(t), samples=len(t),
@@ -113,7 +114,7 @@ def bench_sparse34(config: str, rounds: int, prefill_rounds: int,
   # Ratios per round (the two packings were called back to back).
   for kind, times, names in (
       ("decode", steps, ("2bit", "sparse34")),
-      ("prefill", prefills, ("2bit (lut)", "sparse34 (lut)")),
+      ("prefill", prefills, ("2bit (lean)", "sparse34 (lean)")),
       ("prefill", prefills, ("2bit (auto)", "sparse34 (auto)"))):
     ratios = [a / b for a, b in zip(times[names[0]], times[names[1]])]
     rows.append(dict(kind=f"{kind} ratio", pair=" / ".join(names[::-1]),

@@ -27,8 +27,9 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("strategy", InferenceSettings.strategy,
                   # kernels.STRATEGIES but q8k (llama.cpp's Q8_K
                   # emulation, for agreement studies only)
-                  ["auto", "exact", "lut", "int8"],
-                  "Ternary kernel of a .tqj model.")
+                  ["auto", "lean", "exact", "lut", "int8"],
+                  "Ternary kernel of a .tqj model (lean: auto's kernels, "
+                  "holding only the packed codes).")
 flags.DEFINE_enum("embed", InferenceSettings.embed, inference.EMBEDS,
                   "int8: embedding and output head as int8 with per-row "
                   "scales (a quarter of fp32's memory; the head quantizes the "

@@ -27,7 +27,11 @@ group of G) from the packed bytes of a `.tqj` export (`2bit` layout, `io.tqj`):
 - `q8k`: emulates llama.cpp's TQ2_0 matmul for checking GGUF exports:
   activations quantized per 256-block as Q8_K (scale -127 / signed max,
   round to nearest) and alpha rounded to fp16, then an fp32 dot.
-- `auto`: `lut` for M < 8, else `int8`.
+- `auto`: `lut` for M < 8, else `int8`; PackedLlama holds both forms.
+- `lean`: as `auto`, but only the `lut` bytes are held: batched calls unpack
+  them in-program to the int8 codes (`lut_codes`, elementwise; a transient
+  per projection), at ~0.9x `auto`'s prefill speed and none of its extra
+  byte per weight.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np
 from tequila_jax.io import tqj
 from tequila_jax.quant.activations import fake_quantize_int8, quantize_int8
 
-STRATEGIES = ("exact", "lut", "int8", "q8k", "auto")
+STRATEGIES = ("exact", "lut", "int8", "q8k", "auto", "lean")
 # XLA:CPU's YNNPACK fusions for dots only, not for reductions (see `lut`).
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
@@ -185,6 +189,35 @@ def _lut34_one(x, lut_bytes, alpha, c):
   return _block_sums(partial, alpha, c)
 
 
+def lut_codes(lut: jax.Array, groups: int, packing: str = "2bit"
+              ) -> jax.Array:
+  """The codes held by `lut` bytes (`lut_layout`, or `lut34_layout` for
+  `sparse34`) as int8 in `int8_layout` order `[groups, out, in/groups]`,
+  unpacked elementwise (traceable: `lean` runs its batched calls on them)."""
+  blocks, d_out, width = lut.shape
+  if packing == "sparse34":
+    per_block = width * 4 // 5  # pattern bytes, then sign bytes
+    nib, sgn = lut[..., :per_block], lut[..., per_block:]
+    # Block k of 4 inputs under sign byte t: nibble k % 2 of pattern byte
+    # 4t + k // 2, sign bit k of byte t (`tqj` module doc).
+    n = ((nib[..., None] >> jnp.asarray([0, 4], jnp.uint8)) & 15).reshape(
+        blocks, d_out, -1, 8)[..., None].astype(jnp.int8)
+    s = ((sgn[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1)[
+        ..., None].astype(jnp.int8)
+    j = jnp.arange(4, dtype=jnp.int8)
+    zero = n & 3  # pattern n = z | r1 << 2 | r2 << 3 (`SPARSE34_PATTERNS`)
+    rank = j - (j > zero).astype(jnp.int8)  # input j's place among nonzeros
+    negative = (((n >> 1) & 6) >> rank) & 1  # 0, r1, r2 by rank
+    codes = jnp.where(j == zero, 0, 1 - 2 * (negative ^ s)).astype(jnp.int8)
+  else:
+    shifts = jnp.asarray(tqj.TWO_BIT_SHIFTS, jnp.uint8)
+    codes = ((lut[..., None] >> shifts) & 3).astype(jnp.int8) - 1
+  codes = codes.reshape(blocks, d_out, -1)  # [blocks, out, block]
+  per_group = blocks // groups
+  return codes.reshape(groups, per_group, d_out, -1).transpose(
+      0, 2, 1, 3).reshape(groups, d_out, -1)
+
+
 def _two_rows(x):
   """Pads a one-row `[1, in]` operand to two rows: XLA:CPU's one-row bf16 and
   int8 dots take a slow path (~8x and ~12x here)."""
@@ -268,8 +301,8 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
 
   `codes` (= `int8_layout(unpack_codes(packed), groups)`, int8) serves the
   `int8` strategy and `lut` (= `lut_layout(packed, groups)`) the `lut`
-  strategy; each is derived
-  on the fly when not given (`packed` may then be None). `alpha` may be held
+  strategy; each is derived on the fly when not given (`packed` may then be
+  None; the codes from `lut` when it is given: `lean`). `alpha` may be held
   in fp16 (half the bytes); it is widened to fp32 here. `packing="sparse34"`:
   `packed` holds sparse34 bytes `[in/8 + in/32, out]` and `lut` their
   `lut34_layout`.
@@ -281,7 +314,7 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
   x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   alpha = alpha.astype(jnp.float32)
   m = x2.shape[0]
-  if strategy == "auto":
+  if strategy in ("auto", "lean"):
     strategy = "lut" if m < 8 else "int8"
   xq = fake_quantize_int8(x2) if act_bits == 8 else x2
   sparse = packing == "sparse34"
@@ -294,8 +327,9 @@ def ternary_linear(x: jax.Array, packed: jax.Array, alpha: jax.Array,
     y = jax.vmap(lambda r: one(r, lut, alpha, c))(xq)
   elif strategy == "int8":
     if codes is None:
-      codes = int8_layout(unpack_codes(packed, packing=packing),
-                          alpha.shape[0])
+      codes = (lut_codes(lut, alpha.shape[0], packing) if lut is not None else
+               int8_layout(unpack_codes(packed, packing=packing),
+                           alpha.shape[0]))
     y = _int8(x2, codes, alpha, c)
   elif strategy == "q8k":
     alpha16 = alpha.astype(jnp.float16).astype(jnp.float32)

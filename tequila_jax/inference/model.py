@@ -6,7 +6,8 @@ weights (the baseline the ternary model is measured against).
 the 2-bit (or `sparse34`) bytes reordered for table lookup
 (`kernels.lut_layout`, `lut34_layout`); `int8`
 the codes unpacked to int8 (1 byte/weight, `kernels.int8_layout`); `auto`
-both; `exact` / `q8k` the packing as exported.
+both; `lean` the `lut` bytes alone (batched calls unpack them in-program);
+`exact` / `q8k` the packing as exported.
 Projections that read the same input (q/k/v, gate/up) are concatenated at
 load and run as one kernel call, and every layer's weights are separate
 arrays, so the unrolled decode step slices nothing.
@@ -183,7 +184,7 @@ class PackedLlama(_Decoder):
       if int8_codes:
         layer["codes"] = jax.vmap(functools.partial(
             int8_layout, groups=groups))(jnp.asarray(codes))
-      if strategy in ("lut", "auto"):
+      if strategy in ("lut", "auto", "lean"):
         layout = lut34_layout if self.packing == "sparse34" else lut_layout
         layer["lut"] = jax.vmap(functools.partial(
             layout, groups=groups))(jnp.asarray(packed))

@@ -30,8 +30,9 @@ class InferenceSettings:
   """How a `PackedLlama` holds and runs an export (frozen, hashable).
 
   - `strategy`: the ternary kernel (`kernels.STRATEGIES`: `exact`, `lut`,
-    `int8`, `q8k`, or `auto` = `lut` below 8 rows, else `int8`); it also
-    decides which forms of the codes are held (`PackedLlama`).
+    `int8`, `q8k`, or `auto` = `lut` below 8 rows, else `int8`; `lean` =
+    `auto` holding the packed bytes alone); it also decides which forms of
+    the codes are held (`PackedLlama`).
   - `embed`: `float` keeps the embedding and head in the export's float
     dtype; `int8` holds them as int8 with one scale per vocabulary row
     (logits ~1e-2 relative).
