@@ -3,11 +3,13 @@
 # (absmean, sherry, sherry without Arenas, tequila), each exactly as the
 # sweep's own worker (`run_point`) would, then the sweep itself, which finds
 # them done and tabulates. Run from the repository root:
-#   bash experiments/results/sherry/run_points.sh runs/sherry
-# Resumable: rerun it after an interruption.
+#   bash experiments/results/sherry/run_points.sh runs/sherry [STEPS]
+# (STEPS: 100 by default; the first look ran 50). Resumable: rerun it after
+# an interruption.
 export PYTHONPATH=$PWD
 OUT=${1:-runs/sherry}
-FIXED='"train.steps": 50, "train.batch_size": 4, "data.seq_len": 128, "diagnostics.trap_steps": 10, "train.log_every": 5, "train.eval_every": 50, "train.checkpoint_every": 25, "train.progress": false, "train.tensorboard": false'
+STEPS=${2:-100}
+FIXED="\"train.steps\": $STEPS, \"train.batch_size\": 4, \"data.seq_len\": 128, \"diagnostics.trap_steps\": 10, \"train.log_every\": 5, \"train.eval_every\": $STEPS, \"train.checkpoint_every\": 25, \"train.progress\": false, \"train.tensorboard\": false"
 for p in 'method=absmean|"model.quant.method": "absmean"' \
          'method=sherry|"model.quant.method": "sherry"' \
          'arenas_max_eps=0.0,method=sherry|"model.quant.method": "sherry", "model.quant.arenas_max_eps": 0.0' \
@@ -24,9 +26,9 @@ sweep.run_point('configs/smollm2_135m.py', json.loads(sys.argv[1]),
 done
 echo "=== sweep $(date)"
 python -m experiments.sweep --config configs/smollm2_135m.py --sweep sherry \
-  --set train.steps=50 --set train.batch_size=4 --set data.seq_len=128 \
+  --set train.steps=$STEPS --set train.batch_size=4 --set data.seq_len=128 \
   --set diagnostics.trap_steps=10 --set train.log_every=5 \
-  --set train.eval_every=50 --set train.checkpoint_every=25 \
+  --set train.eval_every=$STEPS --set train.checkpoint_every=25 \
   --set train.progress=false --set train.tensorboard=false \
   --eval_windows 192 --reference method=absmean --out $OUT
 echo "=== done $(date)"
