@@ -3,11 +3,15 @@
 refusals inside whole runs: test_faults.py (layout, corpus), test_trainer.py
 (config), test_distill.py (teacher)."""
 
+import shutil
+
+import jax
 import pytest
 
-from tequila_jax import config_lib, model
+from tequila_jax import config_lib, model, train
 from tequila_jax import workdir as workdir_lib
 from tequila_jax.train import resume
+from tests.conftest import tiny_run_config
 
 
 def _changes(**fields):
@@ -74,3 +78,16 @@ def test_run_time_fields_name_fields_of_the_config():
     assert (entry in flat if not entry.endswith(".")
             else any(k.startswith(entry) for k in flat)), entry
   assert len(set(resume.RUN_TIME_FIELDS)) == len(resume.RUN_TIME_FIELDS)
+
+
+def test_a_resumed_run_does_not_load_its_initial_checkpoint(tiny_run, corpora,
+                                                            tmp_path):
+  """The checkpoint holds the state, so a resume neither initializes it nor
+  reads `init.checkpoint` (a pretrained model may be large, or gone): the
+  run resumes with that location missing."""
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run, workdir)
+  config = tiny_run_config(corpora, steps=13, allow_config_change=True)
+  config.init.checkpoint = str(tmp_path / "deleted_pretrained_model")
+  summary = train.run(config, workdir, devices=jax.devices()[:1])
+  assert (summary["start_step"], summary["step"]) == (12, 13)

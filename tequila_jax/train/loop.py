@@ -183,11 +183,6 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
   config, mesh = tr.config, tr.mesh
   t = config.train
   main = jax.process_index() == 0
-  state = tr.init_state(pretrained_params(config, tr.model_cfg)
-                        if config.init.checkpoint else None)
-  n_params = model_lib.param_count(state["params"])
-  log.info("model: %.1fM parameters; mesh %s", n_params / 1e6, dict(mesh.shape))
-
   data_iter = data.train_iterator(
       corpus, seq_len=config.data.seq_len, batch_size=tr.local_batch,
       seed=config.seed, process_index=jax.process_index(),
@@ -197,8 +192,7 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
                                  keep=t.keep_checkpoints,
                                  async_save=t.async_checkpoints)
   start = None
-  if ckpt.steps():
-    del state
+  if ckpt.steps():  # the checkpoint holds the state: nothing to initialize
     state, start, stale = _restore(tr, ckpt, data_iter)
     if tr.diag is not None and "diag" in stale:
       state["diag"] = jax.jit(diagnostics.init_state, static_argnums=1,
@@ -207,6 +201,11 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
       log.warning("the checkpoint's deadzone trap counters do not fit this "
                   "version's diagnostics: they restart from step %d.", start)
     log.info("resumed from step %d", start)
+  else:
+    state = tr.init_state(pretrained_params(config, tr.model_cfg)
+                          if config.init.checkpoint else None)
+  n_params = model_lib.param_count(state["params"])
+  log.info("model: %.1fM parameters; mesh %s", n_params / 1e6, dict(mesh.shape))
   if main:  # the state restored: this config and corpus are the run's now
     resume.record(workdir, config, corpus, teacher)
   resumed, start = start, start or 0
