@@ -5,6 +5,7 @@ teacher refused."""
 
 import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -255,11 +256,14 @@ def test_teacher_is_never_trained(tmp_path, mesh, parallelism):
 # Runs: metrics, resume, the teacher's record
 # --------------------------------------------------------------------------
 
+# The runs' train fields: both resume tests below compile the same step.
+RESUME = dict(steps=6, log_every=1, checkpoint_every=3, eval_every=100)
+
+
 def test_resume_is_exact_with_distillation(tmp_path):
-  kw = dict(steps=6, log_every=1, checkpoint_every=3, eval_every=100)
-  train.run(_distilling(tmp_path, **kw), tmp_path / "straight")
-  train.run(_distilling(tmp_path, **kw), tmp_path / "split", stop_at=3)
-  second = train.run(_distilling(tmp_path, **kw), tmp_path / "split")
+  train.run(_distilling(tmp_path, **RESUME), tmp_path / "straight")
+  train.run(_distilling(tmp_path, **RESUME), tmp_path / "split", stop_at=3)
+  second = train.run(_distilling(tmp_path, **RESUME), tmp_path / "split")
   assert second["start_step"] == 3 and second["step"] == 6
   a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
   assert sorted(a) == list(range(1, 7)) and a == b
@@ -281,38 +285,40 @@ def test_resume_is_exact_with_distillation(tmp_path):
   record["shapes"]["['embed']['embedding']"] = [512, 64]
   workdir_lib.write_teacher(tmp_path / "split", record)
   with pytest.raises(ValueError, match=r"differ in shape: \['embed'\]"):
-    train.run(_distilling(tmp_path, **kw), tmp_path / "split")
+    train.run(_distilling(tmp_path, **RESUME), tmp_path / "split")
 
 
-def test_resume_refuses_a_changed_or_missing_teacher(tmp_path):
+def test_resume_refuses_a_changed_or_missing_teacher(tmp_path, tiny_run):
   """The teacher is a training workdir; once its files change, resuming the
   distilled run is refused, by the CLI, with one line and exit status 2.
   Once it is moved away, the refusal names it missing, where it was, and
   the fixes (allow_config_change alone cannot distill from nothing);
-  pointing to its new place on purpose resumes."""
-  teacher_run = lambda: _tiny(tmp_path, steps=3, checkpoint_every=1,  # noqa: E731
-                              eval_every=100)
-  train.run(teacher_run(), tmp_path / "teacher", stop_at=2)
-  config = _tiny(tmp_path, steps=4, checkpoint_every=2, eval_every=100)
-  config.distill.update(weight=1.0, teacher=str(tmp_path / "teacher"))
-  train.run(config, tmp_path / "student", stop_at=2)
+  pointing to its new place on purpose resumes. The teacher: the session's
+  `tiny_run` as it was at step 10, which then goes on to its step 12."""
+  shutil.copytree(tiny_run, tmp_path / "teacher")
+  shutil.rmtree(tmp_path / "teacher" / "checkpoints" / "12")
+  config = _distilling(tmp_path, **RESUME)
+  config.distill.teacher = str(tmp_path / "teacher")
+  train.run(config, tmp_path / "student", stop_at=3)
   record = json.loads((tmp_path / "student" / "teacher.json").read_text())
   assert record["teacher"] == str(tmp_path / "teacher")
   assert len(record["content_hash"]) == 16
   # The teacher run goes on: its files change.
-  train.run(teacher_run(), tmp_path / "teacher")
+  shutil.copytree(tiny_run / "checkpoints" / "12",
+                  tmp_path / "teacher" / "checkpoints" / "12")
   out = cli.run_cli(
       "train", f"--config={TINY}", f"--workdir={tmp_path / 'student'}",
       f"--config.data.cache_dir={tmp_path}/corpora",
-      "--config.train.steps=4", "--config.train.checkpoint_every=2",
-      "--config.train.eval_every=100", "--config.train.async_checkpoints=False",
-      "--config.distill.weight=1.0",
+      *(f"--config.train.{k}={v}" for k, v in RESUME.items()),
+      "--config.train.async_checkpoints=False",
+      "--config.distill.weight=1.0", "--config.distill.temperature=2.0",
+      "--config.distill.attention_weight=0.5",
       f"--config.distill.teacher={tmp_path / 'teacher'}", check=False)
   assert out.returncode == 2, out.stderr[-2000:]
   lines = out.stderr.strip().splitlines()
   assert lines[-1].startswith("error: ") and "content hash" in lines[-1]
   assert "Restore that teacher" in lines[-1]
-  assert checkpoint.restore_state(tmp_path / "student")["step"] == 2
+  assert checkpoint.restore_state(tmp_path / "student")["step"] == 3
 
   (tmp_path / "teacher").rename(tmp_path / "moved")
   files = lambda: {p.name: p.read_bytes()  # noqa: E731
@@ -330,7 +336,7 @@ def test_resume_refuses_a_changed_or_missing_teacher(tmp_path):
   assert files() == before
   config.distill.teacher = str(tmp_path / "moved")
   summary = train.run(config, tmp_path / "student")
-  assert summary["start_step"] == 2 and summary["step"] == 4
+  assert summary["start_step"] == 3 and summary["step"] == 6
   assert workdir_lib.read_teacher(tmp_path / "student")["teacher"] == str(
       tmp_path / "moved")
 
