@@ -208,10 +208,10 @@ def test_gsnr_by_hand():
   assert m["ratio_hist/q_proj"].sum() == 2  # r = 3.2, 3.6 are past hist_max
 
 
-def test_train_step_gsnr_equals_direct_computation(tmp_path):
+def test_train_step_gsnr_equals_direct_computation():
   """Welford accumulation in train_step vs per-micro-batch gradients."""
   from tests.test_trainer import _tiny  # pylint: disable=g-import-not-at-top
-  config = _tiny(tmp_path, micro_batches=4, batch_size=8)
+  config = _tiny(micro_batches=4, batch_size=8)
   setup = train.build_train(config, devices=jax.devices()[:1])
   graphdef, state = setup.graphdef, setup.init_state()
   batch = jnp.asarray(np.random.default_rng(0).integers(0, 258, (8, 65)))
@@ -267,7 +267,7 @@ def test_frozen_weights_control(tmp_path):
   """lr = 0: nothing crosses or escapes, and every sampled weight in the
   trap band is trapped from step S on (in D at S + 1 consecutive states)."""
   from tests.test_trainer import _tiny  # pylint: disable=g-import-not-at-top
-  config = _tiny(tmp_path, steps=12, log_every=1, eval_every=100,
+  config = _tiny(steps=12, log_every=1, eval_every=100,
                  checkpoint_every=100)
   config.optim.lr = 0.0
   config.diagnostics.trap_steps = 5
@@ -295,9 +295,9 @@ def test_frozen_weights_control(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["none", "absmean"])
-def test_diagnostics_follow_the_method(tmp_path, method):
+def test_diagnostics_follow_the_method(method):
   from tests.test_trainer import _tiny  # pylint: disable=g-import-not-at-top
-  config = _tiny(tmp_path)
+  config = _tiny()
   config.model.quant.method = method
   setup = train.build_train(config, devices=jax.devices()[:1])
   assert (setup.diag is None) == (method == "none")
