@@ -64,10 +64,16 @@ def tiny_run_config(corpora, **train_overrides):
   return config
 
 
+# One corpus cache for the session's tiny runs (`corpora`, and
+# tests.test_trainer's `_tiny` configs): each corpus is prepared once.
+CORPORA = pathlib.Path(tempfile.mkdtemp(prefix="tequila_jax_corpora_"))
+atexit.register(shutil.rmtree, CORPORA, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def corpora(tmp_path_factory):
+def corpora():
   """A corpus cache shared by the session's tiny runs."""
-  return tmp_path_factory.mktemp("corpora")
+  return CORPORA
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ teacher refused."""
 
 import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from tequila_jax import checkpoint, config_lib, distill, losses, metrics, train
 from tequila_jax import model as model_lib
 from tequila_jax import workdir as workdir_lib
 from tests import cli
+from tests.conftest import CORPORA
 from tests.test_trainer import ROOT, TINY, _losses, _params, _tiny
 from tests.tolerances import (assert_within, chain_atol, llama_depth,
                               llama_k, sum_order_bound)
@@ -195,17 +197,17 @@ def _steps(config, n, devices=None):
   return out, state, tr
 
 
-def _distilling(tmp_path, **train_overrides):
-  config = _tiny(tmp_path, **train_overrides)
+def _distilling(**train_overrides):
+  config = _tiny(**train_overrides)
   config.distill.update(weight=1.0, temperature=2.0, attention_weight=0.5)
   return config
 
 
-def test_distill_off_is_todays_step(tmp_path):
+def test_distill_off_is_todays_step():
   """distill.weight = 0 builds no teacher and the step of a config that never
   mentions distillation, whatever the other distill fields say."""
-  plain = _tiny(tmp_path)
-  off = _tiny(tmp_path)
+  plain = _tiny()
+  off = _tiny()
   off.distill.update(weight=0.0, temperature=3.0, kind="reverse_kl",
                      teacher="nowhere", attention_layer=0)
   a, sa, tr = _steps(plain, 3)
@@ -223,8 +225,8 @@ def test_distill_off_is_todays_step(tmp_path):
                                                ((1, 8), "gspmd"),
                                                ((8, 1), "shard_map")],
                          ids=["one_device", "fsdp8", "shard_map8"])
-def test_teacher_is_never_trained(tmp_path, mesh, parallelism):
-  config = _distilling(tmp_path, batch_size=8, parallelism=parallelism)
+def test_teacher_is_never_trained(mesh, parallelism):
+  config = _distilling(batch_size=8, parallelism=parallelism)
   config.mesh.update(data=mesh[0], fsdp=mesh[1])
   devices = jax.devices()[:mesh[0] * mesh[1]]
   tr = train.build_train(config, devices=devices)
@@ -245,7 +247,7 @@ def test_teacher_is_never_trained(tmp_path, mesh, parallelism):
   assert not np.array_equal(  # while the student moved
       jax.device_get(state["params"]["embed"]["embedding"]),
       before["embed"]["embedding"])
-  single, _, _ = _steps(_distilling(tmp_path, batch_size=8), 3,
+  single, _, _ = _steps(_distilling(batch_size=8), 3,
                         jax.devices()[:1])
   np.testing.assert_allclose([m["loss"] for m in ms],
                              [m["loss"] for m in single], rtol=2e-5)
@@ -255,11 +257,14 @@ def test_teacher_is_never_trained(tmp_path, mesh, parallelism):
 # Runs: metrics, resume, the teacher's record
 # --------------------------------------------------------------------------
 
+# The runs' train fields: both resume tests below compile the same step.
+RESUME = dict(steps=6, log_every=1, checkpoint_every=3, eval_every=100)
+
+
 def test_resume_is_exact_with_distillation(tmp_path):
-  kw = dict(steps=6, log_every=1, checkpoint_every=3, eval_every=100)
-  train.run(_distilling(tmp_path, **kw), tmp_path / "straight")
-  train.run(_distilling(tmp_path, **kw), tmp_path / "split", stop_at=3)
-  second = train.run(_distilling(tmp_path, **kw), tmp_path / "split")
+  train.run(_distilling(**RESUME), tmp_path / "straight")
+  train.run(_distilling(**RESUME), tmp_path / "split", stop_at=3)
+  second = train.run(_distilling(**RESUME), tmp_path / "split")
   assert second["start_step"] == 3 and second["step"] == 6
   a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
   assert sorted(a) == list(range(1, 7)) and a == b
@@ -281,38 +286,40 @@ def test_resume_is_exact_with_distillation(tmp_path):
   record["shapes"]["['embed']['embedding']"] = [512, 64]
   workdir_lib.write_teacher(tmp_path / "split", record)
   with pytest.raises(ValueError, match=r"differ in shape: \['embed'\]"):
-    train.run(_distilling(tmp_path, **kw), tmp_path / "split")
+    train.run(_distilling(**RESUME), tmp_path / "split")
 
 
-def test_resume_refuses_a_changed_or_missing_teacher(tmp_path):
+def test_resume_refuses_a_changed_or_missing_teacher(tmp_path, tiny_run):
   """The teacher is a training workdir; once its files change, resuming the
   distilled run is refused, by the CLI, with one line and exit status 2.
   Once it is moved away, the refusal names it missing, where it was, and
   the fixes (allow_config_change alone cannot distill from nothing);
-  pointing to its new place on purpose resumes."""
-  teacher_run = lambda: _tiny(tmp_path, steps=3, checkpoint_every=1,  # noqa: E731
-                              eval_every=100)
-  train.run(teacher_run(), tmp_path / "teacher", stop_at=2)
-  config = _tiny(tmp_path, steps=4, checkpoint_every=2, eval_every=100)
-  config.distill.update(weight=1.0, teacher=str(tmp_path / "teacher"))
-  train.run(config, tmp_path / "student", stop_at=2)
+  pointing to its new place on purpose resumes. The teacher: the session's
+  `tiny_run` as it was at step 10, which then goes on to its step 12."""
+  shutil.copytree(tiny_run, tmp_path / "teacher")
+  shutil.rmtree(tmp_path / "teacher" / "checkpoints" / "12")
+  config = _distilling(**RESUME)
+  config.distill.teacher = str(tmp_path / "teacher")
+  train.run(config, tmp_path / "student", stop_at=3)
   record = json.loads((tmp_path / "student" / "teacher.json").read_text())
   assert record["teacher"] == str(tmp_path / "teacher")
   assert len(record["content_hash"]) == 16
   # The teacher run goes on: its files change.
-  train.run(teacher_run(), tmp_path / "teacher")
+  shutil.copytree(tiny_run / "checkpoints" / "12",
+                  tmp_path / "teacher" / "checkpoints" / "12")
   out = cli.run_cli(
       "train", f"--config={TINY}", f"--workdir={tmp_path / 'student'}",
-      f"--config.data.cache_dir={tmp_path}/corpora",
-      "--config.train.steps=4", "--config.train.checkpoint_every=2",
-      "--config.train.eval_every=100", "--config.train.async_checkpoints=False",
-      "--config.distill.weight=1.0",
+      f"--config.data.cache_dir={CORPORA}",
+      *(f"--config.train.{k}={v}" for k, v in RESUME.items()),
+      "--config.train.async_checkpoints=False",
+      "--config.distill.weight=1.0", "--config.distill.temperature=2.0",
+      "--config.distill.attention_weight=0.5",
       f"--config.distill.teacher={tmp_path / 'teacher'}", check=False)
   assert out.returncode == 2, out.stderr[-2000:]
   lines = out.stderr.strip().splitlines()
   assert lines[-1].startswith("error: ") and "content hash" in lines[-1]
   assert "Restore that teacher" in lines[-1]
-  assert checkpoint.restore_state(tmp_path / "student")["step"] == 2
+  assert checkpoint.restore_state(tmp_path / "student")["step"] == 3
 
   (tmp_path / "teacher").rename(tmp_path / "moved")
   files = lambda: {p.name: p.read_bytes()  # noqa: E731
@@ -330,46 +337,46 @@ def test_resume_refuses_a_changed_or_missing_teacher(tmp_path):
   assert files() == before
   config.distill.teacher = str(tmp_path / "moved")
   summary = train.run(config, tmp_path / "student")
-  assert summary["start_step"] == 2 and summary["step"] == 4
+  assert summary["start_step"] == 3 and summary["step"] == 6
   assert workdir_lib.read_teacher(tmp_path / "student")["teacher"] == str(
       tmp_path / "moved")
 
 
-def test_enabling_distillation_on_an_older_run_is_a_config_change(tmp_path):
-  stored = _tiny(tmp_path).to_dict()
+def test_enabling_distillation_on_an_older_run_is_a_config_change():
+  stored = _tiny().to_dict()
   del stored["distill"]  # a run of a version before distillation
   stored = config_lib.ml_collections.ConfigDict(stored)
-  config = _tiny(tmp_path)
+  config = _tiny()
   assert train.resume.config_changes(stored, config) == []
   config.distill.weight = 1.0
   assert train.resume.config_changes(stored, config) == [
       "distill.weight: 0.0 -> 1.0"]
 
 
-def test_bad_distill_configs_are_refused(tmp_path):
+def test_bad_distill_configs_are_refused():
   for field, value, match in [
       ("kind", "jsd", "choose one of"), ("temperature", 0.0, "must be > 0"),
       ("attention_layer", 2, "not a layer"), ("weight", -1.0, ">= 0")]:
-    config = _tiny(tmp_path)
+    config = _tiny()
     config.distill.update(**{"weight": 1.0, field: value})
     with pytest.raises(ValueError, match=match):
       train.build_train(config, devices=jax.devices()[:1])
-  config = _tiny(tmp_path)
+  config = _tiny()
   config.distill.ce_weight = 0.5
   with pytest.raises(ValueError, match="only rescale"):
     train.build_train(config, devices=jax.devices()[:1])
-  config = _distilling(tmp_path)
+  config = _distilling()
   config.distill.attention_heads = 3
   with pytest.raises(ValueError, match="does not divide"):
     train.build_train(config, devices=jax.devices()[:1]).teacher  # noqa: B018
 
 
-def test_sweep_runs_and_benchmark_candidates_distill(tmp_path):
+def test_sweep_runs_and_benchmark_candidates_distill():
   from experiments import bench_train_step, reproduce_smollm2, sweep  # pylint: disable=g-import-not-at-top
   points = sweep.grid(["distill"])
   assert [p.get("distill.kind") for p in points] == [None, "kl", "reverse_kl"]
   for p in points:
-    config = _tiny(tmp_path)
+    config = _tiny()
     config.update_from_flattened_dict(p)
     tr = train.build_train(config, devices=jax.devices()[:1])
     assert (tr.distill is None) == (p["distill.weight"] == 0)
@@ -402,13 +409,12 @@ def test_1b_dry_run_states_the_teachers_bytes():
 @pytest.mark.multidevice
 def test_two_processes_distill_like_one(tmp_path):
   from tests.test_multiprocess import STEPS, _launch  # pylint: disable=g-import-not-at-top
-  config = _tiny(tmp_path, **STEPS)
+  config = _tiny(**STEPS)
   config.mesh.update(data=4, fsdp=2)
   config.diagnostics.enabled = False
   config.distill.weight = 1.0
   train.run(config, tmp_path / "single")
-  _launch(tmp_path, tmp_path / "two",
-          **{"mesh.fsdp": 2, "distill.weight": 1.0})
+  _launch(tmp_path / "two", **{"mesh.fsdp": 2, "distill.weight": 1.0})
   a, b = _losses(tmp_path / "single"), _losses(tmp_path / "two")
   assert sorted(a) == sorted(b) == list(range(1, 7))
   np.testing.assert_allclose([b[k] for k in a], list(a.values()), rtol=2e-5)

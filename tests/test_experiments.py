@@ -10,6 +10,7 @@ import pytest
 
 from experiments import reproduce_small, sweep
 from tests.cli import ROOT, env as _env
+from tests.conftest import CORPORA
 
 
 def test_grid_is_a_product_and_names_are_stable():
@@ -63,7 +64,7 @@ def test_interrupted_sweep_resumes_without_redoing_points(tmp_path):
   cmd = [sys.executable, "-m", "experiments.sweep", "--config",
          str(ROOT / "configs/tiny.py"), "--sweep", "seeds",
          "--set", "train.steps=4", "--set", "train.eval_every=100",
-         "--set", f"data.cache_dir={tmp_path}/c", "--out", str(out)]
+         "--set", f"data.cache_dir={CORPORA}", "--out", str(out)]
   proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first = out / "seed=0" / "summary.json"

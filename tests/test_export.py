@@ -458,17 +458,15 @@ def test_bad_files_are_refused(qat_model, tmp_path):
   assert not list(tmp_path.glob(".*"))  # no temporaries left behind
 
 
-def test_export_and_generate_clis(tmp_path):
-  config = config_lib.tiny("tequila")
-  config.data.cache_dir = str(tmp_path / "corpora")
-  config.train.update(steps=2, async_checkpoints=False)
-  train.run(config, tmp_path / "run", devices=jax.devices()[:1])
-  out = run_cli("export", "--checkpoint", tmp_path / "run", "--out",
+def test_export_and_generate_clis(tmp_path, tiny_run):
+  """The export, generate and inference_precision commands on the session's
+  trained tiny run (read only), and their one-line errors."""
+  out = run_cli("export", "--checkpoint", tiny_run, "--out",
                 tmp_path / "m.tqj").stdout
   assert json.loads(out[:out.index("\nwrote")])["code_bits_per_weight"] == 2.0
   assert "bits per ternary weight" in out
   # sparse34 on a tequila run (codes not 3:4): one line, no file.
-  bad = run_cli("export", "--checkpoint", tmp_path / "run", "--out",
+  bad = run_cli("export", "--checkpoint", tiny_run, "--out",
                 tmp_path / "s.tqj", "--packing", "sparse34", check=False)
   assert bad.returncode == 2 and "are not 3:4" in bad.stderr.splitlines()[-1]
   assert "--packing 2bit or base3" in bad.stderr and "Traceback" not in bad.stderr
@@ -482,7 +480,7 @@ def test_export_and_generate_clis(tmp_path):
                 "--alpha_dtype", "float16", "--kv_dtype", "bfloat16")
   assert gen.stdout.startswith("To be") and "3 tokens" in gen.stderr
   # Each run-time precision scored on the run's held-out windows.
-  inference_precision.main(["--workdir", str(tmp_path / "run"), "--seq_len",
+  inference_precision.main(["--workdir", str(tiny_run), "--seq_len",
                             "64", "--max_windows", "4", "--out",
                             str(tmp_path / "precision")])
   rows = json.loads((tmp_path / "precision/results.json").read_text())
@@ -491,7 +489,7 @@ def test_export_and_generate_clis(tmp_path):
       r["verdict"] in ("better", "worse", "inconclusive") for r in rows[1:])
   # --hf_out alone writes a Hugging Face LLaMA with biases, which exports
   # back to the same .tqj tensors.
-  out = run_cli("export", "--checkpoint", tmp_path / "run", "--hf_out",
+  out = run_cli("export", "--checkpoint", tiny_run, "--hf_out",
                 tmp_path / "hf").stdout
   assert "a Hugging Face LLaMA with biases" in out
   run_cli("export", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "b.tqj")

@@ -406,7 +406,8 @@ def test_sweep_point_stopped_during_evaluation_records_real_figures(
   """A point stopped after its last checkpoint, in its evaluation, has no
   summary; the rerun evaluates it from its checkpoint and records the
   logged train loss and the wall time of both tries."""
-  config = lambda: tiny_run_config(corpora, steps=6, checkpoint_every=3)  # noqa: E731
+  # tiny_run's steps: its compiled step (cached in the session) serves.
+  config = lambda: tiny_run_config(corpora, checkpoint_every=3)  # noqa: E731
   point = tmp_path / "point"
 
   def stop(*_):
@@ -419,10 +420,10 @@ def test_sweep_point_stopped_during_evaluation_records_real_figures(
   assert not (point / "summary.json").exists()
   result = sweep.run_point(config, {}, point, max_eval_windows=2)
   logged = [r["train/loss"] for r in metrics.read_jsonl(point / "metrics.jsonl")
-            if r["step"] == 6 and "train/loss" in r]
+            if r["step"] == 12 and "train/loss" in r]
   assert result["train_loss"] == logged[-1] and np.isfinite(logged[-1])
   assert result["wall_s"] > first * 0.9
-  assert json.loads((point / "summary.json").read_text())["steps"] == 6
+  assert json.loads((point / "summary.json").read_text())["steps"] == 12
 
 
 # 7 -------------------------------------------------------------------------
@@ -564,7 +565,8 @@ def test_negative_lr_and_too_long_sequences_are_refused(tmp_path, corpora):
 def test_resume_on_an_edited_corpus_is_refused(tmp_path, corpora):
   source = tmp_path / "text.txt"
   source.write_text("To be, or not to be, that is the question. " * 400)
-  config = lambda **kw: tiny_run_config(corpora, steps=6, checkpoint_every=2, **kw)  # noqa: E731
+  # tiny_run's steps: its compiled step (cached in the session) serves.
+  config = lambda **kw: tiny_run_config(corpora, checkpoint_every=2, **kw)  # noqa: E731
 
   def with_source(c):
     c.data.sources = str(source)

@@ -194,7 +194,7 @@ def test_loaders_start_alpha_from_the_loaded_weights(tmp_path):
       "down_proj"]["kernel"]
   np.testing.assert_array_equal(p["kernel"], want)
   # A training run from it: its first state's α is that of the weights.
-  config = _tiny(tmp_path)
+  config = _tiny()
   config.init.checkpoint = str(tmp_path / "hf")
   config.model.quant.update(method="seq", granularity="per_channel")
   setup = train.build_train(config, devices=jax.devices()[:1])
@@ -210,6 +210,7 @@ def test_loaders_start_alpha_from_the_loaded_weights(tmp_path):
   config.model.quant.update(method="tequila", granularity="per_group",
                             lam_mode="per_layer")
   config.train.update(steps=1, eval_batches=1, eval_every=100)
+  config.diagnostics.enabled = False  # one compiled step, not two
   summary = train.run(config, tmp_path / "run", devices=jax.devices()[:1])
   assert summary["eval_float"]["loss"] != summary["eval_before"]["loss"]
 
@@ -268,7 +269,7 @@ def test_resume_is_exact_with_learned_parameters(tmp_path, name):
   qcfg = LEARNED[name]
 
   def config():
-    c = _tiny(tmp_path, steps=8, log_every=1, checkpoint_every=4,
+    c = _tiny(steps=8, log_every=1, checkpoint_every=4,
               eval_every=100)
     c.model.quant.update({k: getattr(qcfg, k) for k in (
         "method", "granularity", "group_size", "lam", "lam_mode",
@@ -434,10 +435,10 @@ def test_learned_parameters_train_the_same_sharded(tmp_path, name, mesh,
       "method", "granularity", "group_size", "lam", "lam_mode", "lam_std")}
   steps = dict(steps=4, log_every=1, checkpoint_every=4, eval_every=100,
                batch_size=16, eval_batch_size=16)
-  single = _tiny(tmp_path, **steps)
+  single = _tiny(**steps)
   single.model.quant.update(fields)
   train.run(single, tmp_path / "single", devices=jax.devices()[:1])
-  par = _tiny(tmp_path, **steps, micro_batches=micro, parallelism=parallelism)
+  par = _tiny(**steps, micro_batches=micro, parallelism=parallelism)
   par.model.quant.update(fields)
   par.mesh.update(data=mesh[0], fsdp=mesh[1])
   train.run(par, tmp_path / "par")
@@ -451,16 +452,16 @@ def test_learned_parameters_train_the_same_sharded(tmp_path, name, mesh,
     assert off.mean() < 1e-3 and np.abs(np.asarray(x) - y).max() < 1e-3
 
 
-def test_a_workdir_keeps_its_trained_parameters_unless_another_quantizer():
+def test_a_workdir_keeps_its_trained_parameters_unless_another_quantizer(
+    tmp_path):
   """A learned run's workdir loads with its trained α — also under a
   quantizer that learns the same parameters (another act_bits, lam or
   group_size flag default) — and restarts them only for one that learns
   others."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  tmp = tempfile.mkdtemp()
-  config = _tiny(__import__("pathlib").Path(tmp), steps=3, eval_every=100,
-                 checkpoint_every=3)
+  tmp = str(tmp_path)
+  config = _tiny(steps=3, eval_every=100, checkpoint_every=3)
   config.model.quant.update(method="lsq", granularity="per_channel")
+  config.diagnostics.enabled = False  # one compiled step, not two
   train.run(config, f"{tmp}/run", devices=jax.devices()[:1])
 
   def alpha(m):

@@ -14,6 +14,7 @@ import pytest
 
 from tequila_jax import train
 from tests.cli import ROOT
+from tests.conftest import CORPORA
 from tests.test_trainer import TINY, _losses, _params, _tiny
 from tests.tolerances import assert_runs_close
 
@@ -27,7 +28,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(tmp_path, workdir, **overrides):
+def _launch(workdir, **overrides):
   """docs/training.md's command on 2 processes of 4 CPU devices each."""
   port = _free_port()
   flags = {**STEPS, **overrides, "async_checkpoints": False,
@@ -38,7 +39,7 @@ def _launch(tmp_path, workdir, **overrides):
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   procs = [subprocess.Popen(
       [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
-       f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path}/corpora",
+       f"--workdir={workdir}", f"--config.data.cache_dir={CORPORA}",
        *(f"--config.{k if '.' in k else 'train.' + k}={v}"
          for k, v in flags.items()), f"--config.train.process_id={p}"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -51,12 +52,12 @@ def _launch(tmp_path, workdir, **overrides):
 
 @pytest.mark.multidevice
 def test_two_processes_match_one_and_resume_exactly(tmp_path):
-  config = _tiny(tmp_path, **STEPS)
+  config = _tiny(**STEPS)
   config.mesh.update(data=4, fsdp=2)
   config.diagnostics.enabled = False
   train.run(config, tmp_path / "single")
 
-  logs = _launch(tmp_path, tmp_path / "two", **{"mesh.fsdp": 2})
+  logs = _launch(tmp_path / "two", **{"mesh.fsdp": 2})
   assert "process 1 of 2: 4 local devices of 8" in logs[1]
   a, b = _losses(tmp_path / "single"), _losses(tmp_path / "two")
   assert sorted(b) == list(range(1, 7))  # process 0 alone writes metrics
@@ -70,13 +71,13 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path):
   # Preempted after step 3: both processes restore it and finish bit-exactly.
   shutil.copytree(tmp_path / "two", tmp_path / "resumed")
   shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
-  _launch(tmp_path, tmp_path / "resumed", **{"mesh.fsdp": 2})
+  _launch(tmp_path / "resumed", **{"mesh.fsdp": 2})
   for x, y in zip(jax.tree.leaves(two),
                   jax.tree.leaves(_params(tmp_path / "resumed", 6))):
     np.testing.assert_array_equal(x, y)
 
   # The explicit data-parallel step (shard_map over the 8 devices of both).
-  _launch(tmp_path, tmp_path / "shard_map", parallelism="shard_map")
+  _launch(tmp_path / "shard_map", parallelism="shard_map")
   c = _losses(tmp_path / "shard_map")
   np.testing.assert_allclose([c[k] for k in a], list(a.values()), rtol=2e-5)
   assert_runs_close(two, _params(tmp_path / "shard_map", 6))

@@ -126,12 +126,12 @@ def test_training_losses_see_eps(run, loss_chunk):
   np.testing.assert_allclose(got, want, rtol=0, atol=2 * tol)
 
 
-def test_distilling_a_sherry_ablation_builds_its_float_teacher(tmp_path):
+def test_distilling_a_sherry_ablation_builds_its_float_teacher():
   """The float teacher of a sherry run is method none, whatever the
   student's Arenas fields (they belong to sherry alone)."""
   from tequila_jax import train  # pylint: disable=g-import-not-at-top
   from tests.test_trainer import _tiny  # pylint: disable=g-import-not-at-top
-  config = _tiny(tmp_path)
+  config = _tiny()
   config.model.quant.update(method="sherry", arenas_max_eps=0.0)
   config.distill.weight = 1.0
   tr = train.build_train(config, devices=jax.devices()[:1])

@@ -17,15 +17,18 @@ import pytest
 from tequila_jax import checkpoint, config_lib, losses, metrics, train
 from tequila_jax import workdir as workdir_lib
 from tests import cli
+from tests.conftest import CORPORA
 from tests.tolerances import assert_runs_close, chain_atol
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.py")
 
 
-def _tiny(tmp_path, **overrides):
+def _tiny(**overrides):
+  """configs/tiny.py with `overrides` of its train fields, its corpus in the
+  session's cache (`CORPORA`)."""
   config = config_lib.load_config_file(TINY)
-  config.data.cache_dir = str(tmp_path / "corpora")
+  config.data.cache_dir = str(CORPORA)
   config.train.update(async_checkpoints=False, **overrides)
   return config
 
@@ -50,7 +53,7 @@ _env = cli.env
 def test_cli_smoke_loss_falls(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
-         f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path}/c"]
+         f"--workdir={workdir}", f"--config.data.cache_dir={CORPORA}"]
   out = subprocess.run(cmd, capture_output=True, text=True, env=_env(),
                        cwd=ROOT, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -63,23 +66,35 @@ def test_cli_smoke_loss_falls(tmp_path):
   assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 30
 
 
+PARALLEL_STEPS = dict(steps=6, log_every=1, checkpoint_every=6,
+                      eval_every=100, batch_size=16, eval_batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+  """`PARALLEL_STEPS` on one device: the run every layout must match."""
+  tmp = tmp_path_factory.mktemp("single_device")
+  summary = train.run(_tiny(**PARALLEL_STEPS), tmp / "single",
+                      devices=jax.devices()[:1])
+  return tmp / "single", summary
+
+
 @pytest.mark.multidevice
 @pytest.mark.parametrize(
     "mesh, micro, parallelism",
     [((2, 4), 1, "gspmd"), ((1, 8), 2, "gspmd"), ((8, 1), 2, "shard_map")],
     ids=["data2_fsdp4", "fsdp8_accum2", "shard_map_data8_accum2"])
-def test_parallel_matches_single_device(tmp_path, mesh, micro, parallelism):
-  steps = dict(steps=6, log_every=1, checkpoint_every=6, eval_every=100,
-               batch_size=16, eval_batch_size=16)
-  single = _tiny(tmp_path, **steps)
-  s1 = train.run(single, tmp_path / "single", devices=jax.devices()[:1])
-  par = _tiny(tmp_path, **steps, micro_batches=micro, parallelism=parallelism)
+def test_parallel_matches_single_device(tmp_path, single_device_run, mesh,
+                                        micro, parallelism):
+  single, s1 = single_device_run
+  par = _tiny(**PARALLEL_STEPS, micro_batches=micro,
+              parallelism=parallelism)
   par.mesh.update(data=mesh[0], fsdp=mesh[1])
   s8 = train.run(par, tmp_path / "par")
-  a, b = _losses(tmp_path / "single"), _losses(tmp_path / "par")
+  a, b = _losses(single), _losses(tmp_path / "par")
   assert sorted(a) == sorted(b) == list(range(1, 7))
   np.testing.assert_allclose([b[k] for k in a], list(a.values()), rtol=2e-5)
-  pa, pb = _params(tmp_path / "single", 6), _params(tmp_path / "par", 6)
+  pa, pb = _params(single, 6), _params(tmp_path / "par", 6)
   assert_runs_close(pa, pb)  # isolated threshold flips: tests/tolerances.py
   assert abs(s1["eval_after"]["loss"] - s8["eval_after"]["loss"]) < 1e-4
 
@@ -94,7 +109,7 @@ def test_resume_is_exact(tmp_path, method):
   kw = dict(steps=20, log_every=1, checkpoint_every=5, eval_every=100)
 
   def config():  # trap windows of 4 steps: the split at 10 is mid-window
-    c = _tiny(tmp_path, **kw)
+    c = _tiny(**kw)
     c.diagnostics.trap_steps = 4
     c.model.quant.method = method
     return c
@@ -139,7 +154,7 @@ def test_resume_rebuilds_diagnostics_of_another_layout(tmp_path, caplog):
   """A checkpoint saved without diagnostics, or with another trap-counter
   layout (another version or sample size), resumes; the counters restart."""
   def config(enabled, sample_size=4096):
-    c = _tiny(tmp_path, steps=12, checkpoint_every=4, eval_every=100,
+    c = _tiny(steps=12, checkpoint_every=4, eval_every=100,
               log_every=1)
     c.diagnostics.update(enabled=enabled, sample_size=sample_size)
     return c
@@ -158,11 +173,13 @@ def test_resume_rebuilds_diagnostics_of_another_layout(tmp_path, caplog):
 
 
 def test_sigterm_saves_and_resumes(tmp_path):
+  """Diagnostics off: one compiled step (a logging step is another)."""
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
-         f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path}/c",
+         f"--workdir={workdir}", f"--config.data.cache_dir={CORPORA}",
          "--config.train.steps=100000", "--config.train.log_every=1",
-         "--config.train.checkpoint_every=100000"]
+         "--config.train.checkpoint_every=100000",
+         "--config.diagnostics.enabled=False"]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           env=_env(), cwd=ROOT, text=True)
   jsonl = workdir / "metrics.jsonl"
@@ -178,14 +195,17 @@ def test_sigterm_saves_and_resumes(tmp_path):
   assert summary["stopped_by"] == "SIGTERM"
   stopped = summary["step"]
   assert (workdir / "checkpoints" / str(stopped)).exists()
-  config = _tiny(tmp_path, steps=100000, log_every=1)
+  config = _tiny(steps=100000, log_every=1)
+  config.diagnostics.enabled = False
   again = train.run(config, workdir, stop_at=stopped + 3)
   assert again["start_step"] == stopped and again["step"] == stopped + 3
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  config = _tiny(tmp_path, steps=20, checkpoint_every=1, log_every=1)
+  """Diagnostics off: one compiled step (a logging step is another)."""
+  config = _tiny(steps=20, checkpoint_every=1, log_every=1)
   config.optim.update(lr=1e30, clip_norm=0.0, warmup_fraction=0.0)
+  config.diagnostics.enabled = False
   with pytest.raises(train.TrainingError, match="non-finite"):
     train.run(config, tmp_path / "run")
   steps = sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir()
@@ -195,21 +215,21 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_bad_configs_fail_before_compute(tmp_path):
-  config = _tiny(tmp_path, batch_size=12)
+  config = _tiny(batch_size=12)
   with pytest.raises(ValueError, match="does not split over the 8 devices"):
     train.run(config, tmp_path / "a")
-  config = _tiny(tmp_path)
+  config = _tiny()
   config.data.sources = str(tmp_path / "nothing/*.txt")
   with pytest.raises(ValueError, match="matches no files"):
     train.run(config, tmp_path / "b")
-  config = _tiny(tmp_path, batch_size=4, micro_batches=3)
+  config = _tiny(batch_size=4, micro_batches=3)
   with pytest.raises(ValueError, match="not divisible by"):
     train.run(config, tmp_path / "c")
-  config = _tiny(tmp_path, parallelism="shard_map")
+  config = _tiny(parallelism="shard_map")
   config.mesh.fsdp = 2
   with pytest.raises(ValueError, match="parallelism='gspmd' for FSDP"):
     train.run(config, tmp_path / "d")
-  config = _tiny(tmp_path, parallelism="pmap")
+  config = _tiny(parallelism="pmap")
   with pytest.raises(ValueError, match="choose one of"):
     train.run(config, tmp_path / "e")
   assert not any((tmp_path / k).exists() for k in "acde")
@@ -256,27 +276,29 @@ def test_workdir_guards_and_metrics_after_a_crash(tmp_path):
   block; metrics logged after the last checkpoint are not duplicated; a
   checkpoint with non-finite parameters is set aside for the one before."""
   workdir = tmp_path / "run"
-  kw = dict(steps=8, checkpoint_every=2, log_every=1, eval_every=2)
-  train.run(_tiny(tmp_path, **kw), workdir, stop_at=4)
+  # 12 steps: test_resume_rebuilds_diagnostics_of_another_layout's compiled
+  # step (the persistent compilation cache keeps it for the session).
+  kw = dict(steps=12, checkpoint_every=2, log_every=1, eval_every=2)
+  train.run(_tiny(**kw), workdir, stop_at=4)
   shutil.rmtree(workdir / "checkpoints" / "4")  # as if killed before saving 4
   files = lambda: {p.name: p.read_bytes() for p in workdir.iterdir()  # noqa: E731
                    if p.is_file() and p.name != "lock"}
   before = files()
 
-  changed = _tiny(tmp_path, **kw)
+  changed = _tiny(**kw)
   changed.model.quant.lam = 0.5
   with pytest.raises(ValueError, match=r"model.quant.lam: 0.001 -> 0.5"):
     train.run(changed, workdir)
-  invalid = _tiny(tmp_path, **kw, micro_batches=3)
+  invalid = _tiny(**kw, micro_batches=3)
   with pytest.raises(ValueError, match="not divisible"):
     train.run(invalid, workdir)
   with workdir_lib.workdir_lock(workdir):
     with pytest.raises(workdir_lib.WorkdirInUse, match=r"in use by pid \d+"):
-      train.run(_tiny(tmp_path, **kw), workdir)
+      train.run(_tiny(**kw), workdir)
   assert files() == before
 
   (workdir / "lock").write_text("pid 999999 on a-host-that-died\n")
-  summary = train.run(_tiny(tmp_path, **{**kw, "log_every": 2}), workdir,
+  summary = train.run(_tiny(**{**kw, "log_every": 2}), workdir,
                       stop_at=6)  # log_every is a run-time field
   assert summary["start_step"] == 2 and summary["step"] == 6
 
@@ -286,12 +308,13 @@ def test_workdir_guards_and_metrics_after_a_crash(tmp_path):
   shutil.rmtree(workdir / "checkpoints" / "6" / "state")
   with ocp.StandardCheckpointer() as writer:
     writer.save(workdir / "checkpoints" / "6" / "state", state)
-  summary = train.run(_tiny(tmp_path, **kw), workdir)
-  assert summary["start_step"] == 4 and summary["step"] == 8
+  summary = train.run(_tiny(**kw), workdir)
+  assert summary["start_step"] == 4 and summary["step"] == 12
   assert (workdir / "checkpoints" / "damaged-6").is_dir()
 
   records = metrics.read_jsonl(workdir / "metrics.jsonl")
   for prefix in ("train/loss", "eval/loss"):
     steps = [r["step"] for r in records if prefix in r]
     assert steps == sorted(set(steps)), (prefix, steps)
-  assert [r["step"] for r in records if "eval/loss" in r] == [0, 2, 4, 6, 8]
+  assert [r["step"] for r in records if "eval/loss" in r] == [
+      0, 2, 4, 6, 8, 10, 12]
