@@ -161,14 +161,15 @@ def initialize_distributed(t: ml_collections.ConfigDict) -> None:
            jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def _compiled_step(tr: Train):
-  """The train step compiled ahead of the first batch, its memory logged."""
+def _compiled_step(tr: Train, full_diagnostics: bool = False):
+  """The train step (its logging-step variant if `full_diagnostics`)
+  compiled ahead of the first batch, its memory logged."""
   t = tr.config.train
   batch = jax.ShapeDtypeStruct((t.batch_size, tr.config.data.seq_len + 1),
                                jnp.int32, sharding=sharding.batch_sharding(
                                    tr.mesh))
-  compiled = tr.step_fn().lower(tr.abstract_state(), batch,
-                                *tr.step_args()).compile()
+  compiled = tr.step_fn(full_diagnostics).lower(
+      tr.abstract_state(), batch, *tr.step_args()).compile()
   mem = compiled.memory_analysis()
   if mem is not None:
     log.info("train step memory per device: arguments %.1f MiB, outputs "
@@ -210,8 +211,11 @@ def _run(tr: Train, workdir: pathlib.Path, corpus: pathlib.Path,
     resume.record(workdir, config, corpus, teacher)
   resumed, start = start, start or 0
 
-  compiled = _compiled_step(tr)  # logging steps differ only by diagnostics
-  step_fns = (compiled, compiled if tr.diag is None
+  # Logging steps differ only by diagnostics; with log_every=1 every step
+  # logs, so the plain step would never run (and is not compiled).
+  every_step_logs = tr.diag is not None and t.log_every == 1
+  compiled = _compiled_step(tr, full_diagnostics=every_step_logs)
+  step_fns = (compiled, compiled if tr.diag is None or every_step_logs
               else tr.step_fn(full_diagnostics=True))
   eval_fn = tr.eval_fn()
   float_eval_fn = None
