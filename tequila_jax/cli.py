@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import sys
+import threading
 
 from absl import app, flags
 
@@ -50,6 +51,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(EXIT_ERROR)
 
 
+def _quiet_after_error() -> None:
+  """After an expected error, what its background work reports on the way
+  out goes to the debug log, not stderr: a failed asynchronous save leaves
+  the storage stack's futures unretrieved (asyncio logs each at exit), its
+  abandoned coroutines raise when collected (unraisable), and its threads
+  may still fail; all would bury the one line (`--verbose` keeps them)."""
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  debug = logging.getLogger("tequila_jax").debug
+  sys.unraisablehook = lambda u: debug("after the error: %s", u.exc_value)
+  threading.excepthook = lambda a: debug("after the error, thread %s: %s",
+                                         a.thread, a.exc_value)
+
+
 def run(main) -> None:
   """`absl.app.run(main)`, with expected errors (and bad flags) as one line
   on stderr."""
@@ -60,9 +74,7 @@ def run(main) -> None:
     except EXPECTED as e:
       if flags.FLAGS.verbose:
         raise
-      # A failed asynchronous save leaves the storage stack's futures
-      # unretrieved; asyncio would log each at exit, burying the one line.
-      logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+      _quiet_after_error()
       print(f"error: {message(e)} (--verbose shows the traceback)",
             file=sys.stderr)
       return EXIT_ERROR

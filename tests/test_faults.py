@@ -490,6 +490,31 @@ def test_a_save_s_abandoned_futures_do_not_bury_the_one_line():
   assert out.stderr.count("\n") == 1, out.stderr
 
 
+_LATE_FAILURES = """
+import errno, threading, time
+from tequila_jax import cli
+class Abandoned:  # a coroutine the failed save left: raises when collected
+  def __del__(self):
+    raise RuntimeError("abandoned write")
+def main(argv):
+  def save():  # the background save, failing after the error is printed
+    time.sleep(0.5)
+    raise OSError(errno.ENOSPC, "No space left on device")
+  threading.Thread(target=save).start()
+  main.left = Abandoned()
+  raise OSError(errno.ENOSPC, "No space left on device", "ckpt")
+cli.run(main)
+"""
+
+
+def test_a_save_s_late_failures_do_not_bury_the_one_line():
+  """A background save's thread that fails after the error is printed, and
+  an object that raises when collected at exit, stay off stderr."""
+  out = subprocess.run([sys.executable, "-c", _LATE_FAILURES],
+                       capture_output=True, text=True, check=False)
+  assert "disk full writing ckpt" in _one_line_error(out)
+  assert out.stderr.count("\n") == 1, out.stderr
+
 
 def test_disk_full_during_an_export(tmp_path):
   path = _export(tmp_path)
