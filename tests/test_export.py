@@ -694,11 +694,23 @@ def test_sparse34_export_equals_qat_forward_and_2bit(tmp_path):
     np.testing.assert_array_equal(
         PackedLlama(sparse, InferenceSettings(strategy))(tokens),
         PackedLlama(two, InferenceSettings(strategy))(tokens), strategy)
-  # `lean` holds what `lut` holds and prefills as `auto` does.
+  # `lean` holds what `lut` holds and prefills as `auto` does, unpacking the
+  # codes as the layers need them: its prefill's temporaries exceed auto's
+  # by at most one layer's int8 codes (all layers' at once would be
+  # `num_layers` times that).
   lean = PackedLlama(sparse, InferenceSettings("lean"))
-  np.testing.assert_array_equal(
-      lean(tokens), PackedLlama(sparse, InferenceSettings("auto"))(tokens))
+  auto = PackedLlama(sparse, InferenceSettings("auto"))
+  np.testing.assert_array_equal(lean(tokens), auto(tokens))
   assert lean.memory() == lut.memory()
+
+  def prefill_temp(m):
+    return m._decode.lower(  # pylint: disable=protected-access
+        m.params, m.inv_freq, tokens, m.init_cache(2, 256), attend_len=256,
+        last_only=True).compile().memory_analysis().temp_size_in_bytes
+  one_layer = sum(int(np.prod(sparse.codes(p).shape[1:]))
+                  for p in model_lib.PROJECTIONS)
+  assert cfg.num_layers >= 2
+  assert prefill_temp(lean) <= prefill_temp(auto) + one_layer
   # lut holds the sparse34 bytes (1.25 bits) + fp32 alpha per 64 + c.
   held = lut.memory()
   extra = held["bits_per_ternary_weight"] - 1.25

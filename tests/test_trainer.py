@@ -173,13 +173,11 @@ def test_resume_rebuilds_diagnostics_of_another_layout(tmp_path, caplog):
 
 
 def test_sigterm_saves_and_resumes(tmp_path):
-  """Diagnostics off: one compiled step (a logging step is another)."""
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "tequila_jax.train", f"--config={TINY}",
          f"--workdir={workdir}", f"--config.data.cache_dir={CORPORA}",
          "--config.train.steps=100000", "--config.train.log_every=1",
-         "--config.train.checkpoint_every=100000",
-         "--config.diagnostics.enabled=False"]
+         "--config.train.checkpoint_every=100000"]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           env=_env(), cwd=ROOT, text=True)
   jsonl = workdir / "metrics.jsonl"
@@ -196,16 +194,13 @@ def test_sigterm_saves_and_resumes(tmp_path):
   stopped = summary["step"]
   assert (workdir / "checkpoints" / str(stopped)).exists()
   config = _tiny(steps=100000, log_every=1)
-  config.diagnostics.enabled = False
   again = train.run(config, workdir, stop_at=stopped + 3)
   assert again["start_step"] == stopped and again["step"] == stopped + 3
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  """Diagnostics off: one compiled step (a logging step is another)."""
   config = _tiny(steps=20, checkpoint_every=1, log_every=1)
   config.optim.update(lr=1e30, clip_norm=0.0, warmup_fraction=0.0)
-  config.diagnostics.enabled = False
   with pytest.raises(train.TrainingError, match="non-finite"):
     train.run(config, tmp_path / "run")
   steps = sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir()

@@ -30,8 +30,9 @@ group of G) from the packed bytes of a `.tqj` export (`2bit` layout, `io.tqj`):
 - `auto`: `lut` for M < 8, else `int8`; PackedLlama holds both forms.
 - `lean`: as `auto`, but only the `lut` bytes are held: batched calls unpack
   them in-program to the int8 codes (`lut_codes`, elementwise; a transient
-  per projection), at ~0.9x `auto`'s prefill speed and none of its extra
-  byte per weight.
+  per projection), at ~0.9x `auto`'s prefill speed for 2bit and ~0.75x
+  for sparse34 (its unpack costs more), and none of its extra byte per
+  weight.
 """
 
 from __future__ import annotations
