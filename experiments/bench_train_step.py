@@ -96,35 +96,20 @@ def parse_candidate(spec: str) -> tuple[str, str, dict]:
 TWO_MATMUL = "sherry_twomatmul"
 
 
-def _nm_quant_fwd_value(w, cfg, dtype):
-  """The official `NMQuant`: Q(W) of `sherry.ternarize` in `dtype`, with the
-  identity straight-through gradient (dW = dQ)."""
-  from tequila_jax.quant import sherry, ternary  # pylint: disable=g-import-not-at-top
-  codes, alpha = sherry.ternarize(w, cfg)
-  return ternary.dequantize(codes, alpha,
-                            ternary.stat_dtype(w.dtype)).astype(dtype)
-
-
-_nm_quant = jax.custom_vjp(_nm_quant_fwd_value, nondiff_argnums=(1, 2))
-_nm_quant.defvjp(lambda w, cfg, dtype: (_nm_quant_fwd_value(w, cfg, dtype),
-                                        jnp.zeros((), w.dtype)),
-                 lambda cfg, dtype, proto, dq: (dq.astype(proto.dtype),))
-
-
 def two_matmul_arenas(original):
   """`quant.quantized_matmul` with Sherry's Arenas layer as the official
   AngelSlim code computes it, `x·Q + ε·(x·W)` (two matmuls; autodiff, the
   identity STE through Q: dW = xᵀg + ε·xᵀg, dx = g·Qᵀ + ε·g·Wᵀ); every other
   method goes to `original`. For `TWO_MATMUL` only: not a library method."""
   from jax.ad_checkpoint import checkpoint_name  # pylint: disable=g-import-not-at-top
-  from tequila_jax.quant import matmul  # pylint: disable=g-import-not-at-top
+  from tequila_jax.quant import matmul, sherry  # pylint: disable=g-import-not-at-top
 
   def quantized_matmul(x, w, cfg, qparams=None, *, arenas_eps=0.0):
     if cfg.method != "sherry":
       return original(x, w, cfg, qparams, arenas_eps=arenas_eps)
     if cfg.act_bits == 8:
       x = matmul.fake_quantize_int8(x)
-    q = _nm_quant(w, cfg, x.dtype)
+    q = sherry.sherry_kernel(w, cfg, x.dtype)  # NMQuant: Q, identity STE
     y = jnp.matmul(x, checkpoint_name(q, matmul.QUANT_NAMES[0]))
     return y + arenas_eps * jnp.matmul(x, w.astype(x.dtype))
   return quantized_matmul
